@@ -1,0 +1,153 @@
+"""Plain-PyTorch reference of the fused op: the specification.
+
+    x [..., K]  weight [N, K]  lora_a [r, K]  lora_b [N, r]  bias [N]
+    norm_weight [N]  residual [..., N]
+
+    s     = x @ lora_a.T                                   [..., r]
+    y_pre = x @ weight.T + bias + scale * s @ lora_b.T     [..., N]
+    y     = norm_weight * (y_pre - mean(y_pre)) * rsqrt(var(y_pre) + eps)   (if norm_weight)
+    out   = residual + y                                   (if residual)
+
+Every product and reduction accumulates in fp32; the result is cast to x's dtype.
+Tests and benchmarks import this module as the ground truth; the backends must match it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+class ForwardResult(NamedTuple):
+    """What a forward pass returns, and what the backward needs from it.
+
+    out:   [M, N] in x's dtype (flattened leading dims)
+    shrink: [M, r], x @ lora_a.T (stored: the backward needs it for grad lora_b)
+    y_pre: [M, N] in x's dtype, the pre-norm output (shape (0,) when there is no norm)
+    mean, rstd: [M] fp32 row statistics of y_pre (empty when there is no norm)
+    """
+
+    out: Tensor
+    shrink: Tensor
+    y_pre: Tensor
+    mean: Tensor
+    rstd: Tensor
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty((0,), dtype=torch.float32)
+
+
+def reference_forward(
+    x2d: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    eps: float,
+    residual2d: Optional[Tensor],
+) -> ForwardResult:
+    """Forward on flattened x [M, K]; returns the output and the saved intermediates."""
+    xf = x2d.float()
+    shrink = xf @ lora_a.float().t()
+    y = torch.addmm(bias.float(), xf, weight.float().t()) if bias is not None else xf @ weight.float().t()
+    y = y + scale * (shrink @ lora_b.float().t())
+    y_pre, mean, rstd = x2d.new_empty((0,)), _empty(x2d), _empty(x2d)
+    if norm_weight is not None:
+        var, mean = torch.var_mean(y, dim=-1, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        y_pre = y.to(x2d.dtype)
+        y = (y - mean[:, None]) * rstd[:, None] * norm_weight.float()
+    if residual2d is not None:
+        y = y + residual2d.float()
+    return ForwardResult(y.to(x2d.dtype), shrink, y_pre, mean, rstd)
+
+
+def reference_backward(
+    grad_out: Tensor,
+    x2d: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    norm_weight: Optional[Tensor],
+    saved: ForwardResult,
+    needs_weight_grad: bool,
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Gradients of the op from the saved intermediates, in fp32.
+
+    With g = grad_out [M, N] and, when the norm is present, xhat = (y_pre - mean) * rstd:
+        grad_norm_weight = sum_rows g * xhat
+        dy = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat))   (else dy = g)
+        grad_bias = sum_rows dy            grad_x = dy @ W + scale * (dy @ B) @ A
+        grad_A = scale * (dy @ B).T @ x    grad_B = scale * dy.T @ s       grad_W = dy.T @ x
+    Returns (grad_x, grad_weight, grad_a, grad_b, grad_bias, grad_norm_weight), all fp32;
+    grad_residual is grad_out itself and is not returned.
+    """
+    g = grad_out.float()
+    grad_norm_weight = None
+    if norm_weight is not None:
+        xhat = (saved.y_pre.float() - saved.mean[:, None]) * saved.rstd[:, None]
+        grad_norm_weight = (g * xhat).sum(0)
+        gg = g * norm_weight.float()
+        dy = saved.rstd[:, None] * (
+            gg - gg.mean(-1, keepdim=True) - xhat * (gg * xhat).mean(-1, keepdim=True)
+        )
+    else:
+        dy = g
+    xf = x2d.float()
+    dy_b = dy @ lora_b.float()  # [M, r]
+    grad_x = dy @ weight.float() + scale * (dy_b @ lora_a.float())
+    grad_a = scale * (dy_b.t() @ xf)
+    grad_b = scale * (dy.t() @ saved.shrink.float())
+    grad_weight = dy.t() @ xf if needs_weight_grad else None
+    grad_bias = dy.sum(0)
+    return grad_x, grad_weight, grad_a, grad_b, grad_bias, grad_norm_weight
+
+
+def shared_lora_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float = 1.0,
+    bias: Optional[Tensor] = None,
+    *,
+    norm_weight: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """The op's specification, differentiable through plain autograd. Shapes as in the module doc."""
+    lead = x.shape[:-1]
+    res2d = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
+    out = reference_forward(
+        x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, scale, bias, norm_weight, eps, res2d
+    ).out
+    return out.reshape(*lead, weight.shape[0])
+
+
+def unfused_peft_style(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float = 1.0,
+    bias: Optional[Tensor] = None,
+    *,
+    norm_weight: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """What a user writes without this package (PEFT's LoRA + a separate LayerNorm), in x's
+    dtype: base matmul, shrink, expand, add, layer norm, residual add. The benchmarks' baseline."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    y = y + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b)
+    if norm_weight is not None:
+        y = torch.nn.functional.layer_norm(y, (y.shape[-1],), norm_weight, None, eps)
+    if residual is not None:
+        y = residual + y
+    return y

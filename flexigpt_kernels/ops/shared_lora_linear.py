@@ -1,0 +1,155 @@
+"""shared_lora_linear: the shared-weight matmul, the low-rank delta and the output norm in one op.
+
+    x [..., K]  weight [N, K]  lora_a [r, K]  lora_b [N, r]  bias [N]  norm_weight [N]
+    residual [..., N]
+    y = x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T
+    if norm_weight is not None: y = norm_weight * (y - mean(y)) / sqrt(var(y) + eps)   (last dim)
+    if residual is not None:    y = residual + y
+
+Registered with torch.library as two custom ops, `flexigpt::shared_lora_linear_fwd` (returns
+the output and the intermediates the backward needs) and `flexigpt::shared_lora_linear_bwd`,
+with fake implementations, so torch.compile traces through it without graph breaks and
+autograd works on every backend (backends.py picks the implementation per call).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .reference import ForwardResult
+from .validation import check_shared_lora_linear_args
+
+
+@torch.library.custom_op("flexigpt::shared_lora_linear_fwd", mutates_args=())
+def _fwd_op(
+    x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
+    bias: Optional[Tensor], norm_weight: Optional[Tensor], eps: float,
+    residual: Optional[Tensor], save_for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x [M, K] (2-D) -> (out [M, N], shrink [M, r], y_pre [M, N] or (0,), mean [M] or (0,), rstd)."""
+    impl = backends.load(backends.resolve(x.device, x.dtype))
+    if x.shape[0] == 0:
+        impl = backends.load("reference")
+    return tuple(impl.forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual,
+                              save_for_backward))
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward):
+    m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
+    has_norm = norm_weight is not None
+    return (
+        x.new_empty((m, n)),
+        x.new_empty((m, r)),
+        x.new_empty((m, n) if has_norm and save_for_backward else (0,)),
+        x.new_empty((m,) if has_norm else (0,), dtype=torch.float32),
+        x.new_empty((m,) if has_norm else (0,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("flexigpt::shared_lora_linear_bwd", mutates_args=())
+def _bwd_op(
+    grad_out: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
+    norm_weight: Optional[Tensor], shrink: Tensor, y_pre: Tensor, mean: Tensor, rstd: Tensor,
+    needs_weight_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (grad_x, grad_weight or (0,), grad_a, grad_b, grad_bias [N] fp32,
+    grad_norm_weight [N] fp32 or (0,))."""
+    impl = backends.load(backends.resolve(x.device, x.dtype))
+    if x.shape[0] == 0:
+        impl = backends.load("reference")
+    saved = ForwardResult(x.new_empty((0,)), shrink, y_pre, mean, rstd)
+    gx, gw, ga, gb, gbias, gnorm = impl.backward(grad_out, x, weight, lora_a, lora_b, scale, norm_weight,
+                                                 saved, needs_weight_grad)
+    empty = x.new_empty((0,), dtype=torch.float32)
+    return (
+        gx.to(x.dtype),
+        gw.to(weight.dtype) if gw is not None else x.new_empty((0,)),
+        ga.to(lora_a.dtype),
+        gb.to(lora_b.dtype),
+        gbias.float(),
+        gnorm.float() if gnorm is not None else empty,
+    )
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd,
+              needs_weight_grad):
+    n = weight.shape[0]
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weight) if needs_weight_grad else x.new_empty((0,)),
+        torch.empty_like(lora_a),
+        torch.empty_like(lora_b),
+        x.new_empty((n,), dtype=torch.float32),
+        x.new_empty((n,) if norm_weight is not None else (0,), dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, _ = inputs
+    _, shrink, y_pre, mean, rstd = output
+    ctx.mark_non_differentiable(shrink, y_pre, mean, rstd)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, norm_weight, shrink, y_pre, mean, rstd)
+    ctx.scale = scale
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+
+
+def _backward(ctx, grad_out, *_unused):
+    x, weight, lora_a, lora_b, norm_weight, shrink, y_pre, mean, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    gx, gw, ga, gb, gbias, gnorm = torch.ops.flexigpt.shared_lora_linear_bwd(
+        grad_out, x, weight, lora_a, lora_b, ctx.scale, norm_weight, shrink, y_pre, mean, rstd, needs[1]
+    )
+    return (
+        gx if needs[0] else None,
+        gw if needs[1] else None,
+        ga if needs[2] else None,
+        gb if needs[3] else None,
+        None,
+        gbias.to(ctx.bias_dtype) if needs[5] else None,
+        gnorm.to(norm_weight.dtype) if needs[6] else None,
+        None,
+        grad_out.to(ctx.residual_dtype) if needs[8] else None,
+        None,
+    )
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def shared_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float = 1.0,
+    bias: Optional[Tensor] = None,
+    *,
+    norm_weight: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """y = [residual +] [LayerNorm_noBias_gamma=norm_weight](x @ weight.T + bias + scale (x @ lora_a.T) @ lora_b.T)
+
+    Shapes: x [..., K], weight [N, K], lora_a [r, K], lora_b [N, r], bias [N], norm_weight [N],
+    residual [..., N]; all tensors share x's dtype and device. Returns [..., N] in x's dtype,
+    accumulated in fp32. Differentiable in every tensor argument; weight's gradient is
+    computed only when it requires grad (a shared weight's gradient sums over its uses).
+    """
+    check_shared_lora_linear_args(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
+    lead = x.shape[:-1]
+    n = weight.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])
+    res2d = residual.reshape(-1, n) if residual is not None else None
+    tensors = (x, weight, lora_a, lora_b, bias, norm_weight, residual)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out = torch.ops.flexigpt.shared_lora_linear_fwd(
+        x2d, weight, lora_a, lora_b, float(scale), bias, norm_weight, float(eps), res2d, save
+    )[0]
+    return out.reshape(*lead, n)

@@ -1,0 +1,158 @@
+"""prune(): FlexiGPT (or the ShortGPT "drop" baseline) on a Hugging Face causal LM, in place.
+
+Steps (METHOD.md sections 1-3): calibration tokens -> Block Influence per block -> the
+lowest-scoring blocks -> a base block for each by the low-rank distance -> replacement
+blocks (shared weights + SVD-initialised adapters + output norms). The model is converted
+in place and returned; pass copy.deepcopy(model) to keep the original.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..nn import DEFAULT_GAMMA_INIT
+from .base_selection import choose_bases
+from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, token_batches
+from .families import family_of, num_layers
+from .importance import block_influence
+from .replacement import convert_blocks, drop_blocks, resolve_rank
+from .selection import select_blocks
+
+METHODS = ("flexigpt", "drop")
+
+
+def stored_parameters(model: nn.Module) -> int:
+    """Parameters stored by the model, each shared or tied tensor counted once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+@dataclass
+class PruneReport:
+    """What prune() did. scores: Block Influence of every original block (None if blocks
+    were given and no calibration was passed); base_map/base_distance: flexigpt only."""
+
+    method: str
+    num_blocks: int
+    pruned: list[int]
+    scores: Optional[list[float]]
+    base_map: dict[int, int] = field(default_factory=dict)
+    base_distance: dict[int, float] = field(default_factory=dict)
+    ties: list[tuple[int, int, int]] = field(default_factory=list)
+    rank: Optional[int] = None
+    combine: Optional[str] = None
+    params_before: int = 0
+    params_after: int = 0
+    adapter_params: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["base_map"] = {str(k): v for k, v in self.base_map.items()}
+        d["base_distance"] = {str(k): v for k, v in self.base_distance.items()}
+        return d
+
+
+def _adapter_params(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters()
+               if n.endswith(("lora_a", "lora_b")) or ".output_norm." in n or n.endswith("output_norm.weight"))
+
+
+def prune(
+    model: nn.Module,
+    calibration=None,
+    *,
+    tokenizer=None,
+    ratio: Optional[float] = 0.3,
+    blocks: Optional[Sequence[int]] = None,
+    rank: Optional[int | float] = None,
+    method: str = "flexigpt",
+    seq_len: int = DEFAULT_SEQ_LEN,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    combine: str = "sum",
+    scale: float = 1.0,
+    gamma_init: float = DEFAULT_GAMMA_INIT,
+    output_norm: bool = True,
+    svd_init: bool = True,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[nn.Module, PruneReport]:
+    """Prune `model` in place; returns (model, report).
+
+    calibration: a token tensor [n, seq], texts, a local file/folder or a hub dataset name
+        (texts need `tokenizer`); may be None only when `blocks` is given.
+    ratio / blocks: the fraction of decoder blocks to prune (k = round(ratio * L)) or the
+        explicit list; `blocks` wins when given (ratio is then ignored).
+    rank: adapter rank, an int or a fraction of the hidden size (default 256/4096), capped
+        per matrix at its smaller dimension.
+    method: "flexigpt" (replacement blocks) or "drop" (ShortGPT: remove the blocks).
+    combine: how per-matrix distances form the block distance (see choose_bases).
+    gamma_init, output_norm, scale, svd_init: the replacement block's knobs (METHOD.md 3).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    family = family_of(model)
+    n_blocks = num_layers(model)
+    seconds: dict[str, float] = {}
+    params_before = stored_parameters(model)
+    scores = None
+    if calibration is not None:
+        t = time.perf_counter()
+        tokens = token_batches(calibration, tokenizer, seq_len=seq_len, num_samples=num_samples)
+        seconds["calibration_data"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores = block_influence(model, tokens, batch_size=batch_size, progress=progress)
+        seconds["importance"] = time.perf_counter() - t
+    elif blocks is None:
+        raise ValueError("calibration is required unless an explicit `blocks` list is given")
+    if blocks is not None:
+        pruned = select_blocks(torch.zeros(n_blocks) if scores is None else scores, blocks=list(blocks))
+    else:
+        pruned = select_blocks(scores, ratio=ratio)
+    report = PruneReport(method=method, num_blocks=n_blocks, pruned=pruned,
+                         scores=None if scores is None else [float(s) for s in scores],
+                         params_before=params_before)
+    if method == "drop":
+        t = time.perf_counter()
+        drop_blocks(model, pruned)
+        seconds["conversion"] = time.perf_counter() - t
+    else:
+        hidden = model.config.get_text_config(decoder=True).hidden_size
+        r = resolve_rank(rank, hidden)
+        choice = choose_bases(model, pruned, rank=r, combine=combine, progress=progress)
+        seconds["base_choice"] = sum(choice.seconds.values()) if choice.seconds else 0.0
+        t = time.perf_counter()
+        convert_blocks(model, choice.base_map, rank=r, scale=scale, output_norm=output_norm,
+                       gamma_init=gamma_init, svd_init=svd_init)
+        seconds["conversion"] = time.perf_counter() - t
+        report.base_map = dict(choice.base_map)
+        report.base_distance = {i: choice.distance(i, j) for i, j in choice.base_map.items()}
+        report.ties = list(choice.ties)
+        report.rank, report.combine = r, combine
+        report.adapter_params = _adapter_params(model)
+    report.params_after = stored_parameters(model)
+    report.seconds = seconds
+    model.flexigpt_meta = {
+        "format_version": 1,
+        "method": method,
+        "family": family.name,
+        "num_blocks": n_blocks,
+        "pruned": pruned,
+        "base_map": {str(k): v for k, v in report.base_map.items()},
+        "rank": report.rank,
+        "scale": scale,
+        "output_norm": output_norm,
+        "gamma_init": gamma_init,
+        "norm_eps": 1e-5,
+    }
+    return model, report

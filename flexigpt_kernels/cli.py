@@ -35,7 +35,11 @@ def register_command(name: str, module: str, help: str) -> None:
 
 register_command(
     "demo", "flexigpt_kernels.demo",
-    "run the demo on the embedded default model (see README)",
+    "run the main job (prune) on the embedded default model and check the result (see README)",
+)
+register_command(
+    "prune", "flexigpt_kernels.commands.prune",
+    "prune a causal LM the FlexiGPT way (or drop blocks), report and save it",
 )
 
 

@@ -43,11 +43,15 @@ class TileConfig:
     num_stages: int = 3
 
 
-def default_config(m: int, dtype: torch.dtype) -> TileConfig:
+def default_config(m: int, dtype: torch.dtype, rank: int = 16) -> TileConfig:
     """Block sizes by regime: decode tiles are short in M and wide in K (weight-read bound);
     prefill tiles are square, 128x128 for 16-bit inputs (tensor-core bound)."""
     wide = dtype in (torch.float32, torch.float64)
     if m <= FUSED_SHRINK_MAX_M:
+        # The fused shrink keeps an [BLOCK_K, BLOCK_R] adapter tile per stage: shrink K and the
+        # pipeline depth as the rank grows so the stages fit in shared memory (228 KB on H100).
+        if rank > 64:
+            return TileConfig(block_m=16, block_n=64, block_k=32 if wide else 64, group_m=1, num_warps=4, num_stages=2)
         return TileConfig(block_m=16, block_n=64, block_k=64 if wide else 128, group_m=1, num_warps=4, num_stages=4)
     if wide:
         return TileConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
@@ -64,7 +68,7 @@ def _linear_lora_kernel(
     HAS_BIAS: tl.constexpr, LORA_MODE: tl.constexpr, STORE_SHRINK: tl.constexpr,
     STATS: tl.constexpr, IEEE_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row tiles sweep the N tiles together (L2 reuse of w).
     pid = tl.program_id(0)
@@ -87,14 +91,20 @@ def _linear_lora_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if LORA_MODE == 2:
-        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        if IEEE_F32:
-            acc = tl.dot(s.to(bt.dtype), bt, input_precision="ieee") * scale
-        else:
-            acc = tl.dot(s.to(bt.dtype), bt) * scale
+        # acc starts from scale * s @ b.T, R in chunks of BLOCK_RC (bounded registers at r = 256).
+        offs_rc = tl.arange(0, BLOCK_RC)
+        for r0 in range(0, tl.cdiv(R, BLOCK_RC)):
+            rr = r0 * BLOCK_RC + offs_rc
+            mask_rc = rr < R
+            s = tl.load(s_ptr + offs_m[:, None] * stride_sm + rr[None, :] * stride_sr,
+                        mask=mask_m[:, None] & mask_rc[None, :], other=0.0)
+            bt = tl.load(b_ptr + rr[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                         mask=mask_rc[:, None] & mask_n[None, :], other=0.0)
+            if IEEE_F32:
+                acc = tl.dot(s.to(bt.dtype), bt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(s.to(bt.dtype), bt, acc)
+        acc = acc * scale
     if LORA_MODE == 1:
         s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
@@ -175,8 +185,8 @@ def linear_lora(
     """
     m, k = x.shape
     n = weight.shape[0]
-    cfg = config or default_config(m, x.dtype)
     r = lora_a.shape[0] if lora_a is not None else (lora_b.shape[1] if lora_b is not None else 1)
+    cfg = config or default_config(m, x.dtype, r)
     dummy = out  # placeholder pointer for absent operands (never dereferenced)
     a = lora_a if lora_a is not None else dummy
     b = lora_b if lora_b is not None else dummy
@@ -196,7 +206,7 @@ def linear_lora(
         STORE_SHRINK=shrink is not None and mode == LORA_FUSED,
         STATS=partial_stats is not None, IEEE_F32=ieee,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=_block_r(r), GROUP_M=cfg.group_m,
+        BLOCK_R=_block_r(r), BLOCK_RC=min(64, _block_r(r)), GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

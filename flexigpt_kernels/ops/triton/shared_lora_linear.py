@@ -63,7 +63,7 @@ def forward(
             out += residual2d
         no_stats = x2d.new_empty((0,), dtype=torch.float32)
         return ForwardResult(out, shrink, x2d.new_empty((0,)), no_stats, no_stats.clone())
-    cfg = config or default_config(m, x2d.dtype)
+    cfg = config or default_config(m, x2d.dtype, lora_a.shape[0])
     tiles = triton.cdiv(n, cfg.block_n)
     partial = (
         torch.empty((m, tiles), device=x2d.device, dtype=torch.float32),

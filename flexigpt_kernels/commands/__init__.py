@@ -1,0 +1,1 @@
+"""`flexigpt` subcommands, one module each (see flexigpt_kernels/cli.py)."""

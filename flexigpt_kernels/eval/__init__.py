@@ -1,0 +1,5 @@
+"""Evaluation: held-out perplexity."""
+
+from .perplexity import perplexity
+
+__all__ = ["perplexity"]

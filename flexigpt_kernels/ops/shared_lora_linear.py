@@ -91,18 +91,27 @@ def _bwd_fake(grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, _ = inputs
+    x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward = inputs
     _, shrink, y_pre, mean, rstd = output
     ctx.mark_non_differentiable(shrink, y_pre, mean, rstd)
-    ctx.save_for_backward(x, weight, lora_a, lora_b, norm_weight, shrink, y_pre, mean, rstd)
+    # Called directly with save_for_backward=False, the op did not keep y_pre: the backward
+    # through the norm recomputes it (needs bias and eps).
+    ctx.recompute_y_pre = norm_weight is not None and not save_for_backward
+    ctx.save_for_backward(x, weight, lora_a, lora_b, norm_weight, shrink, y_pre, mean, rstd,
+                          bias if ctx.recompute_y_pre else None)
     ctx.scale = scale
+    ctx.eps = eps
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.residual_dtype = residual.dtype if residual is not None else None
 
 
 def _backward(ctx, grad_out, *_unused):
-    x, weight, lora_a, lora_b, norm_weight, shrink, y_pre, mean, rstd = ctx.saved_tensors
+    x, weight, lora_a, lora_b, norm_weight, shrink, y_pre, mean, rstd, bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if ctx.recompute_y_pre:
+        y_pre = torch.ops.flexigpt.shared_lora_linear_fwd(
+            x, weight, lora_a, lora_b, ctx.scale, bias, norm_weight, ctx.eps, None, True
+        )[2]
     gx, gw, ga, gb, gbias, gnorm = torch.ops.flexigpt.shared_lora_linear_bwd(
         grad_out, x, weight, lora_a, lora_b, ctx.scale, norm_weight, shrink, y_pre, mean, rstd, needs[1]
     )

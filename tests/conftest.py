@@ -1,3 +1,13 @@
+"""Suite-wide setup. TRITON_INTERPRET=1 must be set before triton decorates the kernels (at
+the first import of flexigpt_kernels.ops.triton), so it is set here, before any test module
+imports the package: the Triton kernels then run on CPU tensors in the interpreter when a
+test asks for the "triton" backend. The default ("auto") backend on CPU stays the reference
+or the C++ extension, so model-level tests do not crawl through the interpreter."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 

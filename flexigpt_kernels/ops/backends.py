@@ -11,6 +11,7 @@ kernels. `use_backend("triton")` overrides the environment inside a `with` block
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -47,7 +48,9 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.lru_cache(maxsize=None)
 def cpp_available() -> bool:
+    """Whether the C++ extension imports (checked once per process)."""
     try:
         importlib.import_module("flexigpt_kernels._C")
     except ImportError:

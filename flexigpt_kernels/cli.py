@@ -41,6 +41,26 @@ register_command(
     "prune", "flexigpt_kernels.commands.prune",
     "prune a causal LM the FlexiGPT way (or drop blocks), report and save it",
 )
+register_command(
+    "heal", "flexigpt_kernels.commands.heal",
+    "recovery-train a pruned model (adapters and gammas by default) and save it",
+)
+register_command(
+    "compare", "flexigpt_kernels.commands.compare",
+    "FlexiGPT vs ShortGPT + LoRA at an equal recovery budget on the embedded default",
+)
+register_command(
+    "bench", "flexigpt_kernels.commands.bench",
+    "benchmarks: kernels (op vs unfused vs dense floor), model (end to end), plot",
+)
+register_command(
+    "extend", "flexigpt_kernels.commands.extend",
+    "grow a model by repeating blocks that share the original weights (own adapters, output norms) and save it",
+)
+register_command(
+    "eval", "flexigpt_kernels.commands.eval",
+    "held-out perplexity and lm-eval tasks of a model, side by side with its dense source",
+)
 
 
 def _version() -> str:

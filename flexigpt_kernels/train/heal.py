@@ -1,0 +1,379 @@
+"""heal(): recovery training of a pruned model (METHOD.md section 4).
+
+    loss = lm_weight * CE(logits[:, :-1], ids[:, 1:])  (+ distillation terms, see .distill)
+
+on blocks of `seq_len` tokens from the same sources as calibration (see .data), AdamW with
+linear warmup and cosine decay (LambdaLR, see .schedule), gradient accumulation, gradient-norm
+clipping, a step count or a token budget, periodic held-out perplexity and checkpoints that
+resume exactly (see .checkpoint). The forward and backward of every replacement layer run
+through the fused op (flexigpt_kernels.shared_lora_linear and its autograd), as the model's
+SharedLoRALinear modules call it.
+
+Batching: `batch_size` sequences per process per micro-step, `grad_accum` micro-steps per
+optimizer step, so an optimizer step reads a global batch of G = batch_size x grad_accum x
+processes blocks (G x seq_len tokens). Micro-step k of process r reads rows
+[(k * P + r) * batch_size, ... + batch_size) of the step's global batch, so one process with
+batch_size 4 and two processes with batch_size 2 train on the same sequences per step. Every
+block has the same token count, so the mean of the micro-batch means is the global mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..eval.perplexity import perplexity
+from ..nn import OutputNorm
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .data import TrainBlocks, load_blocks
+from .distill import Distiller, normalize_distill
+from .params import count_parameters, normalize_trainable, select_trainable
+from .runtime import make_runtime
+from .schedule import WarmupCosine, warmup_steps
+
+__all__ = ["HealReport", "heal", "lm_loss"]
+
+
+@dataclass
+class HealReport:
+    """What heal() did. losses[s] is the loss of optimizer step s (mean over the global batch,
+    before that step's update); eval_perplexities holds (step, held-out perplexity) pairs,
+    step 0 = before training. Histories cover the whole run, resumed parts included; seconds,
+    train_seconds and tokens_per_second cover this call only."""
+
+    steps: int
+    tokens_seen: int
+    tokens_per_step: int
+    trainable_params: int
+    trainable: str
+    lr: float
+    world_size: int
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    loss_terms: dict[str, list[float]] = field(default_factory=dict)
+    eval_perplexities: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    resumed_from: Optional[int] = None
+    checkpoints: list[str] = field(default_factory=list)
+
+    @property
+    def ppl_init(self) -> Optional[float]:
+        return next((p for s, p in self.eval_perplexities if s == 0), None)
+
+    @property
+    def ppl_final(self) -> Optional[float]:
+        return self.eval_perplexities[-1][1] if self.eval_perplexities else None
+
+    @property
+    def tokens_per_second(self) -> float:
+        steps_here = self.steps - (self.resumed_from or 0)
+        return steps_here * self.tokens_per_step / self.train_seconds if self.train_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(ppl_init=self.ppl_init, ppl_final=self.ppl_final, tokens_per_second=self.tokens_per_second)
+        return d
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits [B, S, V] on input_ids [B, S] (positions 2..S)."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _param_groups(model: nn.Module, named, *, lr: float, weight_decay: float, gamma_lr: Optional[float]):
+    gamma_ids = {id(m.weight) for m in model.modules() if isinstance(m, OutputNorm)}
+    groups: dict[tuple, list] = {}
+    for _, p in named:
+        is_gamma = id(p) in gamma_ids
+        g_lr = gamma_lr if (is_gamma and gamma_lr is not None) else lr
+        wd = weight_decay if p.dim() >= 2 else 0.0  # no decay on gamma, biases, norms
+        groups.setdefault((g_lr, wd), []).append(p)
+    return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
+
+
+def _trainable_label(trainable) -> str:
+    sel = normalize_trainable(trainable)
+    return getattr(sel, "__name__", "callable") if callable(sel) else "+".join(sel)
+
+
+def heal(
+    model: nn.Module,
+    data,
+    *,
+    tokenizer=None,
+    steps: Optional[int] = None,
+    tokens: Optional[int] = None,
+    lr: float = 4e-3,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    warmup: float = 0.05,
+    min_lr_ratio: float = 0.0,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    max_grad_norm: Optional[float] = 1.0,
+    gamma_lr: Optional[float] = None,
+    teacher: Optional[nn.Module] = None,
+    distill=("kl",),
+    kl_temperature: float = 1.0,
+    lm_weight: float = 1.0,
+    trainable="adapters",
+    lora_rank: Optional[int] = None,
+    lora_alpha: Optional[float] = None,
+    eval_data=None,
+    eval_every: Optional[int] = None,
+    eval_chunks: int = 40,
+    checkpoint_dir=None,
+    checkpoint_every: Optional[int] = None,
+    resume=False,
+    mixed_precision: str = "no",
+    seed: int = 0,
+    shuffle: bool = True,
+    progress: bool = True,
+    accelerator=None,
+) -> HealReport:
+    """Recovery-train `model` in place; returns a :class:`HealReport`.
+
+    Args:
+        data: training text or tokens, any calibration source (token tensor, texts or rows,
+            local file/folder, hub dataset name); texts need `tokenizer`. Cycled if too short.
+        steps / tokens: optimizer steps, or a token budget (steps = ceil(tokens / (G x seq_len))).
+        lr, warmup (fraction of the steps if < 1, else a step count), min_lr_ratio: the schedule.
+        batch_size: sequences per process per micro-step; grad_accum: micro-steps per step.
+        max_grad_norm: clip the trainable gradients' global norm (None: no clipping).
+        gamma_lr: a separate learning rate for the output-norm gammas (default: lr).
+        teacher: the dense model; with it, `distill` adds "kl" (logits, temperature
+            kl_temperature) and/or "mse" (replacement blocks' outputs); a dict gives weights.
+        trainable: "adapters" (default), "replacement_blocks", "lora_kept" (needs lora_rank;
+            lora_alpha defaults to the rank, i.e. scale 1), "all", a tuple of them, or a
+            callable(name, param) -> bool (see .params). Other parameters are frozen.
+        eval_data: held-out source; perplexity over `eval_chunks` chunks of seq_len tokens at
+            step 0, every `eval_every` steps, and at the end.
+        checkpoint_dir / checkpoint_every: save every N steps and at the end; resume=True
+            continues from the latest complete checkpoint there (resume=<path>: that one).
+        mixed_precision: "no", "bf16" (autocast), "fp16" (autocast + grad scaling, CUDA).
+            With an accelerator, its own setting rules.
+        accelerator: an accelerate.Accelerator for multi-process training (DDP; FSDP with
+            one wrapping unit, see .runtime). It must have gradient_accumulation_steps=1.
+    """
+    t_call = time.perf_counter()
+    for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum),
+                    ("eval_chunks", eval_chunks)):
+        _positive(name, v)
+    if (steps is None) == (tokens is None):
+        raise ValueError("give exactly one of steps= and tokens=")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if eval_every is not None and eval_data is None:
+        raise ValueError("eval_every needs eval_data")
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs checkpoint_dir")
+    if resume is True and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir (or pass resume=<checkpoint folder>)")
+    weights = normalize_distill(distill) if teacher is not None else {}
+    if teacher is None and distill not in (None, ("kl",), "kl"):
+        raise ValueError(f"distill={distill!r} needs a teacher model")
+
+    runtime = make_runtime(model, accelerator, mixed_precision)
+    world = runtime.world_size
+    global_batch = batch_size * grad_accum * world
+    tokens_per_step = global_batch * seq_len
+    total_steps = _positive("steps", steps) if steps is not None else max(1, math.ceil(tokens / tokens_per_step))
+
+    _seed_everything(seed)
+    named = select_trainable(model, trainable, lora_rank=lora_rank, lora_alpha=lora_alpha)
+    params = [p for _, p in named]
+    names = [n for n, _ in named]
+    blocks = TrainBlocks.from_source(data, tokenizer, seq_len=seq_len, num_blocks=total_steps * global_batch,
+                                     seed=seed, shuffle=shuffle)
+    eval_tokens = None
+    if eval_data is not None:
+        eval_tokens = load_blocks(eval_data, tokenizer, seq_len=seq_len, num_blocks=eval_chunks, seed=None,
+                                  what="eval_data")
+
+    distiller = None
+    if teacher is not None and weights:
+        if next(teacher.parameters()).device != runtime.device:
+            teacher.to(runtime.device)
+        distiller = Distiller(model, teacher, weights, temperature=kl_temperature)
+
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, named, lr=lr, weight_decay=weight_decay, gamma_lr=gamma_lr), lr=lr, betas=betas)
+    wrapped, optimizer = runtime.prepare(model, optimizer)
+    base_optimizer = getattr(optimizer, "optimizer", optimizer)
+    schedule = WarmupCosine(total_steps, warmup_steps(warmup, total_steps), min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, schedule)
+    unwrapped = runtime.unwrap(wrapped)
+
+    settings = {"total_steps": total_steps, "global_batch": global_batch, "seq_len": seq_len,
+                "data": blocks.fingerprint(), "trainable": names, "shuffle": shuffle, "seed": seed}
+    report = HealReport(steps=total_steps, tokens_seen=0, tokens_per_step=tokens_per_step,
+                        trainable_params=count_parameters(params), trainable=_trainable_label(trainable),
+                        lr=lr, world_size=world)
+    report.loss_terms = {k: [] for k in (["lm", *weights] if weights else [])}
+
+    start_step = 0
+    ckpt_path = None
+    if resume:
+        ckpt_path = latest_checkpoint(checkpoint_dir) if resume is True else resume
+        if ckpt_path is None and runtime.is_main:
+            tqdm.write(f"heal: no checkpoint under {checkpoint_dir}; starting from step 0")
+    if ckpt_path is not None:
+        if runtime.is_fsdp:
+            raise NotImplementedError("heal(): resuming under FSDP is not implemented; use DDP")
+        start_step = _restore(ckpt_path, runtime, unwrapped, optimizer, scheduler, report, settings)
+
+    was_training = wrapped.training
+    wrapped.train()
+    bar = tqdm(total=total_steps, initial=start_step, desc="heal", unit="step",
+               disable=not (progress and runtime.is_main), dynamic_ncols=True)
+    try:
+        if eval_tokens is not None and start_step == 0:
+            report.eval_perplexities.append((0, _evaluate(wrapped, unwrapped, eval_tokens, runtime, batch_size)))
+        train_time = 0.0
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            rows = blocks.rows(step * global_batch, global_batch).view(grad_accum, world, batch_size, seq_len)
+            local = rows[:, runtime.rank]
+            stats = torch.zeros(2 + len(weights), dtype=torch.float64)
+            for k in range(grad_accum):
+                ids = local[k].to(runtime.device)
+                sync = runtime.no_sync(wrapped) if k < grad_accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with runtime.autocast():
+                        t_logits = distiller.teacher_logits(ids) if distiller is not None else None
+                        logits = wrapped(input_ids=ids, use_cache=False).logits
+                        lm = lm_loss(logits, ids)
+                        loss = lm_weight * lm
+                        terms = distiller.terms(logits, t_logits) if distiller is not None else {}
+                        for name, value in terms.items():
+                            loss = loss + weights[name] * value
+                    runtime.backward(loss / grad_accum)
+                stats += torch.tensor([loss.item(), lm.item(), *(terms[n].item() for n in weights)],
+                                      dtype=torch.float64) / grad_accum
+            grad_norm = runtime.clip(optimizer, params, max_grad_norm)
+            step_lr = base_optimizer.param_groups[0]["lr"]
+            runtime.step(optimizer)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats = runtime.reduce_mean(stats).tolist()
+            train_time += time.perf_counter() - t0
+
+            report.losses.append(stats[0])
+            report.lrs.append(step_lr)
+            report.grad_norms.append(grad_norm)
+            if weights:
+                report.loss_terms["lm"].append(stats[1])
+                for i, name in enumerate(weights):
+                    report.loss_terms[name].append(stats[2 + i])
+            report.tokens_seen = (step + 1) * tokens_per_step
+            done = step + 1
+            steps_here = done - start_step
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats[0]:.4f}", lr=f"{step_lr:.2e}",
+                            tok_s=f"{steps_here * tokens_per_step / max(train_time, 1e-9):.0f}")
+            if eval_tokens is not None and (done == total_steps or (eval_every and done % eval_every == 0)):
+                ppl = _evaluate(wrapped, unwrapped, eval_tokens, runtime, batch_size)
+                report.eval_perplexities.append((done, ppl))
+                bar.set_postfix(loss=f"{stats[0]:.4f}", ppl=f"{ppl:.2f}")
+            if checkpoint_dir is not None and (done == total_steps or (checkpoint_every and done % checkpoint_every == 0)):
+                if runtime.is_fsdp:
+                    raise NotImplementedError("heal(): checkpoints under FSDP are not implemented; use DDP")
+                report.train_seconds = train_time
+                path = save_checkpoint(runtime, checkpoint_dir, done,
+                                       _state(unwrapped, optimizer, scheduler, runtime, report, settings, done))
+                report.checkpoints.append(str(path))
+        report.train_seconds = train_time
+    finally:
+        bar.close()
+        wrapped.train(was_training)
+        if distiller is not None:
+            distiller.close()
+    report.seconds = time.perf_counter() - t_call
+    return report
+
+
+@torch.no_grad()
+def _evaluate(wrapped, unwrapped, eval_tokens: torch.Tensor, runtime, batch_size: int) -> float:
+    """Held-out perplexity (eval.perplexity's definition), chunks sharded over processes.
+    Under FSDP every process evaluates every chunk through the wrapped model (the forward
+    gathers parameters collectively, so all processes must run the same batches)."""
+    if runtime.is_fsdp:
+        return perplexity(wrapped, None, eval_tokens, seq_len=eval_tokens.shape[1], num_chunks=None,
+                          batch_size=batch_size, progress=False)
+    shard = eval_tokens[runtime.rank::runtime.world_size]
+    per_chunk = eval_tokens.shape[1] - 1
+    nll = 0.0
+    if shard.shape[0]:
+        ppl = perplexity(unwrapped, None, shard, seq_len=shard.shape[1], num_chunks=None, batch_size=batch_size,
+                         progress=False)
+        nll = math.log(ppl) * shard.shape[0] * per_chunk
+    sums = runtime.reduce_sum(torch.tensor([nll, shard.shape[0] * per_chunk], dtype=torch.float64))
+    return math.exp(sums[0].item() / sums[1].item())
+
+
+def _state(unwrapped, optimizer, scheduler, runtime, report: HealReport, settings: dict, step: int) -> dict:
+    return {
+        "step": step,
+        "settings": settings,
+        "params": {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": runtime.scaler_state(),
+        "history": {"losses": list(report.losses), "lrs": list(report.lrs), "grad_norms": list(report.grad_norms),
+                    "loss_terms": {k: list(v) for k, v in report.loss_terms.items()},
+                    "eval_perplexities": list(report.eval_perplexities), "tokens_seen": report.tokens_seen},
+    }
+
+
+def _restore(path, runtime, unwrapped, optimizer, scheduler, report: HealReport, settings: dict) -> int:
+    state, rng = load_checkpoint(path, runtime.rank)
+    saved = state["settings"]
+    for key in ("total_steps", "global_batch", "seq_len", "data", "trainable", "shuffle", "seed"):
+        if saved.get(key) != settings[key]:
+            raise ValueError(f"resume: the checkpoint {path} was made with {key}={saved.get(key)!r}, this run "
+                             f"has {settings[key]!r}; resume with the same settings and data")
+    params = dict(unwrapped.named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    runtime.load_scaler_state(state["scaler"])
+    if rng is not None:
+        set_rng_state(rng)
+    h = state["history"]
+    report.losses, report.lrs, report.grad_norms = list(h["losses"]), list(h["lrs"]), list(h["grad_norms"])
+    report.loss_terms = {k: list(v) for k, v in h["loss_terms"].items()}
+    report.eval_perplexities = [tuple(x) for x in h["eval_perplexities"]]
+    report.tokens_seen = h["tokens_seen"]
+    report.resumed_from = state["step"]
+    return int(state["step"])

@@ -1,0 +1,125 @@
+"""LoRA on ordinary linear layers, computed by the same fused op as FlexiGPT's adapters.
+
+A LoRA layer y = x W^T + b + (alpha / r) (x A^T) B^T is a SharedLoRALinear whose base is the
+layer's own linear (B = 0 at initialisation, A Kaiming-uniform: PEFT's default init). Because
+SharedLoRALinear holds its base by an *unregistered* reference, :class:`LoRALinear` registers the
+linear itself (``.base``) so that its weight stays in ``model.parameters()``, ``state_dict``,
+``.to()`` and DDP; the adapter lives in ``.lora``. This is the "ShortGPT + LoRA" baseline's
+adapter (LoRA on the kept blocks of a model whose pruned blocks were dropped).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..convert.families import decoder_layers, family_of
+from ..nn import SharedLoRALinear
+
+__all__ = ["LoRALinear", "add_lora", "merge_lora", "lora_parameter_count"]
+
+
+class LoRALinear(nn.Module):
+    """`base` (registered, frozen) plus a LoRA adapter of rank `rank` and scale alpha / rank."""
+
+    def __init__(self, base: nn.Linear, rank: int, *, alpha: Optional[float] = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        rank = min(rank, base.in_features, base.out_features)
+        alpha = float(rank if alpha is None else alpha)
+        self.base = base
+        self.lora = SharedLoRALinear(base, rank, scale=alpha / rank)  # B = 0: an exact no-op at init
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora(x)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base linear with scale * B @ A added to its weight (in place), to put back into the model."""
+        w = self.base.weight
+        w.copy_((self.lora.merged_weight()).to(w.dtype))
+        return self.base
+
+
+def _lora_targets(model: nn.Module, blocks: Optional[Iterable[int]], targets: Optional[Iterable[str]]):
+    family = family_of(model)
+    layers = decoder_layers(model)
+    names = tuple(targets) if targets is not None else family.linears
+    positions = range(len(layers)) if blocks is None else blocks
+    for i in positions:
+        block = layers[i]
+        if hasattr(block, "flexigpt_base"):  # a replacement block: its linears are shared, not its own
+            continue
+        for name in names:
+            yield i, block, name
+
+
+def add_lora(model: nn.Module, rank: int, *, alpha: Optional[float] = None,
+             blocks: Optional[Iterable[int]] = None, targets: Optional[Iterable[str]] = None) -> list[str]:
+    """Wrap the linears of the kept decoder blocks (every block that is not a FlexiGPT
+    replacement block; or only `blocks`) in LoRALinear, in place. `targets` are linear names
+    relative to a block (default: every projection of the model family). Linears already
+    wrapped are left alone. Returns the dotted names of the new LoRA modules."""
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lora rank must be an int >= 1, got {rank!r}")
+    added = []
+    for i, block, name in _lora_targets(model, blocks, targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        module = getattr(parent, child)
+        if isinstance(module, LoRALinear):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"block {i}: {name} is a {type(module).__name__}, not an nn.Linear")
+        setattr(parent, child, LoRALinear(module, rank, alpha=alpha))
+        added.append(f"{i}.{name}")
+    return added
+
+
+def lora_parameter_count(model: nn.Module, rank: int, *, blocks: Optional[Iterable[int]] = None,
+                         targets: Optional[Iterable[str]] = None) -> int:
+    """How many parameters add_lora(model, rank, ...) would add (without changing the model)."""
+    total = 0
+    for _, block, name in _lora_targets(model, blocks, targets):
+        m = block.get_submodule(name)
+        base = m.base if isinstance(m, LoRALinear) else m
+        r = min(rank, base.in_features, base.out_features)
+        total += r * (base.in_features + base.out_features)
+    return total
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRALinear's B @ A into its base weight and put the plain nn.Linear back.
+    Refuses (ValueError) when the base linear is also the shared base of a FlexiGPT replacement
+    layer: merging would change that layer too. Returns the number of merged layers."""
+    shared_bases = {id(m.base) for m in model.modules()
+                    if isinstance(m, SharedLoRALinear) and not _owned_by_lora(model, m)}
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LoRALinear):
+            continue
+        if id(module.base) in shared_bases:
+            raise ValueError(f"{name}: its base linear is shared by a replacement block; merging LoRA "
+                             "into it would change that block as well")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.merged())
+        merged += 1
+    return merged
+
+
+def _owned_by_lora(model: nn.Module, shared: SharedLoRALinear) -> bool:
+    return any(isinstance(m, LoRALinear) and m.lora is shared for m in model.modules())

@@ -1,0 +1,108 @@
+"""Which parameters recovery training updates.
+
+Trainable sets (``trainable=`` of :func:`heal`; a name or a tuple of names, unioned):
+
+- ``"adapters"`` (default, FlexiGPT): in every replacement block, each SharedLoRALinear's
+  ``lora_a``, ``lora_b`` and own bias, and every OutputNorm's gamma.
+- ``"replacement_blocks"``: every parameter registered under a replacement block (the adapters
+  plus the block's own norms). The shared base weights belong to their base blocks: not included.
+- ``"lora_kept"``: LoRA (see :mod:`.lora`) on every linear of every kept block (not a
+  replacement block): the ShortGPT + LoRA baseline on a dropped model, or a hybrid with
+  ``("adapters", "lora_kept")`` on a FlexiGPT model.
+- ``"all"``: every parameter, shared base weights included (their gradient sums over every
+  layer that uses them; tied embeddings count once).
+
+Everything else gets ``requires_grad=False``. A callable ``(name, param) -> bool`` also works.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+from torch import nn
+
+from ..convert.replacement import replacement_blocks
+from ..nn import OutputNorm, SharedLoRALinear
+from .lora import LoRALinear, add_lora
+
+__all__ = ["TRAINABLE_SETS", "select_trainable", "count_parameters"]
+
+TRAINABLE_SETS = ("adapters", "replacement_blocks", "lora_kept", "all")
+
+Trainable = Union[str, tuple, list, Callable[[str, nn.Parameter], bool]]
+
+
+def _adapter_param_ids(model: nn.Module) -> set[int]:
+    ids = set()
+    for block in replacement_blocks(model).values():
+        for m in block.modules():
+            if isinstance(m, SharedLoRALinear):
+                ids.update(id(p) for p in (m.lora_a, m.lora_b, m.bias) if p is not None)
+            elif isinstance(m, OutputNorm):
+                ids.add(id(m.weight))
+    return ids
+
+
+def _lora_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora.lora_a, m.lora.lora_b)}
+
+
+def normalize_trainable(trainable: Trainable):
+    if callable(trainable):
+        return trainable
+    names = (trainable,) if isinstance(trainable, str) else tuple(trainable)
+    if not names:
+        raise ValueError("trainable: empty selection")
+    for n in names:
+        if n not in TRAINABLE_SETS:
+            raise ValueError(f"trainable: unknown set {n!r}; choose from {', '.join(TRAINABLE_SETS)} "
+                             "(or a tuple of them, or a callable(name, param) -> bool)")
+    return names
+
+
+def select_trainable(model: nn.Module, trainable: Trainable = "adapters", *, lora_rank: Optional[int] = None,
+                     lora_alpha: Optional[float] = None) -> list[tuple[str, nn.Parameter]]:
+    """Set requires_grad on `model` for the chosen set (adding LoRA modules for "lora_kept")
+    and return the trainable (name, parameter) pairs, each tensor once."""
+    sel = normalize_trainable(trainable)
+    if callable(sel):
+        keep = lambda name, p: bool(sel(name, p))  # noqa: E731
+    else:
+        ids: set[int] = set()
+        everything = "all" in sel
+        if "lora_kept" in sel:
+            if lora_rank is None:
+                raise ValueError("trainable 'lora_kept' needs lora_rank")
+            add_lora(model, lora_rank, alpha=lora_alpha)
+            ids |= _lora_param_ids(model)
+        if "adapters" in sel or "replacement_blocks" in sel:
+            blocks = replacement_blocks(model)
+            if not blocks and not everything:
+                raise ValueError(
+                    f"trainable {sel}: the model has no FlexiGPT replacement blocks (a dense or dropped "
+                    "model); use 'lora_kept' or 'all'")
+            if "adapters" in sel:
+                ids |= _adapter_param_ids(model)
+            if "replacement_blocks" in sel:
+                ids |= {id(p) for b in blocks.values() for p in b.parameters()}
+        keep = lambda name, p: everything or id(p) in ids  # noqa: E731
+    chosen = []
+    for name, p in model.named_parameters():  # each tensor once (tied/shared ones too)
+        on = keep(name, p)
+        p.requires_grad_(on)
+        if on:
+            chosen.append((name, p))
+    if not chosen:
+        raise ValueError(f"trainable {trainable!r}: selects no parameter of this model")
+    return chosen
+
+
+def count_parameters(params) -> int:
+    """Number of elements of distinct tensors among `params` ((name, p) pairs or tensors)."""
+    seen, total = set(), 0
+    for item in params:
+        p = item[1] if isinstance(item, tuple) else item
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -8,6 +8,7 @@ in place and returned; pass copy.deepcopy(model) to keep the original.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
@@ -105,6 +106,8 @@ def prune(
     n_blocks = num_layers(model)
     seconds: dict[str, float] = {}
     params_before = stored_parameters(model)
+    # the unpruned model's config, JSON-clean (saved in flexigpt.json), taken before "drop" shrinks it
+    base_model_config = json.loads(model.config.to_json_string(use_diff=False))
     scores = None
     if calibration is not None:
         t = time.perf_counter()
@@ -154,5 +157,6 @@ def prune(
         "output_norm": output_norm,
         "gamma_init": gamma_init,
         "norm_eps": 1e-5,
+        "base_model_config": base_model_config,
     }
     return model, report

@@ -1,0 +1,31 @@
+"""Saving, loading and exporting converted models (DESIGN.md, "Model integration").
+
+- :func:`save_pretrained` / :func:`from_pretrained`: a checkpoint that stores each shared tensor
+  once plus ``flexigpt.json`` (method, blocks, base map, the sharing map), reloaded to
+  identical logits; :func:`load_tokenizer` reads the tokenizer saved beside it.
+- :func:`export_dense`: a plain Hugging Face checkpoint (W_base + s B A per replacement linear)
+  for engines that know nothing of sharing; refused for models with output norms.
+"""
+
+from .checkpoint import (
+    FLEXIGPT_CONFIG_NAME,
+    FORMAT_VERSION,
+    from_pretrained,
+    load_tokenizer,
+    read_flexigpt_config,
+    save_pretrained,
+    sharing_map,
+)
+from .export import dense_state_dict, export_dense
+
+__all__ = [
+    "FLEXIGPT_CONFIG_NAME",
+    "FORMAT_VERSION",
+    "dense_state_dict",
+    "export_dense",
+    "from_pretrained",
+    "load_tokenizer",
+    "read_flexigpt_config",
+    "save_pretrained",
+    "sharing_map",
+]

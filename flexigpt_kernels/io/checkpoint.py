@@ -1,0 +1,270 @@
+"""Save and load converted models: each shared tensor stored once, the sharing map beside it.
+
+Pruned ("flexigpt", "drop") and extended ("extend") models alike: every replacement block is
+marked by ``block.flexigpt_base`` and listed in ``base_map``. A checkpoint directory holds
+
+- ``model.safetensors``: the model's state dict. Replacement linears (SharedLoRALinear) hold
+  their base weight by an unregistered reference, so a shared weight appears once, under the
+  block that owns it; tied tensors (input/output embeddings) are stored once under the first
+  name and listed in ``flexigpt.json["aliases"]``.
+- ``config.json``: the Hugging Face config of the converted model (for "flexigpt" the layer
+  count is unchanged; for "drop" it is the reduced count, for "extend" the grown one; a
+  "drop" directory is a plain Hugging Face checkpoint that stock
+  ``AutoModelForCausalLM.from_pretrained`` loads).
+- ``flexigpt.json``: ``model.flexigpt_meta`` (format_version, method, family, pruned blocks,
+  base_map, rank, scale, norm settings) plus what rebuilding needs::
+
+      "shared":  {"model.layers.3.self_attn.q_proj":
+                     {"base": "model.layers.4.self_attn.q_proj",
+                      "base_weight": "model.layers.4.self_attn.q_proj.weight",
+                      "rank": 4, "scale": 1.0, "own_bias": false, "output_norm": true}, ...}
+      "output_norms": {"model.layers.3.self_attn.o_proj.output_norm": 1e-05, ...}   # name -> eps
+      "aliases": {"lm_head.weight": "model.embed_tokens.weight"}
+      "dtype": "float32"
+
+- ``generation_config.json`` when the model has one, and the tokenizer files when given.
+
+Loading builds the architecture from config.json (Hugging Face ``from_config`` with weight
+initialisation skipped), re-creates the replacement blocks from the base map (no SVD: the
+adapters are loaded), loads the state dict strictly and checks the rebuilt sharing map equals
+the stored one. A stock ``from_pretrained`` of a "flexigpt" checkpoint would *not* be right
+(replacement blocks would get random weights): use :func:`from_pretrained` here, or
+:func:`flexigpt_kernels.io.export_dense` for a plain checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..convert.families import family_of, num_layers
+from ..convert.replacement import convert_blocks, replacement_blocks
+from ..nn import OutputNorm, SharedLoRALinear
+from ._write import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, save_tensors, write_hf_files
+
+__all__ = [
+    "read_flexigpt_config",
+    "FLEXIGPT_CONFIG_NAME",
+    "FORMAT_VERSION",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "from_pretrained",
+    "load_tokenizer",
+    "save_pretrained",
+    "sharing_map",
+]
+
+FLEXIGPT_CONFIG_NAME = "flexigpt.json"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+# keys of flexigpt.json written by this module (not part of model.flexigpt_meta)
+_IO_KEYS = ("shared", "output_norms", "aliases", "dtype")
+
+
+def sharing_map(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """{replacement linear name: {"base", "base_weight", "rank", "scale", "own_bias",
+    "output_norm"}} for every SharedLoRALinear of `model`, names as in its state dict."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, SharedLoRALinear):
+            continue
+        base_name = names.get(id(module.base))
+        if base_name is None:
+            raise ValueError(f"{name}: its base linear is not a submodule of the model, so it cannot be saved")
+        out[name] = {
+            "base": base_name,
+            "base_weight": f"{base_name}.weight",
+            "rank": module.rank,
+            "scale": module.scale,
+            "own_bias": module.bias is not None,
+            "output_norm": module.output_norm is not None,
+        }
+    return out
+
+
+def _base_map(model: nn.Module) -> dict[int, int]:
+    """{position: base position} of the replacement blocks (pruned or extended models)."""
+    return {i: int(b.flexigpt_base) for i, b in replacement_blocks(model).items()}
+
+
+def _derived_meta(model: nn.Module, shared: dict, output_norms: dict) -> dict[str, Any]:
+    """flexigpt_meta for a model without one (converted by convert_blocks / drop_blocks directly,
+    or never converted: method "none")."""
+    base_map = _base_map(model)
+    first = next(iter(shared.values()), None)
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": "flexigpt" if base_map else "none",
+        "family": family_of(model).name,
+        "num_blocks": num_layers(model),
+        "pruned": sorted(base_map),
+        "base_map": {str(k): v for k, v in sorted(base_map.items())},
+        "rank": max((s["rank"] for s in shared.values()), default=None),
+        "scale": first["scale"] if first else None,
+        "output_norm": bool(output_norms),
+        "gamma_init": None,
+        "norm_eps": next(iter(output_norms.values()), None),
+    }
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=None, *,
+                    overwrite: bool = False) -> Path:
+    """Write `model` (converted by prune(), or a plain supported model) to `directory`.
+
+    Writes model.safetensors (each shared or tied tensor once), config.json, flexigpt.json,
+    generation_config.json when present and the tokenizer when given (see the module doc).
+    Refuses an existing non-empty `directory` unless overwrite=True; writes into a temporary
+    directory beside it and renames it into place. Returns the directory's path.
+    """
+    output_norms = {n: float(m.eps) for n, m in model.named_modules() if isinstance(m, OutputNorm)}
+    shared = sharing_map(model)
+    meta = dict(getattr(model, "flexigpt_meta", None) or _derived_meta(model, shared, output_norms))
+    version = meta.get("format_version", FORMAT_VERSION)
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ValueError(f"model.flexigpt_meta has format_version {version!r}; this version writes "
+                         f"{SUPPORTED_FORMAT_VERSIONS}")
+    base_map = _base_map(model)
+    if {int(k): int(v) for k, v in meta.get("base_map", {}).items()} != base_map:
+        raise ValueError(f"model.flexigpt_meta['base_map'] {meta.get('base_map')} disagrees with the model's "
+                         f"replacement blocks {base_map}")
+    state_dict = model.state_dict()
+    dtype = dominant_dtype(state_dict.values())
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        aliases = save_tensors(state_dict, tmp / WEIGHTS_NAME)
+        write_hf_files(tmp, model, dtype, tokenizer)
+        record = {**meta, "shared": shared, "output_norms": output_norms, "aliases": aliases,
+                  "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None}
+        (tmp / FLEXIGPT_CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return Path(directory)
+
+
+def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """flexigpt.json of a checkpoint directory, with its format version checked."""
+    path = Path(directory) / FLEXIGPT_CONFIG_NAME
+    if not path.is_file():
+        hint = ""
+        if (Path(directory) / CONFIG_NAME).is_file():
+            hint = (" (it looks like a plain Hugging Face checkpoint: load it with "
+                    "transformers.AutoModelForCausalLM.from_pretrained)")
+        raise FileNotFoundError(f"{directory}: no {FLEXIGPT_CONFIG_NAME}, so not a flexigpt_kernels checkpoint{hint}")
+    record = json.loads(path.read_text())
+    version = record.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ValueError(f"{path}: unknown format_version {version!r}; this flexigpt_kernels reads format_version "
+                         f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (a newer release may read it)")
+    return record
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _resize_adapter(module: SharedLoRALinear, rank: int) -> None:
+    w = module.lora_a
+    module.lora_a = nn.Parameter(torch.empty(rank, module.in_features, device=w.device, dtype=w.dtype))
+    module.lora_b = nn.Parameter(torch.empty(module.out_features, rank, device=w.device, dtype=w.dtype))
+    module.rank = rank
+
+
+def _rebuild(model: nn.Module, record: dict[str, Any]) -> None:
+    """Re-create the replacement blocks of `record` in a freshly built model."""
+    base_map = {int(k): int(v) for k, v in record.get("base_map", {}).items()}
+    shared = record.get("shared", {})
+    if not base_map:
+        if shared:
+            raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: shared linears {sorted(shared)[:3]}... but an empty base_map")
+        return
+    ranks = [int(s["rank"]) for s in shared.values()]
+    convert_blocks(model, base_map, rank=max(ranks) if ranks else int(record["rank"]),
+                   scale=float(record.get("scale") or 1.0), output_norm=bool(record.get("output_norm")),
+                   norm_eps=float(record.get("norm_eps") or 1e-5), svd_init=False)
+    modules = dict(model.named_modules())
+    for name, spec in shared.items():
+        module = modules.get(name)
+        if not isinstance(module, SharedLoRALinear):
+            raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: {name} is a shared linear, but the rebuilt model has "
+                             f"{type(module).__name__ if module is not None else 'no such module'}")
+        if module.rank != spec["rank"]:
+            _resize_adapter(module, int(spec["rank"]))
+        module.scale = float(spec["scale"])
+        if spec["own_bias"] and module.bias is None:
+            module.bias = nn.Parameter(torch.empty(module.out_features, device=module.weight.device,
+                                                   dtype=module.weight.dtype))
+        elif not spec["own_bias"] and module.bias is not None:
+            module.bias = None
+    for name, eps in record.get("output_norms", {}).items():
+        norm = modules.get(name)
+        if not isinstance(norm, OutputNorm):
+            raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: {name} is an output norm, but the rebuilt model lacks it")
+        norm.eps = float(eps)
+    rebuilt = sharing_map(model)
+    if rebuilt != shared:
+        diff = sorted(k for k in set(rebuilt) | set(shared) if rebuilt.get(k) != shared.get(k))
+        raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: the rebuilt sharing map differs from the stored one at {diff[:5]}")
+
+
+def _retie(model: nn.Module, alias: str, source: str) -> None:
+    """Make parameter `alias` the very tensor `source` (as it was when saved)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if alias not in params or source not in params:
+        raise ValueError(f"checkpoint aliases {alias} -> {source}, but the rebuilt model lacks one of them")
+    if params[alias] is not params[source]:
+        owner_name, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner_name), attr, params[source])
+
+
+def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype | str] = None,
+                    device: Optional[torch.device | str] = None) -> nn.Module:
+    """Rebuild a model written by :func:`save_pretrained`, in eval mode, with
+    ``model.flexigpt_meta`` restored. dtype: default the stored one; device: default CPU.
+
+    Raises FileNotFoundError when flexigpt.json is missing, ValueError when its format_version
+    is unknown or the stored tensors do not fit the rebuilt model exactly.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    record = read_flexigpt_config(directory)
+    config = AutoConfig.from_pretrained(directory)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    if dtype is None and record.get("dtype"):
+        dtype = getattr(torch, record["dtype"])
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with device, _no_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _rebuild(model, record)
+    state_dict = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+    aliases = record.get("aliases", {})
+    for alias, source in aliases.items():
+        _retie(model, alias, source)
+        state_dict.setdefault(alias, state_dict[source])
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS_NAME} does not fit the rebuilt model: "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    model.flexigpt_meta = {k: v for k, v in record.items() if k not in _IO_KEYS}
+    from transformers import GenerationConfig
+
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.eval()
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """The tokenizer saved beside a checkpoint (transformers.AutoTokenizer)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)

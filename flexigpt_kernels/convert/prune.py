@@ -18,7 +18,7 @@ from torch import nn
 
 from ..nn import DEFAULT_GAMMA_INIT
 from .base_selection import choose_bases
-from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, token_batches
+from .calibration import token_batches
 from .families import family_of, num_layers
 from .importance import block_influence
 from .replacement import convert_blocks, drop_blocks, resolve_rank
@@ -78,8 +78,8 @@ def prune(
     blocks: Optional[Sequence[int]] = None,
     rank: Optional[int | float] = None,
     method: str = "flexigpt",
-    seq_len: int = DEFAULT_SEQ_LEN,
-    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: Optional[int] = None,
+    num_samples: Optional[int] = None,
     combine: str = "sum",
     scale: float = 1.0,
     gamma_init: float = DEFAULT_GAMMA_INIT,
@@ -96,6 +96,8 @@ def prune(
         explicit list; `blocks` wins when given (ratio is then ignored).
     rank: adapter rank, an int or a fraction of the hidden size (default 256/4096), capped
         per matrix at its smaller dimension.
+    seq_len / num_samples: calibration chunk length and count; None keeps a token tensor's
+        own shape and means 256 / 32 for text sources.
     method: "flexigpt" (replacement blocks) or "drop" (ShortGPT: remove the blocks).
     combine: how per-matrix distances form the block distance (see choose_bases).
     gamma_init, output_norm, scale, svd_init: the replacement block's knobs (METHOD.md 3).

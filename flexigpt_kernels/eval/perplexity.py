@@ -1,7 +1,22 @@
-"""Held-out perplexity: exp(mean next-token NLL) over non-overlapping chunks.
+"""Held-out perplexity: exp(mean next-token NLL) over non-overlapping windows.
 
-    texts -> tokens (documents joined with EOS) -> [num_chunks, seq_len] -> mean NLL of
-    tokens 2..seq_len of every chunk (no BOS; each chunk starts a fresh context).
+The method (the "non-overlapping windows" evaluation, stride = window length):
+
+1. texts are tokenized without special tokens and joined into one stream with the
+   tokenizer's EOS id between documents (no BOS anywhere), in the given order;
+2. the stream is cut into consecutive, non-overlapping windows of ``seq_len`` tokens; the
+   first ``num_chunks`` windows are used and the leftover tail is dropped (a token tensor
+   [n, seq] is used as given: its first ``num_chunks`` rows and ``seq_len`` columns);
+3. every window is an independent context (no cache, no carried state, no BOS): the model
+   predicts tokens 2..seq_len of the window from the tokens before them, and the first token
+   of each window is never predicted;
+4. perplexity = exp(sum of NLL / number of predicted tokens)
+              = exp(mean NLL over num_chunks * (seq_len - 1) tokens), accumulated in fp32.
+
+Because early tokens of each window see little context, this reads higher than a
+sliding-window evaluation (stride < seq_len) of the same model; numbers are comparable only
+under the same tokenizer, text, seq_len and num_chunks. The project's default setting: the
+gensim news text (``assets.default_texts("heldout")``), 40 windows of 256 tokens.
 """
 
 from __future__ import annotations
@@ -28,9 +43,13 @@ def perplexity(
     progress: bool = True,
     desc: str = "perplexity",
 ) -> float:
-    """Perplexity of `model` on `texts` (any calibration source: texts, files, a dataset name,
-    or a token tensor [n, seq], in which case no tokenizer is needed). Chunks keep document
-    order (no shuffle); num_chunks=None uses as many as the text holds."""
+    """Perplexity of `model` on `texts` (see the module doc for the method).
+
+    texts: any calibration source (a list of strings, a local file or folder, a dataset name)
+    or a token tensor [n, seq], in which case no tokenizer is needed. Windows keep document
+    order (no shuffle); num_chunks=None uses as many whole windows as the text holds. The model
+    runs in eval mode (its mode is restored afterwards), batch_size windows per forward.
+    """
     if texts is None:
         raise ValueError("texts is required: a list of strings, a path, a dataset name or a token tensor")
     if isinstance(texts, torch.Tensor):
@@ -58,7 +77,12 @@ def perplexity(
 
 
 def _max_chunks(tokenizer, texts, seq_len: int) -> int:
+    """Whole windows in the EOS-joined stream of `texts` (a list of strings)."""
     if tokenizer is None:
         raise ValueError("texts need a tokenizer")
-    n = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)):
+        raise ValueError("num_chunks=None needs texts as a list of strings (or a token tensor); "
+                         f"got {type(texts).__name__}: pass num_chunks explicitly")
+    docs = [t for t in texts if isinstance(t, str) and t.strip()]
+    n = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in docs) + max(0, len(docs) - 1)
     return max(1, n // seq_len)

@@ -159,3 +159,17 @@ def test_bf16_autocast_runs_on_cpu(backend):
         report = heal(model, token_data(16), steps=2, lr=1e-2, mixed_precision="bf16", **KW)
     assert all(math.isfinite(x) for x in report.losses)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fsdp_per_layer_wrapping_is_refused_for_replacement_blocks():
+    from types import SimpleNamespace
+
+    from flexigpt_kernels.train.runtime import check_fsdp_wrapping
+
+    def accel(policy):
+        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(auto_wrap_policy=policy)))
+
+    check_fsdp_wrapping(tiny_pruned(), accel(None))  # one FSDP unit: fine
+    check_fsdp_wrapping(tiny_pruned("drop"), accel(lambda *a: True))  # nothing shared across blocks
+    with pytest.raises(ValueError, match="no_wrap"):
+        check_fsdp_wrapping(tiny_pruned(), accel(lambda *a: True))

@@ -14,6 +14,7 @@ autograd works on every backend (backends.py picks the implementation per call).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -22,6 +23,17 @@ from torch import Tensor
 from . import backends
 from .reference import ForwardResult
 from .validation import check_shared_lora_linear_args
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _no_autocast(x: Tensor):
+    """The backends pick their own precisions (fp32 accumulation); an enclosing autocast
+    must not re-cast the ATen calls inside them."""
+    if x.device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @torch.library.custom_op("flexigpt::shared_lora_linear_fwd", mutates_args=())
@@ -34,8 +46,9 @@ def _fwd_op(
     impl = backends.load(backends.resolve(x.device, x.dtype))
     if x.shape[0] == 0:
         impl = backends.load("reference")
-    return tuple(impl.forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual,
-                              save_for_backward))
+    with _no_autocast(x):
+        return tuple(impl.forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual,
+                                  save_for_backward))
 
 
 @_fwd_op.register_fake
@@ -63,8 +76,9 @@ def _bwd_op(
     if x.shape[0] == 0:
         impl = backends.load("reference")
     saved = ForwardResult(x.new_empty((0,)), shrink, y_pre, mean, rstd)
-    gx, gw, ga, gb, gbias, gnorm = impl.backward(grad_out, x, weight, lora_a, lora_b, scale, norm_weight,
-                                                 saved, needs_weight_grad)
+    with _no_autocast(x):
+        gx, gw, ga, gb, gbias, gnorm = impl.backward(grad_out, x, weight, lora_a, lora_b, scale, norm_weight,
+                                                     saved, needs_weight_grad)
     empty = x.new_empty((0,), dtype=torch.float32)
     return (
         gx.to(x.dtype),
@@ -150,7 +164,18 @@ def shared_lora_linear(
     residual [..., N]; all tensors share x's dtype and device. Returns [..., N] in x's dtype,
     accumulated in fp32. Differentiable in every tensor argument; weight's gradient is
     computed only when it requires grad (a shared weight's gradient sums over its uses).
+    Under torch.autocast, every floating tensor is first cast to the autocast dtype.
     """
+    device_type = x.device.type if isinstance(x, Tensor) else None
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dt else t
+
+        with torch.autocast(device_type, enabled=False):
+            return shared_lora_linear(cast(x), cast(weight), cast(lora_a), cast(lora_b), scale, cast(bias),
+                                      norm_weight=cast(norm_weight), eps=eps, residual=cast(residual))
     check_shared_lora_linear_args(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
     lead = x.shape[:-1]
     n = weight.shape[0]
@@ -162,7 +187,9 @@ def shared_lora_linear(
         # Inference fast path: nothing to differentiate and nothing tracing, so skip the
         # dispatcher round trip of the registered op (tens of microseconds per decode call).
         impl = backends.load(backends.resolve(x.device, x.dtype))
-        out = impl.forward(x2d, weight, lora_a, lora_b, float(scale), bias, norm_weight, float(eps), res2d, False).out
+        with _no_autocast(x):
+            out = impl.forward(x2d, weight, lora_a, lora_b, float(scale), bias, norm_weight, float(eps), res2d,
+                               False).out
         return out.reshape(*lead, n)
     out = torch.ops.flexigpt.shared_lora_linear_fwd(
         x2d, weight, lora_a, lora_b, float(scale), bias, norm_weight, float(eps), res2d, save

@@ -157,3 +157,22 @@ def test_backend_selection(monkeypatch):
     with use_backend("reference"):
         monkeypatch.setenv("FLEXIGPT_BACKEND", "triton")
         assert backends.resolve(cpu, torch.float32) == "reference"
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_autocast_casts_inputs_once_and_keeps_backend_math(backend, grad):
+    """Under torch.autocast(bf16) with fp32 parameters, the op runs in bf16 (all inputs cast
+    to the autocast dtype) and matches the reference on the bf16-cast inputs."""
+    ops = make_operands((5,), 24, 20, 3, torch.float32)
+    with use_backend(backend), torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = shared_lora_linear(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.7, ops["bias"],
+                                 norm_weight=ops["norm_weight"], residual=ops["residual"])
+    assert out.dtype == torch.bfloat16
+    cast = {k: v.detach().to(torch.bfloat16).double() if v is not None else None for k, v in ops.items()}
+    expected = shared_lora_linear_reference(cast["x"], cast["weight"], cast["lora_a"], cast["lora_b"], 0.7,
+                                            cast["bias"], norm_weight=cast["norm_weight"], residual=cast["residual"])
+    assert_close_scaled(out, expected, TOL[torch.bfloat16], "autocast output")
+    if grad:
+        out.float().sum().backward()
+        assert ops["lora_a"].grad is not None and ops["lora_a"].grad.dtype == torch.float32

@@ -3,18 +3,20 @@
 Metadata lives in pyproject.toml; this file only decides which extensions to build.
 The package works without any of them (Triton kernels or the PyTorch reference are used).
 
-- ``flexigpt_kernels._C``: CPU C++ extension from ``csrc/*.cpp``. Built when those
-  sources exist, torch is importable and a C++ compiler is found.
+- ``flexigpt_kernels._C``: CPU C++ extension from ``csrc/*.cpp`` (the bindings) and
+  ``csrc/cpu/*.cpp`` (the kernels). Built when those sources exist, torch is importable and
+  a C++ compiler is found.
 - ``flexigpt_kernels._C_cuda``: CUDA extension from ``csrc/cuda/*.cu`` (+ ``*.cpp``).
-  Built when those sources exist, nvcc is found and torch sees a CUDA device at build time
-  (or FLEXIGPT_FORCE_CUDA_BUILD=1, to compile without a GPU; set TORCH_CUDA_ARCH_LIST).
+  Built when those sources exist, nvcc is found and torch is a CUDA build (no GPU needs to be
+  visible: the architectures come from FLEXIGPT_CUDA_ARCHS).
 
 Environment:
   FLEXIGPT_SKIP_CPU_BUILD=1    do not build the C++ extension
   FLEXIGPT_SKIP_CUDA_BUILD=1   do not build the CUDA extension
-  FLEXIGPT_FORCE_CUDA_BUILD=1  build the CUDA extension even without a visible GPU
+  FLEXIGPT_CUDA_ARCHS          CUDA architectures, e.g. "8.0;9.0" (the default), "9.0a", "8.6+PTX";
+                               unset, TORCH_CUDA_ARCH_LIST is used when set
+  FLEXIGPT_FORCE_CUDA_BUILD=1  accepted for compatibility: a visible GPU is no longer required
   MAX_JOBS=N                   parallel compile jobs (ninja); defaults to the CPU count, at most 4
-  TORCH_CUDA_ARCH_LIST         CUDA architectures, e.g. "8.0;9.0" (read by torch)
 
 Install next to an existing torch with ``pip install --no-build-isolation -e .``.
 """
@@ -42,7 +44,8 @@ def _rel(paths):
 
 def extensions():
     """Return (ext_modules, cmdclass), printing one line for each extension it skips."""
-    cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+    cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+                       + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
                         + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     if not cpu_sources and not cuda_sources:
@@ -80,18 +83,42 @@ def extensions():
         _say("skipping CUDA extension: nvcc not found (put it on PATH or set CUDA_HOME)")
     elif torch.version.cuda is None:
         _say("skipping CUDA extension: this torch is a CPU-only build")
-    elif not _flag("FLEXIGPT_FORCE_CUDA_BUILD") and not torch.cuda.is_available():
-        _say("skipping CUDA extension: torch sees no CUDA device "
-             "(set FLEXIGPT_FORCE_CUDA_BUILD=1 to compile anyway)")
     else:
+        archs = cuda_archs()
+        _say(f"CUDA architectures: {';'.join(archs)} (FLEXIGPT_CUDA_ARCHS)")
         ext_modules.append(cpp_extension.CUDAExtension(
             "flexigpt_kernels._C_cuda", cuda_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]}))
+            extra_compile_args={"cxx": cxx_flags,
+                                "nvcc": ["-O3", "--use_fast_math"] + gencode_flags(archs)}))
 
     if not ext_modules:
         return [], {}
     _say("building " + ", ".join(e.name for e in ext_modules) + f" with MAX_JOBS={os.environ['MAX_JOBS']}")
     return ext_modules, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+def cuda_archs():
+    """FLEXIGPT_CUDA_ARCHS (else TORCH_CUDA_ARCH_LIST, else "8.0;9.0") as a list like ["8.0", "9.0a"]."""
+    spec = (os.environ.get("FLEXIGPT_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0")
+    archs = [a for a in spec.replace(",", ";").replace(" ", ";").split(";") if a]
+    for a in archs:
+        base = a[:-4] if a.endswith("+PTX") else a
+        if not base.rstrip("af").replace(".", "", 1).isdigit():
+            raise SystemExit(f"flexigpt_kernels setup: bad CUDA architecture {a!r} in FLEXIGPT_CUDA_ARCHS={spec!r}")
+    return archs
+
+
+def gencode_flags(archs):
+    """nvcc -gencode flags: "9.0" -> sm_90 SASS, "9.0a" -> sm_90a, "8.6+PTX" -> sm_86 SASS + PTX.
+    Passing them explicitly stops torch from adding its own architecture list."""
+    flags = []
+    for a in archs:
+        ptx = a.endswith("+PTX")
+        num = (a[:-4] if ptx else a).replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
 
 
 def _nvcc(cuda_home):

@@ -1,0 +1,190 @@
+// Row kernels of shared_lora_linear on the CPU (see the header for the formulas).
+//
+// Plain loops written for the auto-vectoriser (-O3, `omp simd` reductions). On x86-64 with
+// GCC or Clang each entry point is cloned for AVX-512 and AVX2 and the best clone is picked
+// at load time, so one binary runs everywhere and still uses wide vectors.
+#include "shared_lora_linear_cpu.h"
+
+#include <cmath>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FLEXIGPT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FLEXIGPT_MULTIVERSION
+#endif
+
+#if defined(__GNUC__)
+#define FLEXIGPT_INLINE inline __attribute__((always_inline))
+#else
+#define FLEXIGPT_INLINE inline
+#endif
+
+namespace flexigpt {
+namespace cpu {
+namespace {
+
+// fp32 <-> element type. bfloat16: the high half of an fp32; stores round to nearest even
+// (NaN stays NaN), the same rounding as c10::BFloat16.
+FLEXIGPT_INLINE float to_f32(float v) { return v; }
+FLEXIGPT_INLINE float to_f32(bf16_bits v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <typename T>
+FLEXIGPT_INLINE T from_f32(float v);
+
+template <>
+FLEXIGPT_INLINE float from_f32<float>(float v) { return v; }
+
+template <>
+FLEXIGPT_INLINE bf16_bits from_f32<bf16_bits>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<bf16_bits>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+// v = y [+ bias]; the bias is added here rather than by the GEMM, saving a pass over y.
+template <typename T>
+FLEXIGPT_INLINE float pre_norm(const T* yr, const T* bias, int64_t j) {
+  return bias != nullptr ? to_f32(yr[j]) + to_f32(bias[j]) : to_f32(yr[j]);
+}
+
+template <typename T>
+FLEXIGPT_INLINE void finish_rows(T* y, const T* bias, bool keep_y, T* out, const T* gamma,
+                                 const T* residual, int64_t residual_row_stride, float* mean_out,
+                                 float* rstd_out, int64_t n, float eps, int64_t row_begin,
+                                 int64_t row_end) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const bool write_y = keep_y && bias != nullptr;  // y must end up holding v
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    T* yr = y + i * n;
+    T* orow = out + i * n;
+    const T* rr = residual != nullptr ? residual + i * residual_row_stride : nullptr;
+    if (gamma == nullptr) {
+      if (rr != nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) orow[j] = from_f32<T>(pre_norm(yr, bias, j) + to_f32(rr[j]));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) orow[j] = from_f32<T>(pre_norm(yr, bias, j));
+      }
+      continue;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) sum += pre_norm(yr, bias, j);
+    const float mean = sum * inv_n;
+    float m2 = 0.0f;
+#pragma omp simd reduction(+ : m2)
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = pre_norm(yr, bias, j) - mean;
+      m2 += d * d;
+    }
+    const float rstd = 1.0f / std::sqrt(m2 * inv_n + eps);
+    mean_out[i] = mean;
+    rstd_out[i] = rstd;
+    if (rr != nullptr && write_y) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = pre_norm(yr, bias, j);
+        orow[j] = from_f32<T>((v - mean) * rstd * to_f32(gamma[j]) + to_f32(rr[j]));
+        yr[j] = from_f32<T>(v);
+      }
+    } else if (rr != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j)
+        orow[j] = from_f32<T>((pre_norm(yr, bias, j) - mean) * rstd * to_f32(gamma[j]) + to_f32(rr[j]));
+    } else if (write_y) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = pre_norm(yr, bias, j);
+        orow[j] = from_f32<T>((v - mean) * rstd * to_f32(gamma[j]));
+        yr[j] = from_f32<T>(v);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j)
+        orow[j] = from_f32<T>((pre_norm(yr, bias, j) - mean) * rstd * to_f32(gamma[j]));
+    }
+  }
+}
+
+template <typename T>
+FLEXIGPT_INLINE void norm_backward_rows(const T* grad, int64_t grad_row_stride, const T* y,
+                                        const T* gamma, const float* mean, const float* rstd, T* dy,
+                                        float* dgamma_acc, float* dbias_acc, int64_t n,
+                                        int64_t row_begin, int64_t row_end) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const T* g = grad + i * grad_row_stride;
+    const T* yr = y + i * n;
+    T* d = dy + i * n;
+    const float mu = mean[i];
+    const float rs = rstd[i];
+    float sum_gg = 0.0f;
+    float sum_ggx = 0.0f;
+#pragma omp simd reduction(+ : sum_gg, sum_ggx)
+    for (int64_t j = 0; j < n; ++j) {
+      const float gg = to_f32(g[j]) * to_f32(gamma[j]);
+      sum_gg += gg;
+      sum_ggx += gg * (to_f32(yr[j]) - mu) * rs;
+    }
+    const float a = sum_gg * inv_n;
+    const float b = sum_ggx * inv_n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float gj = to_f32(g[j]);
+      const float xhat = (to_f32(yr[j]) - mu) * rs;
+      const float dj = rs * (gj * to_f32(gamma[j]) - a - xhat * b);
+      d[j] = from_f32<T>(dj);
+      dgamma_acc[j] += gj * xhat;
+      dbias_acc[j] += dj;
+    }
+  }
+}
+
+}  // namespace
+
+FLEXIGPT_MULTIVERSION
+void finish_rows_f32(float* y, const float* bias, bool keep_y, float* out, const float* gamma,
+                     const float* residual, int64_t residual_row_stride, float* mean, float* rstd,
+                     int64_t n, float eps, int64_t row_begin, int64_t row_end) {
+  finish_rows<float>(y, bias, keep_y, out, gamma, residual, residual_row_stride, mean, rstd, n, eps,
+                     row_begin, row_end);
+}
+
+FLEXIGPT_MULTIVERSION
+void finish_rows_bf16(bf16_bits* y, const bf16_bits* bias, bool keep_y, bf16_bits* out,
+                      const bf16_bits* gamma, const bf16_bits* residual, int64_t residual_row_stride,
+                      float* mean, float* rstd, int64_t n, float eps, int64_t row_begin,
+                      int64_t row_end) {
+  finish_rows<bf16_bits>(y, bias, keep_y, out, gamma, residual, residual_row_stride, mean, rstd, n, eps,
+                         row_begin, row_end);
+}
+
+FLEXIGPT_MULTIVERSION
+void norm_backward_rows_f32(const float* grad, int64_t grad_row_stride, const float* y,
+                            const float* gamma, const float* mean, const float* rstd, float* dy,
+                            float* dgamma_acc, float* dbias_acc, int64_t n, int64_t row_begin,
+                            int64_t row_end) {
+  norm_backward_rows<float>(grad, grad_row_stride, y, gamma, mean, rstd, dy, dgamma_acc, dbias_acc, n,
+                            row_begin, row_end);
+}
+
+FLEXIGPT_MULTIVERSION
+void norm_backward_rows_bf16(const bf16_bits* grad, int64_t grad_row_stride, const bf16_bits* y,
+                             const bf16_bits* gamma, const float* mean, const float* rstd,
+                             bf16_bits* dy, float* dgamma_acc, float* dbias_acc, int64_t n,
+                             int64_t row_begin, int64_t row_end) {
+  norm_backward_rows<bf16_bits>(grad, grad_row_stride, y, gamma, mean, rstd, dy, dgamma_acc, dbias_acc,
+                                n, row_begin, row_end);
+}
+
+}  // namespace cpu
+}  // namespace flexigpt

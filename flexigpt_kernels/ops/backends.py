@@ -1,7 +1,9 @@
 """Which implementation runs the op, chosen per call from the tensors' device.
 
     FLEXIGPT_BACKEND=auto (default) | reference | triton | cpp
-    auto: CUDA tensors -> triton; CPU tensors -> cpp (the C++ extension) when built, else reference.
+    auto: CUDA tensors -> cpp when the CUDA decode extension is built (it takes M <= 16 and
+          hands the rest to Triton), else triton; CPU tensors -> cpp (the C++ extension)
+          when built, else reference.
 
 Triton on CPU tensors needs TRITON_INTERPRET=1 in the environment *before* triton kernels
 are first imported (triton reads it when the kernels are decorated); that is how CI tests the
@@ -58,12 +60,23 @@ def cpp_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_ext_available() -> bool:
+    """Whether the CUDA decode extension imports (checked once per process)."""
+    try:
+        importlib.import_module("flexigpt_kernels._C_cuda")
+    except ImportError:
+        return False
+    return True
+
+
 def resolve(device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend for tensors on `device`, or a clear error if it cannot run there."""
     name = requested_backend()
     if name == "auto":
         if device.type == "cuda":
-            return "triton"
+            # the C++ backend routes decode shapes to the CUDA kernel and the rest to Triton
+            return "cpp" if cuda_ext_available() else "triton"
         return "cpp" if device.type == "cpu" and cpp_available() else "reference"
     if name == "triton":
         if device.type == "cpu" and not triton_interpreter_enabled():
@@ -73,7 +86,7 @@ def resolve(device: torch.device, dtype: torch.dtype) -> str:
             )
         if dtype == torch.float64:
             raise TypeError("backend 'triton' supports float16, bfloat16 and float32, not float64")
-    if name == "cpp" and not cpp_available():
+    if name == "cpp" and device.type == "cpu" and not cpp_available():
         raise RuntimeError("backend 'cpp' requested but the C++ extension flexigpt_kernels._C is not built")
     return name
 

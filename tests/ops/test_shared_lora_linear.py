@@ -153,7 +153,7 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'magic'"):
         backends.resolve(cpu, torch.float32)
     monkeypatch.setenv("FLEXIGPT_BACKEND", "auto")
-    assert backends.resolve(torch.device("cuda"), torch.float16) == "triton"
+    assert backends.resolve(torch.device("cuda"), torch.float16) == ("cpp" if backends.cuda_ext_available() else "triton")
     with use_backend("reference"):
         monkeypatch.setenv("FLEXIGPT_BACKEND", "triton")
         assert backends.resolve(cpu, torch.float32) == "reference"

@@ -5,6 +5,7 @@ import torch.nn as nn
 from flexigpt_kernels.convert import (
     FAMILIES,
     SUPPORTED_MODEL_TYPES,
+    block_influence,
     decoder_layers,
     family_of,
     linear_names,
@@ -79,6 +80,8 @@ def test_multimodal_gemma3_finds_the_text_decoder():
     assert family_of(model).name == "gemma3"
     assert decoder_layers(model) is model.model.language_model.layers
     assert num_layers(model) == 2
+    bi = block_influence(model.eval(), torch.randint(3, 250, (2, 8)), progress=False)
+    assert bi.shape == (2,) and torch.isfinite(bi).all()
 
 
 def test_unsupported_model_lists_the_supported_ones():

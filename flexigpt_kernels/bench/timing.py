@@ -1,0 +1,89 @@
+"""Timing: triton.testing.do_bench on CUDA, torch.utils.benchmark.Timer on the CPU.
+
+Both report the minimum and the median over rounds (one round = the mean of a block of
+calls). On a shared CPU the minimum is the better estimate of what the code costs; the
+median says how noisy the machine was.
+
+CPU: the implementations of one shape are timed *interleaved*: every round runs one block of
+each (in rotating order), so a burst of load from other processes hits all of them alike
+instead of skewing whichever was being timed alone. Block sizes follow blocked_autorange's
+idea (enough calls per block to dwarf the timer's overhead); a shape whose single call takes
+longer than the budget allows gets the minimum number of rounds (default 3), one call each.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    min_s: float
+    median_s: float
+    rounds: int
+    calls_per_round: int
+    timer: str  # how it was measured
+
+
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], budget_s: float = 1.0, *,
+                         min_rounds: int = 3, max_rounds: int = 200, block_s: float = 0.005,
+                         warmup: int = 1) -> dict[str, Timing]:
+    """Time every callable of `fns` in interleaved rounds within about `budget_s` seconds in all
+    (never fewer than `min_rounds` rounds). Returns {name: Timing}."""
+    from torch.utils.benchmark import Timer
+
+    names = list(fns)
+    threads = torch.get_num_threads()
+    timers = {name: Timer(stmt="fn()", globals={"fn": fns[name]}, num_threads=threads) for name in names}
+    per_call = {}
+    for name in names:  # warm up, then estimate one call's cost (the least of a few: load spikes)
+        for _ in range(warmup):
+            fns[name]()
+        costs = []
+        while len(costs) < 3 and sum(costs) < block_s:
+            t0 = time.perf_counter()
+            fns[name]()
+            costs.append(time.perf_counter() - t0)
+        per_call[name] = max(min(costs), 1e-7)
+    number = {name: max(1, int(block_s / per_call[name])) for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    start, i = time.perf_counter(), 0
+    while i < max_rounds and (i < min_rounds or time.perf_counter() - start < budget_s):
+        order = names[i % len(names):] + names[: i % len(names)]
+        for name in order:
+            samples[name].append(timers[name].timeit(number[name]).mean)
+        i += 1
+    rounds = i
+    return {name: Timing(min(v), statistics.median(v), rounds, number[name],
+                         "torch.utils.benchmark interleaved") for name, v in samples.items()}
+
+
+def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100,
+              cuda_graph: bool = False) -> Timing:
+    """triton.testing.do_bench (L2 flushed between calls); with cuda_graph=True,
+    do_bench_cudagraph (launch overhead removed; falls back to do_bench if capture fails)."""
+    import triton.testing
+
+    if cuda_graph:
+        try:
+            times = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="all")
+            return _from_ms(times, "triton do_bench_cudagraph")
+        except Exception as exc:  # capture can fail for code that syncs or allocates oddly
+            torch.cuda.synchronize()
+            print(f"  (CUDA graph capture failed: {type(exc).__name__}: {exc}; timing eagerly)")
+    times = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+    return _from_ms(times, "triton do_bench")
+
+
+def _from_ms(times, timer: str) -> Timing:
+    times = [float(t) for t in (times if isinstance(times, (list, tuple)) else [times])]
+    return Timing(min(times) / 1e3, statistics.median(times) / 1e3, len(times), 1, timer)
+
+
+def time_cuda_each(fns: dict[str, Callable[[], object]], **kwargs) -> dict[str, Timing]:
+    return {name: time_cuda(fn, **kwargs) for name, fn in fns.items()}

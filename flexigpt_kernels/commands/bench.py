@@ -1,0 +1,176 @@
+"""`flexigpt bench`: the benchmarks behind every speed claim, as commands anyone can rerun.
+
+    flexigpt bench kernels [--quick] [--out DIR] [--device cpu|cuda]   the op vs unfused vs dense/floor
+    flexigpt bench model [DIR] [--quick] [--out DIR] [--device ...]    dense vs drop vs ours vs unfused
+    flexigpt bench plot CSV [--out DIR]                                ratio-vs-M PNGs from a kernels CSV
+
+Results append to benchmarks/results/kernels_<device>.csv and model_<device>.csv (tagged with
+device name, torch/triton versions, date and git commit); the latest run's table is also
+written as markdown beside them. See benchmarks/README.md for the formulas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in _csv_list(text)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+
+    k = sub.add_parser("kernels", help="time the fused op against the unfused path, dense and the floor",
+                       description="Time shared_lora_linear per backend against the PEFT-style unfused "
+                                   "composition, dense F.linear and the floor, over a shape grid.")
+    k.add_argument("--quick", action="store_true",
+                   help="reduced grid: SmolLM2 widths, M in {1, 512} (about a minute on 2 CPU cores)")
+    k.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
+    k.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    k.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on the CPU")
+    k.add_argument("--models", type=_csv_list, help="width families, e.g. llama2-7b,smollm2")
+    k.add_argument("--m", type=_int_list, help="rows M, e.g. 1,8,32,512")
+    k.add_argument("--shape", action="append", default=[], metavar="MxKxNxR",
+                   help="a custom shape instead of the grid (repeatable), e.g. 1x4096x4096x256")
+    k.add_argument("--variants", type=_csv_list, help="linear,norm+res (default both)")
+    k.add_argument("--modes", type=_csv_list, help="fwd,fwd+bwd (default both)")
+    k.add_argument("--providers", type=_csv_list,
+                   help="op-<backend>,unfused-peft,dense (default: every available backend of ours, unfused, dense)")
+    k.add_argument("--budget", type=float, help="CPU: seconds per shape group (default 0.5 quick, 1.5 full)")
+    k.add_argument("--rep-ms", type=float, default=100, help="CUDA: do_bench rep per provider (ms)")
+    k.add_argument("--warmup-ms", type=float, default=25, help="CUDA: do_bench warmup per provider (ms)")
+    k.add_argument("--cuda-graphs", action="store_true", help="CUDA: time decode shapes (M <= 32, fwd) in CUDA graphs")
+    k.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    k.add_argument("--no-plot", action="store_true", help="do not draw the PNGs after the run")
+    k.add_argument("--no-check", action="store_true", help="skip the cross-provider output check")
+
+    m = sub.add_parser("model", help="end to end: dense vs drop vs our pruned model vs the same weights unfused",
+                       description="Prefill latency, decode tokens/s and peak memory of the dense model, the "
+                                   "drop baseline, the FlexiGPT-pruned model on our ops and the same pruned "
+                                   "weights composed PEFT-style from plain torch ops.")
+    m.add_argument("model", nargs="?", default=None,
+                   help="local directory of a dense Hugging Face causal LM (default: the embedded SmolLM2-135M)")
+    m.add_argument("--random", choices=["llama2-7b", "tiny"],
+                   help="instead of a checkpoint: a Llama model of that shape with random weights")
+    m.add_argument("--quick", action="store_true", help="1x512 prefill and 32 new tokens only")
+    m.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on the CPU")
+    m.add_argument("--ratio", type=float, default=0.3, help="fraction of blocks to prune (default 0.3)")
+    m.add_argument("--blocks", type=_int_list, help="explicit blocks to prune (else chosen by Block Influence)")
+    m.add_argument("--rank", type=int, help="adapter rank (default: prune()'s, hidden/16)")
+    m.add_argument("--bases", choices=["distance", "nearest"],
+                   help="how pruned blocks pick their base: prune()'s low-rank distance (default) or the "
+                        "nearest kept block (--quick's default: same shapes, same timing, no SVD search)")
+    m.add_argument("--calib-samples", type=int, default=8,
+                   help="calibration chunks of 256 tokens for choosing the blocks (default 8)")
+    m.add_argument("--seq-len", type=int, default=512, help="prompt length (default 512)")
+    m.add_argument("--batches", type=_int_list, help="prefill batch sizes (default 1,8; quick: 1)")
+    m.add_argument("--new-tokens", type=int, help="greedy decode steps (default 128; quick: 32)")
+    m.add_argument("--rounds", type=int, help="timed prefill rounds (default: 5 on CUDA, 3 on CPU, 2 quick)")
+    m.add_argument("--variants", type=_csv_list, help="dense,drop,flexigpt,flexigpt-unfused (default all)")
+    m.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+
+    p = sub.add_parser("plot", help="ratio-vs-M PNG plots from a kernels CSV")
+    p.add_argument("csv", type=Path, nargs="+", help="kernels_<device>.csv file(s)")
+    p.add_argument("--out", type=Path, help="folder for the PNGs (default: beside the CSV)")
+    p.add_argument("--run", default="latest", help="run_id to plot, 'latest' (default) or 'all'")
+    p.add_argument("--stat", choices=["min", "median"], default="min", help="ratios from minima or medians")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"kernels": _kernels, "model": _model, "plot": _plot}[args.bench_command](args)
+
+
+def _setup(args):
+    import torch
+
+    from ..bench.env import default_results_dir, oversubscription_hint, resolve_device
+
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = args.out or default_results_dir()
+    hint = oversubscription_hint(device)
+    if hint:
+        print(hint, file=sys.stderr)
+    return device, dtype, out
+
+
+def _kernels(args) -> int:
+    from ..bench import shapes as S
+    from ..bench.env import device_slug, triton_version
+    from ..bench.kernels import run_kernels, summary_table, targets_report
+    from ..bench.results import append_csv
+    from ..ops import backends
+
+    device, dtype, out = _setup(args)
+    if device.type == "cuda" and backends.triton_interpreter_enabled():
+        print("warning: TRITON_INTERPRET is set: Triton kernels run in the interpreter; unset it to time them",
+              file=sys.stderr)
+    if args.shape:
+        shapes = [S.parse_shape(t) for t in args.shape]
+    elif args.quick and not (args.models or args.m):
+        shapes = S.quick_grid()
+    else:
+        shapes = S.grid(models=args.models or tuple(S.WIDTHS), ms=args.m or (S.DECODE_M + S.PREFILL_M))
+    budget = args.budget if args.budget is not None else (0.5 if args.quick or args.shape else 1.5)
+    print(f"bench kernels on {device} ({'quick, ' if args.quick else ''}{len(shapes)} shapes), "
+          f"torch {__import__('torch').__version__}, triton {triton_version()}")
+    csv_path = out / f"kernels_{device_slug(device)}.csv"
+    rows = run_kernels(shapes, device=device, dtype=dtype, providers=args.providers,
+                       variants=args.variants or S.VARIANTS, modes=args.modes or S.MODES, budget_s=budget,
+                       warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cuda_graphs=args.cuda_graphs,
+                       check=not args.no_check, on_rows=lambda group: append_csv(csv_path, group))
+    if not rows:
+        print("no results (every group failed)", file=sys.stderr)
+        return 1
+    md = out / f"kernels_{device_slug(device)}.md"
+    first = rows[0]
+    md.write_text(
+        f"# Kernel benchmark: {first['device_name']}, {first['dtype']}\n\n"
+        f"run {first['run_id']} ({first['date']}), torch {first['torch']}, triton {first['triton']}, "
+        f"commit {first['commit']}, OMP_WAIT_POLICY={first['omp_wait_policy']}, timer: {first['timer']}.\n"
+        "Times: min / median over rounds (us). Ratios: from the minima / from the medians. "
+        "Formulas: benchmarks/README.md.\n\n" + summary_table(rows, markdown=True) + "\n\n"
+        "Targets (minima):\n\n" + "\n".join(f"    {t}" for t in targets_report(rows)) + "\n")
+    print()
+    print(summary_table(rows))
+    print()
+    print("\n".join(targets_report(rows)))
+    print(f"\nappended {len(rows)} rows to {csv_path}; table in {md}")
+    if not args.no_plot:
+        try:
+            from ..bench.plot import plot_csv
+
+            for path in plot_csv(csv_path, out, run=first["run_id"]):
+                print(f"plot: {path}")
+        except ImportError:
+            print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+def _model(args) -> int:
+    from ..bench.model import run_model_bench
+
+    device, dtype, out = _setup(args)
+    return run_model_bench(args, device=device, dtype=dtype, out=out)
+
+
+def _plot(args) -> int:
+    from ..bench.plot import plot_csv
+
+    for csv_path in args.csv:
+        for path in plot_csv(csv_path, args.out or csv_path.parent, run=args.run, stat=args.stat):
+            print(path)
+    return 0

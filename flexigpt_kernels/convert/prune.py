@@ -56,6 +56,7 @@ class PruneReport:
     params_after: int = 0
     adapter_params: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    local_fit: Optional[dict[str, Any]] = None  # LocalFitReport.to_dict() when local_fit was asked
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,6 +87,7 @@ def prune(
     output_norm: bool = True,
     svd_init: bool = True,
     batch_size: int = 8,
+    local_fit=None,
     progress: bool = True,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place; returns (model, report).
@@ -101,9 +103,19 @@ def prune(
     method: "flexigpt" (replacement blocks) or "drop" (ShortGPT: remove the blocks).
     combine: how per-matrix distances form the block distance (see choose_bases).
     gamma_init, output_norm, scale, svd_init: the replacement block's knobs (METHOD.md 3).
+    local_fit: None/False (the paper's init), True (convert.local_fit.DEFAULT_LOCAL_FIT), a
+        LocalFit or a dict of its fields: fit the replacement blocks to the dense blocks'
+        recorded behaviour on the calibration tokens before returning (activation-aware
+        adapters, closed-form gamma, optional gradient steps; see convert/local_fit.py).
+        Needs calibration; flexigpt only. report.local_fit holds the fit's report.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    fit_opts = _local_fit_options(local_fit)
+    if fit_opts is not None and method != "flexigpt":
+        raise ValueError("local_fit applies to method='flexigpt' only")
+    if fit_opts is not None and calibration is None:
+        raise ValueError("local_fit needs calibration tokens (the dense blocks are recorded on them)")
     family = family_of(model)
     n_blocks = num_layers(model)
     seconds: dict[str, float] = {}
@@ -111,6 +123,7 @@ def prune(
     # the unpruned model's config, JSON-clean (saved in flexigpt.json), taken before "drop" shrinks it
     base_model_config = json.loads(model.config.to_json_string(use_diff=False))
     scores = None
+    tokens = None
     if calibration is not None:
         t = time.perf_counter()
         tokens = token_batches(calibration, tokenizer, seq_len=seq_len, num_samples=num_samples)
@@ -136,10 +149,33 @@ def prune(
         r = resolve_rank(rank, hidden)
         choice = choose_bases(model, pruned, rank=r, combine=combine, progress=progress)
         seconds["base_choice"] = sum(choice.seconds.values()) if choice.seconds else 0.0
+        records = factors = factor_stats = None
+        if fit_opts is not None:  # record the dense blocks before conversion releases them
+            from .local_fit import activation_aware_adapters, record_dense_blocks
+
+            t = time.perf_counter()
+            fit_tokens = tokens if fit_opts.num_samples is None else tokens[: fit_opts.num_samples]
+            records = record_dense_blocks(model, fit_tokens, pruned, batch_size=batch_size,
+                                          dtype=fit_opts.record_dtype, attn=fit_opts.gamma == "lsq",
+                                          covariances=fit_opts.adapter_init == "activation", progress=progress)
+            if fit_opts.adapter_init == "activation":
+                factors, factor_stats = activation_aware_adapters(model, records, choice.base_map, rank=r,
+                                                                  scale=scale, damping=fit_opts.damping)
+                records.cov = {}
+            seconds["local_fit_record"] = time.perf_counter() - t
         t = time.perf_counter()
         convert_blocks(model, choice.base_map, rank=r, scale=scale, output_norm=output_norm,
                        gamma_init=gamma_init, svd_init=svd_init)
         seconds["conversion"] = time.perf_counter() - t
+        if fit_opts is not None:
+            from .local_fit import fit_replacement_blocks
+
+            t = time.perf_counter()
+            fit_report = fit_replacement_blocks(model, records, fit_opts, adapter_factors=factors,
+                                                adapter_stats=factor_stats, progress=progress)
+            seconds["local_fit"] = time.perf_counter() - t
+            report.local_fit = fit_report.to_dict()
+            del records, factors
         report.base_map = dict(choice.base_map)
         report.base_distance = {i: choice.distance(i, j) for i, j in choice.base_map.items()}
         report.ties = list(choice.ties)
@@ -158,7 +194,23 @@ def prune(
         "scale": scale,
         "output_norm": output_norm,
         "gamma_init": gamma_init,
+        "local_fit": None if fit_opts is None else fit_opts.to_dict(),
         "norm_eps": 1e-5,
         "base_model_config": base_model_config,
     }
     return model, report
+
+
+def _local_fit_options(local_fit):
+    """None (no local fit) or a LocalFit from None/False/True/LocalFit/dict."""
+    if local_fit is None or local_fit is False:
+        return None
+    from .local_fit import DEFAULT_LOCAL_FIT, LocalFit
+
+    if local_fit is True:
+        return DEFAULT_LOCAL_FIT
+    if isinstance(local_fit, LocalFit):
+        return local_fit
+    if isinstance(local_fit, dict):
+        return LocalFit(**local_fit)
+    raise ValueError(f"local_fit must be None, a bool, a LocalFit or a dict, got {type(local_fit).__name__}")

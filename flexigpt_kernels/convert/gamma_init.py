@@ -1,0 +1,118 @@
+"""Closed-form output-norm gamma for replacement blocks (issue 8, direction 2).
+
+A replacement sub-layer adds gamma * n to the residual stream, n = LayerNorm_noBias(y) its
+normalized output. Instead of a fixed small gamma (METHOD.md 3: 1e-2), choose, per channel c,
+the least-squares scale that maps n onto the original block's contribution t on calibration
+activations:
+
+    gamma_c = sum_t n[t, c] * t[t, c] / (sum_t n[t, c]^2 + ridge * T)
+
+- attention: t = the dense block's attention contribution (recorded), n computed by the
+  replacement block from the dense block input;
+- MLP (after the attention gamma is set): t = n_mlp + (y_dense - y_repl), the contribution
+  that would make the replacement block's output equal the dense block's output given its own
+  attention (for pre-norm blocks this is y_dense - (x + attention contribution)).
+
+When the replacement output is unrelated to the original, the solution is close to 0 (the
+block then behaves like a dropped block, as a tiny gamma does); where it correlates, gamma
+takes the scale that fits. It can be negative (anti-correlated channels). Cheap: two forwards
+of each replacement block over the recorded tokens, no training.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .families import decoder_layers, family_of
+from .local_fit import (
+    DenseRecords,
+    _batches,
+    _first_tensor,
+    _layer_dtype_device,
+    _run_block,
+    contribution_name,
+    sublayer_output_norms,
+)
+
+__all__ = ["lsq_gamma", "lsq_scale"]
+
+
+def lsq_scale(n: torch.Tensor, t: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """Per-channel least-squares scale g minimising sum_t (g_c n[t,c] - t[t,c])^2 (+ ridge * T g_c^2);
+    n, t: [..., N]. Returns fp32 [N]."""
+    n2 = n.reshape(-1, n.shape[-1]).double()
+    t2 = t.reshape(-1, t.shape[-1]).double()
+    return ((n2 * t2).sum(0) / (n2.pow(2).sum(0) + ridge * n2.shape[0]).clamp_min(1e-300)).float()
+
+
+@torch.no_grad()
+def lsq_gamma(
+    model: nn.Module,
+    records: DenseRecords,
+    *,
+    rows: Optional[slice] = None,
+    ridge: float = 0.0,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[int, dict[str, float]]:
+    """Set the attention and MLP output-norm gammas of every recorded replacement block of the
+    converted `model` to their per-channel least-squares values on `records` (rows: a slice of
+    the recorded sequences, default all). Needs records.attn (record_dense_blocks(attn=True)).
+    Returns per block the mean and mean |.| of the new gammas."""
+    if not records.attn:
+        raise ValueError("records hold no attention contributions: record_dense_blocks(..., attn=True)")
+    family = family_of(model)
+    layers = decoder_layers(model)
+    stats: dict[int, dict[str, float]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for b in records.blocks:
+            layer = layers[b]
+            if not hasattr(layer, "flexigpt_base"):
+                raise ValueError(f"block {b} is not a replacement block")
+            dt, dev = _layer_dtype_device(layer)
+            g_attn, g_mlp = sublayer_output_norms(layer, family)
+            xs, ys, ts = records.inputs[b], records.outputs[b], records.attn[b]
+            if rows is not None:
+                xs, ys, ts = xs[rows], ys[rows], ts[rows]
+            captured = {}
+
+            def grab(key):
+                def hook(module, args, output):
+                    captured[key] = _first_tensor(output)
+                return hook
+
+            h_a = layer.get_submodule(contribution_name(family, "attn")).register_forward_hook(grab("attn"))
+            h_m = layer.get_submodule(contribution_name(family, "mlp")).register_forward_hook(grab("mlp"))
+            try:
+                for key, norm in (("attn", g_attn), ("mlp", g_mlp)):
+                    norm.weight.fill_(1.0)  # the sub-layer now outputs its normalized output n
+                    num = torch.zeros(norm.hidden_size, dtype=torch.float64)
+                    den = torch.zeros(norm.hidden_size, dtype=torch.float64)
+                    count = 0
+                    for sl in _batches(xs.shape[0], batch_size):
+                        x = xs[sl].to(dev, dt)
+                        out = _run_block(layer, records, b, x).float()
+                        n = captured[key].float()
+                        if key == "attn":
+                            t = ts[sl].to(dev, torch.float32)
+                        else:
+                            t = n + (ys[sl].to(dev, torch.float32) - out)
+                        n2, t2 = n.reshape(-1, n.shape[-1]).double().cpu(), t.reshape(-1, t.shape[-1]).double().cpu()
+                        num += (n2 * t2).sum(0)
+                        den += n2.pow(2).sum(0)
+                        count += n2.shape[0]
+                    g = num / (den + ridge * count).clamp_min(1e-300)
+                    norm.weight.copy_(g.to(norm.weight.dtype))
+                    stats.setdefault(b, {})[f"{key}_mean"] = g.mean().item()
+                    stats[b][f"{key}_abs_mean"] = g.abs().mean().item()
+            finally:
+                h_a.remove()
+                h_m.remove()
+    finally:
+        model.train(was_training)
+    return stats

@@ -38,6 +38,7 @@ def run_prune_job(
     num_samples: int = 32,
     eval_chunks: int = 40,
     gamma_init: Optional[float] = None,
+    local_fit=None,
     verify_save: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -57,6 +58,8 @@ def run_prune_job(
         seconds["eval_dense"] = time.perf_counter() - t
     dense_copy = copy.deepcopy(model) if (baseline and heldout is not None and method == "flexigpt") else None
     kwargs = {} if gamma_init is None else {"gamma_init": gamma_init}
+    if method == "flexigpt" and local_fit is not None:
+        kwargs["local_fit"] = local_fit
     _, report = prune(model, calibration, tokenizer=tokenizer, ratio=ratio, blocks=blocks, rank=rank,
                       method=method, seq_len=seq_len, num_samples=num_samples, progress=progress, **kwargs)
     seconds.update(report.seconds)

@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser, *, require_out: bool = True) -> No
                    help="adapter rank, int or fraction of hidden size (default 256/4096)")
     p.add_argument("--method", choices=["flexigpt", "drop"], default="flexigpt")
     p.add_argument("--gamma-init", type=float, help="initial output-norm gamma (default 1e-2)")
+    p.add_argument("--local-fit", choices=["none", "gamma", "full"], default="gamma",
+                   help="fit replacement blocks to the dense blocks on calibration tokens: 'gamma' "
+                        "(default: per-channel least-squares gamma, seconds), 'full' (activation-aware "
+                        "adapters + gamma + 40 gradient steps per block, minutes), 'none' (the paper's init)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--num-samples", type=int, default=32, help="calibration chunks")
     p.add_argument("--eval-chunks", type=int, default=40, help="held-out chunks of --seq-len tokens")
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, calib, heldout, ratio=args.ratio, blocks=args.blocks, rank=args.rank,
         method=args.method, out=args.out, overwrite=args.overwrite, baseline=not args.no_baseline,
         seq_len=args.seq_len, num_samples=args.num_samples, eval_chunks=args.eval_chunks,
-        gamma_init=args.gamma_init, progress=not args.json,
+        gamma_init=args.gamma_init, local_fit=None if args.local_fit == "none" else args.local_fit,
+        progress=not args.json,
     )
     summary["seconds"] = {"load_model": load_s, **summary["seconds"]}
     if args.json:

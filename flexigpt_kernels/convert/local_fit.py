@@ -504,6 +504,10 @@ class LocalFit:
 #: 149.8, activation-aware adapters + closed-form gamma 156.5. prune()'s own default stays
 #: local_fit=None (the paper's init) until the healed comparison confirms the gain.
 DEFAULT_LOCAL_FIT = LocalFit()
+#: The cheap preset ("gamma"): the paper's SVD adapters, gamma set per channel by least squares
+#: on a few recorded calibration sequences, no gradient steps. Its gamma shrinks toward zero
+#: where the replacement output does not track the original, so the block cannot hurt much.
+GAMMA_ONLY_LOCAL_FIT = LocalFit(adapter_init="svd", gamma="lsq", steps=0, num_samples=8, val_fraction=0.25)
 
 
 @dataclass

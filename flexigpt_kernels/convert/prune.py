@@ -205,12 +205,14 @@ def _local_fit_options(local_fit):
     """None (no local fit) or a LocalFit from None/False/True/LocalFit/dict."""
     if local_fit is None or local_fit is False:
         return None
-    from .local_fit import DEFAULT_LOCAL_FIT, LocalFit
+    from .local_fit import DEFAULT_LOCAL_FIT, GAMMA_ONLY_LOCAL_FIT, LocalFit
 
-    if local_fit is True:
+    if local_fit is True or local_fit == "full":
         return DEFAULT_LOCAL_FIT
+    if local_fit == "gamma":
+        return GAMMA_ONLY_LOCAL_FIT
     if isinstance(local_fit, LocalFit):
         return local_fit
     if isinstance(local_fit, dict):
         return LocalFit(**local_fit)
-    raise ValueError(f"local_fit must be None, a bool, a LocalFit or a dict, got {type(local_fit).__name__}")
+    raise ValueError(f"local_fit must be None, 'gamma', 'full', a bool, a LocalFit or a dict, got {local_fit!r}")

@@ -61,6 +61,10 @@ register_command(
     "eval", "flexigpt_kernels.commands.eval",
     "held-out perplexity and lm-eval tasks of a model, side by side with its dense source",
 )
+register_command(
+    "generate", "flexigpt_kernels.commands.generate",
+    "decode with a saved converted model, self-speculatively (draft = model minus its replacement blocks)",
+)
 
 
 def _version() -> str:

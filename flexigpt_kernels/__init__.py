@@ -29,6 +29,7 @@ _LAZY = {
     "HealReport": "flexigpt_kernels.train",
     "heal": "flexigpt_kernels.train",
     "generate": "flexigpt_kernels.generation",
+    "GenerationStats": "flexigpt_kernels.generation",
 }
 
 

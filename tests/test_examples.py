@@ -24,3 +24,9 @@ def test_recovery_study_cli_parses():
     proc = run("python/recovery_study.py", "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--heal" in proc.stdout
+
+
+def test_serve_batch_rows_equal_single_generation():
+    proc = run("python/serve_batch.py", "--max-new-tokens", "6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "equals one by one: True" in proc.stdout

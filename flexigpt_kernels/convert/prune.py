@@ -103,7 +103,8 @@ def prune(
     method: "flexigpt" (replacement blocks) or "drop" (ShortGPT: remove the blocks).
     combine: how per-matrix distances form the block distance (see choose_bases).
     gamma_init, output_norm, scale, svd_init: the replacement block's knobs (METHOD.md 3).
-    local_fit: None/False (the paper's init), True (convert.local_fit.DEFAULT_LOCAL_FIT), a
+    local_fit: None/False (the paper's init), "gamma" (closed-form per-channel gamma on 8
+        recorded sequences: cheap, the CLI default), True or "full" (DEFAULT_LOCAL_FIT), a
         LocalFit or a dict of its fields: fit the replacement blocks to the dense blocks'
         recorded behaviour on the calibration tokens before returning (activation-aware
         adapters, closed-form gamma, optional gradient steps; see convert/local_fit.py).
@@ -202,7 +203,7 @@ def prune(
 
 
 def _local_fit_options(local_fit):
-    """None (no local fit) or a LocalFit from None/False/True/LocalFit/dict."""
+    """None (no local fit) or a LocalFit from None/False/True/"gamma"/"full"/LocalFit/dict."""
     if local_fit is None or local_fit is False:
         return None
     from .local_fit import DEFAULT_LOCAL_FIT, GAMMA_ONLY_LOCAL_FIT, LocalFit

@@ -131,7 +131,7 @@ class SharedLoRALinear(nn.Module):
             bias.to(dt) if bias is not None else None,
             norm_weight=norm.weight.to(dt) if norm is not None else None,
             eps=norm.eps if norm is not None else 1e-5,
-            residual=residual,
+            residual=residual.to(dt) if residual is not None else None,
         )
 
     def extra_repr(self) -> str:

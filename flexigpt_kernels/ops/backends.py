@@ -74,6 +74,8 @@ def resolve(device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend for tensors on `device`, or a clear error if it cannot run there."""
     name = requested_backend()
     if name == "auto":
+        if dtype == torch.float64:
+            return "reference"  # no kernel implements fp64
         if device.type == "cuda":
             # the C++ backend routes decode shapes to the CUDA kernel and the rest to Triton
             return "cpp" if cuda_ext_available() else "triton"

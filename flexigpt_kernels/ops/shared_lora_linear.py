@@ -95,8 +95,8 @@ def _bwd_fake(grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y
               needs_weight_grad):
     n = weight.shape[0]
     return (
-        torch.empty_like(x),
-        torch.empty_like(weight) if needs_weight_grad else x.new_empty((0,)),
+        x.new_empty(x.shape),  # the backends return row-major gradients whatever x's strides
+        weight.new_empty(weight.shape) if needs_weight_grad else x.new_empty((0,)),
         torch.empty_like(lora_a),
         torch.empty_like(lora_b),
         x.new_empty((n,), dtype=torch.float32),

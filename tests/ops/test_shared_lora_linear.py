@@ -176,3 +176,26 @@ def test_autocast_casts_inputs_once_and_keeps_backend_math(backend, grad):
     if grad:
         out.float().sum().backward()
         assert ops["lora_a"].grad is not None and ops["lora_a"].grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
+def test_strided_bias_and_norm_weight(backend):
+    """bias and norm_weight as strided views (every other element of a longer vector)."""
+    ops = make_operands((5,), 24, 20, 3, torch.float32)
+    bias = torch.zeros(40)
+    bias[::2] = ops["bias"].detach()
+    gamma = torch.zeros(40)
+    gamma[::2] = ops["norm_weight"].detach()
+    ops = dict(ops, bias=bias[::2].requires_grad_(), norm_weight=gamma[::2].requires_grad_())
+    grad_out = torch.randn(5, 20)
+    expected, expected_grads = grads_of(shared_lora_linear_reference, as_double(ops), grad_out.double())
+    with use_backend(backend):
+        out, grads = grads_of(shared_lora_linear, ops, grad_out)
+    assert_close_scaled(out, expected, TOL[torch.float32], "output")
+    for name, g in grads.items():
+        assert_close_scaled(g, expected_grads[name], TOL[torch.float32], f"grad {name}")
+
+
+def test_float64_auto_uses_the_reference():
+    assert backends.resolve(torch.device("cpu"), torch.float64) == "reference"
+    assert backends.resolve(torch.device("cuda"), torch.float64) == "reference"

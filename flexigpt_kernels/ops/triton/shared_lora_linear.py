@@ -31,6 +31,10 @@ def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.stride(0) == 1 else t.contiguous()
+
+
 def _fused_linear_lora(
     x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, bias: Optional[Tensor],
     out: Tensor, partial_stats=None, config: Optional[TileConfig] = None,
@@ -56,6 +60,7 @@ def forward(
 ) -> ForwardResult:
     m, _ = x2d.shape
     n = weight.shape[0]
+    bias, norm_weight = _vector(bias), _vector(norm_weight)  # the kernels index them with unit stride
     if norm_weight is None:
         out = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
         shrink = _fused_linear_lora(x2d, weight, lora_a, lora_b, scale, bias, out, config=config)
@@ -88,6 +93,7 @@ def backward(
     m, k = x2d.shape
     n = weight.shape[0]
     g = _rows_contiguous(grad_out)
+    norm_weight = _vector(norm_weight)
     grad_norm_weight = None
     if norm_weight is not None:
         dy, grad_norm_weight = norm_backward(g, saved.y_pre, norm_weight, saved.mean, saved.rstd, x2d.dtype)

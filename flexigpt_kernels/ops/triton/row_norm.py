@@ -28,7 +28,7 @@ def _norm_finish_kernel(
     N, T, eps, stride_ym, stride_om, stride_rm,
     TILE_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     n_acc = 0.0
     mean_acc = 0.0
     m2_acc = 0.0
@@ -67,7 +67,7 @@ def _norm_backward_rows_kernel(
     N, stride_gm, stride_ym, stride_dm,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     mean = tl.load(mean_ptr + row)
     rstd = tl.load(rstd_ptr + row)
     c1 = 0.0
@@ -105,7 +105,7 @@ def _norm_backward_gamma_kernel(
     mask_n = cols < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = rows < M
         mask = mask_m[:, None] & mask_n[None, :]
         mean = tl.load(mean_ptr + rows, mask=mask_m, other=0.0)

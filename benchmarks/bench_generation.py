@@ -39,7 +39,6 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,29 +46,9 @@ from pathlib import Path
 
 import torch
 
+from flexigpt_kernels.bench.env import device_name, synchronize
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,10 +109,10 @@ def step_costs(model, skipped, ids, ks, device, reps: int = 7) -> dict[str, floa
                 width = 1 if "step" in name else int(name.split()[1])
                 cache = draft if name == "draft step" else full
                 with skip_blocks(model, skipped if name == "draft step" else []):
-                    _sync(device)
+                    synchronize(device)
                     t = time.perf_counter()
                     forward(ids[:, n:n + width], cache, n, keep=1 if width == 1 else 0)
-                    _sync(device)
+                    synchronize(device)
                     times[name].append(time.perf_counter() - t)
                 cache.crop(-width)
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
@@ -191,10 +170,10 @@ def main(argv=None) -> int:
         for p_i, ids in enumerate(prompts):
             shift = (r * len(prompts) + p_i) % len(names)
             for m in names[shift:] + names[:shift]:
-                _sync(device)
+                synchronize(device)
                 t = time.perf_counter()
                 out, stats = methods[m](ids)
-                _sync(device)
+                synchronize(device)
                 seconds[m][-1] += time.perf_counter() - t
                 if r == 0:
                     outputs[m].append(out[0, ids.shape[1]:].tolist())
@@ -209,7 +188,7 @@ def main(argv=None) -> int:
     meta = {
         "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "device": device.type,
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),

@@ -30,3 +30,9 @@ def test_serve_batch_rows_equal_single_generation():
     proc = run("python/serve_batch.py", "--max-new-tokens", "6")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "equals one by one: True" in proc.stdout
+
+
+def test_generation_benchmark_cli_parses():
+    proc = run("benchmarks/bench_generation.py", "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--new-tokens" in proc.stdout

@@ -44,6 +44,29 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def calibration_forward(model: nn.Module, tokens: torch.Tensor, *, batch_size: int, desc: str,
+                        progress: bool, handles: list) -> None:
+    """Run `tokens` [n, seq] through `model` in eval mode, `batch_size` rows at a time with an
+    all-ones attention mask, for the forward hooks the caller registered (their `handles` are
+    removed here, and the model's mode restored, whatever happens). A hook may raise
+    _StopForward to skip the rest of the network for that batch."""
+    was_training = model.training
+    device = _model_device(model)
+    try:
+        model.eval()
+        for start in tqdm(range(0, tokens.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
+            ids = tokens[start : start + batch_size].to(device)
+            try:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
 def block_influence(
     model: nn.Module,
     batches: torch.Tensor,
@@ -71,7 +94,6 @@ def block_influence(
     layers = list(decoder_layers(model))[:n]
     cos_sum = torch.zeros(n, dtype=torch.float64)
     seen = torch.zeros(n, dtype=torch.long)
-    device = _model_device(model)
 
     def make_hook(i: int):
         def hook(module, args, kwargs, output):
@@ -85,26 +107,9 @@ def block_influence(
 
         return hook
 
-    was_training = model.training
-    handles = []
-    try:
-        model.eval()
-        handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        for start in tqdm(
-            range(0, batches.shape[0], batch_size),
-            desc="Block influence",
-            unit="batch",
-            disable=not progress,
-        ):
-            ids = batches[start : start + batch_size].to(device)
-            try:
-                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    calibration_forward(model, batches, batch_size=batch_size, desc="Block influence", progress=progress,
+                        handles=handles)
 
     if (seen == 0).any():
         missing = torch.nonzero(seen == 0).flatten().tolist()

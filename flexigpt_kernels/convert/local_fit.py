@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from ..nn import OutputNorm, SharedLoRALinear
 from .families import Family, decoder_layers, family_of, num_layers
-from .importance import _first_tensor, _model_device
+from .importance import _first_tensor, _StopForward, calibration_forward
 
 __all__ = [
     "DenseRecords",
@@ -70,10 +70,6 @@ __all__ = [
     "contribution_name",
     "sublayer_output_norms",
 ]
-
-
-class _StopForward(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,30 +247,17 @@ def record_dense_blocks(
                 cov[b][name] = c
         return hook
 
-    was_training = model.training
-    device = _model_device(model)
-    try:
-        model.eval()
-        for b in blocks:
-            layer = layers[b]
-            handles.append(layer.register_forward_pre_hook(pre_hook(b), with_kwargs=True))
-            handles.append(layer.register_forward_hook(out_hook(b), with_kwargs=True))
-            if attn:
-                handles.append(layer.get_submodule(contribution_name(family, "attn")).register_forward_hook(attn_hook(b)))
-            if covariances:
-                for name in family.linears:
-                    handles.append(layer.get_submodule(name).register_forward_pre_hook(cov_hook(b, name)))
-        for start in tqdm(range(0, tokens.shape[0], batch_size), desc="Recording dense blocks", unit="batch",
-                          disable=not progress):
-            ids = tokens[start:start + batch_size].to(device)
-            try:
-                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    for b in blocks:
+        layer = layers[b]
+        handles.append(layer.register_forward_pre_hook(pre_hook(b), with_kwargs=True))
+        handles.append(layer.register_forward_hook(out_hook(b), with_kwargs=True))
+        if attn:
+            handles.append(layer.get_submodule(contribution_name(family, "attn")).register_forward_hook(attn_hook(b)))
+        if covariances:
+            for name in family.linears:
+                handles.append(layer.get_submodule(name).register_forward_pre_hook(cov_hook(b, name)))
+    calibration_forward(model, tokens, batch_size=batch_size, desc="Recording dense blocks", progress=progress,
+                        handles=handles)
     # a shared covariance accumulated once per call (aliases point at the same tensor)
     return DenseRecords(
         blocks=blocks,

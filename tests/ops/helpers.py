@@ -50,3 +50,18 @@ def grads_of(fn, ops, grad_out, scale=0.7):
 
 def as_double(ops):
     return {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in ops.items()}
+
+
+def check_against_reference(backend, ops, grad_out, dtype):
+    """Output and every gradient of `backend` vs the fp64 autograd reference, per-dtype tolerance."""
+    from flexigpt_kernels import shared_lora_linear, shared_lora_linear_reference, use_backend
+
+    expected, expected_grads = grads_of(shared_lora_linear_reference, as_double(ops), grad_out.double())
+    with use_backend(backend):
+        out, out_grads = grads_of(shared_lora_linear, ops, grad_out)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert_close_scaled(out, expected, TOL[dtype], "output")
+    assert set(out_grads) == set(expected_grads)
+    for name, g in out_grads.items():
+        assert g.dtype == dtype, name
+        assert_close_scaled(g, expected_grads[name], TOL[dtype], f"grad {name}")

@@ -21,7 +21,7 @@ import torch
 from flexigpt_kernels import shared_lora_linear, shared_lora_linear_reference, use_backend
 from flexigpt_kernels.ops import backends, cpp_backend
 
-from .helpers import TOL, as_double, assert_close_scaled, grads_of, make_operands
+from .helpers import TOL, assert_close_scaled, check_against_reference, grads_of, make_operands
 
 ROOT = Path(__file__).resolve().parents[2]
 SKIP_BUILD = os.environ.get("FLEXIGPT_SKIP_CPU_BUILD", "").strip().lower() in ("1", "true", "yes", "on")
@@ -72,15 +72,7 @@ def _check(lead, k, n, r, dtype, bias, norm, residual, *, x_layout="contiguous",
             ops["bias"] = torch.randn(2 * n).to(dtype)[::2].detach().requires_grad_()
     assert x_layout == "contiguous" or not ops["x"].is_contiguous()
     grad_out = torch.randn(*lead, n, generator=torch.Generator().manual_seed(1)).to(dtype)
-    expected, expected_grads = grads_of(shared_lora_linear_reference, as_double(ops), grad_out.double())
-    with use_backend("cpp"):
-        out, out_grads = grads_of(shared_lora_linear, ops, grad_out)
-    assert out.dtype == dtype and out.shape == (*lead, n)
-    assert_close_scaled(out, expected, TOL[dtype], "output")
-    assert set(out_grads) == set(expected_grads)
-    for name, g in out_grads.items():
-        assert g.dtype == dtype, name
-        assert_close_scaled(g, expected_grads[name], TOL[dtype], f"grad {name}")
+    check_against_reference("cpp", ops, grad_out, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])

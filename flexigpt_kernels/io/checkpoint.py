@@ -10,7 +10,11 @@ marked by ``block.flexigpt_base`` and listed in ``base_map``. A checkpoint direc
 - ``config.json``: the Hugging Face config of the converted model (for "flexigpt" the layer
   count is unchanged; for "drop" it is the reduced count, for "extend" the grown one; a
   "drop" directory is a plain Hugging Face checkpoint that stock
-  ``AutoModelForCausalLM.from_pretrained`` loads).
+  ``AutoModelForCausalLM.from_pretrained`` loads). A model with replacement blocks
+  ("flexigpt", "extend") names ``"FlexiGPT" + its class`` in ``architectures`` (e.g.
+  ``FlexiGPTLlamaForCausalLM``, the class that the vLLM plugin registers, see
+  ``flexigpt_kernels.integrations.vllm``); its Hugging Face class is kept in flexigpt.json
+  (``"architectures"``). Loading builds from ``model_type``, so either name loads here.
 - ``flexigpt.json``: ``model.flexigpt_meta`` (format_version, method, family, pruned blocks,
   base_map, rank, scale, norm settings) plus what rebuilding needs::
 
@@ -21,6 +25,7 @@ marked by ``block.flexigpt_base`` and listed in ``base_map``. A checkpoint direc
       "output_norms": {"model.layers.3.self_attn.o_proj.output_norm": 1e-05, ...}   # name -> eps
       "aliases": {"lm_head.weight": "model.embed_tokens.weight"}
       "dtype": "float32"
+      "architectures": ["LlamaForCausalLM"]       # the Hugging Face class
 
 - ``generation_config.json`` when the model has one, and the tokenizer files when given.
 
@@ -56,6 +61,7 @@ __all__ = [
     "from_pretrained",
     "load_tokenizer",
     "save_pretrained",
+    "serving_architecture",
     "sharing_map",
 ]
 
@@ -63,7 +69,21 @@ FLEXIGPT_CONFIG_NAME = "flexigpt.json"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 # keys of flexigpt.json written by this module (not part of model.flexigpt_meta)
-_IO_KEYS = ("shared", "output_norms", "aliases", "dtype")
+_IO_KEYS = ("shared", "output_norms", "aliases", "dtype", "architectures")
+SERVING_PREFIX = "FlexiGPT"
+
+
+def serving_architecture(hf_architecture: str) -> str:
+    """The architecture name config.json gives a model with replacement blocks:
+    "LlamaForCausalLM" -> "FlexiGPTLlamaForCausalLM" (what serving plugins register)."""
+    return SERVING_PREFIX + hf_architecture
+
+
+def _name_serving_architecture(directory: Path, hf_architecture: str) -> None:
+    path = directory / CONFIG_NAME
+    config = json.loads(path.read_text())
+    config["architectures"] = [serving_architecture(hf_architecture)]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def sharing_map(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -138,8 +158,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         aliases = save_tensors(state_dict, tmp / WEIGHTS_NAME)
         write_hf_files(tmp, model, dtype, tokenizer)
+        hf_architecture = type(model).__name__
+        if base_map:
+            _name_serving_architecture(tmp, hf_architecture)
         record = {**meta, "shared": shared, "output_norms": output_norms, "aliases": aliases,
-                  "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None}
+                  "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+                  "architectures": [hf_architecture]}
         (tmp / FLEXIGPT_CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     return Path(directory)
 
@@ -242,6 +266,8 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
     if dtype is None and record.get("dtype"):
         dtype = getattr(torch, record["dtype"])
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if record.get("architectures"):
+        config.architectures = list(record["architectures"])  # the Hugging Face class, not the serving name
     with device, _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _rebuild(model, record)

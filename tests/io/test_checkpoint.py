@@ -47,7 +47,9 @@ def test_files_written(saved):
             "tokenizer.json"} <= names
     assert not [n for n in os.listdir(saved.parent) if ".tmp-" in n]  # the temp dir was renamed
     config = json.loads((saved / "config.json").read_text())
-    assert config["num_hidden_layers"] == 4 and config["architectures"] == ["LlamaForCausalLM"]
+    # the serving name (registered by the vLLM plugin); the Hugging Face class stays in flexigpt.json
+    assert config["num_hidden_layers"] == 4 and config["architectures"] == ["FlexiGPTLlamaForCausalLM"]
+    assert json.loads((saved / FLEXIGPT_CONFIG_NAME).read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
 def test_each_shared_tensor_stored_once(model, saved):
@@ -84,6 +86,7 @@ def test_load_gives_identical_logits_and_structure(model, saved):
     assert not loaded.training
     assert loaded.flexigpt_meta == model.flexigpt_meta
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+    assert loaded.config.architectures == ["LlamaForCausalLM"]  # not the serving name
     layers = decoder_layers(loaded)
     for i, j in model.flexigpt_meta["base_map"].items():
         shared = layers[int(i)].self_attn.q_proj
@@ -122,7 +125,8 @@ def test_dtype_argument(saved):
 def test_drop_checkpoint_is_plain_hugging_face(tmp_path):
     model = converted(method="drop")
     path = save_pretrained(model, tmp_path / "drop")
-    assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 2
+    config = json.loads((path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["architectures"] == ["LlamaForCausalLM"]
     record = json.loads((path / FLEXIGPT_CONFIG_NAME).read_text())
     assert record["method"] == "drop" and record["pruned"] == [1, 2]
     assert record["base_model_config"]["num_hidden_layers"] == 4  # the unpruned model's config

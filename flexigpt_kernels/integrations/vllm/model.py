@@ -1,0 +1,184 @@
+"""vLLM model classes for FlexiGPT checkpoints of the Llama family (Llama, Mistral, Qwen2).
+
+Each class is vLLM's own model for the family (its decoder layers, attention layer with the
+paged KV cache, rotary embedding, fused RMSNorm + residual, stacked qkv_proj / gate_up_proj,
+weight-loading iterator) with the replacement blocks of ``flexigpt.json["base_map"]``
+changed after construction:
+
+- a kept block is exactly vLLM's block;
+- a replacement block keeps its own attention layer (its own KV cache: it has its own layer
+  index) and its own input / post-attention RMSNorms, and its four linear layers become
+  :class:`FlexiGPTSharedLinear` on the base block's linear layers: the base block's weight
+  tensors (row views of the stacked weight, the same memory) plus the block's own adapters,
+  own biases and output norms, computed by ``torch.ops.flexigpt.shared_lora_linear_fwd``.
+
+Weight loading: vLLM's iterator over model.safetensors is filtered: the replacement blocks'
+tensors (``...q_proj.lora_a``, ``...o_proj.output_norm.weight``, own biases) are copied into
+their parameters here, everything else goes to the family's own ``load_weights`` (which
+stacks q/k/v and gate/up of the kept blocks). The checkpoint holds no weight for a replacement
+block's projections, so nothing is copied or merged.
+
+On the CPU, vLLM normally repacks every linear weight into an opaque oneDNN handle after
+loading and frees the tensor; a shared weight must stay a plain tensor that two blocks read,
+so the decoder linears of these models keep their weights (``_cpu_skip_gemm_dispatch``, the
+flag vLLM itself uses for the same purpose) and run ``torch.nn.functional.linear``.
+
+Not supported (raises NotImplementedError): tensor or pipeline parallelism > 1 (a replacement
+block's base may sit in another shard or stage), quantization, vLLM's own LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.linear import LinearBase
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from ...io.checkpoint import FLEXIGPT_CONFIG_NAME, SUPPORTED_FORMAT_VERSIONS
+from .layers import AdapterSpec, FlexiGPTSharedLinear
+
+__all__ = ["FlexiGPTLlamaForCausalLM", "FlexiGPTMistralForCausalLM", "FlexiGPTQwen2ForCausalLM", "held_weights"]
+
+# vLLM's stacked linear (path in a decoder layer) -> the checkpoint's projections in it, in
+# row order, and the sub-layer prefix their checkpoint names start with.
+_STACKS = (
+    ("self_attn.qkv_proj", "self_attn.", ("q_proj", "k_proj", "v_proj")),
+    ("self_attn.o_proj", "self_attn.", ("o_proj",)),
+    ("mlp.gate_up_proj", "mlp.", ("gate_proj", "up_proj")),
+    ("mlp.down_proj", "mlp.", ("down_proj",)),
+)
+
+
+def read_record(model: str, revision: str | None = None) -> dict[str, Any]:
+    """flexigpt.json of the checkpoint vLLM was asked to load (a local directory, or a hub
+    repository through huggingface_hub)."""
+    path = Path(model) / FLEXIGPT_CONFIG_NAME
+    if not path.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, FLEXIGPT_CONFIG_NAME, revision=revision))
+        except Exception as exc:  # noqa: BLE001 - any failure means: not a FlexiGPT checkpoint
+            raise FileNotFoundError(f"{model}: no {FLEXIGPT_CONFIG_NAME}; its config.json names a FlexiGPT "
+                                    f"architecture, but the sharing map is missing") from exc
+    record = json.loads(path.read_text())
+    if record.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+        raise ValueError(f"{path}: format_version {record.get('format_version')!r} is not one of "
+                         f"{SUPPORTED_FORMAT_VERSIONS}")
+    return record
+
+
+def _check_supported(vllm_config: VllmConfig) -> None:
+    if get_tensor_model_parallel_world_size() > 1 or get_pp_group().world_size > 1:
+        raise NotImplementedError("FlexiGPT models run in vLLM with tensor_parallel_size=1 and "
+                                  "pipeline_parallel_size=1 only (a replacement block reads its base "
+                                  "block's weights, which another rank or stage would hold)")
+    if vllm_config.quant_config is not None:
+        raise NotImplementedError("FlexiGPT models run in vLLM unquantized only")
+    if vllm_config.lora_config is not None:
+        raise NotImplementedError("vLLM LoRA adapters on a FlexiGPT model are not supported")
+
+
+class FlexiGPTMixin:
+    """Turns a vLLM Llama-family model into a FlexiGPT model (see the module doc). Use before
+    the family's class in the bases; the family's __init__ builds every block as a plain one."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
+        _check_supported(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        model_config = vllm_config.model_config
+        self.flexigpt_record = read_record(model_config.model, getattr(model_config, "revision", None))
+        self._flexigpt_tensors: dict[str, nn.Parameter] = {}
+        self._share_blocks(self.flexigpt_record)
+
+    def _share_blocks(self, record: dict[str, Any]) -> None:
+        layers = self.model.layers
+        for layer in layers:  # shared weights stay plain tensors (see the module doc)
+            for module in layer.modules():
+                if isinstance(module, LinearBase):
+                    module._cpu_skip_gemm_dispatch = True
+        shared, norms = record.get("shared", {}), record.get("output_norms", {})
+        base_map = {int(i): int(j) for i, j in record.get("base_map", {}).items()}
+        for i, j in sorted(base_map.items()):
+            if i in base_map.values() or not (0 <= i < len(layers) and 0 <= j < len(layers)):
+                raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: base_map {i} -> {j} does not fit a model of "
+                                 f"{len(layers)} blocks whose replacement blocks own no weights")
+            block, base_block = layers[i], layers[j]
+            for stack, sub, names in _STACKS:
+                ckpt = f"model.layers.{i}.{sub}"
+                specs = []
+                for name in names:
+                    spec = shared.get(ckpt + name)
+                    if spec is None:
+                        raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: block {i} is a replacement block but "
+                                         f"{ckpt + name} is not among its shared linears")
+                    specs.append(AdapterSpec(name, int(spec["rank"]), float(spec["scale"]), bool(spec["own_bias"])))
+                eps = norms.get(f"{ckpt}{names[0]}.output_norm")
+                linear = FlexiGPTSharedLinear(base_block.get_submodule(stack), specs, norm_eps=eps)
+                parent, _, attr = stack.rpartition(".")
+                setattr(block.get_submodule(parent), attr, linear)  # the block's own linear is released
+                self._flexigpt_tensors.update(linear.checkpoint_tensors(ckpt))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        names = {id(p): n for n, p in self.named_parameters()}
+        loaded: set[str] = set()
+
+        def rest():
+            for name, tensor in weights:
+                param = self._flexigpt_tensors.get(name)
+                if param is None:
+                    yield name, tensor
+                    continue
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects "
+                                     f"{tuple(param.shape)}")
+                param.data.copy_(tensor)
+                loaded.add(names[id(param)])
+
+        loaded |= super().load_weights(rest())
+        missing = sorted(n for n, p in self._flexigpt_tensors.items() if names[id(p)] not in loaded)
+        if missing:
+            raise ValueError(f"the checkpoint lacks replacement-block tensors {missing[:5]}")
+        return loaded
+
+
+class FlexiGPTLlamaForCausalLM(FlexiGPTMixin, LlamaForCausalLM):
+    """FlexiGPT checkpoint of a Llama model (SmolLM2 included)."""
+
+
+class FlexiGPTMistralForCausalLM(FlexiGPTMixin, MistralForCausalLM):
+    """FlexiGPT checkpoint of a Mistral model."""
+
+
+class FlexiGPTQwen2ForCausalLM(FlexiGPTMixin, Qwen2ForCausalLM):
+    """FlexiGPT checkpoint of a Qwen2 model (own q/k/v biases of replacement blocks kept)."""
+
+
+def held_weights(model: nn.Module) -> dict[str, int]:
+    """What a loaded vLLM model holds as weights: bytes and elements of its parameters, each
+    storage counted once (tied embeddings, and a replacement block's shared base weight,
+    are one storage), and how many replacement linears read their base block's own module.
+    Buffers are not counted (vLLM's Llama holds only the rotary cos/sin cache, which no
+    checkpoint stores). For ``LLM.apply_model`` (``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` when
+    the engine runs in its own process)."""
+    storages: dict[int, int] = {}
+    numel = 0
+    for _, p in model.named_parameters():
+        if p.numel() == 0:
+            continue
+        key = p.untyped_storage().data_ptr()
+        if key not in storages:
+            storages[key] = p.untyped_storage().nbytes()
+            numel += p.numel()
+    modules = {id(m) for m in model.modules()}
+    shared = [m for m in model.modules() if isinstance(m, FlexiGPTSharedLinear)]
+    return {"bytes": sum(storages.values()), "numel": numel, "replacement_linears": len(shared),
+            "sharing_base_modules": sum(id(m.base) in modules for m in shared)}

@@ -1,0 +1,128 @@
+"""FlexiGPT checkpoints served natively by vLLM: greedy parity with Hugging Face generate() and
+the weights vLLM holds (the checkpoint's bytes, shared tensors once)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import flexigpt_kernels as fk
+from flexigpt_kernels.integrations.vllm import SUPPORTED_ARCHITECTURES
+from flexigpt_kernels.integrations.vllm.model import held_weights
+
+from .helpers import TINY_BLOCKS, assert_same_greedy, hf_greedy, running_llm, pruned_tiny, vllm_greedy
+
+NEW_TOKENS = 32
+
+
+def checkpoint_bytes(directory) -> int:
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        return sum(f.get_tensor(k).nbytes for k in f.keys())
+
+
+def test_importing_the_package_does_not_import_vllm():
+    code = "import sys, flexigpt_kernels as fk; fk.save_pretrained; assert 'vllm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plugin_entry_point_registers_the_architectures():
+    from importlib.metadata import entry_points
+
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "flexigpt"]
+    assert ep.value == "flexigpt_kernels.integrations.vllm:register"
+    load_general_plugins()
+    assert set(SUPPORTED_ARCHITECTURES) <= set(ModelRegistry.get_supported_archs())
+    assert "FlexiGPTLlamaForCausalLM" in SUPPORTED_ARCHITECTURES
+
+
+# ----------------------------------------------------------------------------- tiny Llama
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_dir):
+    with running_llm(tiny_dir, skip_tokenizer_init=True) as llm:
+        yield llm
+
+
+TINY_PROMPTS = [[5, 17, 33, 100, 7], [9, 8, 7, 6, 5, 4, 3, 200], list(range(10, 60))]
+
+
+def test_tiny_config_names_the_plugin_architecture(tiny_dir):
+    assert json.loads((tiny_dir / "config.json").read_text())["architectures"] == ["FlexiGPTLlamaForCausalLM"]
+
+
+def test_tiny_greedy_tokens_and_logprobs_equal_hugging_face(tiny_dir, tiny_llm):
+    model = fk.from_pretrained(tiny_dir)
+    hf_tokens, hf_logits = hf_greedy(model, TINY_PROMPTS, NEW_TOKENS)
+    assert len({tuple(t) for t in hf_tokens}) == len(TINY_PROMPTS) and len(set(hf_tokens[2])) > 3  # not degenerate
+    tokens, logprobs = vllm_greedy(tiny_llm, TINY_PROMPTS, NEW_TOKENS, logprobs=1)
+    assert tokens == hf_tokens
+    for toks, lps, logits in zip(tokens, logprobs, hf_logits):
+        ours = torch.tensor([lp[t].logprob for t, lp in zip(toks, lps)])
+        ref = torch.log_softmax(logits, -1)[torch.arange(len(toks)), torch.tensor(toks)]
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_tiny_parity_is_not_vacuous(tiny_dir, tiny_llm):
+    """The replacement blocks' adapters change the tokens: without them Hugging Face
+    decodes differently from vLLM (which matched the model with them above)."""
+    model = fk.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.zero_()
+    hf_tokens, _ = hf_greedy(model, TINY_PROMPTS[:1], NEW_TOKENS)
+    tokens, _ = vllm_greedy(tiny_llm, TINY_PROMPTS[:1], NEW_TOKENS)
+    assert tokens != hf_tokens
+
+
+def test_tiny_weights_held_equal_the_checkpoint(tiny_dir, tiny_llm, tmp_path):
+    (held,) = tiny_llm.apply_model(held_weights)
+    stored = checkpoint_bytes(tiny_dir)
+    assert held["bytes"] == stored
+    assert held["replacement_linears"] == 4 * len(TINY_BLOCKS)  # qkv, o, gate_up, down per block
+    assert held["sharing_base_modules"] == held["replacement_linears"]
+    # a dense export (of the same model without output norms, which export_dense refuses)
+    # stores every block in full
+    dense = fk.export_dense(pruned_tiny(output_norm=False), tmp_path / "dense")
+    assert checkpoint_bytes(dense) > stored
+
+
+# ----------------------------------------------------------------------------- SmolLM2 at 0.3
+
+
+SMOL_TEXTS = ["The history of the Roman Empire", "Photosynthesis is the process by which",
+              "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def smol_llm(smol):
+    path, _, _ = smol
+    with running_llm(path) as llm:
+        yield llm
+
+
+def test_smol_greedy_tokens_equal_hugging_face(smol, smol_llm):
+    path, tokenizer, _ = smol
+    prompts = [tokenizer(t)["input_ids"] for t in SMOL_TEXTS]
+    hf_tokens, hf_logits = hf_greedy(fk.from_pretrained(path), prompts, NEW_TOKENS)
+    tokens, _ = vllm_greedy(smol_llm, prompts, NEW_TOKENS)
+    assert_same_greedy(hf_tokens, hf_logits, tokens)
+
+
+def test_smol_weights_held_equal_the_checkpoint_and_less_than_dense(smol, smol_llm):
+    path, _, dense_params = smol
+    (held,) = smol_llm.apply_model(held_weights)
+    stored = checkpoint_bytes(path)
+    assert held["bytes"] == stored
+    assert held["sharing_base_modules"] == held["replacement_linears"] == 4 * 9
+    # a dense export has the unpruned architecture's tensors: dense_params fp32 values
+    assert stored < 0.8 * dense_params * 4

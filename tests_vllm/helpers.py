@@ -87,6 +87,14 @@ def vllm_greedy(llm, prompts: list[list[int]], new_tokens: int, logprobs: int = 
     return [list(o.outputs[0].token_ids) for o in outs], [o.outputs[0].logprobs for o in outs]
 
 
+def assert_logprobs_match(tokens, logprobs, hf_logits, tol: float = 1e-4) -> None:
+    """vLLM's log-probabilities of its chosen tokens equal log_softmax of Hugging Face's logits."""
+    for toks, lps, logits in zip(tokens, logprobs, hf_logits):
+        ours = torch.tensor([lp[t].logprob for t, lp in zip(toks, lps)])
+        ref = torch.log_softmax(logits, -1)[torch.arange(len(toks)), torch.tensor(toks)]
+        torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+
+
 def assert_same_greedy(hf_tokens, hf_logits, vllm_tokens, *, tie: float = 1e-3) -> list[tuple[int, int, float]]:
     """Equal tokens; where they first differ the two candidates must be a near tie in the
     Hugging Face logits (|difference| < tie), which then ends the comparison of that row.

@@ -106,3 +106,11 @@ def test_vllm_serve_completion_equals_hugging_face(smol, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def test_serve_example_cli_parses():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "python/serve_vllm.py", "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--checkpoint" in proc.stdout and "--bench" in proc.stdout

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ...nn import OutputNorm
-from ...ops import shared_lora_linear  # noqa: F401  (registers torch.ops.flexigpt.*)
+# torch.ops.flexigpt.* is registered by importing flexigpt_kernels (its ops subpackage)
 
 __all__ = ["AdapterSpec", "FlexiGPTSharedLinear"]
 

@@ -18,10 +18,11 @@ their parameters here, everything else goes to the family's own ``load_weights``
 stacks q/k/v and gate/up of the kept blocks). The checkpoint holds no weight for a replacement
 block's projections, so nothing is copied or merged.
 
-On the CPU, vLLM normally repacks every linear weight into an opaque oneDNN handle after
-loading and frees the tensor; a shared weight must stay a plain tensor that two blocks read,
-so the decoder linears of these models keep their weights (``_cpu_skip_gemm_dispatch``, the
-flag vLLM itself uses for the same purpose) and run ``torch.nn.functional.linear``.
+On the CPU, vLLM repacks each linear weight into an opaque oneDNN handle after loading and
+frees the tensor; a shared weight must stay a plain tensor that two blocks read, so the
+linears that serve as a base keep their weights (``_cpu_skip_gemm_dispatch``, the flag vLLM
+itself uses for the same purpose) and run ``torch.nn.functional.linear``; every other linear
+is packed as in the stock model.
 
 Not supported (raises NotImplementedError): tensor or pipeline parallelism > 1 (a replacement
 block's base may sit in another shard or stage), quantization, vLLM's own LoRA adapters.
@@ -101,10 +102,6 @@ class FlexiGPTMixin:
 
     def _share_blocks(self, record: dict[str, Any]) -> None:
         layers = self.model.layers
-        for layer in layers:  # shared weights stay plain tensors (see the module doc)
-            for module in layer.modules():
-                if isinstance(module, LinearBase):
-                    module._cpu_skip_gemm_dispatch = True
         shared, norms = record.get("shared", {}), record.get("output_norms", {})
         base_map = {int(i): int(j) for i, j in record.get("base_map", {}).items()}
         for i, j in sorted(base_map.items()):
@@ -122,7 +119,9 @@ class FlexiGPTMixin:
                                          f"{ckpt + name} is not among its shared linears")
                     specs.append(AdapterSpec(name, int(spec["rank"]), float(spec["scale"]), bool(spec["own_bias"])))
                 eps = norms.get(f"{ckpt}{names[0]}.output_norm")
-                linear = FlexiGPTSharedLinear(base_block.get_submodule(stack), specs, norm_eps=eps)
+                base = base_block.get_submodule(stack)
+                base._cpu_skip_gemm_dispatch = True  # a shared weight stays a plain tensor (module doc)
+                linear = FlexiGPTSharedLinear(base, specs, norm_eps=eps)
                 parent, _, attr = stack.rpartition(".")
                 setattr(block.get_submodule(parent), attr, linear)  # the block's own linear is released
                 self._flexigpt_tensors.update(linear.checkpoint_tensors(ckpt))
@@ -164,11 +163,13 @@ class FlexiGPTQwen2ForCausalLM(FlexiGPTMixin, Qwen2ForCausalLM):
 
 def held_weights(model: nn.Module) -> dict[str, int]:
     """What a loaded vLLM model holds as weights: bytes and elements of its parameters, each
-    storage counted once (tied embeddings, and a replacement block's shared base weight,
-    are one storage), and how many replacement linears read their base block's own module.
-    Buffers are not counted (vLLM's Llama holds only the rotary cos/sin cache, which no
-    checkpoint stores). For ``LLM.apply_model`` (``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` when
-    the engine runs in its own process)."""
+    storage counted once (tied embeddings, and a replacement block's shared base weight, are
+    one storage), plus the linear weights that vLLM's CPU backend moved into oneDNN handles
+    (their parameter is left empty), counted at their logical size; and how many replacement
+    linears read their base block's own module. Buffers are not counted (vLLM's Llama holds
+    only the rotary cos/sin cache, which no checkpoint stores), nor the oneDNN copy of a tied
+    LM head that the CPU backend keeps beside the embedding. For ``LLM.apply_model``
+    (``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` when the engine runs in its own process)."""
     storages: dict[int, int] = {}
     numel = 0
     for _, p in model.named_parameters():
@@ -178,7 +179,12 @@ def held_weights(model: nn.Module) -> dict[str, int]:
         if key not in storages:
             storages[key] = p.untyped_storage().nbytes()
             numel += p.numel()
+    packed = [m for m in model.modules() if isinstance(m, LinearBase) and m.weight.numel() == 0]
+    packed_numel = sum(sum(m.output_partition_sizes) * m.input_size_per_partition for m in packed)
+    packed_bytes = sum(sum(m.output_partition_sizes) * m.input_size_per_partition * m.weight.element_size()
+                       for m in packed)
     modules = {id(m) for m in model.modules()}
     shared = [m for m in model.modules() if isinstance(m, FlexiGPTSharedLinear)]
-    return {"bytes": sum(storages.values()), "numel": numel, "replacement_linears": len(shared),
+    return {"bytes": sum(storages.values()) + packed_bytes, "numel": numel + packed_numel,
+            "packed_linears": len(packed), "replacement_linears": len(shared),
             "sharing_base_modules": sum(id(m.base) in modules for m in shared)}

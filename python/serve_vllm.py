@@ -1,0 +1,182 @@
+"""Serve a FlexiGPT-pruned model natively with vLLM (needs `pip install "flexigpt-kernels[vllm]"`).
+
+    python python/serve_vllm.py                          # prune the embedded SmolLM2 at 0.3, generate
+    python python/serve_vllm.py --checkpoint DIR         # any directory written by fk.save_pretrained
+    python python/serve_vllm.py --bench --out benchmarks/results   # the throughput table of the README
+
+A directory written by `flexigpt_kernels.save_pretrained` names `FlexiGPTLlamaForCausalLM`
+(or the Mistral / Qwen2 variant) in its config.json; the `vllm.general_plugins` entry point of
+this package registers that class, so `vllm.LLM(model=DIR)` and `vllm serve DIR` load it as it
+is: the shared weights once, each replacement block's adapters and output norms, our op.
+
+--bench measures vLLM's greedy decoding throughput (tokens/s; batch 1 and 8 prompts, 64 new
+tokens each, fp32, eager) for the dense SmolLM2, the dense export of a FlexiGPT model converted
+without output norms (export_dense refuses output norms), the same FlexiGPT model served
+natively, and the default FlexiGPT model (with output norms) served natively, plus the weight
+bytes of each checkpoint and, for the native models, the bytes vLLM holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = ["The history of the Roman Empire", "Photosynthesis is the process by which",
+           "The capital of France is", "In mathematics, a prime number",
+           "Once upon a time, in a small village,", "The theory of relativity states that",
+           "Water boils at", "The best way to learn a language is"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="a directory written by flexigpt_kernels.save_pretrained "
+                   "(default: prune the embedded SmolLM2-135M into a temporary directory)")
+    p.add_argument("--ratio", type=float, default=0.3, help="pruning ratio for the default model")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float32", help="vLLM dtype (float32, bfloat16 on CPUs with AVX512-BF16)")
+    p.add_argument("--bench", action="store_true", help="measure the throughput table instead")
+    p.add_argument("--new-tokens", type=int, default=64, help="--bench: tokens generated per prompt")
+    p.add_argument("--out", help="--bench: directory for vllm_cpu.md and vllm_cpu.csv")
+    return p.parse_args(argv)
+
+
+def prune_default(ratio: float, *, output_norm: bool = True, blocks=None):
+    """(model, tokenizer, report) of the embedded SmolLM2 pruned by FlexiGPT (Block Influence
+    on the default calibration texts unless `blocks` are given; closed-form gammas when
+    output norms are on)."""
+    import flexigpt_kernels as fk
+    from flexigpt_kernels.assets import default_texts, load_default_model
+
+    model, tokenizer = load_default_model()
+    model, report = fk.prune(model, default_texts(), tokenizer=tokenizer, ratio=ratio, blocks=blocks,
+                             num_samples=8, output_norm=output_norm, local_fit="gamma" if output_norm else None,
+                             progress=False)
+    return model, tokenizer, report
+
+
+def llm(path, dtype: str = "float32", **kw):
+    from vllm import LLM
+
+    return LLM(model=str(path), dtype=dtype, max_model_len=512, enforce_eager=True, seed=0, **kw)
+
+
+def generate(path, prompts, max_new_tokens: int, dtype: str):
+    from vllm import SamplingParams
+
+    engine = llm(path, dtype)
+    try:
+        outs = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0), use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+
+
+def checkpoint_bytes(path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        return sum(f.get_tensor(k).nbytes for k in f.keys())
+
+
+def throughput(path, new_tokens: int, dtype: str, native: bool) -> dict:
+    """tokens/s of greedy decoding at batch 1 and 8 (best of 2 runs after a warm-up)."""
+    from vllm import SamplingParams
+
+    engine = llm(path, dtype)
+    try:
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        engine.generate(PROMPTS[:2], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+        row = {}
+        for batch in (1, 8):
+            best = float("inf")
+            for _ in range(2):
+                start = time.perf_counter()
+                engine.generate(PROMPTS[:batch], params, use_tqdm=False)
+                best = min(best, time.perf_counter() - start)
+            row[f"tok_s_batch{batch}"] = round(batch * new_tokens / best, 1)
+        row["checkpoint_MB"] = round(checkpoint_bytes(path) / 2**20, 1)
+        if native:
+            from flexigpt_kernels.integrations.vllm.model import held_weights
+
+            row["held_by_vllm_MB"] = round(engine.apply_model(held_weights)[0]["bytes"] / 2**20, 1)
+        return row
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+
+
+def bench(args) -> list[dict]:
+    import flexigpt_kernels as fk
+    from flexigpt_kernels.assets import load_default_model
+
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model(held_weights)
+    work = Path(tempfile.mkdtemp(prefix="serve_vllm_"))
+    dense, tokenizer = load_default_model()
+    dense.save_pretrained(work / "dense")
+    tokenizer.save_pretrained(work / "dense")
+    del dense
+    normed, _, report = prune_default(args.ratio)
+    fk.save_pretrained(normed, work / "flexigpt", tokenizer)
+    del normed
+    plain, _, _ = prune_default(args.ratio, output_norm=False, blocks=report.pruned)  # the same blocks
+    fk.save_pretrained(plain, work / "flexigpt_no_norm", tokenizer)
+    fk.export_dense(work / "flexigpt_no_norm", work / "dense_export")
+    del plain
+    rows = []
+    for name, directory, native in (
+        ("dense SmolLM2-135M (stock vLLM Llama)", "dense", False),
+        (f"dense export of FlexiGPT {args.ratio} without output norms (stock vLLM Llama)", "dense_export", False),
+        (f"FlexiGPT {args.ratio} without output norms, native", "flexigpt_no_norm", True),
+        (f"FlexiGPT {args.ratio} with output norms (default), native", "flexigpt", True),
+    ):
+        row = {"model": name, **throughput(work / directory, args.new_tokens, args.dtype, native)}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def write_results(rows: list[dict], out: str, args) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["model", "tok_s_batch1", "tok_s_batch8", "checkpoint_MB", "held_by_vllm_MB"]
+    with open(out / "vllm_cpu.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# vLLM (vllm-cpu 0.32.0) greedy throughput, SmolLM2-135M, {args.dtype}, eager",
+             "", f"`python python/serve_vllm.py --bench --out {out}`: {args.new_tokens} new tokens per prompt, "
+             "batch 1 and 8 prompts, best of 2 runs after a warm-up.", "",
+             "| model | tok/s batch 1 | tok/s batch 8 | checkpoint MB | held by vLLM MB |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['tok_s_batch1']} | {r['tok_s_batch8']} | {r['checkpoint_MB']} | "
+                     f"{r.get('held_by_vllm_MB', '')} |")
+    (out / "vllm_cpu.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    # a fixed KV cache (GiB); without it vLLM's CPU worker reserves 92% of the machine's memory
+    # and refuses to start when other processes hold more than 8% of it
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.bench:
+        rows = bench(args)
+        if args.out:
+            write_results(rows, args.out, args)
+        return
+    import flexigpt_kernels as fk
+
+    path = args.checkpoint
+    if path is None:
+        model, tokenizer, _ = prune_default(args.ratio)
+        path = fk.save_pretrained(model, Path(tempfile.mkdtemp(prefix="serve_vllm_")) / "flexigpt", tokenizer)
+        del model
+    print(f"serving {path} with vLLM")
+    for prompt, text in zip(PROMPTS[:3], generate(path, PROMPTS[:3], args.max_new_tokens, args.dtype)):
+        print(f"{prompt!r} -> {text!r}")
+
+
+if __name__ == "__main__":  # vLLM starts its engine in a new process: keep the guard
+    main()

@@ -15,6 +15,8 @@ import os
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # the test process has used OpenMP
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is a local directory
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 import pytest
 

@@ -9,6 +9,7 @@ import warnings
 import torch
 
 MAX_MODEL_LEN = 256
+NEW_TOKENS = 32
 # the tiny model's architecture: the CPU attention backend needs head_dim >= 32
 TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_MODEL_LEN,
@@ -111,3 +112,11 @@ def assert_same_greedy(hf_tokens, hf_logits, vllm_tokens, *, tie: float = 1e-3) 
     if ties:
         warnings.warn(f"greedy tokens differ only at near ties (row, step, logit gap): {ties}")
     return ties
+
+
+def checkpoint_bytes(directory) -> int:
+    """Bytes of the tensors a checkpoint directory's model.safetensors stores."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        return sum(f.get_tensor(k).nbytes for k in f.keys())

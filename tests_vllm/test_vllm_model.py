@@ -1,5 +1,5 @@
-"""FlexiGPT checkpoints served natively by vLLM: greedy parity with Hugging Face generate() and
-the weights vLLM holds (the checkpoint's bytes, shared tensors once)."""
+"""FlexiGPT checkpoints served natively by vLLM (plugin, tiny Llama): greedy parity with Hugging Face
+generate() and the weights vLLM holds (the checkpoint's bytes, shared tensors once)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,13 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import flexigpt_kernels as fk
 from flexigpt_kernels.integrations.vllm import SUPPORTED_ARCHITECTURES
 from flexigpt_kernels.integrations.vllm.model import held_weights
 
-from .helpers import (TINY_BLOCKS, assert_logprobs_match, assert_same_greedy, hf_greedy, pruned_tiny, running_llm,
-                      vllm_greedy)
-
-NEW_TOKENS = 32
-
-
-def checkpoint_bytes(directory) -> int:
-    with safe_open(str(directory / "model.safetensors"), "pt") as f:
-        return sum(f.get_tensor(k).nbytes for k in f.keys())
-
+from .helpers import (NEW_TOKENS, TINY_BLOCKS, assert_logprobs_match, checkpoint_bytes, hf_greedy, pruned_tiny,
+                      running_llm, vllm_greedy)
 
 def test_importing_the_package_does_not_import_vllm():
     code = "import sys, flexigpt_kernels as fk; fk.save_pretrained; assert 'vllm' not in sys.modules"
@@ -92,36 +83,3 @@ def test_tiny_weights_held_equal_the_checkpoint(tiny_dir, tiny_llm, tmp_path):
     # stores every block in full
     dense = fk.export_dense(pruned_tiny(output_norm=False), tmp_path / "dense")
     assert checkpoint_bytes(dense) > stored
-
-
-# ----------------------------------------------------------------------------- SmolLM2 at 0.3
-
-
-SMOL_TEXTS = ["The history of the Roman Empire", "Photosynthesis is the process by which",
-              "def fibonacci(n):"]
-
-
-@pytest.fixture(scope="module")
-def smol_llm(smol):
-    path, _, _ = smol
-    with running_llm(path) as llm:
-        yield llm
-
-
-def test_smol_greedy_tokens_equal_hugging_face(smol, smol_llm):
-    path, tokenizer, _ = smol
-    prompts = [tokenizer(t)["input_ids"] for t in SMOL_TEXTS]
-    hf_tokens, hf_logits = hf_greedy(fk.from_pretrained(path), prompts, NEW_TOKENS)
-    tokens, _ = vllm_greedy(smol_llm, prompts, NEW_TOKENS)
-    assert_same_greedy(hf_tokens, hf_logits, tokens)
-
-
-def test_smol_weights_held_equal_the_checkpoint_and_less_than_dense(smol, smol_llm):
-    path, _, dense_params = smol
-    (held,) = smol_llm.apply_model(held_weights)
-    stored = checkpoint_bytes(path)
-    assert held["bytes"] == stored
-    assert held["sharing_base_modules"] == held["replacement_linears"] == 4 * 9
-    assert held["packed_linears"] > 0  # linears no block shares are packed by vLLM as in the stock model
-    # a dense export has the unpruned architecture's tensors: dense_params fp32 values
-    assert stored < 0.8 * dense_params * 4

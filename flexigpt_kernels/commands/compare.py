@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flexigpt recipe: calibration sequences recorded for the block-local fit "
                         "(their tokens count toward the budget)")
     p.add_argument("--fit-steps", type=int, default=None, help="flexigpt recipe: block-local fit steps per block")
+    p.add_argument("--distill", choices=["kl"], help="flexigpt recipe: add the KL to the dense model's logits")
     p.add_argument("--no-local-fit", action="store_true",
                    help="flexigpt recipe: the paper's initialisation instead of the block-local fit (ablation)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, fit_samples=args.fit_samples)
     if args.fit_steps is not None:
         recipe = dataclasses.replace(recipe, local_fit=dataclasses.replace(recipe.local_fit, steps=args.fit_steps))
+    if args.distill:
+        recipe = dataclasses.replace(recipe, distill=args.distill)
     if args.no_local_fit:
         recipe = dataclasses.replace(recipe, local_fit=None)
     result = compare_recovery(tokens=args.tokens, lrs=args.lr, seeds=args.seed, ratio=args.ratio, rank=args.rank,

@@ -74,17 +74,22 @@ class FlexiGPTRecipe:
     adapter_share: the fraction of the trainable-parameter budget given to the replacement
         blocks' adapters (their rank is scaled by it); the rest goes to LoRA on every kept block.
         1.0 trains the adapters only (the paper's trainable set).
+    distill: None (next-token loss only) or "kl": add the KL to the dense model's logits while
+        healing (the dense model is the teacher; costs one teacher forward per step).
     """
 
     local_fit: Optional[LocalFit] = field(default_factory=LocalFit)
     fit_samples: int = 16
     adapter_share: float = 0.5
+    distill: Optional[str] = None
 
     def __post_init__(self):
         if not 0.0 < self.adapter_share <= 1.0:
             raise ValueError(f"adapter_share must be in (0, 1], got {self.adapter_share}")
         if self.fit_samples < 2:
             raise ValueError(f"fit_samples must be >= 2 (one is held out of the fit), got {self.fit_samples}")
+        if self.distill not in (None, "kl"):
+            raise ValueError(f"distill must be None or 'kl', got {self.distill!r}")
 
     def describe(self, adapter_rank: int, lora_rank: Optional[int]) -> str:
         lf = self.local_fit
@@ -92,7 +97,8 @@ class FlexiGPTRecipe:
                f"{lf.adapter_init} adapters, gamma {lf.gamma or 'fixed'}, fit {lf.steps} steps/block on "
                f"{self.fit_samples} seq")
         lora = f" + LoRA rank {lora_rank} on kept blocks" if lora_rank else ""
-        return f"{fit}; adapters rank {adapter_rank}{lora}"
+        kl = "; + KL to the dense logits" if self.distill else ""
+        return f"{fit}; adapters rank {adapter_rank}{lora}{kl}"
 
 
 def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:
@@ -119,6 +125,7 @@ class _Setup:
     trainable: object
     lora_rank: Optional[int]
     options: str
+    teacher: Optional[torch.nn.Module] = None
     fit_tokens: int = 0
     prep_s: float = 0.0
     params: int = 0
@@ -238,7 +245,8 @@ def compare_recovery(
                              f"tokens of the block-local fit; raise tokens or lower the recipe's fit_samples")
         m = copy.deepcopy(s.model)
         rep = heal(m, train_tokens[seed], steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
-                   trainable=s.trainable, lora_rank=s.lora_rank, seed=seed, progress=progress)
+                   trainable=s.trainable, lora_rank=s.lora_rank, teacher=s.teacher,
+                   distill=("kl",) if s.teacher is not None else None, seed=seed, progress=progress)
         after = ppl(m)
         row = dict(budget=budget, method=method, options=s.options, lr=lr, seed=seed,
                    trainable_params=rep.trainable_params, tokens=s.fit_tokens + rep.tokens_seen,
@@ -285,12 +293,12 @@ def _recipe_setup(model, recipe: FlexiGPTRecipe, blocks, paper_rank: int, target
     trainable = ("adapters", "lora_kept") if lora_rank else "adapters"
     fit_tokens = int((rep.local_fit or {}).get("fit_tokens", 0))
     return _Setup(flex, trainable, lora_rank, recipe.describe(adapter_rank, lora_rank), fit_tokens=fit_tokens,
-                  prep_s=prep_s, params=total)
+                  prep_s=prep_s, params=total, teacher=model if recipe.distill else None)
 
 
 def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
     return dict(local_fit=None if recipe.local_fit is None else recipe.local_fit.to_dict(),
-                fit_samples=recipe.fit_samples,
+                fit_samples=recipe.fit_samples, distill=recipe.distill,
                 adapter_share=recipe.adapter_share)
 
 

@@ -25,25 +25,32 @@ def files(tmp_path):
     return train, held
 
 
-@pytest.mark.parametrize("method,trainable", [("flexigpt", "adapters"), ("drop", "lora_kept")])
+@pytest.mark.parametrize("method,trainable", [("flexigpt", "adapters"), ("drop", "lora_kept"), ("flexigpt", None)])
 def test_heal_cli_trains_and_saves(tmp_path, files, capsys, method, trainable):
     train, held = files
     src, out = tmp_path / "pruned", tmp_path / "healed"
     save_pretrained(tiny_pruned(method, vocab=257), src, byte_tokenizer())
     argv = ["heal", str(src), "--data", str(train), "--out", str(out), "--steps", "3", "--lr", "1e-2",
             "--seq-len", "32", "--batch-size", "2", "--eval-data", str(held), "--eval-chunks", "2",
-            "--trainable", trainable, "--json"]
+            "--json"]
+    if trainable is not None:
+        argv += ["--trainable", trainable]
     if trainable == "lora_kept":
         argv += ["--lora-rank", "2"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["tokens_seen"] == 3 * 2 * 32
     assert [s for s, _ in summary["eval_perplexities"]] == [0, 3]
-    assert json.loads((out / "heal_report.json").read_text())["trainable"] == trainable
+    assert json.loads((out / "heal_report.json").read_text())["trainable"] == (trainable or "adapters+lora_kept")
     before, after = from_pretrained(src), from_pretrained(out)
     changed = [n for (n, p), (_, q) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(p, q)]
     assert changed
-    if method == "flexigpt":
+    if trainable is None:  # the default hybrid: LoRA merged into the kept blocks, replacements compensated
+        assert summary["lora_layers_merged"] == 14
+        assert any(n.endswith("proj.weight") for n in changed)
+        ranks = {m.rank for m in after.modules() if isinstance(m, SharedLoRALinear)}
+        assert ranks == {4 + 8}  # each base linear had rank-8 LoRA: absorbed as 8 more adapter rank
+    elif method == "flexigpt":
         assert all(n.endswith(("lora_a", "lora_b", "output_norm.weight")) for n in changed)
         assert sum(isinstance(m, SharedLoRALinear) for m in after.modules()) == 14
     else:  # LoRA merged into the kept blocks' own weights: a plain model again

@@ -484,8 +484,10 @@ class LocalFit:
 #: AdamW, cosine). Measured on SmolLM2-135M, ratio 0.3, rank 32, 32 x 256 calibration tokens
 #: (benchmarks/results/recovery_study_cpu.md): held-out ppl at init 131.3 vs 156.1 for the
 #: paper's init (drop: 155.9). The closed forms alone do not carry over: closed-form gamma
-#: 149.8, activation-aware adapters + closed-form gamma 156.5. prune()'s own default stays
-#: local_fit=None (the paper's init) until the healed comparison confirms the gain.
+#: 149.8, activation-aware adapters + closed-form gamma 156.5. It is the initialisation of the
+#: measured recovery recipe (train.compare.FlexiGPTRecipe, benchmarks/results/recovery_cpu.md);
+#: prune()'s own default stays local_fit=None (the paper's init) and the CLI's "gamma", the
+#: cheap choice for a model that is not healed.
 DEFAULT_LOCAL_FIT = LocalFit()
 #: The cheap preset ("gamma"): the paper's SVD adapters, gamma set per channel by least squares
 #: on a few recorded calibration sequences, no gradient steps. Its gamma shrinks toward zero

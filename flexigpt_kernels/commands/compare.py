@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flexigpt recipe: calibration sequences recorded for the block-local fit "
                         "(their tokens count toward the budget)")
     p.add_argument("--fit-steps", type=int, default=None, help="flexigpt recipe: block-local fit steps per block")
-    p.add_argument("--distill", choices=["kl"], help="flexigpt recipe: add the KL to the dense model's logits")
+    p.add_argument("--distill", choices=["kl"], help="every method adds the KL to the dense model's logits")
     p.add_argument("--no-local-fit", action="store_true",
                    help="flexigpt recipe: the paper's initialisation instead of the block-local fit (ablation)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -60,13 +60,12 @@ def run(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, fit_samples=args.fit_samples)
     if args.fit_steps is not None:
         recipe = dataclasses.replace(recipe, local_fit=dataclasses.replace(recipe.local_fit, steps=args.fit_steps))
-    if args.distill:
-        recipe = dataclasses.replace(recipe, distill=args.distill)
     if args.no_local_fit:
         recipe = dataclasses.replace(recipe, local_fit=None)
     result = compare_recovery(tokens=args.tokens, lrs=args.lr, seeds=args.seed, ratio=args.ratio, rank=args.rank,
                               seq_len=args.seq_len, batch_size=args.batch_size, eval_chunks=args.eval_chunks,
-                              methods=args.methods, recipe=recipe, progress=not args.no_progress,
+                              methods=args.methods, recipe=recipe, distill=args.distill,
+                              progress=not args.no_progress,
                               log=(lambda *a: print(*a, file=sys.stderr)),
                               on_row=lambda partial: write_results(partial, args.out_dir, args.name))
     csv_path, md_path = write_results(result, args.out_dir, args.name)

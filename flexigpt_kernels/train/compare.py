@@ -74,22 +74,17 @@ class FlexiGPTRecipe:
     adapter_share: the fraction of the trainable-parameter budget given to the replacement
         blocks' adapters (their rank is scaled by it); the rest goes to LoRA on every kept block.
         1.0 trains the adapters only (the paper's trainable set).
-    distill: None (next-token loss only) or "kl": add the KL to the dense model's logits while
-        healing (the dense model is the teacher; costs one teacher forward per step).
     """
 
     local_fit: Optional[LocalFit] = field(default_factory=LocalFit)
     fit_samples: int = 16
     adapter_share: float = 0.5
-    distill: Optional[str] = None
 
     def __post_init__(self):
         if not 0.0 < self.adapter_share <= 1.0:
             raise ValueError(f"adapter_share must be in (0, 1], got {self.adapter_share}")
         if self.fit_samples < 2:
             raise ValueError(f"fit_samples must be >= 2 (one is held out of the fit), got {self.fit_samples}")
-        if self.distill not in (None, "kl"):
-            raise ValueError(f"distill must be None or 'kl', got {self.distill!r}")
 
     def describe(self, adapter_rank: int, lora_rank: Optional[int]) -> str:
         lf = self.local_fit
@@ -97,8 +92,7 @@ class FlexiGPTRecipe:
                f"{lf.adapter_init} adapters, gamma {lf.gamma or 'fixed'}, fit {lf.steps} steps/block on "
                f"{self.fit_samples} seq")
         lora = f" + LoRA rank {lora_rank} on kept blocks" if lora_rank else ""
-        kl = "; + KL to the dense logits" if self.distill else ""
-        return f"{fit}; adapters rank {adapter_rank}{lora}{kl}"
+        return f"{fit}; adapters rank {adapter_rank}{lora}"
 
 
 def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:
@@ -125,7 +119,6 @@ class _Setup:
     trainable: object
     lora_rank: Optional[int]
     options: str
-    teacher: Optional[torch.nn.Module] = None
     fit_tokens: int = 0
     prep_s: float = 0.0
     params: int = 0
@@ -145,6 +138,7 @@ def compare_recovery(
     calib_samples: int = 32,
     methods: Iterable[str] = METHODS,
     recipe: Optional[FlexiGPTRecipe] = None,
+    distill: Optional[str] = None,
     param_tolerance: float = 0.05,
     model=None,
     tokenizer=None,
@@ -158,7 +152,8 @@ def compare_recovery(
 
     tokens: one budget or several (each a separate set of runs); lrs: swept on seeds[0];
     seeds[1:]: each method again at its best lr per budget. recipe: the "flexigpt" method's
-    (default FlexiGPTRecipe()). on_row(result so far) is called after every run (to save
+    (default FlexiGPTRecipe()). distill: None (next-token loss) or "kl": every method adds the
+    KL to the dense model's logits while healing (one teacher forward per step). on_row(result so far) is called after every run (to save
     partial results). model/tokenizer/texts default to the embedded SmolLM2-135M and texts."""
     methods = tuple(methods)
     for m in methods:
@@ -167,6 +162,8 @@ def compare_recovery(
     budgets = [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]
     if not budgets or min(budgets) < 1:
         raise ValueError(f"tokens: need one or more positive budgets, got {tokens!r}")
+    if distill not in (None, "kl"):
+        raise ValueError(f"distill must be None or 'kl', got {distill!r}")
     if not lrs or not seeds:
         raise ValueError("lrs and seeds must each hold at least one value")
     recipe = recipe or FlexiGPTRecipe()
@@ -232,7 +229,7 @@ def compare_recovery(
                 ratio=ratio, pruned=blocks, base_map={str(k): v for k, v in prune_report.base_map.items()},
                 adapter_rank=prune_report.rank, budget_params=target, budgets=budgets, seq_len=seq_len,
                 batch_size=batch_size, eval_chunks=int(heldout.shape[0]), seeds=list(seeds), lrs=list(lrs),
-                dense_ppl=dense_ppl, prune_seconds=prune_s, recipe=_recipe_dict(recipe),
+                dense_ppl=dense_ppl, prune_seconds=prune_s, recipe=_recipe_dict(recipe), distill=distill,
                 torch_threads=torch.get_num_threads(),
                 machine=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__)
     result = {"rows": rows, "meta": meta}
@@ -245,10 +242,11 @@ def compare_recovery(
                              f"tokens of the block-local fit; raise tokens or lower the recipe's fit_samples")
         m = copy.deepcopy(s.model)
         rep = heal(m, train_tokens[seed], steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
-                   trainable=s.trainable, lora_rank=s.lora_rank, teacher=s.teacher,
-                   distill=("kl",) if s.teacher is not None else None, seed=seed, progress=progress)
+                   trainable=s.trainable, lora_rank=s.lora_rank, teacher=model if distill else None,
+                   distill=(distill,) if distill else None, seed=seed, progress=progress)
         after = ppl(m)
-        row = dict(budget=budget, method=method, options=s.options, lr=lr, seed=seed,
+        row = dict(budget=budget, method=method, options=s.options + ("; + KL to the dense logits" if distill else ""),
+                   lr=lr, seed=seed,
                    trainable_params=rep.trainable_params, tokens=s.fit_tokens + rep.tokens_seen,
                    ppl_init=s.ppl_init, ppl_after=after, wall_s=s.prep_s + rep.seconds)
         rows.append(row)
@@ -293,12 +291,12 @@ def _recipe_setup(model, recipe: FlexiGPTRecipe, blocks, paper_rank: int, target
     trainable = ("adapters", "lora_kept") if lora_rank else "adapters"
     fit_tokens = int((rep.local_fit or {}).get("fit_tokens", 0))
     return _Setup(flex, trainable, lora_rank, recipe.describe(adapter_rank, lora_rank), fit_tokens=fit_tokens,
-                  prep_s=prep_s, params=total, teacher=model if recipe.distill else None)
+                  prep_s=prep_s, params=total)
 
 
 def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
     return dict(local_fit=None if recipe.local_fit is None else recipe.local_fit.to_dict(),
-                fit_samples=recipe.fit_samples, distill=recipe.distill,
+                fit_samples=recipe.fit_samples,
                 adapter_share=recipe.adapter_share)
 
 

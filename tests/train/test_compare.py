@@ -64,12 +64,12 @@ def test_compare_recovery_rejects_bad_settings():
 
 
 def test_recipe_without_local_fit_spends_the_whole_budget_on_healing_and_can_distill():
-    recipe = FlexiGPTRecipe(local_fit=None, adapter_share=1.0, distill="kl")
-    result = compare_recovery(tokens=2 * 2 * 32, lrs=(1e-2,), methods=("flexigpt",), recipe=recipe,
+    recipe = FlexiGPTRecipe(local_fit=None, adapter_share=1.0)
+    result = compare_recovery(tokens=2 * 2 * 32, lrs=(1e-2,), methods=("flexigpt",), recipe=recipe, distill="kl",
                               model=tiny_llama(vocab=257), tokenizer=byte_tokenizer(), **TINY)
     (run,) = [r for r in result["rows"] if r["method"] == "flexigpt"]
     assert run["tokens"] == 2 * 2 * 32 and run["options"].startswith("paper init")
     assert "LoRA" not in run["options"] and run["trainable_params"] == result["meta"]["budget_params"]
-    assert "KL to the dense logits" in run["options"] and result["meta"]["recipe"]["distill"] == "kl"
+    assert "KL to the dense logits" in run["options"] and result["meta"]["distill"] == "kl"
     with pytest.raises(ValueError, match="distill"):
-        FlexiGPTRecipe(distill="mse")
+        compare_recovery(distill="mse", model=tiny_llama(vocab=257), tokenizer=byte_tokenizer(), **TINY)

@@ -25,6 +25,7 @@ Protocol, one function (and `flexigpt compare`):
    its best learning rate of that budget (the final pair).
 5. Held-out perplexity before and after healing on text no training step saw (default: the
    embedded news text; the training text is the embedded Wikipedia sample).
+6. Optionally (distill="kl") every method adds the KL to the dense model's logits.
 
 Rows: budget, method, options, lr, seed, trainable params, tokens, ppl at init and after, wall.
 
@@ -153,8 +154,9 @@ def compare_recovery(
     tokens: one budget or several (each a separate set of runs); lrs: swept on seeds[0];
     seeds[1:]: each method again at its best lr per budget. recipe: the "flexigpt" method's
     (default FlexiGPTRecipe()). distill: None (next-token loss) or "kl": every method adds the
-    KL to the dense model's logits while healing (one teacher forward per step). on_row(result so far) is called after every run (to save
-    partial results). model/tokenizer/texts default to the embedded SmolLM2-135M and texts."""
+    KL to the dense model's logits while healing (one teacher forward per step). on_row(result
+    so far) is called after every run (to save partial results). model/tokenizer/texts default
+    to the embedded SmolLM2-135M and texts."""
     methods = tuple(methods)
     for m in methods:
         if m not in METHODS:

@@ -113,7 +113,25 @@ def export_dense(directory_or_model: str | os.PathLike | nn.Module, out: str | o
         save_tensors(state_dict, tmp / WEIGHTS_NAME)
         write_hf_files(tmp, model, dtype, tokenizer)
         if tokenizer is None and source_dir is not None:
-            for f in source_dir.iterdir():
-                if f.is_file() and f.name not in _CHECKPOINT_FILES:
-                    shutil.copy2(f, tmp / f.name)
+            for f in _files_to_copy(source_dir):
+                shutil.copy2(f, tmp / f.name)
     return Path(out)
+
+
+def _files_to_copy(source_dir: Path) -> list[Path]:
+    """The extra files (tokenizer etc.) of a checkpoint folder to copy into an export.
+
+    A symlink is followed only when its target lies inside the folder: a link out of it (say to
+    a private key) is refused with a ValueError, so an export never carries a file from
+    elsewhere on the disk.
+    """
+    root = source_dir.resolve()
+    files = []
+    for f in sorted(source_dir.iterdir()):
+        if f.name in _CHECKPOINT_FILES or not f.is_file():
+            continue
+        if f.is_symlink() and not f.resolve().is_relative_to(root):
+            raise ValueError(f"export: {f} is a symlink to {f.resolve()}, outside the checkpoint folder "
+                             f"{source_dir}; refusing to copy it (replace the link by the file itself)")
+        files.append(f)
+    return files

@@ -30,13 +30,13 @@ from torch import nn
 
 from ..convert.families import family_of
 from ..nn import OutputNorm, SharedLoRALinear
-from ._write import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, \
-    save_tensors, write_hf_files
+from ._write import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, WRITTEN_NAME, atomic_directory, \
+    dominant_dtype, save_tensors, write_hf_files
 from .checkpoint import FLEXIGPT_CONFIG_NAME, from_pretrained
 
 __all__ = ["export_dense", "dense_state_dict"]
 
-_CHECKPOINT_FILES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, FLEXIGPT_CONFIG_NAME}
+_CHECKPOINT_FILES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, FLEXIGPT_CONFIG_NAME, WRITTEN_NAME}
 
 
 def _check_no_output_norms(model: nn.Module) -> None:

@@ -224,3 +224,11 @@ def test_sigkill_at_any_step_leaves_old_or_new(tmp_path, exchange):
         pytest.fail("the save never completed")
     assert outcomes[0] == "old" and outcomes[-1] == "new"
     assert ("missing" in outcomes) == (not exchange)
+
+
+def test_check_output_directory_refuses_the_current_directory_without_overwrite_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for target in (".", "", str(tmp_path), ".."):
+        with pytest.raises(ValueError, match="current directory or a parent"):
+            _write.check_output_directory(target, overwrite=False)
+    _write.check_output_directory("new-subfolder", overwrite=False)  # fine

@@ -90,9 +90,10 @@ def export_dense(directory_or_model: str | os.PathLike | nn.Module, out: str | o
     """Write a plain Hugging Face checkpoint of a converted model to `out`; returns its path.
 
     directory_or_model: a directory written by save_pretrained (its tokenizer files are
-    copied along) or an in-memory model. tokenizer: saved with it when given. Refuses an
-    existing non-empty `out` unless overwrite=True; the write is atomic (temp dir + rename).
-    Raises ValueError for a model with output norms (why: see the module doc).
+    copied along; a symlink out of it is refused) or an in-memory model. tokenizer: saved with
+    it when given. Refuses an existing non-empty `out` unless overwrite=True, and even then
+    replaces only a folder this package wrote (see ``_write.atomic_directory``); the write is
+    atomic. Raises ValueError for a model with output norms (why: see the module doc).
     """
     source_dir = None
     if isinstance(directory_or_model, nn.Module):

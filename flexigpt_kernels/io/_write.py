@@ -31,9 +31,10 @@ WRITTEN_NAME = ".flexigpt-written.json"
 _LEGACY_NAMES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, "flexigpt.json", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
                  "merges.txt", "tokenizer.model", "chat_template.jinja"}
-# temporary folders of a save in progress: .NAME.tmp-PID-XXXX (new) and .NAME.old-PID-XXXX (the
-# replaced one, moved aside); pid-less names are from earlier versions
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[A-Za-z0-9_]+$")
+# temporary folders of a save in progress: .NAME.tmp-PID-XXXXXXXX (new) and .NAME.old-PID-XXXXXXXX
+# (the replaced one, moved aside), XXXXXXXX as tempfile.mkdtemp makes it; pid-less names are from
+# earlier versions
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}$")
 
 
 def _entries(directory: Path) -> set[str]:
@@ -109,8 +110,11 @@ def clean_leftovers(parent: Path) -> None:
     found = []
     for p in parent.iterdir():
         m = _LEFTOVER.match(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not _in_use(p, int(m["pid"]) if m["pid"] else None):
-            found.append((m["kind"], m["name"], p))
+        if not m or not p.is_dir() or p.is_symlink() or _in_use(p, int(m["pid"]) if m["pid"] else None):
+            continue
+        if m["kind"] == "old" and not ((p / WRITTEN_NAME).is_file() or (p / "flexigpt.json").is_file()):
+            continue  # only a folder of ours is ever moved aside: this one is someone else's
+        found.append((m["kind"], m["name"], p))
     for kind, name, p in sorted(found, key=lambda f: -f[2].stat().st_mtime):
         if kind == "old" and not os.path.lexists(parent / name):
             os.replace(p, parent / name)  # the newest complete old checkpoint goes back in place

@@ -232,3 +232,12 @@ def test_check_output_directory_refuses_the_current_directory_without_overwrite_
         with pytest.raises(ValueError, match="current directory or a parent"):
             _write.check_output_directory(target, overwrite=False)
     _write.check_output_directory("new-subfolder", overwrite=False)  # fine
+
+
+def test_cleanup_leaves_look_alike_folders_of_the_user_alone(tmp_path):
+    (tmp_path / ".cache.old-backup").mkdir()  # not an 8-character temp suffix
+    (tmp_path / ".notes.old-abcd1234").mkdir()  # the pattern, but not a folder of ours
+    (tmp_path / ".notes.old-abcd1234" / "mine.txt").write_text("x")
+    _write_files(tmp_path / "ckpt", NEW)
+    assert sorted(os.listdir(tmp_path)) == [".cache.old-backup", ".notes.old-abcd1234", "ckpt"]
+    assert (tmp_path / ".notes.old-abcd1234" / "mine.txt").read_text() == "x"

@@ -52,7 +52,7 @@ from ..convert.families import family_of, num_layers
 from ..convert.replacement import convert_blocks, replacement_blocks
 from ..nn import OutputNorm, SharedLoRALinear
 from ._write import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, save_tensors, write_hf_files
-from .manifest import check_aliases, check_layers, check_shapes, parse_manifest, torch_dtype, validate_manifest
+from .manifest import check_against_config, check_aliases, check_shapes, parse_manifest, torch_dtype, validate_manifest
 
 __all__ = [
     "read_flexigpt_config",
@@ -268,7 +268,7 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
         dtype = torch_dtype(dtype, "dtype")
     if dtype is None and record.get("dtype"):
         dtype = torch_dtype(record["dtype"], "dtype", directory / FLEXIGPT_CONFIG_NAME)
-    check_layers(record, directory / FLEXIGPT_CONFIG_NAME, config.get_text_config(decoder=True).num_hidden_layers)
+    check_against_config(record, directory / FLEXIGPT_CONFIG_NAME, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if record.get("architectures"):
         config.architectures = list(record["architectures"])  # the Hugging Face class, not the serving name

@@ -7,8 +7,10 @@ every failure is a ValueError naming the file and the field:
    (shipped beside this module; the format's description), then what a schema cannot say:
    every number finite, ``base_map`` positions distinct from their bases and not themselves
    replaced.
-2. :func:`check_layers`: ``base_map`` / ``pruned`` positions inside the model that config.json
-   builds (``0 <= i < num_hidden_layers``).
+2. :func:`check_against_config`: ``base_map`` / ``pruned`` positions inside the model that
+   config.json builds (``0 <= i < num_hidden_layers``), adapter ranks at most its hidden size
+   (every block linear has hidden_size on one side, so no rank beyond it is ever saved; a
+   larger one would only allocate memory).
 3. :func:`check_aliases`: ``aliases`` ties only parameters that the architecture itself ties
    (the input/output embeddings with ``tie_word_embeddings``), so a manifest cannot make two
    unrelated parameters one.
@@ -32,7 +34,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["DTYPES", "SCHEMA_PATH", "check_aliases", "check_layers", "check_shapes", "parse_manifest",
+__all__ = ["DTYPES", "SCHEMA_PATH", "check_against_config", "check_aliases", "check_shapes", "parse_manifest",
            "torch_dtype", "validate_manifest"]
 
 SCHEMA_PATH = Path(__file__).with_name("flexigpt.schema.json")
@@ -146,8 +148,11 @@ def validate_manifest(record: dict[str, Any], path: str | Path) -> None:
         _fail(path, "base_map", f"method {record['method']!r} has no replacement blocks, got {record['base_map']}")
 
 
-def check_layers(record: dict[str, Any], path: str | Path, num_layers: int) -> None:
-    """base_map positions (and, for method "flexigpt", `pruned`) inside 0..num_layers-1."""
+def check_against_config(record: dict[str, Any], path: str | Path, config) -> None:
+    """base_map positions (and, for method "flexigpt", `pruned`) inside 0..num_layers-1 of the
+    Hugging Face `config`; shared-linear ranks <= its hidden size."""
+    text = config.get_text_config(decoder=True)
+    num_layers, hidden = text.num_hidden_layers, text.hidden_size
     for key, base in record["base_map"].items():
         for what, i in (("key", int(key)), ("value", base)):
             if not 0 <= i < num_layers:
@@ -157,6 +162,9 @@ def check_layers(record: dict[str, Any], path: str | Path, num_layers: int) -> N
         bad = [i for i in record.get("pruned", []) if i >= num_layers]
         if bad:
             _fail(path, "pruned", f"{bad} past the last block ({num_layers - 1})")
+    for name, spec in record["shared"].items():
+        if spec["rank"] > hidden:
+            _fail(path, f"shared[{name!r}].rank", f"{spec['rank']} exceeds the hidden size {hidden}")
 
 
 def check_aliases(model: torch.nn.Module, record: dict[str, Any], path: str | Path) -> None:

@@ -95,6 +95,7 @@ BAD = {
     "aliases-missing": (_delete("aliases"), "aliases: missing"),
     "shared-rank-string": (_shared("rank", "4"), r"shared\['model.layers.1.self_attn.q_proj'\].rank: expected integer"),
     "shared-rank-zero": (_shared("rank", 0), r"\.rank: must be >= 1"),
+    "shared-rank-huge": (_shared("rank", 10**12), r"\.rank: 1000000000000 exceeds the hidden size 64"),
     "shared-own-bias-missing": (_shared("own_bias", KeyError), r"own_bias: missing"),
     "shared-unknown-field": (_shared("code", "import os"), r"\['code'\]: unknown field"),
     "shared-scale-nan": (_shared("scale", math.nan), r"\.scale: must be a finite number"),

@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SystemExit(f"flexigpt heal: {out} exists and is not empty (pass --overwrite)")
+    from ..prune_job import check_out_dir
+
+    check_out_dir(args.out, args.overwrite)  # what the save after training would refuse, refused now
     accelerator = None
     if args.accelerate or _distributed_launch():
         from accelerate import Accelerator

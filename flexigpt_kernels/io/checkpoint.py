@@ -52,6 +52,7 @@ from ..convert.families import family_of, num_layers
 from ..convert.replacement import convert_blocks, replacement_blocks
 from ..nn import OutputNorm, SharedLoRALinear
 from ._write import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, save_tensors, write_hf_files
+from .manifest import check_against_config, check_aliases, check_shapes, parse_manifest, torch_dtype, validate_manifest
 
 __all__ = [
     "read_flexigpt_config",
@@ -169,7 +170,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
 
 
 def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """flexigpt.json of a checkpoint directory, with its format version checked."""
+    """flexigpt.json of a checkpoint directory, its format version checked and its content validated
+    (see .manifest): ValueError naming the file and the field."""
     path = Path(directory) / FLEXIGPT_CONFIG_NAME
     if not path.is_file():
         hint = ""
@@ -177,11 +179,12 @@ def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
             hint = (" (it looks like a plain Hugging Face checkpoint: load it with "
                     "transformers.AutoModelForCausalLM.from_pretrained)")
         raise FileNotFoundError(f"{directory}: no {FLEXIGPT_CONFIG_NAME}, so not a flexigpt_kernels checkpoint{hint}")
-    record = json.loads(path.read_text())
+    record = parse_manifest(path)
     version = record.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ValueError(f"{path}: unknown format_version {version!r}; this flexigpt_kernels reads format_version "
                          f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (a newer release may read it)")
+    validate_manifest(record, path)
     return record
 
 
@@ -261,21 +264,25 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
     directory = Path(directory)
     record = read_flexigpt_config(directory)
     config = AutoConfig.from_pretrained(directory)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
+    if dtype is not None:
+        dtype = torch_dtype(dtype, "dtype")
     if dtype is None and record.get("dtype"):
-        dtype = getattr(torch, record["dtype"])
+        dtype = torch_dtype(record["dtype"], "dtype", directory / FLEXIGPT_CONFIG_NAME)
+    check_against_config(record, directory / FLEXIGPT_CONFIG_NAME, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if record.get("architectures"):
         config.architectures = list(record["architectures"])  # the Hugging Face class, not the serving name
     with device, _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _rebuild(model, record)
+    check_aliases(model, record, directory / FLEXIGPT_CONFIG_NAME)
     state_dict = load_file(str(directory / WEIGHTS_NAME), device=str(device))
     aliases = record.get("aliases", {})
     for alias, source in aliases.items():
         _retie(model, alias, source)
-        state_dict.setdefault(alias, state_dict[source])
+        if source in state_dict:  # else reported as missing below
+            state_dict.setdefault(alias, state_dict[source])
+    check_shapes(model, state_dict, directory / WEIGHTS_NAME)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS_NAME} does not fit the rebuilt model: "

@@ -380,7 +380,7 @@ def convert_copy(model: nn.Module, args, tok, log=_log) -> tuple[nn.Module, Conv
 
     Blocks: --blocks, else (random weights) default_blocks, else Block Influence on
     --calib-samples chunks of the embedded calibration text. Bases: "distance" runs prune() (the
-    low-rank distance of METHOD.md); "nearest" shares the closest kept block (what --quick and
+    low-rank distance, docs/method.md 3); "nearest" shares the closest kept block (what --quick and
     the GPU suite use: the choice changes no shape, so no timing, and the distance costs minutes
     on a busy CPU). Adapters: SVD of the difference, except on random weights (random values)."""
     from ..convert.families import num_layers

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="<= 0 disables clipping")
     p.add_argument("--trainable", default="adapters,lora_kept",
                    help=f"comma-separated sets from {', '.join(TRAINABLE_SETS)}; default adapters,lora_kept: the "
-                        "replacement adapters and gammas plus LoRA on the kept blocks (issue 8's measured recipe; "
+                        "replacement adapters and gammas plus LoRA on the kept blocks (the measured recipe; "
                         "'adapters' alone is the paper's set); a dropped model takes lora_kept")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for lora_kept (default 8)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")

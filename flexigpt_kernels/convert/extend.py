@@ -1,5 +1,5 @@
 """extend(): grow a model by repeating decoder blocks that share the original weights (FlexiGPT
-section 5, METHOD.md).
+section 5; docs/method.md section 6).
 
 Over the index range ``layers = range(a, b)`` of the source model:
 

@@ -1,6 +1,6 @@
 """prune(): FlexiGPT (or the ShortGPT "drop" baseline) on a Hugging Face causal LM, in place.
 
-Steps (METHOD.md sections 1-3): calibration tokens -> Block Influence per block -> the
+Steps (docs/method.md sections 1-4): calibration tokens -> Block Influence per block -> the
 lowest-scoring blocks -> a base block for each by the low-rank distance -> replacement
 blocks (shared weights + SVD-initialised adapters + output norms). The model is converted
 in place and returned; pass copy.deepcopy(model) to keep the original.
@@ -103,7 +103,7 @@ def prune(
         own shape and means 256 / 32 for text sources.
     method: "flexigpt" (replacement blocks) or "drop" (ShortGPT: remove the blocks).
     combine: how per-matrix distances form the block distance (see choose_bases).
-    gamma_init, output_norm, scale, svd_init: the replacement block's knobs (METHOD.md 3).
+    gamma_init, output_norm, scale, svd_init: the replacement block's knobs (docs/method.md 4).
     local_fit: None/False (the paper's init), "gamma" (closed-form per-channel gamma on 8
         recorded sequences: cheap, the CLI default), True or "full" (DEFAULT_LOCAL_FIT), a
         LocalFit or a dict of its fields: fit the replacement blocks to the dense blocks'

@@ -1,4 +1,4 @@
-"""Saving, loading and exporting converted models (DESIGN.md, "Model integration").
+"""Saving, loading and exporting converted models (docs/design.md section 4).
 
 - :func:`save_pretrained` / :func:`from_pretrained`: a checkpoint that stores each shared tensor
   once plus ``flexigpt.json`` (method, blocks, base map, the sharing map), reloaded to

@@ -1,4 +1,4 @@
-"""heal(): recovery training of a pruned model (METHOD.md section 4).
+"""heal(): recovery training of a pruned model (docs/method.md section 7).
 
     loss = lm_weight * CE(logits[:, :-1], ids[:, 1:])  (+ distillation terms, see .distill)
 

@@ -1,4 +1,4 @@
-"""extend(): repeated blocks sharing the original weights (METHOD.md section 5).
+"""extend(): repeated blocks sharing the original weights (docs/method.md section 6).
 
 Tiny random models (hidden 32, 4 blocks, embeddings with std 1 so the residual stream has a
 realistic scale relative to the output norm's sqrt(hidden)).

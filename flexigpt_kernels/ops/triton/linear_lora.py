@@ -5,7 +5,7 @@
 Every operand is addressed through strides, so the backward reuses the same kernel on
 transposed views (grad_x = dy @ W + s (dy @ B) @ A is this op with w = W.T, a = B.T, b = A.T).
 
-LoRA modes (the kernel plan of DESIGN.md):
+LoRA modes (README, "Triton kernel regimes"):
   LORA_NONE       plain GEMM (the shrink x @ a.T itself, weight gradients).
   LORA_FUSED      small M (decode): the shrink s = x @ a.T accumulates inside the K loop from
                   the x tile already loaded for the base GEMM; the expand s @ b.T is added

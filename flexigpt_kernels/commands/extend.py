@@ -1,6 +1,6 @@
 """`flexigpt extend`: grow a model by repeating blocks that share the original weights, and save it.
 
-    flexigpt extend DIR_OR_DEFAULT --layers a:b [--pattern block|sequential] [--repeats k] --out DIR
+    flexigpt extend [DIR_OR_DEFAULT] --layers a:b [--pattern block|sequential] [--repeats k] --out DIR
 
 Each repeat after the first shares its original's weights and owns a zero-initialised adapter
 and output norms with a small gamma (flexigpt_kernels.convert.extend). Unless --no-eval, the
@@ -30,8 +30,9 @@ def _layer_range(text: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="DIR_OR_DEFAULT", type=nonempty,
-                   help="Hugging Face folder or hub name of a dense causal LM, or 'default' (embedded SmolLM2-135M)")
+    p.add_argument("model", metavar="DIR_OR_DEFAULT", type=nonempty, nargs="?", default="default",
+                   help="Hugging Face folder or hub name of a dense causal LM, or 'default' (the embedded "
+                        "SmolLM2-135M, also when omitted)")
     p.add_argument("--layers", required=True, type=_layer_range,
                    help="source block range a:b (b exclusive), e.g. 10:20")
     p.add_argument("--pattern", choices=["block", "sequential"], default="block",

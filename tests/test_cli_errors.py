@@ -36,7 +36,23 @@ def fs(tmp_path_factory):
     (d / "text.txt").write_text("some text\n" * 20)
     (d / "model_dir").mkdir()  # a folder that is a model only by name
     (d / "model_dir" / "weights.bin").write_bytes(b"\0" * 8)
+    (d / "bad_config").mkdir()  # damaged files of a model folder and of a checkpoint
+    (d / "bad_config" / "config.json").write_text("{")
+    (d / "bad_record").mkdir()
+    (d / "bad_record" / "config.json").write_text("{}")
+    (d / "bad_record" / "flexigpt.json").write_text("[1, 2")
+    _truncated_checkpoint(d / "bad_weights")
     return d
+
+
+def _truncated_checkpoint(path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=32)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
 
 
 # (argv, words the message must contain); "{d}" is the fixture folder
@@ -97,7 +113,10 @@ CASES = [
     ("eval default --include-path /nonexistent", ["--include-path", "does not exist"]),
     ("eval default --limit 0", ["--limit", "> 0"]),
     ("eval default --baseline /nonexistent", ["--baseline", "does not exist"]),
+    ("eval {d}/bad_config", ["DIR"]),
+    ("eval {d}/bad_weights --data none", ["DIR"]),
     # generate
+    ("generate {d}/bad_record --prompt hi", ["DIR"]),
     ("generate /nonexistent/ckpt --prompt hi", ["DIR", "does not exist"]),
     ("generate {d}/empty_dir --prompt hi", ["DIR", "not a model folder"]),
     ("generate {d}/empty_dir --prompt hi --max-new-tokens 0", ["--max-new-tokens", ">= 1"]),

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,50 +51,30 @@ def finite_float(text: str) -> float:
     return _number(text, float)
 
 
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if value <= 0:
-        raise _error(f"expected a number > 0, got {text!r}")
-    return value
+def _in_range(kind, what: str, *, above=None, at_least=None, below=None, at_most=None) -> Callable[[str], object]:
+    """A validator of `kind` numbers within the given bounds (`what` says which, in errors)."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if ((above is not None and value <= above) or (at_least is not None and value < at_least)
+                or (below is not None and value >= below) or (at_most is not None and value > at_most)):
+            raise _error(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise _error(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number in (0, 1)."""
-    value = _number(text, float)
-    if not 0 < value < 1:
-        raise _error(f"expected a fraction in (0, 1), got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise _error(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise _error(f"expected an integer >= 0, got {text!r}")
-    return value
+positive_float = _in_range(float, "a number > 0", above=0)
+non_negative_float = _in_range(float, "a number >= 0", at_least=0)
+fraction = _in_range(float, "a fraction in (0, 1)", above=0, below=1)
+fraction_or_one = _in_range(float, "a number in (0, 1]", above=0, at_most=1)
+positive_int = _in_range(int, "an integer >= 1", at_least=1)
+non_negative_int = _in_range(int, "an integer >= 0", at_least=0)
 
 
 def rank(text: str):
     """An adapter rank: an integer >= 1, or a fraction of the hidden size in (0, 1]."""
     if re.fullmatch(r"\s*\d+\s*", text):
         return positive_int(text)
-    value = _number(text, float)
-    if not 0 < value <= 1:
-        raise _error(f"expected an integer >= 1 or a fraction of the hidden size in (0, 1], got {text!r}")
-    return value
+    return _in_range(float, "an integer >= 1 or a fraction of the hidden size in (0, 1]", above=0, at_most=1)(text)
 
 
 def listing(item: Callable[[str], object], *, choices: Optional[tuple[str, ...]] = None,
@@ -148,9 +130,10 @@ def check_out(path: str, overwrite: bool, argument: str = "--out") -> None:
         check_out_dir(path, overwrite)
 
 
-def fraction_or_one(text: str) -> float:
-    """A number in (0, 1]."""
-    value = _number(text, float)
-    if not 0 < value <= 1:
-        raise _error(f"expected a number in (0, 1], got {text!r}")
-    return value
+def print_result(result: dict, as_json: bool, text: Callable[[], str]) -> None:
+    """Print `result` as one JSON line, or the human-readable `text()`."""
+    if as_json:
+        json.dump(result, sys.stdout, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(text())

@@ -4,13 +4,11 @@ and `flexigpt demo` (flexigpt_kernels/demo.py). Not a command itself."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
 from ..cli import UsageError
 from ._common import DTYPES, check_out, finite_float, fraction, listing, non_negative_int, nonempty, out_dir, \
-    positive_int, rank, user_input
+    positive_int, print_result, rank, user_input
 
 
 def add_arguments(p: argparse.ArgumentParser, *, require_out: bool = True) -> None:
@@ -76,9 +74,5 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.json,
     )
     summary["seconds"] = {"load_model": load_s, **summary["seconds"]}
-    if args.json:
-        json.dump(summary, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(format_summary(summary))
+    print_result(summary, args.json, lambda: format_summary(summary))
     return 0

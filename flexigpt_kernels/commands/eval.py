@@ -12,14 +12,13 @@ architecture is SmolLM2-135M's (llama, hidden 576, 9 heads, vocab 49152, 30 sour
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from ..cli import UsageError
-from ._common import DTYPES, existing_dir, non_negative_int, nonempty, positive_float, positive_int, user_input
+from ._common import DTYPES, existing_dir, non_negative_int, nonempty, positive_float, positive_int, print_result, \
+    user_input
 
 DEFAULT_SOURCE = "default"
 # SmolLM2-135M(-Instruct): what a checkpoint derived from the embedded default looks like
@@ -203,9 +202,5 @@ def run(args: argparse.Namespace) -> int:
         del base_model
     summary["model"] = evaluate_model(model, tokenizer, label="model", **kw)
     summary["seconds"] = {"load": load_s, "total": time.perf_counter() - t0}
-    if args.json:
-        json.dump(summary, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(format_table(summary))
+    print_result(summary, args.json, lambda: format_table(summary))
     return 0

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 
 from ..cli import UsageError
 from ._common import check_out, finite_float, listing, non_negative_float, non_negative_int, nonempty, out_dir, \
-    positive_float, positive_int, user_input
+    positive_float, positive_int, print_result, user_input
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,11 +134,7 @@ def run(args: argparse.Namespace) -> int:
         summary = report.to_dict()
         summary.update(out=str(out), lora_layers_merged=merged)
         (out / "heal_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if args.json:
-            json.dump(summary, sys.stdout)
-            sys.stdout.write("\n")
-        else:
-            print(format_report(report, out))
+        print_result(summary, args.json, lambda: format_report(report, out))
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return 0

@@ -15,7 +15,8 @@ executed: ``trust_remote_code`` is never passed.
 ``perplexity`` read: ``None`` or ``"default"`` become the embedded texts of a split
 (``assets.default_texts``), a local file or folder is checked (exists, is readable, holds a
 supported non-empty file), a dataset name is checked against the offline setting. Texts, rows and
-token tensors pass through unchanged.
+token tensors pass through unchanged. A dataset name is checked against the hub (offline
+setting, then the dataset's metadata).
 
 Both raise ValueError / FileNotFoundError / NotADirectoryError / PermissionError naming the
 argument (``model:``, ``data:``) for bad input, before any weight is read where possible.
@@ -212,8 +213,9 @@ def resolve_data(source: Any = DEFAULT, split: str = "calibration", *, what: str
     None / "default": the embedded texts of `split` ("calibration": Wikipedia sample,
     "heldout": news text). A path: its string, once it is known to exist, be readable and hold
     at least one non-empty .txt/.jsonl/.json/.parquet file. A dataset name ("name" or
-    "org/name[:config]"): returned unchanged unless the hub is offline. Texts, rows and token
-    tensors: returned unchanged. `what` names the argument in errors.
+    "org/name[:config]"): returned unchanged once the hub has its metadata (not offline, the
+    dataset exists). Texts, rows and token tensors: returned unchanged. `what` names the
+    argument in errors.
     """
     if source is None or (isinstance(source, str) and source == DEFAULT):
         from ..assets import default_texts
@@ -233,6 +235,14 @@ def resolve_data(source: Any = DEFAULT, split: str = "calibration", *, what: str
     if _hub_offline():
         raise FileNotFoundError(f"{what}: {text!r} is not a local file or folder, and the Hugging Face hub is "
                                 "offline (HF_HUB_OFFLINE is set)")
+    try:  # what load_dataset reads first (metadata, no data): fails here, not minutes later
+        import datasets
+
+        name, _, config = text.partition(":")
+        datasets.load_dataset_builder(name, config or None)
+    except Exception as exc:  # noqa: BLE001 - unreachable, unknown, gated: all mean "cannot read it"
+        raise FileNotFoundError(f"{what}: {text!r} is not a local file or folder, and the dataset hub could not "
+                                f"provide it ({_one_line(exc)})") from exc
     return text
 
 

@@ -118,3 +118,14 @@ def test_one_no_init_weights_helper():
 
     with no_init_weights():
         pass
+
+
+def test_unreachable_dataset_name_is_named(monkeypatch):
+    import datasets
+
+    def unreachable(name, config=None, **kw):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", unreachable)
+    with pytest.raises(FileNotFoundError, match="data: 'org/data' is not a local file.*Couldn't reach"):
+        resolve_data("org/data")

@@ -25,7 +25,6 @@ asking for the default model or texts without them raises ImportError naming the
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import html
@@ -116,17 +115,6 @@ def _load_gguf(directory: str, filename: str):
     return config, state_dict, tokenizer
 
 
-def _no_init_weights():
-    try:  # transformers >= 5
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()
-
-
 def _check_round_trip(tokenizer) -> None:
     ids = tokenizer.encode(_ROUND_TRIP, add_special_tokens=False)
     back = tokenizer.decode(ids)
@@ -147,10 +135,12 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     _require_demo_package("gguf", "the default model (a GGUF file)")
+    from .io.load import no_init_weights
+
     config, state_dict, tokenizer = _load_gguf(*default_model_path())
     config = copy.deepcopy(config)
     config.dtype = dtype
-    with _no_init_weights():  # every persistent tensor is overwritten just below
+    with no_init_weights():  # every persistent tensor is overwritten just below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # copies the cached tensors into the fresh parameters (tied ones share a parameter)
     model.load_state_dict(state_dict, strict=True)

@@ -39,7 +39,6 @@ the stored one. A stock ``from_pretrained`` of a "flexigpt" checkpoint would *no
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -51,6 +50,7 @@ from torch import nn
 from ..convert.families import family_of, num_layers
 from ..convert.replacement import convert_blocks, replacement_blocks
 from ..nn import OutputNorm, SharedLoRALinear
+from .load import no_init_weights
 from ._write import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, save_tensors, write_hf_files
 from .manifest import check_against_config, check_aliases, check_shapes, parse_manifest, torch_dtype, validate_manifest
 
@@ -188,14 +188,6 @@ def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older transformers
-        return contextlib.nullcontext()
-    return no_init_weights()
-
-
 def _resize_adapter(module: SharedLoRALinear, rank: int) -> None:
     w = module.lora_a
     module.lora_a = nn.Parameter(torch.empty(rank, module.in_features, device=w.device, dtype=w.dtype))
@@ -272,7 +264,7 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
     device = torch.device(device) if device is not None else torch.device("cpu")
     if record.get("architectures"):
         config.architectures = list(record["architectures"])  # the Hugging Face class, not the serving name
-    with device, _no_init():
+    with device, no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _rebuild(model, record)
     check_aliases(model, record, directory / FLEXIGPT_CONFIG_NAME)

@@ -171,14 +171,14 @@ def compare_recovery(
     recipe = recipe or FlexiGPTRecipe()
     t_all = time.perf_counter()
     if model is None:
-        from ..assets import load_default_model
+        from ..io.load import load_model
 
-        model, tokenizer = load_default_model()
-    if train_texts is None or heldout_texts is None:
-        from ..assets import default_texts
+        loaded = load_model("default")
+        model, tokenizer = loaded.model, loaded.tokenizer
+    from ..io.load import resolve_data
 
-        train_texts = default_texts("calibration") if train_texts is None else train_texts
-        heldout_texts = default_texts("heldout") if heldout_texts is None else heldout_texts
+    train_texts = resolve_data(train_texts, "calibration", what="train_texts")
+    heldout_texts = resolve_data(heldout_texts, "heldout", what="heldout_texts")
     model.eval()
     tokens_per_step = batch_size * seq_len
     max_steps = max(1, -(-max(budgets) // tokens_per_step))

@@ -192,6 +192,18 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
         _ACTIVE.discard(tmp)
 
 
+def model_class(model: nn.Module) -> type:
+    """The model's own class (FSDP2 makes an `FSDP<Class>` subclass of a wrapped module)."""
+    cls = type(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return cls
+    if issubclass(cls, FSDPModule):
+        cls = next(b for b in cls.__bases__ if b is not FSDPModule)
+    return cls
+
+
 def _storage_key(t: torch.Tensor):
     return (t.device, t.untyped_storage().data_ptr()) if t.device.type != "meta" else (t.device, id(t))
 
@@ -242,7 +254,7 @@ def write_hf_files(directory: Path, model: nn.Module, dtype: torch.dtype | None,
     """config.json (the model's config, architectures and dtype set), generation_config.json
     when the model has one, and the tokenizer when given."""
     config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
+    config.architectures = [model_class(model).__name__]
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(directory)

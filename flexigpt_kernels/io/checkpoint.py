@@ -50,8 +50,9 @@ from torch import nn
 from ..convert.families import family_of, num_layers
 from ..convert.replacement import convert_blocks, replacement_blocks
 from ..nn import OutputNorm, SharedLoRALinear
+from ._write import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, model_class, save_tensors,
+                     write_hf_files)
 from .load import no_init_weights
-from ._write import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, save_tensors, write_hf_files
 from .manifest import check_against_config, check_aliases, check_shapes, parse_manifest, torch_dtype, validate_manifest
 
 __all__ = [
@@ -135,13 +136,15 @@ def _derived_meta(model: nn.Module, shared: dict, output_norms: dict) -> dict[st
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=None, *,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write `model` (converted by prune(), or a plain supported model) to `directory`.
 
     Writes model.safetensors (each shared or tied tensor once), config.json, flexigpt.json,
     generation_config.json when present and the tokenizer when given (see the module doc).
     Refuses an existing non-empty `directory` unless overwrite=True; writes into a temporary
     directory beside it and renames it into place. Returns the directory's path.
+    `state_dict` replaces model.state_dict() (a model sharded with FSDP2: pass
+    train.shard.full_state_dict(model), gathered by every process, and save on one).
     """
     output_norms = {n: float(m.eps) for n, m in model.named_modules() if isinstance(m, OutputNorm)}
     shared = sharing_map(model)
@@ -154,12 +157,13 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     if {int(k): int(v) for k, v in meta.get("base_map", {}).items()} != base_map:
         raise ValueError(f"model.flexigpt_meta['base_map'] {meta.get('base_map')} disagrees with the model's "
                          f"replacement blocks {base_map}")
-    state_dict = model.state_dict()
+    if state_dict is None:
+        state_dict = model.state_dict()
     dtype = dominant_dtype(state_dict.values())
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         aliases = save_tensors(state_dict, tmp / WEIGHTS_NAME)
         write_hf_files(tmp, model, dtype, tokenizer)
-        hf_architecture = type(model).__name__
+        hf_architecture = model_class(model).__name__
         if base_map:
             _name_serving_architecture(tmp, hf_architecture)
         record = {**meta, "shared": shared, "output_norms": output_norms, "aliases": aliases,

@@ -73,8 +73,9 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state((kind, keys, *rest))
 
 
-def save_checkpoint(runtime, checkpoint_dir, step: int, state: dict) -> Path:
-    """Write the checkpoint of `step` (collective: every process calls it)."""
+def save_checkpoint(runtime, checkpoint_dir, step: int, state: dict, write_shards=None) -> Path:
+    """Write the checkpoint of `step` (collective: every process calls it). `write_shards(folder)`,
+    when given, is called by every process before the folder is marked complete (sharded state)."""
     final = step_dir(checkpoint_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if runtime.is_main:
@@ -83,6 +84,8 @@ def save_checkpoint(runtime, checkpoint_dir, step: int, state: dict) -> Path:
         tmp.mkdir(parents=True)
     runtime.wait()
     torch.save(rng_state(), tmp / f"rng-rank{runtime.rank}.pt")
+    if write_shards is not None:
+        write_shards(tmp)
     runtime.wait()
     if runtime.is_main:
         torch.save(state, tmp / STATE)

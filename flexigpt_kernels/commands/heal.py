@@ -4,8 +4,9 @@ DIR is a checkpoint written by `flexigpt prune` (flexigpt_kernels.io.save_pretra
 plain Hugging Face causal-LM folder, or "default" (see flexigpt_kernels.io.load_model). SOURCE
 is any calibration source (dataset name, .txt / .jsonl / .parquet file or folder), or "default"
 for the embedded Wikipedia sample. Multi-process:
-`accelerate launch -m flexigpt_kernels.cli heal ...` (or torchrun) trains with DDP; only the
-main process writes. LoRA added by --trainable lora_kept (the default, with the replacement
+`accelerate launch -m flexigpt_kernels.cli heal ...` (or torchrun) trains with DDP;
+`torchrun ... heal ... --fsdp`, or accelerate with an FSDP2 config, shards the model by sharing
+group (flexigpt_kernels.train.shard). Only the main process writes. LoRA added by --trainable lora_kept (the default, with the replacement
 adapters) is merged into the weights before saving; where a kept block is also a replacement
 block's base, the replacement absorbs the difference in its adapter (see train.merge_lora).
 """
@@ -67,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--accelerate", action="store_true",
                    help="use Hugging Face accelerate (automatic when launched by accelerate launch / torchrun)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard with FSDP2, one unit per sharing group, over plain torch.distributed (launch with "
+                        "torchrun); with accelerate launch, use an FSDP2 config instead (python/accelerate_fsdp2.yaml)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -78,7 +82,8 @@ def _distributed_launch() -> bool:
 def run(args: argparse.Namespace) -> int:
     from ..io import load_model, resolve_data
     from ..io.load import locate_model
-    from ..train import heal, merge_lora
+    from ..train import heal, merge_lora, select_trainable
+    from ..train.shard import load_into_unsharded
 
     out = Path(args.out)
     check_out(args.out, args.overwrite)
@@ -98,11 +103,15 @@ def run(args: argparse.Namespace) -> int:
         with user_input("--eval-data"):
             eval_data = resolve_data(args.eval_data, "heldout", what="eval_data")
     accelerator = None
-    if args.accelerate or _distributed_launch():
+    if args.fsdp:
+        if args.accelerate:
+            raise UsageError("--fsdp: not with --accelerate (give accelerate an FSDP2 config instead)")
+        _init_process_group()
+    elif args.accelerate or _distributed_launch():
         from accelerate import Accelerator
 
         accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    is_main = accelerator is None or accelerator.is_main_process
+    is_main = accelerator.is_main_process if accelerator is not None else _rank() == 0
     with user_input("DIR"):
         loaded = load_model(args.model)
     teacher = None
@@ -117,13 +126,19 @@ def run(args: argparse.Namespace) -> int:
         grad_accum=args.grad_accum, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
         teacher=teacher, distill=tuple(args.distill) if teacher is not None else None,
-        kl_temperature=args.kl_temperature, trainable=trainable if len(trainable) > 1 else trainable[0],
+        kl_temperature=args.kl_temperature, trainable=_trainable_arg(trainable),
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         eval_data=eval_data, eval_every=args.eval_every,
         eval_chunks=args.eval_chunks, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
         resume=args.resume, mixed_precision="no" if accelerator is not None else args.mixed_precision,
-        seed=args.seed, progress=is_main and not args.json, accelerator=accelerator,
+        seed=args.seed, progress=is_main and not args.json, accelerator=accelerator, fsdp=args.fsdp or None,
     )
+    if args.fsdp or (accelerator is not None and accelerator.is_fsdp2):
+        # the trained tensors are sharded DTensors: gather them into an unwrapped copy of the
+        # same model (every process takes part) before merging LoRA and saving on process 0
+        fresh = load_model(args.model, tokenizer=False).model
+        select_trainable(fresh, _trainable_arg(trainable), lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+        model = load_into_unsharded(model, fresh)
     if is_main:
         from ..io import save_pretrained
 
@@ -137,7 +152,37 @@ def run(args: argparse.Namespace) -> int:
         print_result(summary, args.json, lambda: format_report(report, out))
     if accelerator is not None:
         accelerator.wait_for_everyone()
+    elif args.fsdp:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
+
+
+def _trainable_arg(trainable: tuple[str, ...]):
+    """One set name as itself, several as a tuple (what heal() and select_trainable take)."""
+    return trainable if len(trainable) > 1 else trainable[0]
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _init_process_group() -> None:
+    """--fsdp: join the processes torchrun started (gloo on the CPU, nccl with CUDA)."""
+    import torch
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ:
+        raise UsageError("--fsdp: start the command with torchrun (e.g. torchrun --nproc_per_node 2 -m "
+                         "flexigpt_kernels.cli heal ... --fsdp)")
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def format_report(report, out=None) -> str:

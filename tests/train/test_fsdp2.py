@@ -31,7 +31,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(ROOT / "tests/train/fsdp2_worker.py"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -111,3 +111,45 @@ def test_killed_fsdp2_run_resumes_on_two_processes_and_on_one(tmp_path, one_proc
 def test_fsdp2_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         heal(tiny_pruned(), token_data(8), fsdp=True, **{**KWARGS, "eval_data": None})
+
+
+def test_heal_cli_with_fsdp_under_torchrun_saves_what_one_process_saves(tmp_path):
+    from flexigpt_kernels.cli import main
+
+    from .helpers import byte_tokenizer
+
+    train = tmp_path / "train.txt"
+    train.write_text("the cat sat on the mat and the dog sat on the log\n" * 40)
+    src = tmp_path / "pruned"
+    save_pretrained(tiny_pruned(vocab=257), src, byte_tokenizer())
+    common = ["heal", str(src), "--data", str(train), "--steps", "2", "--lr", "1e-2", "--seq-len", "32",
+              "--lora-rank", "2", "--json"]  # default trainable set: adapters + LoRA on kept blocks (merged)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "flexigpt_kernels.cli",
+           *common, "--batch-size", "1", "--out", str(tmp_path / "sharded"), "--fsdp"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "single")]) == 0
+    sharded, single = (load_file(tmp_path / d / "model.safetensors") for d in ("sharded", "single"))
+    assert sharded.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_heal_cli_fsdp_outside_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from flexigpt_kernels.cli import main
+
+    from .helpers import byte_tokenizer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train = tmp_path / "train.txt"
+    train.write_text("some text to train on\n" * 10)
+    src = tmp_path / "pruned"
+    save_pretrained(tiny_pruned(vocab=257), src, byte_tokenizer())
+    assert main(["heal", str(src), "--data", str(train), "--steps", "1", "--out", str(tmp_path / "o"),
+                 "--fsdp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "start the command with torchrun" in err[0]
+

@@ -4,7 +4,8 @@ A checkpoint is a folder ``<checkpoint_dir>/step-<NNNNNNNN>/`` holding
 
 - ``state.pt``: the trainable tensors by parameter name (frozen ones are not saved: resume from
   the same starting model), the optimizer, LR scheduler and grad-scaler states, the history
-  (losses, learning rates, eval perplexities, tokens seen) and the run's settings;
+  (losses, learning rates, eval perplexities, tokens seen) and the run's settings; under FSDP2
+  the trainable tensors and the optimizer state are in ``dcp/`` instead (see .sharded_state);
 - ``rng-rank<R>.pt``: each process's RNG states (torch CPU and CUDA, Python, NumPy);
 - ``complete``: written last; a folder without it (a run killed while saving) is ignored.
 
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from .sharded_state import has_shards
 
 STATE, COMPLETE = "state.pt", "complete"
 
@@ -103,7 +106,9 @@ def load_checkpoint(path: Union[str, os.PathLike], rank: int = 0) -> tuple[dict,
     if not (path / COMPLETE).exists():
         raise FileNotFoundError(f"{path} is not a complete heal() checkpoint (no {COMPLETE!r} marker)")
     state = _safe_load(path / STATE)
-    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    # under FSDP2 the trainable tensors and optimizer state are the sharded dcp/ folder instead
+    keys = _STATE_KEYS if not has_shards(path) else tuple(k for k in _STATE_KEYS if k not in _SHARDED_KEYS)
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{path / STATE} is not a heal() training state (missing {missing})")
     rng_file = path / f"rng-rank{rank}.pt"
@@ -114,6 +119,7 @@ def load_checkpoint(path: Union[str, os.PathLike], rank: int = 0) -> tuple[dict,
 
 
 _STATE_KEYS = ("step", "settings", "params", "optimizer", "scheduler", "scaler", "history")
+_SHARDED_KEYS = ("params", "optimizer")  # in .sharded_state's dcp/ folder when written under FSDP2
 # what NumPy's RNG state array pickles as (RNG files written before the state became a tensor)
 _LEGACY_NUMPY_GLOBALS = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
                          "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType"}

@@ -57,6 +57,7 @@ from .manifest import check_against_config, check_aliases, check_shapes, parse_m
 
 __all__ = [
     "read_flexigpt_config",
+    "read_manifest",
     "FLEXIGPT_CONFIG_NAME",
     "FORMAT_VERSION",
     "SUPPORTED_FORMAT_VERSIONS",
@@ -183,6 +184,12 @@ def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
             hint = (" (it looks like a plain Hugging Face checkpoint: load it with "
                     "transformers.AutoModelForCausalLM.from_pretrained)")
         raise FileNotFoundError(f"{directory}: no {FLEXIGPT_CONFIG_NAME}, so not a flexigpt_kernels checkpoint{hint}")
+    return read_manifest(path)
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The flexigpt.json file `path`, its format version checked and its content validated (see
+    .manifest): ValueError naming the file and the field."""
     record = parse_manifest(path)
     version = record.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:

@@ -155,3 +155,14 @@ def test_sharded_state_round_trips_and_a_missing_tensor_is_a_value_error(tmp_pat
     bigger, bigger_opt = _trained(extra=True)
     with pytest.raises(ValueError, match=r"dcp lacks trainable tensors \['2.bias', '2.weight'\]"):
         load_shards(tmp_path, bigger, bigger_opt)
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3))
+    wider[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"dcp holds tensors of other shapes .*1.bias \(2,\) vs \(3,\)"):
+        load_shards(tmp_path, wider, torch.optim.AdamW([p for p in wider.parameters() if p.requires_grad]))
+
+
+def test_resuming_with_another_adapter_rank_is_a_value_error(tmp_path):
+    kwargs = dict(steps=2, lr=1e-2, seq_len=SEQ, batch_size=2, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    heal(tiny_pruned(rank=4), token_data(16), **kwargs)
+    with pytest.raises(ValueError, match=r"resume: .*step-00000002 holds tensors of other shapes.*lora_a \(4, 64\) vs \(2, 64\)"):
+        heal(tiny_pruned(rank=2), token_data(16), resume=True, **kwargs)

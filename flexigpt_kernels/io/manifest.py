@@ -79,29 +79,30 @@ def _field(path, rule: Mapping[str, Any]) -> str:
     return text
 
 
+# how a failed keyword reads: {rule} is the keyword's value in the schema, {value} the field's
+_PROBLEMS = {
+    "type": "expected {types}, got {described}",
+    "enum": "expected one of {rule}, got {described}",
+    "minimum": "must be >= {rule}, got {value}",
+    "exclusiveMinimum": "must be > {rule}, got {value}",
+    "minItems": "expected at least {rule} items, got {count}",
+    "pattern": "{value!r} is not of the form {rule}",
+}
+
+
 def _problem(error: jsonschema.ValidationError) -> tuple[list, str]:
     """(path to the field, what is wrong with it) for one jsonschema error."""
     path, value, rule, kind = list(error.absolute_path), error.instance, error.validator_value, error.validator
-    if kind == "type":
-        types = [rule] if isinstance(rule, str) else rule
-        problem = f"expected {' or '.join(types)}, got {_describe(value)}"
-    elif kind == "enum":
-        problem = f"expected one of {rule}, got {_describe(value)}"
-    elif kind == "minimum":
-        problem = f"must be >= {rule}, got {value}"
-    elif kind == "exclusiveMinimum":
-        problem = f"must be > {rule}, got {value}"
-    elif kind == "minItems":
-        problem = f"expected at least {rule} items, got {len(value)}"
-    elif kind == "pattern":
-        problem = f"{value!r} is not of the form {rule}"
-    elif kind == "required":
+    if kind == "required":
         return [*path, next(k for k in rule if k not in value)], "missing"
-    elif kind == "additionalProperties" and rule is False:
+    if kind == "additionalProperties" and rule is False:
         known = error.schema.get("properties", {})
         return [*path, next(k for k in value if k not in known)], "unknown field"
-    else:
-        problem = error.message
+    problem = error.message
+    if kind in _PROBLEMS:
+        types = " or ".join(rule) if kind == "type" and isinstance(rule, list) else rule
+        count = len(value) if isinstance(value, (list, dict, str)) else None
+        problem = _PROBLEMS[kind].format(rule=rule, value=value, described=_describe(value), types=types, count=count)
     if "propertyNames" in error.absolute_schema_path:  # `value` is a key of the object at `path`
         return [*path, value], f"key {problem}"
     return path, problem

@@ -52,6 +52,8 @@ from ..convert.families import family_of, num_layers
 from ..convert.replacement import convert_blocks, replacement_blocks
 from ..nn import OutputNorm, SharedLoRALinear
 from ._write import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, save_tensors, write_hf_files
+from .model_card import write_model_card
+from .remote_code import hf_config_dict, write_custom_model
 
 __all__ = [
     "read_flexigpt_config",
@@ -66,10 +68,12 @@ __all__ = [
 ]
 
 FLEXIGPT_CONFIG_NAME = "flexigpt.json"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# 2: config.json names model_type "flexigpt_<family>" (+ auto_map, custom code, "flexigpt" spec)
+# and flexigpt.json records "hf_model_type"; 1: config.json was the plain Hugging Face one
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 # keys of flexigpt.json written by this module (not part of model.flexigpt_meta)
-_IO_KEYS = ("shared", "output_norms", "aliases", "dtype", "architectures")
+_IO_KEYS = ("shared", "output_norms", "aliases", "dtype", "architectures", "hf_model_type", "card")
 SERVING_PREFIX = "FlexiGPT"
 
 
@@ -79,11 +83,25 @@ def serving_architecture(hf_architecture: str) -> str:
     return SERVING_PREFIX + hf_architecture
 
 
-def _name_serving_architecture(directory: Path, hf_architecture: str) -> None:
-    path = directory / CONFIG_NAME
-    config = json.loads(path.read_text())
-    config["architectures"] = [serving_architecture(hf_architecture)]
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+def _write_custom_model(directory: Path, model: nn.Module, shared: dict, output_norms: dict) -> None:
+    """config.json of a model with replacement blocks: its own model_type, the serving
+    architecture name, the rebuild spec, auto_map and the custom code (io/remote_code)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = {names[id(b)]: int(b.flexigpt_base) for b in replacement_blocks(model).values()}
+    spec = {"format_version": FORMAT_VERSION, "base_map": {str(k): v for k, v in sorted(_base_map(model).items())},
+            "blocks": blocks, "shared": shared, "output_norms": output_norms}
+    write_custom_model(directory, hf_model_type=model.config.model_type,
+                       model_class=serving_architecture(type(model).__name__), spec=spec)
+
+
+def _migrate(record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """flexigpt.json of any supported format_version as the current one. Format 1 kept the
+    plain Hugging Face config.json, so its model_type is the source family's."""
+    record = dict(record)
+    if record.get("format_version") == 1:
+        record["hf_model_type"] = config.get("model_type")
+        record["format_version"] = 2
+    return record
 
 
 def sharing_map(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -149,6 +167,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ValueError(f"model.flexigpt_meta has format_version {version!r}; this version writes "
                          f"{SUPPORTED_FORMAT_VERSIONS}")
+    meta["format_version"] = FORMAT_VERSION  # what is written is always the current format
     base_map = _base_map(model)
     if {int(k): int(v) for k, v in meta.get("base_map", {}).items()} != base_map:
         raise ValueError(f"model.flexigpt_meta['base_map'] {meta.get('base_map')} disagrees with the model's "
@@ -160,11 +179,13 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
         write_hf_files(tmp, model, dtype, tokenizer)
         hf_architecture = type(model).__name__
         if base_map:
-            _name_serving_architecture(tmp, hf_architecture)
+            _write_custom_model(tmp, model, shared, output_norms)
         record = {**meta, "shared": shared, "output_norms": output_norms, "aliases": aliases,
                   "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-                  "architectures": [hf_architecture]}
+                  "architectures": [hf_architecture], "hf_model_type": model.config.model_type,
+                  "card": dict(getattr(model, "flexigpt_card", None) or {})}
         (tmp / FLEXIGPT_CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+        write_model_card(tmp, record, model, name=Path(directory).name)
     return Path(directory)
 
 
@@ -182,7 +203,8 @@ def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ValueError(f"{path}: unknown format_version {version!r}; this flexigpt_kernels reads format_version "
                          f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (a newer release may read it)")
-    return record
+    config_path = Path(directory) / CONFIG_NAME
+    return _migrate(record, json.loads(config_path.read_text()) if config_path.is_file() else {})
 
 
 def _no_init():
@@ -256,11 +278,15 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
     is unknown or the stored tensors do not fit the rebuilt model exactly.
     """
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     directory = Path(directory)
     record = read_flexigpt_config(directory)
-    config = AutoConfig.from_pretrained(directory)
+    hf_type = record["hf_model_type"]
+    if hf_type not in CONFIG_MAPPING:
+        raise ValueError(f"{directory / FLEXIGPT_CONFIG_NAME}: hf_model_type {hf_type!r} is unknown to this transformers")
+    config = CONFIG_MAPPING[hf_type].from_dict(hf_config_dict(json.loads((directory / CONFIG_NAME).read_text()),
+                                                              hf_type))
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
     if dtype is None and record.get("dtype"):
@@ -282,6 +308,7 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
                          f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     model.flexigpt_meta = {k: v for k, v in record.items() if k not in _IO_KEYS}
+    model.flexigpt_card = dict(record.get("card") or {})
     from transformers import GenerationConfig
 
     if (directory / "generation_config.json").is_file():

@@ -269,6 +269,17 @@ def _retie(model: nn.Module, alias: str, source: str) -> None:
         setattr(model.get_submodule(owner_name), attr, params[source])
 
 
+def _hf_config(directory: Path, record: dict[str, Any]):
+    """The source family's Hugging Face config of a checkpoint (config.json without FlexiGPT's
+    model_type, auto_map and spec): built here, no custom code is run."""
+    from transformers import CONFIG_MAPPING
+
+    hf_type = record["hf_model_type"]
+    if hf_type not in CONFIG_MAPPING:
+        raise ValueError(f"{directory / FLEXIGPT_CONFIG_NAME}: hf_model_type {hf_type!r} is unknown to this transformers")
+    return CONFIG_MAPPING[hf_type].from_dict(hf_config_dict(json.loads((directory / CONFIG_NAME).read_text()), hf_type))
+
+
 def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype | str] = None,
                     device: Optional[torch.device | str] = None) -> nn.Module:
     """Rebuild a model written by :func:`save_pretrained`, in eval mode, with
@@ -278,15 +289,11 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
     is unknown or the stored tensors do not fit the rebuilt model exactly.
     """
     from safetensors.torch import load_file
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
     record = read_flexigpt_config(directory)
-    hf_type = record["hf_model_type"]
-    if hf_type not in CONFIG_MAPPING:
-        raise ValueError(f"{directory / FLEXIGPT_CONFIG_NAME}: hf_model_type {hf_type!r} is unknown to this transformers")
-    config = CONFIG_MAPPING[hf_type].from_dict(hf_config_dict(json.loads((directory / CONFIG_NAME).read_text()),
-                                                              hf_type))
+    config = _hf_config(directory, record)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
     if dtype is None and record.get("dtype"):
@@ -317,7 +324,12 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
 
 
 def load_tokenizer(directory: str | os.PathLike):
-    """The tokenizer saved beside a checkpoint (transformers.AutoTokenizer)."""
+    """The tokenizer saved beside a checkpoint (transformers.AutoTokenizer; the checkpoint's
+    custom code is never run)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    directory = Path(directory)
+    config = None
+    if (directory / FLEXIGPT_CONFIG_NAME).is_file() and (directory / CONFIG_NAME).is_file():
+        config = _hf_config(directory, read_flexigpt_config(directory))
+    return AutoTokenizer.from_pretrained(directory, config=config, trust_remote_code=False)

@@ -18,7 +18,7 @@ import flexigpt_kernels.io.remote_code.modeling_flexigpt as modeling
 from flexigpt_kernels.convert.extend import extend
 from flexigpt_kernels.convert.families import SUPPORTED_MODEL_TYPES
 from flexigpt_kernels.convert.prune import prune
-from flexigpt_kernels.io import FLEXIGPT_CONFIG_NAME, from_pretrained, save_pretrained
+from flexigpt_kernels.io import FLEXIGPT_CONFIG_NAME, from_pretrained, load_tokenizer, save_pretrained
 from flexigpt_kernels.io.checkpoint import serving_architecture
 from flexigpt_kernels.io.remote_code import CONFIG_CLASSES, REMOTE_CODE_FILES
 from flexigpt_kernels.ops.reference import reference_forward
@@ -153,6 +153,13 @@ def test_stock_transformers_refuses_without_the_custom_code(tmp_path):
     (stripped / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="flexigpt_llama"):
         transformers.AutoModelForCausalLM.from_pretrained(stripped)
+
+
+def test_our_loaders_never_run_or_ask_for_the_custom_code(tmp_path, monkeypatch):
+    path = save_family("llama", tmp_path / "no_prompt")
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("transformers asked whether to run custom code"))
+    assert load_tokenizer(path).eos_token == "<|endoftext|>"
+    assert type(from_pretrained(path)).__name__ == "LlamaForCausalLM"
 
 
 def _as_format_1(path) -> None:

@@ -31,8 +31,8 @@ CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what "default" (the embedded model of flexigpt_kernels.assets) is on the Hub
 _DEFAULT_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_HEALING_KEYS = ("steps", "tokens_seen", "trainable", "trainable_params", "lr", "seconds",
-                 "first_loss", "last_loss", "eval_perplexities", "teacher")
+_HEALING_KEYS = ("steps", "tokens_seen", "trainable", "trainable_params", "lr", "seconds", "data", "teacher",
+                 "eval_perplexities")
 
 
 def card_info(model) -> dict[str, Any]:
@@ -108,13 +108,15 @@ def _metadata(record: dict[str, Any], source: Optional[str], custom_code: bool) 
 
 
 def _healing_lines(runs: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Healing", "", "| run | steps | tokens | trainable | trainable params | lr | loss | held-out perplexity |",
-             "|---|---:|---:|---|---:|---:|---|---|"]
+    lines = ["## Healing (`flexigpt heal`)", "",
+             "| run | data | teacher | steps | tokens | trainable | trainable params | lr | loss | held-out perplexity |",
+             "|---|---|---|---:|---:|---|---:|---:|---|---|"]
     for n, run in enumerate(runs, 1):
-        loss = (f"{run['first_loss']:.4f} -> {run['last_loss']:.4f}" if "first_loss" in run else "-")
+        loss = f"{run['first_loss']:.4f} -> {run['last_loss']:.4f}" if "first_loss" in run else "-"
         ppl = ", ".join(f"step {s}: {p:.2f}" for s, p in run.get("eval_perplexities") or []) or "-"
-        lines.append(f"| {n} | {run.get('steps', '-')} | {run.get('tokens_seen', 0):,} | {run.get('trainable', '-')} | "
-                     f"{run.get('trainable_params', 0):,} | {run.get('lr', '-')} | {loss} | {ppl} |")
+        lines.append(f"| {n} | {run.get('data', '-')} | {run.get('teacher') or '-'} | {run.get('steps', '-')} | "
+                     f"{run.get('tokens_seen', 0):,} | {run.get('trainable', '-')} | {run.get('trainable_params', 0):,} | "
+                     f"{run.get('lr', '-')} | {loss} | {ppl} |")
     return lines + [""]
 
 
@@ -128,10 +130,14 @@ def _load_lines(name: str, method: str, custom_code: bool, vllm: bool) -> list[s
         lines += ["# stock transformers, without flexigpt_kernels: the custom code in this folder",
                   "from transformers import AutoModelForCausalLM",
                   f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)']
-    if vllm:
+    if method in ("drop", "none"):
+        lines += ["# vLLM, as it is", f'from vllm import LLM; llm = LLM(model="{name}")']
+    elif vllm:
         lines += ['# vLLM (pip install "flexigpt-kernels[vllm]": its plugin registers the architecture)',
                   f'from vllm import LLM; llm = LLM(model="{name}")']
     lines += ["```", ""]
+    if method not in ("drop", "none") and not vllm:
+        lines += ["vLLM: the flexigpt_kernels plugin does not serve this family (Llama, Mistral and Qwen2 only).", ""]
     if method not in ("drop", "none"):
         lines += ["Without `trust_remote_code` (or this package) transformers refuses the checkpoint: its "
                   "`model_type` is FlexiGPT's own, so it is never loaded as a plain model with random blocks.", ""]

@@ -11,10 +11,14 @@ marked by ``block.flexigpt_base`` and listed in ``base_map``. A checkpoint direc
   count is unchanged; for "drop" it is the reduced count, for "extend" the grown one; a
   "drop" directory is a plain Hugging Face checkpoint that stock
   ``AutoModelForCausalLM.from_pretrained`` loads). A model with replacement blocks
-  ("flexigpt", "extend") names ``"FlexiGPT" + its class`` in ``architectures`` (e.g.
-  ``FlexiGPTLlamaForCausalLM``, the class that the vLLM plugin registers, see
-  ``flexigpt_kernels.integrations.vllm``); its Hugging Face class is kept in flexigpt.json
-  (``"architectures"``). Loading builds from ``model_type``, so either name loads here.
+  ("flexigpt", "extend") is a custom architecture (format 2): ``model_type``
+  ``"flexigpt_" + the family's`` (``flexigpt_llama``: stock transformers refuses it instead of
+  building a plain model with random blocks), ``architectures`` ``"FlexiGPT" + its class``
+  (``FlexiGPTLlamaForCausalLM``: the class the vLLM plugin registers and the custom code
+  defines), ``auto_map`` naming ``configuration_flexigpt.py`` / ``modeling_flexigpt.py``
+  (copied from ``io/remote_code``, so ``AutoModelForCausalLM.from_pretrained(DIR,
+  trust_remote_code=True)`` builds the correct model without this package), and ``flexigpt``,
+  the rebuild spec the custom code reads (base_map, blocks, shared, output_norms).
 - ``flexigpt.json``: ``model.flexigpt_meta`` (format_version, method, family, pruned blocks,
   base_map, rank, scale, norm settings) plus what rebuilding needs::
 
@@ -26,15 +30,20 @@ marked by ``block.flexigpt_base`` and listed in ``base_map``. A checkpoint direc
       "aliases": {"lm_head.weight": "model.embed_tokens.weight"}
       "dtype": "float32"
       "architectures": ["LlamaForCausalLM"]       # the Hugging Face class
+      "hf_model_type": "llama"                    # the family's model_type (format 2)
+      "card": {...}                               # model.flexigpt_card: what README.md reports
 
+- ``README.md``: the model card (:mod:`flexigpt_kernels.io.model_card`).
 - ``generation_config.json`` when the model has one, and the tokenizer files when given.
 
-Loading builds the architecture from config.json (Hugging Face ``from_config`` with weight
-initialisation skipped), re-creates the replacement blocks from the base map (no SVD: the
+Format 1 (config.json the plain Hugging Face one, no hf_model_type) still loads: it is
+migrated on reading, and saving the loaded model writes format 2.
+
+Loading builds the architecture from config.json (the family's Hugging Face config, FlexiGPT's
+model_type, auto_map and spec removed; ``from_config`` with weight initialisation skipped; the
+custom code is never run), re-creates the replacement blocks from the base map (no SVD: the
 adapters are loaded), loads the state dict strictly and checks the rebuilt sharing map equals
-the stored one. A stock ``from_pretrained`` of a "flexigpt" checkpoint would *not* be right
-(replacement blocks would get random weights): use :func:`from_pretrained` here, or
-:func:`flexigpt_kernels.io.export_dense` for a plain checkpoint.
+the stored one.
 """
 
 from __future__ import annotations

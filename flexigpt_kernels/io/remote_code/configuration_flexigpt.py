@@ -40,45 +40,21 @@ def flexigpt_model_type(base_model_type: str) -> str:
     return PREFIX + base_model_type
 
 
-class FlexiGPTLlamaConfig(LlamaConfig):
-    model_type = "flexigpt_llama"
-    base_model_type = "llama"
+def _flexigpt_config(hf_config: type) -> type:
+    """FlexiGPT<HF config class>: the family's configuration under FlexiGPT's model_type."""
+    return type(f"FlexiGPT{hf_config.__name__}", (hf_config,), {
+        "model_type": flexigpt_model_type(hf_config.model_type), "base_model_type": hf_config.model_type,
+        "__module__": __name__})
 
 
-class FlexiGPTMistralConfig(MistralConfig):
-    model_type = "flexigpt_mistral"
-    base_model_type = "mistral"
-
-
-class FlexiGPTQwen2Config(Qwen2Config):
-    model_type = "flexigpt_qwen2"
-    base_model_type = "qwen2"
-
-
-class FlexiGPTQwen3Config(Qwen3Config):
-    model_type = "flexigpt_qwen3"
-    base_model_type = "qwen3"
-
-
-class FlexiGPTGemma2Config(Gemma2Config):
-    model_type = "flexigpt_gemma2"
-    base_model_type = "gemma2"
-
-
-class FlexiGPTGemma3TextConfig(Gemma3TextConfig):
-    model_type = "flexigpt_gemma3_text"
-    base_model_type = "gemma3_text"
-
-
-class FlexiGPTPhi3Config(Phi3Config):
-    model_type = "flexigpt_phi3"
-    base_model_type = "phi3"
-
-
-class FlexiGPTOPTConfig(OPTConfig):
-    model_type = "flexigpt_opt"
-    base_model_type = "opt"
-
+FlexiGPTLlamaConfig = _flexigpt_config(LlamaConfig)
+FlexiGPTMistralConfig = _flexigpt_config(MistralConfig)
+FlexiGPTQwen2Config = _flexigpt_config(Qwen2Config)
+FlexiGPTQwen3Config = _flexigpt_config(Qwen3Config)
+FlexiGPTGemma2Config = _flexigpt_config(Gemma2Config)
+FlexiGPTGemma3TextConfig = _flexigpt_config(Gemma3TextConfig)
+FlexiGPTPhi3Config = _flexigpt_config(Phi3Config)
+FlexiGPTOPTConfig = _flexigpt_config(OPTConfig)
 
 #: source model_type -> its FlexiGPT configuration class
 CONFIG_CLASSES = {

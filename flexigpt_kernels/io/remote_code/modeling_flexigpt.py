@@ -147,65 +147,22 @@ def build_replacement_blocks(model: nn.Module, spec: dict) -> None:
         model.get_submodule(block_name).flexigpt_base = int(base_pos)  # marks a replacement block
 
 
-class FlexiGPTLlamaForCausalLM(LlamaForCausalLM):
-    config_class = FlexiGPTLlamaConfig
+def _flexigpt_model(hf_model: type, config_class: type) -> type:
+    """FlexiGPT<HF class>: the family's model with the replacement blocks of config.flexigpt."""
 
     def __init__(self, config):
-        super().__init__(config)
+        hf_model.__init__(self, config)
         build_replacement_blocks(self, config.flexigpt)
 
-
-class FlexiGPTMistralForCausalLM(MistralForCausalLM):
-    config_class = FlexiGPTMistralConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        build_replacement_blocks(self, config.flexigpt)
+    return type(f"FlexiGPT{hf_model.__name__}", (hf_model,), {
+        "config_class": config_class, "__init__": __init__, "__module__": __name__})
 
 
-class FlexiGPTQwen2ForCausalLM(Qwen2ForCausalLM):
-    config_class = FlexiGPTQwen2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        build_replacement_blocks(self, config.flexigpt)
-
-
-class FlexiGPTQwen3ForCausalLM(Qwen3ForCausalLM):
-    config_class = FlexiGPTQwen3Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        build_replacement_blocks(self, config.flexigpt)
-
-
-class FlexiGPTGemma2ForCausalLM(Gemma2ForCausalLM):
-    config_class = FlexiGPTGemma2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        build_replacement_blocks(self, config.flexigpt)
-
-
-class FlexiGPTGemma3ForCausalLM(Gemma3ForCausalLM):
-    config_class = FlexiGPTGemma3TextConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        build_replacement_blocks(self, config.flexigpt)
-
-
-class FlexiGPTPhi3ForCausalLM(Phi3ForCausalLM):
-    config_class = FlexiGPTPhi3Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        build_replacement_blocks(self, config.flexigpt)
-
-
-class FlexiGPTOPTForCausalLM(OPTForCausalLM):
-    config_class = FlexiGPTOPTConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        build_replacement_blocks(self, config.flexigpt)
+FlexiGPTLlamaForCausalLM = _flexigpt_model(LlamaForCausalLM, FlexiGPTLlamaConfig)
+FlexiGPTMistralForCausalLM = _flexigpt_model(MistralForCausalLM, FlexiGPTMistralConfig)
+FlexiGPTQwen2ForCausalLM = _flexigpt_model(Qwen2ForCausalLM, FlexiGPTQwen2Config)
+FlexiGPTQwen3ForCausalLM = _flexigpt_model(Qwen3ForCausalLM, FlexiGPTQwen3Config)
+FlexiGPTGemma2ForCausalLM = _flexigpt_model(Gemma2ForCausalLM, FlexiGPTGemma2Config)
+FlexiGPTGemma3ForCausalLM = _flexigpt_model(Gemma3ForCausalLM, FlexiGPTGemma3TextConfig)
+FlexiGPTPhi3ForCausalLM = _flexigpt_model(Phi3ForCausalLM, FlexiGPTPhi3Config)
+FlexiGPTOPTForCausalLM = _flexigpt_model(OPTForCausalLM, FlexiGPTOPTConfig)

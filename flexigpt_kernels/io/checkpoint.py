@@ -283,7 +283,7 @@ def _hf_config(directory: Path, record: dict[str, Any]):
     model_type, auto_map and spec): built here, no custom code is run."""
     from transformers import CONFIG_MAPPING
 
-    hf_type = record["hf_model_type"]
+    hf_type = record.get("hf_model_type")
     if hf_type not in CONFIG_MAPPING:
         raise ValueError(f"{directory / FLEXIGPT_CONFIG_NAME}: hf_model_type {hf_type!r} is unknown to this transformers")
     return CONFIG_MAPPING[hf_type].from_dict(hf_config_dict(json.loads((directory / CONFIG_NAME).read_text()), hf_type))

@@ -139,8 +139,8 @@ def _load_lines(name: str, method: str, custom_code: bool, vllm: bool) -> list[s
     if method not in ("drop", "none") and not vllm:
         lines += ["vLLM: the flexigpt_kernels plugin does not serve this family (Llama, Mistral and Qwen2 only).", ""]
     if method not in ("drop", "none"):
-        lines += ["Without `trust_remote_code` (or this package) transformers refuses the checkpoint: its "
-                  "`model_type` is FlexiGPT's own, so it is never loaded as a plain model with random blocks.", ""]
+        lines += ["Stock transformers without `trust_remote_code` refuses the checkpoint (its "
+                  "`model_type` is FlexiGPT's own): it is never loaded as a plain model with random blocks.", ""]
     return lines
 
 

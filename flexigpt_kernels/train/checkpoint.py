@@ -6,6 +6,8 @@ A checkpoint is a folder ``<checkpoint_dir>/step-<NNNNNNNN>/`` holding
   the same starting model), the optimizer, LR scheduler and grad-scaler states, the history
   (losses, learning rates, eval perplexities, tokens seen) and the run's settings;
 - ``rng-rank<R>.pt``: each process's RNG states (torch CPU and CUDA, Python, NumPy);
+- ``dcp/`` instead of the tensors in ``state.pt`` for a run sharded with FSDP2: every process's
+  shard of the trainable tensors and optimizer state (see :mod:`.sharded_state`);
 - ``complete``: written last; a folder without it (a run killed while saving) is ignored.
 
 Both files are read with ``torch.load(weights_only=True)``: only tensors and plain containers
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from .sharded_state import has_shards
 
 STATE, COMPLETE = "state.pt", "complete"
 
@@ -103,7 +107,9 @@ def load_checkpoint(path: Union[str, os.PathLike], rank: int = 0) -> tuple[dict,
     if not (path / COMPLETE).exists():
         raise FileNotFoundError(f"{path} is not a complete heal() checkpoint (no {COMPLETE!r} marker)")
     state = _safe_load(path / STATE)
-    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    # params/optimizer live in state.pt, or in the sharded dcp/ folder written under FSDP2
+    needed = [k for k in _STATE_KEYS if not (has_shards(path) and k in ("params", "optimizer"))]
+    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{path / STATE} is not a heal() training state (missing {missing})")
     rng_file = path / f"rng-rank{rank}.pt"

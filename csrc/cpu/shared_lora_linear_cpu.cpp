@@ -55,6 +55,31 @@ FLEXIGPT_INLINE float pre_norm(const T* yr, const T* bias, int64_t j) {
   return bias != nullptr ? to_f32(yr[j]) + to_f32(bias[j]) : to_f32(yr[j]);
 }
 
+// 1 / sqrt(var + eps) for a row whose sum of squared deviations overflowed fp32 (|v| above
+// ~1e17 at N = 576) although var itself, or at least rstd, is representable: a third pass
+// over the deviations scaled by a power of two (exact) that brings the largest to ~1, then
+// rstd = 2^-e / sqrt(sum((d 2^-e)^2) / N + eps 2^-2e). Rows with Inf/NaN keep m2_overflowed
+// (the result is NaN or 0, as in the reference). Never taken by ordinary rows.
+template <typename T>
+float rescaled_rstd(const T* yr, const T* bias, float mean, int64_t n, float eps, float m2_overflowed) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < n; ++j) amax = std::fmax(amax, std::fabs(pre_norm(yr, bias, j) - mean));
+  if (!std::isfinite(amax) || !std::isfinite(mean)) {
+    return 1.0f / std::sqrt(m2_overflowed / static_cast<float>(n) + eps);
+  }
+  int e = 0;
+  std::frexp(amax, &e);  // amax = f 2^e with f in [0.5, 1)
+  const float down = std::ldexp(1.0f, -e);
+  float m2 = 0.0f;
+#pragma omp simd reduction(+ : m2)
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = (pre_norm(yr, bias, j) - mean) * down;
+    m2 += d * d;
+  }
+  const float eps_scaled = std::ldexp(eps, -2 * e);  // underflows to 0 when negligible
+  return down / std::sqrt(m2 / static_cast<float>(n) + eps_scaled);
+}
+
 template <typename T>
 FLEXIGPT_INLINE void finish_rows(T* y, const T* bias, bool keep_y, T* out, const T* gamma,
                                  const T* residual, int64_t residual_row_stride, float* mean_out,
@@ -86,7 +111,8 @@ FLEXIGPT_INLINE void finish_rows(T* y, const T* bias, bool keep_y, T* out, const
       const float d = pre_norm(yr, bias, j) - mean;
       m2 += d * d;
     }
-    const float rstd = 1.0f / std::sqrt(m2 * inv_n + eps);
+    const float rstd = std::isfinite(m2) ? 1.0f / std::sqrt(m2 * inv_n + eps)
+                                         : rescaled_rstd(yr, bias, mean, n, eps, m2);
     mean_out[i] = mean;
     rstd_out[i] = rstd;
     if (rr != nullptr && write_y) {

@@ -216,10 +216,12 @@ def _call(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual) ->
             if residual.shape[:-1] != lead:  # flattening would hide the mismatch
                 raise ValueError("residual")
             res2d = residual if residual.dim() == 2 else residual.reshape(-1, residual.shape[-1])
-        save = torch.is_grad_enabled() and _any_requires_grad(x, weight, lora_a, lora_b, bias, norm_weight,
-                                                              residual)
-        if save or _is_compiling():
+        if _is_compiling():  # traced: plain Python that dynamo understands
+            save = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias, norm_weight, residual))
             out = _FWD(x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, res2d, save)[0]
+        elif torch.is_grad_enabled() and _any_requires_grad(x, weight, lora_a, lora_b, bias, norm_weight, residual):
+            out = _FWD(x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, res2d, True)[0]
         else:
             # Nothing to differentiate: skip the autograd kernel (it would only redispatch).
             with _below_autograd():

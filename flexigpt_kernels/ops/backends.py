@@ -18,11 +18,12 @@ the first one that is available and takes the dtype runs:
 Triton on CPU tensors needs TRITON_INTERPRET=1 in the environment *before* the Triton kernels
 are first imported (triton reads it when it decorates them); that is how CI tests them.
 
-Where the decision is taken: the C++ CPU kernel of the op runs the cpp backend itself when
-`_sync_native_routes()` told it that "cpp" is what a CPU call resolves to (done at import, by
-`use_backend`, and by every call that reaches Python), for the FLEXIGPT_BACKEND value it
-resolved with; every other call (other devices, other backends, another FLEXIGPT_BACKEND)
-reaches `for_call()` here, through the op's Python kernel.
+Where the decision is taken: the op's C++ CPU kernel runs the cpp backend itself (and its
+CUDA kernel the decode kernel, for the calls that one takes) when `_sync_native_routes()` told
+it that "cpp" ("cuda") is what such a call resolves to (done at import, by `use_backend`, and
+by every call that reaches Python), for the FLEXIGPT_BACKEND value it resolved with; every
+other call (other devices, backends, dtypes, another FLEXIGPT_BACKEND) reaches `for_call()`
+here, through the op's Python kernel.
 """
 
 from __future__ import annotations
@@ -76,13 +77,6 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_kernel_built() -> bool:
-    from . import cuda_backend
-
-    return cuda_backend.is_built()
-
-
 @dataclass(frozen=True)
 class BackendInfo:
     """One row of the registry: a backend's module (implementing `Backend`), the devices and
@@ -111,7 +105,8 @@ REGISTRY: dict[str, BackendInfo] = {
                        lambda: library.NATIVE_CPU),
     "triton": BackendInfo("triton", "flexigpt_kernels.ops.triton.shared_lora_linear", ("cuda", "cpu"), _FLOATS,
                           _triton_importable),
-    "cuda": BackendInfo("cuda", "flexigpt_kernels.ops.cuda_backend", ("cuda",), _FLOATS, _cuda_kernel_built),
+    "cuda": BackendInfo("cuda", "flexigpt_kernels.ops.cuda_backend", ("cuda",), _FLOATS,
+                        lambda: library.NATIVE_CUDA),
 }
 
 #: (device type, selection) -> candidates in order; "*" is any other device type
@@ -141,20 +136,23 @@ def requested_backend() -> str:
     return _override or _check_name(os.environ.get(_ENV, "auto").strip().lower() or "auto")
 
 
-_pushed: Optional[tuple[bool, str]] = None
+_pushed: Optional[tuple[bool, bool, str]] = None
 
 
 def _sync_native_routes() -> None:
-    """Tell the C++ CPU kernel whether CPU calls resolve to "cpp" under the current selection."""
+    """Tell the native kernels whether CPU calls resolve to "cpp" and CUDA calls to "cuda"
+    under the current selection."""
     global _pushed
     env = os.environ.get(_ENV, "")
     try:
-        cpu = requested_backend() in ("auto", "cpp") and library.NATIVE_CPU
+        requested = requested_backend()
     except ValueError:  # an unknown FLEXIGPT_BACKEND: let the Python path raise it on the next call
-        cpu = False
-    if _pushed != (cpu, env):
-        library.set_native_routes(cpu, env)
-        _pushed = (cpu, env)
+        requested = None
+    routes = (requested in ("auto", "cpp") and library.NATIVE_CPU,
+              requested in ("auto", "cuda") and library.NATIVE_CUDA, env)
+    if _pushed != routes:
+        library.set_native_routes(*routes)
+        _pushed = routes
 
 
 class use_backend(contextlib.AbstractContextManager):

@@ -1,28 +1,23 @@
-"""The cuda backend: the CUDA decode kernel of csrc/cuda (flexigpt_kernels._C_cuda) for the
+"""The cuda backend: the CUDA decode kernel of csrc/cuda (flexigpt_kernels/_C_cuda*.so) for the
 forwards it takes, the Triton backend for everything else (larger M, float32, every backward).
 
 The decode kernel takes a forward with 1 <= M <= 16 rows, float16 / bfloat16, K a multiple of 8
-and 16-byte aligned operands (the matrix-vector regime, bound by the read of the shared weight).
-Same calling convention as every backend (the `Backend` protocol in ops/backends.py).
+and 16-byte aligned operands (the matrix-vector regime, bound by the read of the shared weight);
+`decode_applies` states these conditions as csrc/cuda/bindings_cuda.cpp does. The op's CUDA
+kernel (TORCH_LIBRARY_IMPL(flexigpt, CUDA)) runs it without Python when "cuda" is selected;
+this module is the backend in the `Backend` protocol (ops/backends.py) for the calls that reach
+the registry, and calls the kernel alone through torch.ops.flexigpt._shared_lora_linear_decode_cuda.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import library
 from .reference import ForwardResult
-
-logger = logging.getLogger(__name__)
-
-try:
-    from .. import _C_cuda  # type: ignore[attr-defined]
-except ImportError as exc:
-    _C_cuda = None
-    logger.debug("flexigpt_kernels._C_cuda is not built (%s); CUDA tensors use the Triton kernels", exc)
 
 CUDA_DECODE_DTYPES = (torch.float16, torch.bfloat16)
 #: the CUDA decode kernel handles at most this many rows
@@ -30,8 +25,8 @@ CUDA_DECODE_MAX_M = 16
 
 
 def is_built() -> bool:
-    """Whether flexigpt_kernels._C_cuda imports (the CUDA decode kernel is built)."""
-    return _C_cuda is not None
+    """Whether the CUDA decode kernel is built and loaded."""
+    return library.NATIVE_CUDA
 
 
 def _aligned16(t: Tensor) -> bool:
@@ -41,7 +36,7 @@ def _aligned16(t: Tensor) -> bool:
 def decode_applies(x2d: Tensor, weight: Tensor, lora_a: Tensor) -> bool:
     """Whether the CUDA decode kernel takes this forward (else Triton)."""
     return (
-        _C_cuda is not None
+        library.NATIVE_CUDA
         and x2d.is_cuda
         and 1 <= x2d.shape[0] <= CUDA_DECODE_MAX_M
         and x2d.dtype in CUDA_DECODE_DTYPES
@@ -66,7 +61,7 @@ def forward(x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: 
             bias: Optional[Tensor], norm_weight: Optional[Tensor], eps: float,
             residual2d: Optional[Tensor], save_for_backward: bool) -> ForwardResult:
     if decode_applies(x2d, weight, lora_a):
-        return ForwardResult(*_C_cuda.forward(
+        return ForwardResult(*torch.ops.flexigpt._shared_lora_linear_decode_cuda(
             x2d, weight, lora_a, lora_b.contiguous(), float(scale),
             bias.contiguous() if bias is not None else None,
             norm_weight.contiguous() if norm_weight is not None else None,

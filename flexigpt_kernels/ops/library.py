@@ -39,23 +39,26 @@ SCHEMAS = {
 }
 
 
-def _load_native() -> bool:
-    """Load the C++ library (flexigpt_kernels/_C*.so) once; False when it is absent or unusable."""
+def _load_native(stem: str, without: str) -> bool:
+    """Load flexigpt_kernels/<stem>*.so once; False when it is absent or unusable."""
     package = Path(__file__).resolve().parent.parent
-    for path in sorted(package.glob("_C.*so")) + sorted(package.glob("_C.*pyd")):
+    for path in sorted(package.glob(f"{stem}.*so")) + sorted(package.glob(f"{stem}.*pyd")):
         try:
             torch.ops.load_library(str(path))
-        except (OSError, RuntimeError) as exc:  # built against another torch, missing symbols...
-            logger.warning("flexigpt_kernels: cannot load %s (%s); the CPU path uses the PyTorch reference",
-                           path.name, exc)
+        except (OSError, RuntimeError) as exc:  # built against another torch, no CUDA runtime...
+            logger.warning("flexigpt_kernels: cannot load %s (%s); %s", path.name, exc, without)
             return False
         return True
-    logger.info("flexigpt_kernels._C is not built; the CPU path uses the PyTorch reference")
+    logger.info("flexigpt_kernels.%s is not built; %s", stem, without)
     return False
 
 
-#: whether the C++ library is loaded (its CPU kernels serve the ops' CPU calls)
-NATIVE_CPU: bool = _load_native()
+#: whether the C++ library is loaded (it declares the schemas; its CPU kernels serve CPU calls)
+NATIVE_CPU: bool = _load_native("_C", "the CPU path uses the PyTorch reference")
+#: whether the CUDA library is loaded (csrc/cuda: the decode kernel, under the CUDA dispatch key);
+#: it registers on the schemas of _C, so it is only loaded after it
+NATIVE_CUDA: bool = NATIVE_CPU and torch.version.cuda is not None and _load_native(
+    "_C_cuda", "CUDA tensors use the Triton kernels")
 
 #: the library object through which Python registers its kernels (kept alive for the process)
 lib = torch.library.Library(NAMESPACE, "FRAGMENT")
@@ -70,8 +73,10 @@ def op(name: str) -> torch._ops.OpOverload:
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
-def set_native_routes(cpu: bool, env: str) -> None:
-    """Tell the C++ CPU kernels whether they run the op (the selected backend is "cpp"), for the
-    given FLEXIGPT_BACKEND value. No-op without the C++ library."""
+def set_native_routes(cpu: bool, cuda: bool, env: str) -> None:
+    """Tell the native kernels whether they run the op (the selection resolves to "cpp" on CPU
+    tensors, to "cuda" on CUDA tensors), for the given FLEXIGPT_BACKEND value."""
     if NATIVE_CPU:
         torch.ops.flexigpt._set_native_routes(cpu, env)
+    if NATIVE_CUDA:
+        torch.ops.flexigpt._set_cuda_routes(cuda, env)

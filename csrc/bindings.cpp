@@ -37,8 +37,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <mutex>
 #include <tuple>
 
 #include <algorithm>
@@ -46,6 +44,7 @@
 #include <vector>
 
 #include "cpu/shared_lora_linear_cpu.h"
+#include "native_routes.h"
 
 namespace {
 
@@ -103,32 +102,8 @@ void check_scalars(double scale, double eps) {
   TORCH_CHECK_VALUE(eps > 0, kOp, "eps must be a positive float, got ", eps);
 }
 
-// Whether the C++ kernel runs the op's CPU calls: set by the Python registry with the
-// FLEXIGPT_BACKEND value it resolved with (see the file comment).
-struct NativeRoutes {
-  std::mutex mu;
-  bool cpu = false;
-  std::string env;
-};
-
-NativeRoutes& routes() {
-  static NativeRoutes r;
-  return r;
-}
-
-void set_native_routes(bool cpu, std::string env) {
-  auto& r = routes();
-  std::lock_guard<std::mutex> lock(r.mu);
-  r.cpu = cpu;
-  r.env = std::move(env);
-}
-
 bool cpu_native(const Tensor& x) {
-  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16) return false;
-  const char* env = std::getenv("FLEXIGPT_BACKEND");
-  auto& r = routes();
-  std::lock_guard<std::mutex> lock(r.mu);
-  return r.cpu && r.env == (env != nullptr ? env : "");
+  return (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && flexigpt::cpp_selected();
 }
 
 // Rows per parallel task: enough elements (~32k) to outweigh the scheduling.
@@ -373,7 +348,7 @@ TORCH_LIBRARY(flexigpt, m) {
   m.def("shared_lora_linear_bwd" FLEXIGPT_BWD_ARGS);
   m.def("_shared_lora_linear_fwd_py" FLEXIGPT_FWD_ARGS);
   m.def("_shared_lora_linear_bwd_py" FLEXIGPT_BWD_ARGS);
-  m.def("_set_native_routes(bool cpu, str env) -> ()", &set_native_routes);
+  m.def("_set_native_routes(bool cpu, str env) -> ()", &flexigpt::set_native_routes);
 }
 
 TORCH_LIBRARY_IMPL(flexigpt, CPU, m) {

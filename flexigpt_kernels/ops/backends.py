@@ -155,9 +155,9 @@ def _sync_native_routes() -> None:
         _pushed = routes
 
 
-class use_backend(contextlib.AbstractContextManager):
+class use_backend(contextlib.AbstractContextManager, contextlib.ContextDecorator):
     """`with use_backend(name):` runs the op with backend `name` inside the block (overrides
-    FLEXIGPT_BACKEND; process-wide, not per thread)."""
+    FLEXIGPT_BACKEND; process-wide, not per thread); also a decorator."""
 
     def __init__(self, name: str):
         self._name = _check_name(name)

@@ -45,6 +45,7 @@
 
 #include "cpu/shared_lora_linear_cpu.h"
 #include "native_routes.h"
+#include "python_fallback.h"
 
 namespace {
 
@@ -304,12 +305,8 @@ Fwd forward_cpu(const Tensor& x, const Tensor& weight, const Tensor& lora_a, con
   if (cpu_native(x)) {
     return forward_native(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward, d);
   }
-  static const auto py = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("flexigpt::_shared_lora_linear_fwd_py", "")
-                             .typed<Fwd(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                                        const optional<Tensor>&, const optional<Tensor>&, double,
-                                        const optional<Tensor>&, bool)>();
-  return py.call(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward);
+  return flexigpt::python_forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual,
+                                  save_for_backward);
 }
 
 Bwd backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_a,

@@ -31,6 +31,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../python_fallback.h"
 #include "shared_lora_linear_decode.h"
 
 namespace {
@@ -209,12 +210,8 @@ Fwd forward_cuda(const Tensor& x, const Tensor& weight, const Tensor& lora_a, co
     return decode_forward(x, weight, lora_a, lora_b.contiguous(), scale, contiguous(bias), contiguous(norm_weight),
                           eps, res, save_for_backward);
   }
-  static const auto py = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("flexigpt::_shared_lora_linear_fwd_py", "")
-                             .typed<Fwd(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                                        const optional<Tensor>&, const optional<Tensor>&, double,
-                                        const optional<Tensor>&, bool)>();
-  return py.call(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward);
+  return flexigpt::python_forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual,
+                                  save_for_backward);
 }
 
 }  // namespace

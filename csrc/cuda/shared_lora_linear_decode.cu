@@ -121,7 +121,28 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) matvec_kernel(const Decod
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) acc[c][m] = 0.0f;
 
-  for (int idx = lane; idx < k8; idx += 32) {
+  // kMatvecUnroll steps of the K loop issue all their weight loads before any multiply:
+  // kMatvecUnroll * kColsPerWarp independent 16-byte loads in flight per lane.
+  int idx = lane;
+  for (; idx + (kMatvecUnroll - 1) * 32 < k8; idx += kMatvecUnroll * 32) {
+    uint4 wv[kMatvecUnroll][kColsPerWarp];
+#pragma unroll
+    for (int u = 0; u < kMatvecUnroll; ++u)
+#pragma unroll
+      for (int c = 0; c < kColsPerWarp; ++c) wv[u][c] = __ldcs(wrow[c] + idx + u * 32);  // streamed once
+#pragma unroll
+    for (int u = 0; u < kMatvecUnroll; ++u) {
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m) {
+        if (m < p.m) {
+          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * p.x_row_stride) + idx + u * 32);
+#pragma unroll
+          for (int c = 0; c < kColsPerWarp; ++c) acc[c][m] = dot8<T>(wv[u][c], xv, acc[c][m]);
+        }
+      }
+    }
+  }
+  for (; idx < k8; idx += 32) {  // the remainder, one step at a time
     uint4 wv[kColsPerWarp];
 #pragma unroll
     for (int c = 0; c < kColsPerWarp; ++c) wv[c] = __ldcs(wrow[c] + idx);  // streamed once: evict first

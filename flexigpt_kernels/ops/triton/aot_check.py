@@ -10,9 +10,9 @@ for sm_80 and sm_90a, on a machine without a GPU (`make gpu-compile`, run by CI)
    GPUTarget("cuda", 80 | 90, 32)) (90 compiles for sm_90a) in a process pool. triton's cache
    (TRITON_CACHE_DIR, default build/triton-aot-cache here) makes a rerun with unchanged kernels
    take seconds.
-3. Resources from the cubin (cuobjdump --dump-resource-usage, bundled with triton): registers,
-   stack bytes (spilled registers live in the stack frame: Triton kernels have no other local
-   arrays, so stack > 0 means spills), shared memory from the compiled metadata, and the
+3. Resources from the cubin (cuobjdump --dump-resource-usage, bundled with triton): registers
+   and the stack frame; where there is a frame, the spill bytes (stores + loads) come from
+   triton's ptxas -v on the kernel's PTX. Shared memory from the compiled metadata, and the
    occupancy bound (resident warps per SM over 64, limited by registers, shared memory and
    threads).
 4. The CUDA decode kernel's `-Xptxas -v` table (csrc/check_cuda_compile.py, when this runs
@@ -98,6 +98,22 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def _spill_bytes(ptx: str, arch: int) -> int:
+    """Spill stores + loads reported by `ptxas -v` for the kernel's PTX (run only when the cubin
+    has a stack frame: a frame can also hold other locals)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
+                               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(d, "k.o")],
+                              capture_output=True, text=True, check=True)
+    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stdout + proc.stderr)
+    return sum(int(a) + int(b) for a, b in found)
+
+
 def _compile(job: tuple) -> tuple:
     """Worker: compile one specialisation; returns (shared, regs, stack, num_warps, error)."""
     module, name, arch, signature, constexprs, attrs, options = job
@@ -114,7 +130,8 @@ def _compile(job: tuple) -> tuple:
         kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                                 options=options)
         regs, stack = _resources(kernel.asm["cubin"])
-        return kernel.metadata.shared, regs, stack, kernel.metadata.num_warps, ""
+        spills = _spill_bytes(kernel.asm["ptx"], arch) if stack else 0
+        return kernel.metadata.shared, regs, spills, kernel.metadata.num_warps, ""
     except Exception as exc:  # reported per row; the run fails at the end
         return -1, -1, -1, 0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
@@ -132,12 +149,16 @@ def compile_all(cases, jobs: int) -> list[Row]:
             work.append((spec.kernel.fn.__module__, spec.name, arch, signature, constexprs, attrs, options.__dict__))
             rows.append(Row(spec.name, spec.label, "sm_90a" if arch == 90 else "sm_80",
                             default_regime=spec.case.default_regime))
+    print(f"{len(work)} specialisations to compile ({len(work) // len(ARCHS)} per target), {jobs} jobs",
+          flush=True)
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        for row, (shared, regs, stack, warps, error), (_, _, arch, *_rest) in zip(
-                rows, pool.map(_compile, work), work):
+        for i, (row, (shared, regs, stack, warps, error), (_, _, arch, *_rest)) in enumerate(zip(
+                rows, pool.map(_compile, work), work)):
             row.shared, row.registers, row.spills, row.num_warps, row.error = shared, regs, stack, warps, error
             if not error:
                 row.occupancy = occupancy(arch, regs, shared, warps)
+            if (i + 1) % 25 == 0:
+                print(f"  {i + 1}/{len(work)} compiled", flush=True)
     return rows
 
 
@@ -152,8 +173,8 @@ def cuda_rows() -> list[Row]:
     if not (shutil.which("nvcc") or os.environ.get("CUDA_HOME")):
         print("(nvcc not found: CUDA decode kernel table skipped)")
         return []
-    proc = subprocess.run([sys.executable, str(script), "--kernel-only", "--resources"], capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, str(script), "--kernel-only", "--resources", "--archs", "8.0"],
+                          capture_output=True, text=True)  # sm_80 and sm_90a (the script adds 9.0a)
     rows = []
     for line in proc.stdout.splitlines():
         if line.startswith("resource "):  # resource KERNEL TARGET REGS SPILL_BYTES SHARED

@@ -70,19 +70,26 @@ class Spec:
 
 
 def default_cases(full: bool = False) -> list[Case]:
-    """The matrix: every regime and flag combination the launchers distinguish, M = 1 and 8
-    (decode, forward only: nothing trains at decode batch sizes) and 512 (prefill, forward and
-    backward). Quick (CI): bf16 at ranks 16/64/256 (the fused/separate decode boundary and the
-    largest default rank), fp16, fp32 IEEE and TF32 at rank 64 and 256, fp32 at rank 1024 (the
-    tile that used to overflow shared memory). Full: every dtype at ranks 16..1024."""
+    """The matrix: M = 1 and 8 (decode, forward only: nothing trains at decode batch sizes) and
+    512 (prefill, forward and backward); flags plain+bias, bias+norm+residual, residual alone.
+    Quick (CI): bf16 at ranks 16/64/256 (the fused/separate decode boundary and the largest
+    default rank) with every flag combination at every M; fp16 at ranks 64/256, fp32 IEEE at
+    ranks 64/1024 (1024: the tile that used to overflow shared memory) and TF32 at rank 64, at
+    M = 1 and 512 with the norm (fp32 also without). Full: every dtype, rank 16..1024, M, flags."""
     shape = dict(n=1024, k=1024)
-    flags = [dict(bias=True), dict(bias=True, norm=True, residual=True), dict(bias=False, residual=True)]
-    every = (16, 64, 256, 1024)
-    dtype_ranks = ([(d, every) for d in ("bf16", "fp16", "fp32", "tf32")] if full else
-                   [("bf16", (16, 64, 256)), ("fp16", (64, 256)), ("fp32", (64, 256, 1024)), ("tf32", (64,))])
+    plain, every_flag, no_norm_res = dict(bias=True), dict(bias=True, norm=True, residual=True), dict(bias=False,
+                                                                                                    residual=True)
+    if full:
+        plan = [(d, (16, 64, 256, 1024), (1, 8, 512), (plain, every_flag, no_norm_res))
+                for d in ("bf16", "fp16", "fp32", "tf32")]
+    else:
+        plan = [("bf16", (16, 64, 256), (1, 8, 512), (plain, every_flag, no_norm_res)),
+                ("fp16", (64, 256), (1, 512), (every_flag,)),
+                ("fp32", (64, 1024), (1, 512), (every_flag, plain)),
+                ("tf32", (64,), (1, 512), (every_flag,))]
     cases = []
-    for (dtype, ranks), m, f in itertools.product(dtype_ranks, (1, 8, 512), flags):
-        for r in ranks:
+    for dtype, ranks, ms, flag_sets in plan:
+        for r, m, f in itertools.product(ranks, ms, flag_sets):
             cases.append(Case(dtype, m, r=r, **shape, **f, backward=m > FUSED_SHRINK_MAX_M))
     return cases
 

@@ -57,8 +57,10 @@ def _wide(dtype: torch.dtype) -> bool:
 
 
 def decode_config(dtype: torch.dtype) -> TileConfig:
-    """Decode tiles: 16 rows, 64 columns, long K steps (weight-read bound)."""
-    return TileConfig(block_m=16, block_n=64, block_k=64 if _wide(dtype) else 128, group_m=1, num_warps=4,
+    """Decode tiles: 16 rows, 64 columns, long K steps (weight-read bound); fp32 K steps of 32
+    (an IEEE fp32 dot runs on FMA units from registers: 64-wide steps took 255 registers and
+    spilled with the fused shrink)."""
+    return TileConfig(block_m=16, block_n=64, block_k=32 if _wide(dtype) else 128, group_m=1, num_warps=4,
                       num_stages=4)
 
 
@@ -69,10 +71,10 @@ PREFILL_16BIT = (
     TileConfig(64, 128, 64, num_warps=4, num_stages=4),
     TileConfig(64, 64, 64, num_warps=4, num_stages=4),
 )
-PREFILL_FP32 = (
+PREFILL_FP32 = (  # 128-wide fp32 tiles need 8 warps: with 4 they spilled on sm_80
     TileConfig(64, 64, 32, num_warps=4, num_stages=3),
-    TileConfig(128, 64, 32, num_warps=4, num_stages=3),
-    TileConfig(64, 128, 32, num_warps=4, num_stages=3),
+    TileConfig(128, 64, 32, num_warps=8, num_stages=3),
+    TileConfig(64, 128, 32, num_warps=8, num_stages=3),
 )
 
 
@@ -89,7 +91,7 @@ def shrink_config(m: int, r: int, dtype: torch.dtype) -> TileConfig:
     """Tiles of the separate shrink s = x A^T [M, r]: N = r is small, so small N tiles."""
     bn = min(64, block_r(r))
     if m <= FUSED_SHRINK_MAX_M:
-        return TileConfig(16, bn, 64 if _wide(dtype) else 128, group_m=1, num_warps=4, num_stages=3)
+        return TileConfig(16, bn, 64, group_m=1, num_warps=4, num_stages=4)  # K 128 spilled at M 8 (sm_90a)
     return TileConfig(64, bn, 32 if _wide(dtype) else 64, group_m=8, num_warps=4, num_stages=3)
 
 

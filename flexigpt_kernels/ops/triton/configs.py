@@ -60,8 +60,8 @@ def decode_config(dtype: torch.dtype) -> TileConfig:
     """Decode tiles: 16 rows, 64 columns, long K steps (weight-read bound); fp32 K steps of 32
     (an IEEE fp32 dot runs on FMA units from registers: 64-wide steps took 255 registers and
     spilled with the fused shrink)."""
-    return TileConfig(block_m=16, block_n=64, block_k=32 if _wide(dtype) else 128, group_m=1, num_warps=4,
-                      num_stages=4)
+    return TileConfig(block_m=16, block_n=64, block_k=32 if _wide(dtype) else 128, group_m=1,
+                      num_warps=8 if _wide(dtype) else 4, num_stages=4)
 
 
 #: prefill candidates, the first being the default (no measurement on the CPU or while tracing)
@@ -72,7 +72,7 @@ PREFILL_16BIT = (
     TileConfig(64, 64, 64, num_warps=4, num_stages=4),
 )
 PREFILL_FP32 = (  # 128-wide fp32 tiles need 8 warps: with 4 they spilled on sm_80
-    TileConfig(64, 64, 32, num_warps=4, num_stages=3),
+    TileConfig(64, 64, 32, num_warps=8, num_stages=3),
     TileConfig(128, 64, 32, num_warps=8, num_stages=3),
     TileConfig(64, 128, 32, num_warps=8, num_stages=3),
 )

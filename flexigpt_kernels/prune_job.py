@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -15,10 +14,10 @@ from .eval import perplexity
 
 
 def check_out_dir(out: str, overwrite: bool) -> None:
-    """Refuse an existing non-empty directory unless overwrite was asked for."""
-    path = Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"out: {out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    """Refuse what save_pretrained would refuse (see io._write.check_output_directory), before the work."""
+    from .io._write import check_output_directory
+
+    check_output_directory(out, overwrite=overwrite)
 
 
 def run_prune_job(

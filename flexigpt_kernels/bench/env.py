@@ -21,9 +21,9 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+        raise ValueError("device: cuda, but no CUDA device is available here (torch.cuda.is_available() is False)")
     if dev.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {device}: only cpu and cuda are supported")
+        raise ValueError(f"device: {device!r}; only cpu and cuda are supported")
     return dev
 
 

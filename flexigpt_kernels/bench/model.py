@@ -333,27 +333,53 @@ def nearest_bases(blocks: list[int], n_layers: int) -> dict[int, int]:
     return {i: max((j for j in kept if j < i), default=min(j for j in kept if j > i)) for i in blocks}
 
 
-def load_source(args, device: torch.device, dtype: torch.dtype):
-    """(dense model on device, tokenizer or None, description)."""
-    if args.random:
-        return build_random_model(args.random, device, dtype), None, f"random {args.random}"
-    if args.model is None:
-        from ..assets import load_default_model
+@dataclass
+class ModelBenchConfig:
+    """What `bench model` measures (the command line's options, see commands/bench.py).
 
-        model, tok = load_default_model(dtype=dtype)
-        return model.to(device).eval(), tok, "SmolLM2-135M-Instruct (embedded default)"
-    path = Path(args.model)
-    if (path / "flexigpt.json").exists():
-        raise SystemExit(f"{path} is a FlexiGPT-converted checkpoint; `bench model` needs the dense source "
-                         "model (it converts a copy itself, and measures the dense one too)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model: a dense model source for io.load_model (None: the embedded default); random: instead
+    a RANDOM_PRESETS name with random weights. blocks: explicit pruned blocks (else chosen by
+    Block Influence, or default_blocks on random weights); bases: "distance" or "nearest" (None:
+    "nearest" when quick, else "distance"). batches / new_tokens / rounds: None takes the
+    defaults of Settings (quick: 1 batch, 32 tokens, 2 rounds)."""
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception:
-        tok = None
-    return model, tok, str(path)
+    model: Optional[str] = None
+    random: Optional[str] = None
+    quick: bool = False
+    ratio: float = 0.3
+    blocks: Optional[list[int]] = None
+    rank: Optional[int | float] = None
+    bases: Optional[str] = None
+    calib_samples: int = 8
+    seq_len: int = 512
+    batches: Optional[tuple[int, ...]] = None
+    new_tokens: Optional[int] = None
+    rounds: Optional[int] = None
+    variants: Optional[list[str]] = None
+
+    def __post_init__(self):
+        if self.random is not None and self.random not in RANDOM_PRESETS:
+            raise ValueError(f"random: unknown preset {self.random!r}; choose from {', '.join(RANDOM_PRESETS)}")
+        if self.bases not in (None, "distance", "nearest"):
+            raise ValueError(f"bases: expected 'distance' or 'nearest', got {self.bases!r}")
+        unknown = sorted(set(self.variants or ()) - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"ratio: expected a fraction in (0, 1), got {self.ratio}")
+
+
+def load_source(model: Optional[str], random: Optional[str], device: torch.device, dtype: torch.dtype):
+    """(dense model on device, tokenizer or None, description) of a model source (io.load_model:
+    None = the embedded default) or of a RANDOM_PRESETS name. A FlexiGPT checkpoint is refused
+    (ValueError): the benchmark converts a copy of the dense model itself."""
+    if random:
+        return build_random_model(random, device, dtype), None, f"random {random}"
+    from ..io.load import load_model
+
+    loaded = load_model(model, dtype=dtype, device=device, allow_converted=False)
+    name = "SmolLM2-135M-Instruct (embedded default)" if loaded.kind == "default" else loaded.source
+    return loaded.model, loaded.tokenizer, name
 
 
 def _randomize_adapters(model: nn.Module, seed: int = 0) -> None:
@@ -375,12 +401,12 @@ class Conversion:
     seconds: float
 
 
-def convert_copy(model: nn.Module, args, tok, log=_log) -> tuple[nn.Module, Conversion]:
+def convert_copy(model: nn.Module, cfg: ModelBenchConfig, tok, log=_log) -> tuple[nn.Module, Conversion]:
     """A FlexiGPT-converted deep copy of `model`.
 
     Blocks: --blocks, else (random weights) default_blocks, else Block Influence on
     --calib-samples chunks of the embedded calibration text. Bases: "distance" runs prune() (the
-    low-rank distance of METHOD.md); "nearest" shares the closest kept block (what --quick and
+    low-rank distance, docs/method.md 3); "nearest" shares the closest kept block (what --quick and
     the GPU suite use: the choice changes no shape, so no timing, and the distance costs minutes
     on a busy CPU). Adapters: SVD of the difference, except on random weights (random values)."""
     from ..convert.families import num_layers
@@ -390,28 +416,29 @@ def convert_copy(model: nn.Module, args, tok, log=_log) -> tuple[nn.Module, Conv
     t0 = time.perf_counter()
     flex = copy.deepcopy(model)
     n_layers = num_layers(flex)
-    blocks = list(args.blocks) if args.blocks else (default_blocks(n_layers, args.ratio) if args.random else None)
+    blocks = list(cfg.blocks) if cfg.blocks else (default_blocks(n_layers, cfg.ratio) if cfg.random else None)
     if blocks is None:
-        from ..assets import default_texts
         from ..convert.calibration import token_batches
         from ..convert.importance import block_influence
         from ..convert.selection import select_blocks
+        from ..io.load import resolve_data
 
         if tok is None:
-            raise SystemExit("choosing blocks by Block Influence needs a tokenizer; pass --blocks")
-        tokens = token_batches(default_texts("calibration"), tok, seq_len=256, num_samples=args.calib_samples)
-        blocks = select_blocks(block_influence(flex, tokens, progress=False), ratio=args.ratio)
-    svd_init = not args.random
-    if args.bases == "distance":
-        flex, report = prune(flex, None, blocks=blocks, rank=args.rank, svd_init=svd_init, progress=False)
+            raise ValueError("blocks: choosing blocks by Block Influence needs a tokenizer; give the blocks")
+        tokens = token_batches(resolve_data("default"), tok, seq_len=256, num_samples=cfg.calib_samples)
+        blocks = select_blocks(block_influence(flex, tokens, progress=False), ratio=cfg.ratio)
+    svd_init = not cfg.random
+    bases = cfg.bases or ("nearest" if cfg.quick else "distance")
+    if bases == "distance":
+        flex, report = prune(flex, None, blocks=blocks, rank=cfg.rank, svd_init=svd_init, progress=False)
         conv = Conversion(report.pruned, report.rank, dict(report.base_map), "low-rank distance (prune)", 0.0)
     else:
         hidden = flex.config.get_text_config(decoder=True).hidden_size
-        rank = resolve_rank(args.rank, hidden)
+        rank = resolve_rank(cfg.rank, hidden)
         base_map = nearest_bases(sorted(blocks), n_layers)
         convert_blocks(flex, base_map, rank=rank, svd_init=svd_init)
         conv = Conversion(sorted(blocks), rank, base_map, "nearest kept block", 0.0)
-    if args.random:
+    if cfg.random:
         _randomize_adapters(flex)
     conv.seconds = time.perf_counter() - t0
     log(f"converted blocks {conv.pruned} (rank {conv.rank}, bases by {conv.bases}: {conv.base_map}) "
@@ -419,34 +446,30 @@ def convert_copy(model: nn.Module, args, tok, log=_log) -> tuple[nn.Module, Conv
     return flex.eval(), conv
 
 
-def run_model_bench(args, *, device: torch.device, dtype: Optional[torch.dtype], out: Path, log=_log) -> int:
+def run_model_bench(cfg: ModelBenchConfig, *, device: torch.device, dtype: Optional[torch.dtype], out: Path,
+                    log=_log) -> int:
     from ..convert.families import num_layers
     from ..convert.prune import prune
     from ..ops import backends
 
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    quick = args.quick
+    quick = cfg.quick
     st = Settings(
-        seq_len=args.seq_len,
-        batches=tuple(args.batches or ((1,) if quick else (1, 8))),
-        new_tokens=args.new_tokens or (32 if quick else 128),
-        rounds=args.rounds or (2 if quick else (5 if device.type == "cuda" else 3)),
+        seq_len=cfg.seq_len,
+        batches=tuple(cfg.batches or ((1,) if quick else (1, 8))),
+        new_tokens=cfg.new_tokens or (32 if quick else 128),
+        rounds=cfg.rounds or (2 if quick else (5 if device.type == "cuda" else 3)),
     )
-    if args.bases is None:
-        args.bases = "nearest" if quick else "distance"
-    wanted = list(args.variants or VARIANTS)
-    unknown = set(wanted) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    wanted = list(cfg.variants or VARIANTS)
     t_start = time.perf_counter()
-    dense, tok, source = load_source(args, device, dtype)
+    dense, tok, source = load_source(cfg.model, cfg.random, device, dtype)
     vocab = dense.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (max(st.batches), st.seq_len), generator=torch.Generator().manual_seed(1234))
     ids = ids.to(device)
     ours = backends.resolve(device, dtype)
     log(f"bench model: {source}, {num_layers(dense)} layers, {dtype}, on {device} (our op's backend: {ours}); "
         f"prefill {','.join(map(str, st.batches))}x{st.seq_len}, {st.new_tokens} new tokens, {st.rounds} rounds")
-    flex, conv = convert_copy(dense, args, tok, log)
+    flex, conv = convert_copy(dense, cfg, tok, log)
     variants = []
     if "dense" in wanted:
         variants.append(Variant("dense", dense))

@@ -16,12 +16,29 @@ import sys
 from pathlib import Path
 
 
-def _csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+from ..cli import UsageError
+from ._common import fraction, listing, non_negative_float, nonempty, out_dir, positive_float, positive_int, rank, \
+    user_input
+
+_csv_list = listing(str)
+_int_list = listing(positive_int)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in _csv_list(text)]
+def _shape(text: str) -> str:
+    from ..bench.shapes import parse_shape
+
+    try:
+        parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _csv_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} {'is not a file' if path.exists() else 'does not exist'}")
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,23 +49,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "composition, dense F.linear and the floor, over a shape grid.")
     k.add_argument("--quick", action="store_true",
                    help="reduced grid: SmolLM2 widths, M in {1, 512} (about a minute on 2 CPU cores)")
-    k.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
-    k.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    k.add_argument("--out", type=out_dir, help="results folder (default: benchmarks/results)")
+    k.add_argument("--device", default=None, type=nonempty, help="cpu or cuda (default: cuda when available)")
     k.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on the CPU")
     k.add_argument("--models", type=_csv_list, help="width families, e.g. llama2-7b,smollm2")
     k.add_argument("--m", type=_int_list, help="rows M, e.g. 1,8,32,512")
-    k.add_argument("--shape", action="append", default=[], metavar="MxKxNxR",
+    k.add_argument("--shape", action="append", default=[], metavar="MxKxNxR", type=_shape,
                    help="a custom shape instead of the grid (repeatable), e.g. 1x4096x4096x256")
-    k.add_argument("--variants", type=_csv_list, help="linear,norm+res (default both)")
-    k.add_argument("--modes", type=_csv_list, help="fwd,fwd+bwd (default both)")
+    k.add_argument("--variants", type=listing(str, choices=("linear", "norm+res"), unique=True),
+                   help="linear,norm+res (default both)")
+    k.add_argument("--modes", type=listing(str, choices=("fwd", "fwd+bwd"), unique=True),
+                   help="fwd,fwd+bwd (default both)")
     k.add_argument("--providers", type=_csv_list,
                    help="op-<backend>,unfused-peft,dense (default: every available backend of ours, unfused, dense)")
-    k.add_argument("--budget", type=float, help="CPU: seconds per shape group (default 0.5 quick, 1.5 full)")
-    k.add_argument("--rep-ms", type=float, default=100, help="CUDA: do_bench rep per provider (ms)")
-    k.add_argument("--warmup-ms", type=float, default=25, help="CUDA: do_bench warmup per provider (ms)")
+    k.add_argument("--budget", type=positive_float, help="CPU: seconds per shape group (default 0.5 quick, 1.5 full)")
+    k.add_argument("--rep-ms", type=positive_float, default=100, help="CUDA: do_bench rep per provider (ms)")
+    k.add_argument("--warmup-ms", type=non_negative_float, default=25, help="CUDA: do_bench warmup per provider (ms)")
     k.add_argument("--cuda-graphs", action="store_true", help="CUDA: time decode shapes (M <= 32, fwd) in CUDA graphs")
-    k.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    k.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
     k.add_argument("--no-plot", action="store_true", help="do not draw the PNGs after the run")
     k.add_argument("--no-check", action="store_true", help="skip the cross-provider output check")
 
@@ -56,33 +75,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Prefill latency, decode tokens/s and peak memory of the dense model, the "
                                    "drop baseline, the FlexiGPT-pruned model on our ops and the same pruned "
                                    "weights composed PEFT-style from plain torch ops.")
-    m.add_argument("model", nargs="?", default=None,
+    m.add_argument("model", nargs="?", default=None, type=nonempty,
                    help="local directory of a dense Hugging Face causal LM (default: the embedded SmolLM2-135M)")
     m.add_argument("--random", choices=["llama2-7b", "tiny"],
                    help="instead of a checkpoint: a Llama model of that shape with random weights")
     m.add_argument("--quick", action="store_true", help="1x512 prefill and 32 new tokens only")
-    m.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
-    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    m.add_argument("--out", type=out_dir, help="results folder (default: benchmarks/results)")
+    m.add_argument("--device", default=None, type=nonempty, help="cpu or cuda (default: cuda when available)")
     m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on the CPU")
-    m.add_argument("--ratio", type=float, default=0.3, help="fraction of blocks to prune (default 0.3)")
-    m.add_argument("--blocks", type=_int_list, help="explicit blocks to prune (else chosen by Block Influence)")
-    m.add_argument("--rank", type=int, help="adapter rank (default: prune()'s, hidden/16)")
+    m.add_argument("--ratio", type=fraction, default=0.3, help="fraction of blocks to prune (default 0.3)")
+    m.add_argument("--blocks", type=listing(int, unique=True), help="explicit blocks to prune (else chosen by Block Influence)")
+    m.add_argument("--rank", type=rank, help="adapter rank (default: prune()'s, hidden/16)")
     m.add_argument("--bases", choices=["distance", "nearest"],
                    help="how pruned blocks pick their base: prune()'s low-rank distance (default) or the "
                         "nearest kept block (--quick's default: same shapes, same timing, no SVD search)")
-    m.add_argument("--calib-samples", type=int, default=8,
+    m.add_argument("--calib-samples", type=positive_int, default=8,
                    help="calibration chunks of 256 tokens for choosing the blocks (default 8)")
-    m.add_argument("--seq-len", type=int, default=512, help="prompt length (default 512)")
+    m.add_argument("--seq-len", type=positive_int, default=512, help="prompt length (default 512)")
     m.add_argument("--batches", type=_int_list, help="prefill batch sizes (default 1,8; quick: 1)")
-    m.add_argument("--new-tokens", type=int, help="greedy decode steps (default 128; quick: 32)")
-    m.add_argument("--rounds", type=int, help="timed prefill rounds (default: 5 on CUDA, 3 on CPU, 2 quick)")
-    m.add_argument("--variants", type=_csv_list, help="dense,drop,flexigpt,flexigpt-unfused (default all)")
-    m.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    m.add_argument("--new-tokens", type=positive_int, help="greedy decode steps (default 128; quick: 32)")
+    m.add_argument("--rounds", type=positive_int, help="timed prefill rounds (default: 5 on CUDA, 3 on CPU, 2 quick)")
+    m.add_argument("--variants", type=_variants, help="dense,drop,flexigpt,flexigpt-unfused (default all)")
+    m.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
 
     p = sub.add_parser("plot", help="ratio-vs-M PNG plots from a kernels CSV")
-    p.add_argument("csv", type=Path, nargs="+", help="kernels_<device>.csv file(s)")
-    p.add_argument("--out", type=Path, help="folder for the PNGs (default: beside the CSV)")
+    p.add_argument("csv", type=_csv_file, nargs="+", help="kernels_<device>.csv file(s)")
+    p.add_argument("--out", type=out_dir, help="folder for the PNGs (default: beside the CSV)")
     p.add_argument("--run", default="latest", help="run_id to plot, 'latest' (default) or 'all'")
     p.add_argument("--stat", choices=["min", "median"], default="min", help="ratios from minima or medians")
 
@@ -91,16 +110,23 @@ def run(args: argparse.Namespace) -> int:
     return {"kernels": _kernels, "model": _model, "plot": _plot}[args.bench_command](args)
 
 
+def _variants(text: str) -> list[str]:
+    from ..bench.model import VARIANTS
+
+    return listing(str, choices=VARIANTS, unique=True)(text)
+
+
 def _setup(args):
     import torch
 
     from ..bench.env import default_results_dir, oversubscription_hint, resolve_device
 
-    device = resolve_device(args.device)
+    with user_input("--device"):
+        device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = args.out or default_results_dir()
+    out = Path(args.out) if args.out else default_results_dir()
     hint = oversubscription_hint(device)
     if hint:
         print(hint, file=sys.stderr)
@@ -161,10 +187,21 @@ def _kernels(args) -> int:
 
 
 def _model(args) -> int:
-    from ..bench.model import run_model_bench
+    from ..bench.model import ModelBenchConfig, run_model_bench
 
+    if args.model is not None and args.random is not None:
+        raise UsageError("--random: give either a model or --random, not both")
+    cfg = ModelBenchConfig(model=args.model, random=args.random, quick=args.quick, ratio=args.ratio,
+                           blocks=args.blocks, rank=args.rank, bases=args.bases, calib_samples=args.calib_samples,
+                           seq_len=args.seq_len, batches=tuple(args.batches) if args.batches else None,
+                           new_tokens=args.new_tokens, rounds=args.rounds, variants=args.variants)
+    if args.model is not None:
+        with user_input("MODEL"):  # fail on a bad path before anything is timed
+            from ..io.load import locate_model
+
+            locate_model(args.model, allow_converted=False)
     device, dtype, out = _setup(args)
-    return run_model_bench(args, device=device, dtype=dtype, out=out)
+    return run_model_bench(cfg, device=device, dtype=dtype, out=out)
 
 
 def _plot(args) -> int:

@@ -11,41 +11,50 @@ import json
 import sys
 
 
-def _list(kind):
-    def parse(s: str):
-        return [kind(x) for x in s.split(",") if x]
-    return parse
+from ._common import fraction, fraction_or_one, listing, non_negative_int, nonempty, out_dir, positive_float, \
+    positive_int, rank
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=_list(int), default=[40_960],
+    from ..train.compare import METHODS
+
+    p.add_argument("--tokens", type=listing(positive_int), default=[40_960],
                    help="token budget(s) per run, comma-separated (default 40960 = 40 x 4 x 256)")
-    p.add_argument("--lr", type=_list(float), default=[1e-3, 4e-3],
+    p.add_argument("--lr", type=listing(positive_float), default=[1e-3, 4e-3],
                    help="learning rates swept on the first seed, comma-separated")
-    p.add_argument("--seed", type=_list(int), default=[0],
+    p.add_argument("--seed", type=listing(non_negative_int, unique=True), default=[0],
                    help="seeds (data order, LoRA init), comma-separated; seeds after the first re-run each "
                         "method at its best learning rate")
-    p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--rank", type=int, help="FlexiGPT adapter rank (default: prune's, 256/4096 of the hidden size)")
-    p.add_argument("--methods", type=_list(str), default=["flexigpt", "flexigpt_paper", "shortgpt_lora"],
+    p.add_argument("--ratio", type=fraction, default=0.3)
+    p.add_argument("--rank", type=rank, help="FlexiGPT adapter rank (default: prune's, 256/4096 of the hidden size)")
+    p.add_argument("--methods", type=listing(str, choices=METHODS, unique=True), default=list(METHODS),
                    help="any of flexigpt (this package's recipe), flexigpt_paper, shortgpt_lora")
-    p.add_argument("--adapter-share", type=float, default=None,
+    p.add_argument("--adapter-share", type=fraction_or_one, default=None,
                    help="flexigpt recipe: share of the trainable budget for the replacement adapters; the rest "
                         "is LoRA on the kept blocks (1.0: adapters only; default: FlexiGPTRecipe's)")
-    p.add_argument("--fit-samples", type=int, default=None,
+    p.add_argument("--fit-samples", type=positive_int, default=None,
                    help="flexigpt recipe: calibration sequences recorded for the block-local fit "
                         "(their tokens count toward the budget)")
-    p.add_argument("--fit-steps", type=int, default=None, help="flexigpt recipe: block-local fit steps per block")
+    p.add_argument("--fit-steps", type=non_negative_int, default=None,
+                   help="flexigpt recipe: block-local fit steps per block")
     p.add_argument("--distill", choices=["kl"], help="every method adds the KL to the dense model's logits")
     p.add_argument("--no-local-fit", action="store_true",
                    help="flexigpt recipe: the paper's initialisation instead of the block-local fit (ablation)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--eval-chunks", type=int, default=40)
-    p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--name", default="recovery_cpu", help="file stem of the CSV and Markdown outputs")
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--eval-chunks", type=positive_int, default=40)
+    p.add_argument("--out-dir", type=out_dir, default="benchmarks/results")
+    p.add_argument("--name", type=_file_stem, default="recovery_cpu",
+                   help="file stem of the CSV and Markdown outputs")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+
+
+def _file_stem(text: str) -> str:
+    name = nonempty(text)
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise argparse.ArgumentTypeError(f"expected a file name without a folder, got {text!r}")
+    return name
 
 
 def run(args: argparse.Namespace) -> int:

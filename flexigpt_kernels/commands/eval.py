@@ -12,11 +12,13 @@ architecture is SmolLM2-135M's (llama, hidden 576, 9 heads, vocab 49152, 30 sour
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from ..cli import UsageError
+from ._common import DTYPES, existing_dir, non_negative_int, nonempty, positive_float, positive_int, print_result, \
+    user_input
 
 DEFAULT_SOURCE = "default"
 # SmolLM2-135M(-Instruct): what a checkpoint derived from the embedded default looks like
@@ -24,62 +26,13 @@ _SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9,
 _SMOLLM2_BLOCKS = 30
 
 
-def _dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
-
-
-def load_source(source: Optional[str], dtype: str = "float32"):
-    """(model, tokenizer or None, source id) from "default", a flexigpt_kernels checkpoint
-    folder, a plain Hugging Face folder or a hub name. The source id is "default", the folder's
-    absolute path, or the hub name."""
-    import torch
-
-    dt = _dtype(dtype)
-    if source in (None, DEFAULT_SOURCE):
-        from ..assets import load_default_model
-
-        model, tokenizer = load_default_model(dtype=dt)
-        return model, tokenizer, DEFAULT_SOURCE
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / "flexigpt.json").is_file():
-        from ..io import from_pretrained, load_tokenizer
-
-        model = from_pretrained(path, dtype=dt)
-        return model, _try_tokenizer(path, load_tokenizer), str(path.resolve())
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else source, dtype=dt)
-    model.eval()
-    ident = str(path.resolve()) if path.exists() else source
-    return model, _try_tokenizer(str(path) if path.exists() else source, AutoTokenizer.from_pretrained), ident
-
-
-def _try_tokenizer(where, loader):
-    p = Path(str(where))
-    if p.is_dir() and not any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
-                                                           "tokenizer.model", "vocab.json")):
-        return None
-    try:
-        return loader(where)
-    except (OSError, ValueError):
-        return None
-
-
 def source_tokenizer(model):
     """The tokenizer of the source recorded in ``model.flexigpt_meta`` (or of the embedded
     default when the model looks derived from it), or None."""
+    from ..io.load import load_tokenizer_of
+
     source = baseline_source(model, None)
-    if source is None:
-        return None
-    if source == DEFAULT_SOURCE:
-        from ..assets import load_default_model
-
-        return load_default_model()[1]
-    from transformers import AutoTokenizer
-
-    return _try_tokenizer(source, AutoTokenizer.from_pretrained)
+    return None if source is None else load_tokenizer_of(source)
 
 
 def looks_like_default(model) -> bool:
@@ -162,50 +115,72 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="DIR", help="flexigpt_kernels checkpoint, Hugging Face folder or hub name, "
-                                                "or 'default' (embedded SmolLM2-135M)")
-    p.add_argument("--data", help="held-out text for perplexity: .txt/.jsonl/.parquet file or folder, or a "
-                                  "dataset name (default: embedded gensim news text); 'none' skips perplexity")
-    p.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
+    p.add_argument("model", metavar="DIR", type=nonempty,
+                   help="flexigpt_kernels checkpoint, Hugging Face folder or hub name, or 'default' (embedded "
+                        "SmolLM2-135M)")
+    p.add_argument("--data", type=nonempty, help="held-out text for perplexity: .txt/.jsonl/.parquet file or "
+                                                 "folder, or a dataset name (default: embedded gensim news text); "
+                                                 "'none' skips perplexity")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="TASK", type=nonempty,
                    help="lm-eval task names (need the hub) or local task YAML files")
-    p.add_argument("--include-path", help="folder of task YAMLs whose task names --tasks may use")
-    p.add_argument("--baseline", help="dense model to compare with ('default', a folder, a hub name, or 'none'; "
-                                      "default: the source recorded in the checkpoint)")
-    p.add_argument("--seq-len", type=int, default=256, help="perplexity window length (default 256)")
-    p.add_argument("--num-chunks", type=int, default=40, help="perplexity windows (default 40; 0 = all)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    p.add_argument("--task-batch-size", type=int, default=8, help="lm-eval requests per forward pass")
-    p.add_argument("--limit", type=float, help="lm-eval: at most this many examples per task (smoke tests)")
-    p.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples (default: the task's, 0)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--include-path", type=existing_dir, help="folder of task YAMLs whose task names --tasks may use")
+    p.add_argument("--baseline", type=nonempty,
+                   help="dense model to compare with ('default', a folder, a hub name, or 'none'; "
+                        "default: the source recorded in the checkpoint)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="perplexity window length (default 256)")
+    p.add_argument("--num-chunks", type=non_negative_int, default=40, help="perplexity windows (default 40; 0 = all)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
+    p.add_argument("--task-batch-size", type=positive_int, default=8, help="lm-eval requests per forward pass")
+    p.add_argument("--limit", type=positive_float, help="lm-eval: at most this many examples per task (smoke tests)")
+    p.add_argument("--num-fewshot", type=non_negative_int, help="lm-eval: few-shot examples (default: the task's, 0)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
+def _check_tasks(tasks) -> None:
+    for task in tasks:
+        if task.endswith((".yaml", ".yml")) and not Path(task).expanduser().is_file():
+            raise UsageError(f"--tasks: {task} does not exist")
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..io import load_model, resolve_data
+    from ..io.load import locate_model
+
+    _check_tasks(args.tasks)
+    with user_input("DIR"):
+        locate_model(args.model)
+    if args.baseline and args.baseline.lower() != "none":
+        with user_input("--baseline"):
+            locate_model(args.baseline)
+    data: Any = args.data
+    if data is not None and data.lower() == "none":
+        data = None
+    else:
+        with user_input("--data"):
+            data = resolve_data(data, "heldout", what="data")
+    data_name = None if data is None else (args.data or "embedded gensim news text (lee_background.cor)")
     t0 = time.perf_counter()
-    model, tokenizer, ident = load_source(args.model, args.dtype)
+    with user_input("DIR"):
+        loaded = load_model(args.model, dtype=args.dtype)
+    model, tokenizer, ident = loaded.model, loaded.tokenizer, loaded.source
     load_s = time.perf_counter() - t0
     base = baseline_source(model, args.baseline)
     base_model = base_tok = None
     if base is not None:
         t = time.perf_counter()
-        base_model, base_tok, base_ident = load_source(base, args.dtype)
+        where = "--baseline" if args.baseline else "--baseline (the source recorded in DIR's flexigpt.json)"
+        with user_input(where):
+            base_loaded = load_model(base, dtype=args.dtype)
+        base_model, base_tok, base_ident = base_loaded.model, base_loaded.tokenizer, base_loaded.source
         load_s += time.perf_counter() - t
     if tokenizer is None:
         tokenizer = base_tok if base_tok is not None else source_tokenizer(model)
     if tokenizer is None:
-        raise SystemExit(f"flexigpt eval: {args.model} has no tokenizer and no known source to take one from; "
+        raise UsageError(f"DIR: {args.model} has no tokenizer and no known source to take one from; "
                          "pass --baseline SOURCE_MODEL")
     if base_model is not None and base_tok is None:
         base_tok = tokenizer
-    data: Any = args.data
-    if data is not None and data.lower() == "none":
-        data = None
-    elif data is None:
-        from ..assets import default_texts
-
-        data = default_texts("heldout")
-    data_name = None if data is None else (args.data or "embedded gensim news text (lee_background.cor)")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     kw = dict(data=data, tasks=args.tasks, seq_len=args.seq_len, num_chunks=args.num_chunks or None,
               batch_size=args.batch_size, task_batch_size=args.task_batch_size, limit=limit,
@@ -227,9 +202,5 @@ def run(args: argparse.Namespace) -> int:
         del base_model
     summary["model"] = evaluate_model(model, tokenizer, label="model", **kw)
     summary["seconds"] = {"load": load_s, "total": time.perf_counter() - t0}
-    if args.json:
-        json.dump(summary, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(format_table(summary))
+    print_result(summary, args.json, lambda: format_table(summary))
     return 0

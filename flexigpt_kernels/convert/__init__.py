@@ -1,5 +1,5 @@
 """Conversion utilities: calibration data, block importance, block selection, base choice,
-and the model-family table (METHOD.md sections 1 and 2)."""
+and the model-family table (docs/method.md sections 1-3)."""
 
 from .base_selection import COMBINE_MODES, BaseChoice, choose_bases
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, token_batches

@@ -1,4 +1,4 @@
-"""Which kept block each pruned block shares its weights with (METHOD.md section 2).
+"""Which kept block each pruned block shares its weights with (docs/method.md section 3).
 
 For every weight matrix name m (``q_proj``, ..., ``down_proj``), pruned block i and kept block j,
 d_m(i, j) is the low-rank distance of ``lowrank.py``. The block distance combines them:
@@ -15,7 +15,7 @@ residual of the whole block seen as one (block-diagonal) matrix.
 
 Measured on SmolLM2-135M (blocks 3, 12-17, 25, 26 pruned, rank 32): "sum" maps 3->4, 12/13->11,
 14->8, 15-17->18, 25/26->0; "sum_sq" differs only in 25/26->27 (and matches the prototype of
-METHOD.md section 7 on 8 of 9 blocks). Since d <= ||W^_j||_F (the rank-r adapter W^_i leaves
+an early throwaway prototype on 8 of 9). Since d <= ||W^_j||_F (the rank-r adapter W^_i leaves
 -W^_j), a base with small weights looks close to everything: block 0's v_proj/o_proj norms are
 16/37 against 40-140 elsewhere, which draws "sum" (25, 26) and "normalized_sum" (7 of 9 blocks)
 to block 0. Held-out perplexity

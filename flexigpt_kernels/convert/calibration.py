@@ -77,6 +77,12 @@ def _from_tensor(tokens: torch.Tensor, tokenizer, seq_len, num_samples) -> torch
 
 def _chunk(ids: list[int], seq_len: int, num_samples: int) -> torch.Tensor:
     need = seq_len * num_samples
+    if not ids:
+        raise ValueError("source: no calibration text: the source is empty or holds only whitespace")
+    if len(ids) < seq_len:
+        raise ValueError(f"source: {len(ids)} tokens, fewer than one sequence of seq_len={seq_len} "
+                         f"(calibration needs num_samples={num_samples} x seq_len={seq_len} = {need}); "
+                         f"give more text or lower them")
     if len(ids) < need:
         raise ValueError(
             f"source: not enough tokens for calibration: found {len(ids)}, need {need} "
@@ -203,8 +209,10 @@ def token_batches(
         text_field: the text column of json/parquet files, datasets and dict rows.
         seed: document-order shuffle seed; ``None`` keeps the order.
 
-    Raises ValueError when texts come without a tokenizer, when there are fewer tokens than
-    ``num_samples * seq_len`` (with both counts), or for a malformed source.
+    Raises ValueError when texts come without a tokenizer, for an empty or whitespace-only
+    source string (``Path("")`` would be the current folder), when there are fewer tokens than
+    ``num_samples * seq_len`` (with both counts; no text at all and less than one sequence are
+    said as such), or for a malformed source.
     """
     if seq_len is not None:
         _check_positive("seq_len", seq_len)
@@ -221,6 +229,9 @@ def token_batches(
     seq_len = seq_len or DEFAULT_SEQ_LEN
     num_samples = num_samples or DEFAULT_NUM_SAMPLES
     if isinstance(source, (str, os.PathLike)):
+        if not os.fspath(source).strip():  # Path("") is ".": never read the current folder unasked
+            raise ValueError(f"source: empty calibration source {source!r}; give a file, a folder, a "
+                             f"dataset name, texts or token ids")
         path = Path(source).expanduser()
         if path.exists():
             rows = _load_local(path, split, seed)

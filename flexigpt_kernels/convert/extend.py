@@ -1,5 +1,5 @@
 """extend(): grow a model by repeating decoder blocks that share the original weights (FlexiGPT
-section 5, METHOD.md).
+section 5; docs/method.md section 6).
 
 Over the index range ``layers = range(a, b)`` of the source model:
 
@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from ..nn import DEFAULT_GAMMA_INIT, SharedLoRALinear
+from .arguments import check_bool, check_not_converted, finite_number
 from .families import Family, decoder_layers, family_of, num_layers
 from .prune import stored_parameters
 from .replacement import make_replacement_block, replacement_blocks, resolve_rank
@@ -205,13 +206,22 @@ def extend(
     scale: the adapter's scale s in y = x W^T + s (x A^T) B^T.
     source: recorded in ``flexigpt_meta["source"]`` (where the model came from), for evaluation.
 
-    Raises ValueError for an unsupported family, a bad range/pattern/repeats, or a model that
-    already has replacement blocks (extending a pruned model is not supported).
+    Raises ValueError for an unsupported family, a bad range/pattern/repeats/rank, a scale,
+    gamma_init or norm_eps that is not a finite number (scale non-zero, norm_eps > 0), or a model
+    that already has replacement blocks (extending a pruned model is not supported); all of it
+    is checked before the model is touched.
     """
     family = family_of(model)
     if replacement_blocks(model):
         raise ValueError("extend: the model already has replacement blocks (it was pruned or extended); "
                          "extend the dense model instead")
+    check_not_converted(model, "extend", allowed_methods=("none", "drop"))  # a "drop" model is a plain one
+    scale = finite_number("scale", scale, nonzero=True)
+    gamma_init = finite_number("gamma_init", gamma_init)
+    norm_eps = finite_number("norm_eps", norm_eps, positive=True)
+    output_norm = check_bool("output_norm", output_norm)
+    if source is not None and not isinstance(source, str):
+        raise ValueError(f"source: expected a string or None, got {source!r}")
     n = num_layers(model)
     layer_range = parse_layers(layers, n)
     order = extension_order(n, layer_range, pattern, repeats)

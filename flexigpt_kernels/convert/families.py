@@ -9,7 +9,7 @@ Fields of :class:`Family`:
 
 - ``attention`` / ``mlp``: the linear layers of the two sub-layers, in forward order.
 - ``attn_out`` / ``mlp_out``: the linear whose output is added to the residual stream; FlexiGPT's
-  output normalization (METHOD.md section 3) goes right after it.
+  output normalization (docs/method.md section 4) goes right after it.
 - ``norms``: the layer's own normalization modules (kept in a replacement block).
 - ``attn_out_norm`` / ``mlp_out_norm``: a norm the architecture already applies to the sub-layer
   output before the residual add (Gemma 2/3 "sandwich" norms), or None.

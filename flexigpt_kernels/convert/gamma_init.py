@@ -1,7 +1,7 @@
-"""Closed-form output-norm gamma for replacement blocks (issue 8, direction 2).
+"""Closed-form output-norm gamma for replacement blocks (docs/method.md section 5).
 
 A replacement sub-layer adds gamma * n to the residual stream, n = LayerNorm_noBias(y) its
-normalized output. Instead of a fixed small gamma (METHOD.md 3: 1e-2), choose, per channel c,
+normalized output. Instead of a fixed small gamma (docs/method.md 4: 1e-2), choose, per channel c,
 the least-squares scale that maps n onto the original block's contribution t on calibration
 activations:
 

@@ -1,4 +1,4 @@
-"""Block Influence (ShortGPT), the importance score FlexiGPT prunes by (METHOD.md section 1).
+"""Block Influence (ShortGPT), the importance score FlexiGPT prunes by (docs/method.md section 1).
 
     BI_i = 1 - (1 / T) * sum over calibration tokens t of cos(h_i[t], h_{i+1}[t])
 

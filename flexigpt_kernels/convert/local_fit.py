@@ -1,8 +1,8 @@
-"""Block-local initialisation of replacement blocks from the dense model's activations (issue 8).
+"""Block-local initialisation of replacement blocks from the dense model's activations (docs/method.md 5).
 
 At conversion a replacement block computes with another block's weights plus a rank-r
 correction; on its own that is a poor copy of the block it replaces, so FlexiGPT starts it
-with a tiny output-norm gamma (METHOD.md 3, 7). This module instead fits each replacement block
+with a tiny output-norm gamma (docs/method.md 4). This module instead fits each replacement block
 to reproduce what the ORIGINAL block computed, on calibration tokens, before any end-to-end
 healing. Three steps, each optional, in this order:
 

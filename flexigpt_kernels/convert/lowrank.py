@@ -1,7 +1,7 @@
 """Rank-r factors of weight matrices and FlexiGPT's low-rank distance between two of them.
 
 For W [m, n] let W^ = L V^T be its rank-r truncation, L = U S [m, r] (left singular vectors
-scaled by the singular values), V [n, r] orthonormal. METHOD.md section 2 defines
+scaled by the singular values), V [n, r] orthonormal. docs/method.md section 3 defines
 
     d(W_i, W_j) = || W^_i - (W^_j + Delta_r(W^_i - W^_j)) ||_F
                 = sqrt( sum_{k > r} sigma_k(W^_i - W^_j)^2 )

@@ -1,6 +1,6 @@
 """prune(): FlexiGPT (or the ShortGPT "drop" baseline) on a Hugging Face causal LM, in place.
 
-Steps (METHOD.md sections 1-3): calibration tokens -> Block Influence per block -> the
+Steps (docs/method.md sections 1-4): calibration tokens -> Block Influence per block -> the
 lowest-scoring blocks -> a base block for each by the low-rank distance -> replacement
 blocks (shared weights + SVD-initialised adapters + output norms). The model is converted
 in place and returned; pass copy.deepcopy(model) to keep the original.
@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from ..nn import DEFAULT_GAMMA_INIT
-from .base_selection import choose_bases
+from .arguments import check_bool, check_not_converted, finite_number, positive_int
+from .base_selection import COMBINE_MODES, choose_bases
 from .calibration import token_batches
 from .families import family_of, num_layers
 from .importance import block_influence
 from .replacement import convert_blocks, drop_blocks, resolve_rank
-from .selection import select_blocks
+from .selection import num_blocks_to_prune, select_blocks
 
 METHODS = ("flexigpt", "drop")
 
@@ -102,13 +103,16 @@ def prune(
         own shape and means 256 / 32 for text sources.
     method: "flexigpt" (replacement blocks) or "drop" (ShortGPT: remove the blocks).
     combine: how per-matrix distances form the block distance (see choose_bases).
-    gamma_init, output_norm, scale, svd_init: the replacement block's knobs (METHOD.md 3).
+    gamma_init, output_norm, scale, svd_init: the replacement block's knobs (docs/method.md 4).
     local_fit: None/False (the paper's init), "gamma" (closed-form per-channel gamma on 8
         recorded sequences: cheap, the CLI default), True or "full" (DEFAULT_LOCAL_FIT), a
         LocalFit or a dict of its fields: fit the replacement blocks to the dense blocks'
         recorded behaviour on the calibration tokens before returning (activation-aware
         adapters, closed-form gamma, optional gradient steps; see convert/local_fit.py).
         Needs calibration; flexigpt only. report.local_fit holds the fit's report.
+
+    Every argument is checked (and a model that was already converted refused) before the
+    model is touched: a call that raises ValueError leaves the model as it was.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -119,6 +123,20 @@ def prune(
         raise ValueError("local_fit needs calibration tokens (the dense blocks are recorded on them)")
     family = family_of(model)
     n_blocks = num_layers(model)
+    check_not_converted(model, "prune")
+    scale = finite_number("scale", scale, nonzero=True)
+    gamma_init = finite_number("gamma_init", gamma_init)
+    seq_len, num_samples = positive_int("seq_len", seq_len), positive_int("num_samples", num_samples)
+    batch_size = positive_int("batch_size", batch_size, allow_none=False)
+    output_norm, svd_init = check_bool("output_norm", output_norm), check_bool("svd_init", svd_init)
+    if blocks is not None:
+        select_blocks(torch.zeros(n_blocks), blocks=blocks)  # validates the indices
+    elif calibration is not None:
+        num_blocks_to_prune(ratio, n_blocks)  # validates the ratio
+    if method == "flexigpt":
+        resolve_rank(rank, model.config.get_text_config(decoder=True).hidden_size)  # validates the rank
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"combine: expected one of {COMBINE_MODES}, got {combine!r}")
     seconds: dict[str, float] = {}
     params_before = stored_parameters(model)
     # the unpruned model's config, JSON-clean (saved in flexigpt.json), taken before "drop" shrinks it

@@ -48,7 +48,7 @@ import torch
 
 __all__ = ["PAPER_TASKS", "TaskResults", "evaluate_tasks", "resolve_task_spec"]
 
-#: the zero-shot tasks of the FlexiGPT paper (METHOD.md section 6); they need the hub
+#: the zero-shot tasks of the FlexiGPT paper (docs/method.md section 10); they need the hub
 PAPER_TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag")
 
 _YAML_SUFFIXES = (".yaml", ".yml")

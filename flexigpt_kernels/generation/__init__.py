@@ -1,4 +1,4 @@
-"""Generation for converted models: plain and self-speculative decoding (METHOD.md section 6).
+"""Generation for converted models: plain and self-speculative decoding (docs/method.md section 9).
 
     ids = generate(model, input_ids, max_new_tokens=64)                      # greedy, self-speculative
     ids, stats = generate(model, input_ids, do_sample=True, temperature=0.8, return_stats=True)

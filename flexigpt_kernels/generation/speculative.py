@@ -1,6 +1,6 @@
 """generate(): plain and self-speculative decoding for converted (FlexiGPT) causal LMs.
 
-Self-speculative decoding (METHOD.md section 6): the draft is the same model with its
+Self-speculative decoding (docs/method.md section 9): the draft is the same model with its
 replacement blocks skipped (see draft.py); it proposes k tokens one by one, and the full model
 scores the pending token plus the k drafts in one forward. Greedy: the longest prefix of drafts
 equal to the full model's argmax is kept, then the full model's own next token; the output is

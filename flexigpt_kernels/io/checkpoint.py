@@ -48,7 +48,6 @@ the stored one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -60,7 +59,10 @@ from torch import nn
 from ..convert.families import family_of, num_layers
 from ..convert.replacement import convert_blocks, replacement_blocks
 from ..nn import OutputNorm, SharedLoRALinear
-from ._write import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, save_tensors, write_hf_files
+from ._write import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, model_class, save_tensors,
+                     write_hf_files)
+from .load import no_init_weights
+from .manifest import check_against_config, check_aliases, check_shapes, parse_manifest, torch_dtype, validate_manifest
 from .model_card import write_model_card
 from .remote_code import hf_config_dict, write_custom_model
 
@@ -100,7 +102,7 @@ def _write_custom_model(directory: Path, model: nn.Module, shared: dict, output_
     spec = {"format_version": FORMAT_VERSION, "base_map": {str(k): v for k, v in sorted(_base_map(model).items())},
             "blocks": blocks, "shared": shared, "output_norms": output_norms}
     write_custom_model(directory, hf_model_type=model.config.model_type,
-                       model_class=serving_architecture(type(model).__name__), spec=spec)
+                       model_class=serving_architecture(model_class(model).__name__), spec=spec)
 
 
 def _migrate(record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -161,13 +163,15 @@ def _derived_meta(model: nn.Module, shared: dict, output_norms: dict) -> dict[st
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=None, *,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write `model` (converted by prune(), or a plain supported model) to `directory`.
 
     Writes model.safetensors (each shared or tied tensor once), config.json, flexigpt.json,
     generation_config.json when present and the tokenizer when given (see the module doc).
     Refuses an existing non-empty `directory` unless overwrite=True; writes into a temporary
     directory beside it and renames it into place. Returns the directory's path.
+    `state_dict` replaces model.state_dict() (a model sharded with FSDP2: pass
+    train.shard.full_state_dict(model), gathered by every process, and save on one).
     """
     output_norms = {n: float(m.eps) for n, m in model.named_modules() if isinstance(m, OutputNorm)}
     shared = sharing_map(model)
@@ -181,12 +185,13 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     if {int(k): int(v) for k, v in meta.get("base_map", {}).items()} != base_map:
         raise ValueError(f"model.flexigpt_meta['base_map'] {meta.get('base_map')} disagrees with the model's "
                          f"replacement blocks {base_map}")
-    state_dict = model.state_dict()
+    if state_dict is None:
+        state_dict = model.state_dict()
     dtype = dominant_dtype(state_dict.values())
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         aliases = save_tensors(state_dict, tmp / WEIGHTS_NAME)
         write_hf_files(tmp, model, dtype, tokenizer)
-        hf_architecture = type(model).__name__
+        hf_architecture = model_class(model).__name__
         if base_map:
             _write_custom_model(tmp, model, shared, output_norms)
         record = {**meta, "shared": shared, "output_norms": output_norms, "aliases": aliases,
@@ -199,7 +204,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
 
 
 def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """flexigpt.json of a checkpoint directory, with its format version checked."""
+    """flexigpt.json of a checkpoint directory, its format version checked and its content validated
+    (see .manifest): ValueError naming the file and the field."""
     path = Path(directory) / FLEXIGPT_CONFIG_NAME
     if not path.is_file():
         hint = ""
@@ -207,21 +213,14 @@ def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
             hint = (" (it looks like a plain Hugging Face checkpoint: load it with "
                     "transformers.AutoModelForCausalLM.from_pretrained)")
         raise FileNotFoundError(f"{directory}: no {FLEXIGPT_CONFIG_NAME}, so not a flexigpt_kernels checkpoint{hint}")
-    record = json.loads(path.read_text())
+    record = parse_manifest(path)
     version = record.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ValueError(f"{path}: unknown format_version {version!r}; this flexigpt_kernels reads format_version "
                          f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (a newer release may read it)")
+    validate_manifest(record, path)
     config_path = Path(directory) / CONFIG_NAME
     return _migrate(record, json.loads(config_path.read_text()) if config_path.is_file() else {})
-
-
-def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older transformers
-        return contextlib.nullcontext()
-    return no_init_weights()
 
 
 def _resize_adapter(module: SharedLoRALinear, rank: int) -> None:
@@ -303,21 +302,25 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
     directory = Path(directory)
     record = read_flexigpt_config(directory)
     config = _hf_config(directory, record)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
+    if dtype is not None:
+        dtype = torch_dtype(dtype, "dtype")
     if dtype is None and record.get("dtype"):
-        dtype = getattr(torch, record["dtype"])
+        dtype = torch_dtype(record["dtype"], "dtype", directory / FLEXIGPT_CONFIG_NAME)
+    check_against_config(record, directory / FLEXIGPT_CONFIG_NAME, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if record.get("architectures"):
         config.architectures = list(record["architectures"])  # the Hugging Face class, not the serving name
-    with device, _no_init():
+    with device, no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _rebuild(model, record)
+    check_aliases(model, record, directory / FLEXIGPT_CONFIG_NAME)
     state_dict = load_file(str(directory / WEIGHTS_NAME), device=str(device))
     aliases = record.get("aliases", {})
     for alias, source in aliases.items():
         _retie(model, alias, source)
-        state_dict.setdefault(alias, state_dict[source])
+        if source in state_dict:  # else reported as missing below
+            state_dict.setdefault(alias, state_dict[source])
+    check_shapes(model, state_dict, directory / WEIGHTS_NAME)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS_NAME} does not fit the rebuilt model: "

@@ -30,13 +30,18 @@ from torch import nn
 
 from ..convert.families import family_of
 from ..nn import OutputNorm, SharedLoRALinear
-from ._write import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, \
-    save_tensors, write_hf_files
+from ._write import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, WRITTEN_NAME, atomic_directory, \
+    dominant_dtype, save_tensors, write_hf_files
 from .checkpoint import FLEXIGPT_CONFIG_NAME, from_pretrained
+from .model_card import CARD_NAME
+from .remote_code import REMOTE_CODE_FILES
 
 __all__ = ["export_dense", "dense_state_dict"]
 
-_CHECKPOINT_FILES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, FLEXIGPT_CONFIG_NAME}
+# what a dense export writes itself or must not carry over (the custom code and the card describe
+# the FlexiGPT checkpoint, not the dense one)
+_CHECKPOINT_FILES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, FLEXIGPT_CONFIG_NAME, WRITTEN_NAME,
+                     *REMOTE_CODE_FILES, CARD_NAME}
 
 
 def _check_no_output_norms(model: nn.Module) -> None:
@@ -90,9 +95,10 @@ def export_dense(directory_or_model: str | os.PathLike | nn.Module, out: str | o
     """Write a plain Hugging Face checkpoint of a converted model to `out`; returns its path.
 
     directory_or_model: a directory written by save_pretrained (its tokenizer files are
-    copied along) or an in-memory model. tokenizer: saved with it when given. Refuses an
-    existing non-empty `out` unless overwrite=True; the write is atomic (temp dir + rename).
-    Raises ValueError for a model with output norms (why: see the module doc).
+    copied along; a symlink out of it is refused) or an in-memory model. tokenizer: saved with
+    it when given. Refuses an existing non-empty `out` unless overwrite=True, and even then
+    replaces only a folder this package wrote (see ``_write.atomic_directory``); the write is
+    atomic. Raises ValueError for a model with output norms (why: see the module doc).
     """
     source_dir = None
     if isinstance(directory_or_model, nn.Module):
@@ -113,7 +119,25 @@ def export_dense(directory_or_model: str | os.PathLike | nn.Module, out: str | o
         save_tensors(state_dict, tmp / WEIGHTS_NAME)
         write_hf_files(tmp, model, dtype, tokenizer)
         if tokenizer is None and source_dir is not None:
-            for f in source_dir.iterdir():
-                if f.is_file() and f.name not in _CHECKPOINT_FILES:
-                    shutil.copy2(f, tmp / f.name)
+            for f in _files_to_copy(source_dir):
+                shutil.copy2(f, tmp / f.name)
     return Path(out)
+
+
+def _files_to_copy(source_dir: Path) -> list[Path]:
+    """The extra files (tokenizer etc.) of a checkpoint folder to copy into an export.
+
+    A symlink is followed only when its target lies inside the folder: a link out of it (say to
+    a private key) is refused with a ValueError, so an export never carries a file from
+    elsewhere on the disk.
+    """
+    root = source_dir.resolve()
+    files = []
+    for f in sorted(source_dir.iterdir()):
+        if f.name in _CHECKPOINT_FILES or not f.is_file():
+            continue
+        if f.is_symlink() and not f.resolve().is_relative_to(root):
+            raise ValueError(f"export: {f} is a symlink to {f.resolve()}, outside the checkpoint folder "
+                             f"{source_dir}; refusing to copy it (replace the link by the file itself)")
+        files.append(f)
+    return files

@@ -20,6 +20,7 @@ dict, stored in flexigpt.json under ``"card"`` and restored by from_pretrained):
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +34,17 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DEFAULT_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _HEALING_KEYS = ("steps", "tokens_seen", "trainable", "trainable_params", "lr", "seconds", "data", "teacher",
                  "eval_perplexities")
+
+
+def _finite(value):
+    """`value` with every non-finite float replaced by None (flexigpt.json holds finite numbers only)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def card_info(model) -> dict[str, Any]:
@@ -51,7 +63,7 @@ def set_card_info(model, *, perplexity: Optional[dict[str, float]] = None, perpl
     for key, value in (("perplexity", perplexity), ("perplexity_setup", perplexity_setup),
                        ("source_parameters", source_parameters), ("source", source)):
         if value is not None:
-            info[key] = dict(value) if isinstance(value, dict) else value
+            info[key] = _finite(value)
 
 
 def add_healing(model, report: dict[str, Any]) -> None:
@@ -60,7 +72,7 @@ def add_healing(model, report: dict[str, Any]) -> None:
     run = {k: report[k] for k in _HEALING_KEYS if report.get(k) is not None}
     if losses:
         run.update(first_loss=losses[0], last_loss=losses[-1])
-    card_info(model).setdefault("healing", []).append(run)
+    card_info(model).setdefault("healing", []).append(_finite(run))
 
 
 def _source(record: dict[str, Any], card: dict[str, Any]) -> Optional[str]:
@@ -107,13 +119,17 @@ def _metadata(record: dict[str, Any], source: Optional[str], custom_code: bool) 
     return "\n".join(lines)
 
 
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _healing_lines(runs: list[dict[str, Any]]) -> list[str]:
     lines = ["## Healing (`flexigpt heal`)", "",
              "| run | data | teacher | steps | tokens | trainable | trainable params | lr | loss | held-out perplexity |",
              "|---|---|---|---:|---:|---|---:|---:|---|---|"]
     for n, run in enumerate(runs, 1):
-        loss = f"{run['first_loss']:.4f} -> {run['last_loss']:.4f}" if "first_loss" in run else "-"
-        ppl = ", ".join(f"step {s}: {p:.2f}" for s, p in run.get("eval_perplexities") or []) or "-"
+        loss = f"{_num(run['first_loss'], '.4f')} -> {_num(run['last_loss'], '.4f')}" if "first_loss" in run else "-"
+        ppl = ", ".join(f"step {s}: {_num(p, '.2f')}" for s, p in run.get("eval_perplexities") or []) or "-"
         lines.append(f"| {n} | {run.get('data', '-')} | {run.get('teacher') or '-'} | {run.get('steps', '-')} | "
                      f"{run.get('tokens_seen', 0):,} | {run.get('trainable', '-')} | {run.get('trainable_params', 0):,} | "
                      f"{run.get('lr', '-')} | {loss} | {ppl} |")
@@ -181,7 +197,7 @@ def render_model_card(record: dict[str, Any], *, name: str = "DIR", stored_param
     if card.get("perplexity"):
         lines += ["## Perplexity when it was made" + (" (before healing)" if card.get("healing") else ""), "",
                   "| model | held-out perplexity |", "|---|---:|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in card["perplexity"].items()]
+        lines += [f"| {k} | {_num(v, '.2f')} |" for k, v in card["perplexity"].items()]
         lines += ([""] + [card["perplexity_setup"]] if card.get("perplexity_setup") else []) + [""]
     if card.get("healing"):
         lines += _healing_lines(card["healing"])

@@ -1,4 +1,4 @@
-"""FlexiGPT vs ShortGPT + LoRA at an equal recovery budget (issues 4 and 8; METHOD.md 6-7).
+"""FlexiGPT vs ShortGPT + LoRA at an equal recovery budget (docs/method.md 8).
 
 Protocol, one function (and `flexigpt compare`):
 
@@ -32,7 +32,7 @@ Rows: budget, method, options, lr, seed, trainable params, tokens, ppl at init a
 Cost on a CPU: one training step of 4 x 256 tokens on SmolLM2-135M takes ~3.5 s on 2 free
 cores (more for the FlexiGPT models, which run all 30 blocks, than for the dropped one), and a
 40 x 256-token perplexity ~10 forwards of that size; a 150k-token run is ~10 minutes. Prefer a
-GPU for the 1M-token budget of issue 8.
+GPU for a 1M-token budget.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ COLUMNS = ("budget", "method", "options", "lr", "seed", "trainable_params", "tok
 
 @dataclass(frozen=True)
 class FlexiGPTRecipe:
-    """This package's FlexiGPT recovery recipe (issue 8), the "flexigpt" method of the comparison.
+    """This package's FlexiGPT recovery recipe (docs/method.md 8), the "flexigpt" method of the comparison.
 
     local_fit: the block-local initialisation, a LocalFit (default: activation-aware adapters,
         closed-form gamma, 40 fit steps per block; see convert/local_fit.py), or None for the
@@ -171,14 +171,14 @@ def compare_recovery(
     recipe = recipe or FlexiGPTRecipe()
     t_all = time.perf_counter()
     if model is None:
-        from ..assets import load_default_model
+        from ..io.load import load_model
 
-        model, tokenizer = load_default_model()
-    if train_texts is None or heldout_texts is None:
-        from ..assets import default_texts
+        loaded = load_model("default")
+        model, tokenizer = loaded.model, loaded.tokenizer
+    from ..io.load import resolve_data
 
-        train_texts = default_texts("calibration") if train_texts is None else train_texts
-        heldout_texts = default_texts("heldout") if heldout_texts is None else heldout_texts
+    train_texts = resolve_data(train_texts, "calibration", what="train_texts")
+    heldout_texts = resolve_data(heldout_texts, "heldout", what="heldout_texts")
     model.eval()
     tokens_per_step = batch_size * seq_len
     max_steps = max(1, -(-max(budgets) // tokens_per_step))

@@ -1,4 +1,4 @@
-"""heal(): recovery training of a pruned model (METHOD.md section 4).
+"""heal(): recovery training of a pruned model (docs/method.md section 7).
 
     loss = lm_weight * CE(logits[:, :-1], ids[:, 1:])  (+ distillation terms, see .distill)
 
@@ -39,6 +39,7 @@ from .distill import Distiller, normalize_distill
 from .params import count_parameters, normalize_trainable, select_trainable
 from .runtime import make_runtime
 from .schedule import WarmupCosine, warmup_steps
+from .sharded_state import has_shards, load_shards, save_shards
 
 __all__ = ["HealReport", "heal", "lm_loss"]
 
@@ -159,6 +160,7 @@ def heal(
     shuffle: bool = True,
     progress: bool = True,
     accelerator=None,
+    fsdp=None,
 ) -> HealReport:
     """Recovery-train `model` in place; returns a :class:`HealReport`.
 
@@ -181,8 +183,12 @@ def heal(
             continues from the latest complete checkpoint there (resume=<path>: that one).
         mixed_precision: "no", "bf16" (autocast), "fp16" (autocast + grad scaling, CUDA).
             With an accelerator, its own setting rules.
-        accelerator: an accelerate.Accelerator for multi-process training (DDP; FSDP with
-            one wrapping unit, see .runtime). It must have gradient_accumulation_steps=1.
+        accelerator: an accelerate.Accelerator for multi-process training (DDP; FSDP2, wrapped
+            by sharing group; FSDP1 only as one unit, see .runtime). It must have
+            gradient_accumulation_steps=1.
+        fsdp: True (or a 1-D DeviceMesh) to shard with FSDP2 by sharing group over plain
+            torch.distributed (start with torchrun); checkpoints are then sharded and resume
+            at any world size (see .shard, .sharded_state).
     """
     t_call = time.perf_counter()
     for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum),
@@ -202,7 +208,7 @@ def heal(
     if teacher is None and distill not in (None, ("kl",), "kl"):
         raise ValueError(f"distill={distill!r} needs a teacher model")
 
-    runtime = make_runtime(model, accelerator, mixed_precision)
+    runtime = make_runtime(model, accelerator, mixed_precision, fsdp)
     world = runtime.world_size
     global_batch = batch_size * grad_accum * world
     tokens_per_step = global_batch * seq_len
@@ -210,8 +216,12 @@ def heal(
 
     _seed_everything(seed)
     named = select_trainable(model, trainable, lora_rank=lora_rank, lora_alpha=lora_alpha)
-    params = [p for _, p in named]
     names = [n for n, _ in named]
+    wrapped = runtime.prepare_model(model)  # FSDP2 replaces the parameters: look them up again
+    if wrapped is not model or runtime.is_fsdp2:
+        current = dict(wrapped.named_parameters())
+        named = [(n, current[n]) for n in names]
+    params = [p for _, p in named]
     blocks = TrainBlocks.from_source(data, tokenizer, seq_len=seq_len, num_blocks=total_steps * global_batch,
                                      seed=seed, shuffle=shuffle)
     eval_tokens = None
@@ -227,7 +237,7 @@ def heal(
 
     optimizer = torch.optim.AdamW(
         _param_groups(model, named, lr=lr, weight_decay=weight_decay, gamma_lr=gamma_lr), lr=lr, betas=betas)
-    wrapped, optimizer = runtime.prepare(model, optimizer)
+    wrapped, optimizer = runtime.prepare(wrapped, optimizer)
     base_optimizer = getattr(optimizer, "optimizer", optimizer)
     schedule = WarmupCosine(total_steps, warmup_steps(warmup, total_steps), min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, schedule)
@@ -247,9 +257,8 @@ def heal(
         if ckpt_path is None and runtime.is_main:
             tqdm.write(f"heal: no checkpoint under {checkpoint_dir}; starting from step 0")
     if ckpt_path is not None:
-        if runtime.is_fsdp:
-            raise NotImplementedError("heal(): resuming under FSDP is not implemented; use DDP")
-        start_step = _restore(ckpt_path, runtime, unwrapped, optimizer, scheduler, report, settings)
+        _check_checkpointing(runtime)
+        start_step = _restore(ckpt_path, runtime, unwrapped, base_optimizer, scheduler, report, settings)
 
     was_training = wrapped.training
     wrapped.train()
@@ -305,11 +314,12 @@ def heal(
                 report.eval_perplexities.append((done, ppl))
                 bar.set_postfix(loss=f"{stats[0]:.4f}", ppl=f"{ppl:.2f}")
             if checkpoint_dir is not None and (done == total_steps or (checkpoint_every and done % checkpoint_every == 0)):
-                if runtime.is_fsdp:
-                    raise NotImplementedError("heal(): checkpoints under FSDP are not implemented; use DDP")
+                _check_checkpointing(runtime)
                 report.train_seconds = train_time
+                shards = (lambda folder: save_shards(folder, unwrapped, base_optimizer)) if runtime.is_fsdp2 else None
                 path = save_checkpoint(runtime, checkpoint_dir, done,
-                                       _state(unwrapped, optimizer, scheduler, runtime, report, settings, done))
+                                       _state(unwrapped, optimizer, scheduler, runtime, report, settings, done),
+                                       write_shards=shards)
                 report.checkpoints.append(str(path))
         report.train_seconds = train_time
     finally:
@@ -340,12 +350,21 @@ def _evaluate(wrapped, unwrapped, eval_tokens: torch.Tensor, runtime, batch_size
     return math.exp(sums[0].item() / sums[1].item())
 
 
+def _check_checkpointing(runtime) -> None:
+    if runtime.is_fsdp and not runtime.is_fsdp2:
+        raise ValueError("heal(): checkpoints under FSDP1 (one unit) are not supported; use FSDP2 "
+                         "(fsdp_version: 2 in the accelerate config, or heal(fsdp=True)) or DDP")
+
+
 def _state(unwrapped, optimizer, scheduler, runtime, report: HealReport, settings: dict, step: int) -> dict:
+    # under FSDP2 the trainable tensors and optimizer state are sharded: .sharded_state writes them
+    tensors = {} if runtime.is_fsdp2 else {
+        "params": {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict()}
     return {
         "step": step,
         "settings": settings,
-        "params": {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
+        **tensors,
         "scheduler": scheduler.state_dict(),
         "scaler": runtime.scaler_state(),
         "history": {"losses": list(report.losses), "lrs": list(report.lrs), "grad_norms": list(report.grad_norms),
@@ -361,11 +380,17 @@ def _restore(path, runtime, unwrapped, optimizer, scheduler, report: HealReport,
         if saved.get(key) != settings[key]:
             raise ValueError(f"resume: the checkpoint {path} was made with {key}={saved.get(key)!r}, this run "
                              f"has {settings[key]!r}; resume with the same settings and data")
-    params = dict(unwrapped.named_parameters())
-    with torch.no_grad():
-        for name, value in state["params"].items():
-            params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(state["optimizer"])
+    if has_shards(path):  # written under FSDP2: dcp reshards to this run (any world size, or one process)
+        load_shards(path, unwrapped, optimizer)
+    elif runtime.is_fsdp2:
+        raise ValueError(f"resume: {path} was written without FSDP2 (whole tensors, not shards); resume it "
+                         "without fsdp, or start the FSDP2 run from step 0")
+    else:
+        params = dict(unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                params[name].copy_(value.to(params[name].device))
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     runtime.load_scaler_state(state["scaler"])
     if rng is not None:

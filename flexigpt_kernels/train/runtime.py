@@ -10,16 +10,16 @@ Shared weights under wrapping:
 - DDP: the model is replicated whole; a replacement layer reads its base block's weight through
   a module reference at forward time, which is the same tensor DDP broadcasts and (when it
   trains) all-reduces once. Sharing is untouched.
-- FSDP: a SharedLoRALinear reads ``base.weight`` from the base *module* at forward time. FSDP
-  (1 and 2) only materialises a unit's full parameters while that unit runs, so a replacement
-  block and its base must be in the same FSDP unit: use ``auto_wrap_policy="no_wrap"`` (the
-  whole model is one unit, whose parameters are gathered for the forward and sharded again
-  after, which also keeps tied embeddings and every shared weight a single tensor). With
-  per-layer wrapping (``transformer_based_wrap``) block 15 would read block 18's *sharded*
-  weight, so heal() refuses it on a model with replacement blocks. FSDP1 needs
-  ``use_orig_params=True`` to mix frozen and trainable tensors in one unit. LoRA on kept blocks
-  (``LoRALinear`` registers its base) has no such constraint. Checkpoint/resume is implemented
-  for one process and DDP, not FSDP.
+- FSDP2 (``heal(..., fsdp=True)`` under torchrun, or an accelerate FSDP2 config): the model is
+  wrapped by :func:`.shard.shard`, one ``fully_shard`` unit per sharing group (a base block and
+  every replacement block that reads it), every other block its own unit. Each process holds
+  a shard of every unit and gathers a unit only while one of its blocks runs. Checkpoints are
+  sharded (torch.distributed.checkpoint) and resume at another world size (see .sharded_state).
+- FSDP1 (accelerate's default FSDP plugin): a SharedLoRALinear reads ``base.weight`` from the
+  base *module* at forward time, and FSDP1 cannot group non-adjacent blocks into one unit, so
+  only ``auto_wrap_policy="no_wrap"`` works (one unit, gathered whole: no memory saved);
+  per-layer wrapping is refused on a model with replacement blocks. Use FSDP2. LoRA on kept
+  blocks (``LoRALinear`` registers its base) has no such constraint.
 """
 
 from __future__ import annotations
@@ -31,18 +31,23 @@ import torch
 from torch import nn
 
 from ..convert.replacement import replacement_blocks
+from .shard import shard
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LocalRuntime:
-    world_size, rank, is_main, is_fsdp = 1, 0, True, False
+    world_size, rank, is_main, is_fsdp, is_fsdp2 = 1, 0, True, False, False
 
     def __init__(self, device: torch.device, mixed_precision: str = "no"):
         self.device = device
         self.mixed_precision = mixed_precision
         self.scaler = torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
+
+    def prepare_model(self, model):
+        """Wrap the model before its optimizer exists (FSDP2 replaces the parameters)."""
+        return model
 
     def prepare(self, model, optimizer):
         return model, optimizer
@@ -110,9 +115,22 @@ class AccelerateRuntime:
         self.rank = accelerator.process_index
         self.is_main = accelerator.is_main_process
         self.is_fsdp = "FSDP" in str(accelerator.distributed_type)
+        self.is_fsdp2 = self.is_fsdp and bool(getattr(accelerator, "is_fsdp2", False))
+
+    def prepare_model(self, model):
+        if not self.is_fsdp2:
+            return model
+        # accelerate leaves a model that is already an FSDPModule as it is (and maps the
+        # optimizer's parameters by name); wrap by sharing group with the plugin's settings
+        plugin = self.acc.state.fsdp_plugin
+        mesh = getattr(self.acc, "torch_device_mesh", None)
+        if mesh is not None and self.acc.parallelism_config is not None:
+            mesh = mesh[tuple(self.acc.parallelism_config.fsdp_dim_names)]
+        return shard(model, mesh, reshard_after_forward=plugin.reshard_after_forward,
+                     mp_policy=plugin.mixed_precision_policy, offload_policy=plugin.cpu_offload or None)
 
     def prepare(self, model, optimizer):
-        if self.is_fsdp:
+        if self.is_fsdp and not self.is_fsdp2:
             check_fsdp_wrapping(model, self.acc)
         return self.acc.prepare(model, optimizer)
 
@@ -156,22 +174,93 @@ class AccelerateRuntime:
             scaler.load_state_dict(state)
 
 
+class FSDP2Runtime(LocalRuntime):
+    """FSDP2 over plain torch.distributed (torchrun): the model sharded by sharing group.
+
+    Gradients are averaged over processes by FSDP2's reduce-scatter, so N processes reading
+    1/N of the global batch each follow one process's run (the same rule as DDP)."""
+
+    is_fsdp = is_fsdp2 = True
+
+    def __init__(self, mesh=None, mixed_precision: str = "no"):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("heal(fsdp=...): torch.distributed is not initialised; start the script with "
+                               "torchrun (or call torch.distributed.init_process_group) first")
+        self.mesh = mesh
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.is_main = self.rank == 0
+        device = torch.device("cpu")
+        if mesh is not None and mesh.device_type != "cpu":
+            device = torch.device(mesh.device_type, torch.accelerator.current_device_index())
+        elif mesh is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(device, mixed_precision)
+
+    def prepare_model(self, model):
+        model.to(self.device)
+        return shard(model, self.mesh)
+
+    def no_sync(self, model):
+        @contextlib.contextmanager
+        def skip_gradient_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return skip_gradient_sync()
+
+    def clip(self, optimizer, params, max_norm: Optional[float]) -> float:
+        norm = nn.utils.clip_grad_norm_(params, float("inf") if max_norm is None else max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _all_reduce(self, values: torch.Tensor, mean: bool) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = values.to(self.device).clone()
+        dist.all_reduce(out)
+        return (out / self.world_size if mean else out).cpu()
+
+    def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(values, mean=True)
+
+    def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(values, mean=False)
+
+    def wait(self):
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def check_fsdp_wrapping(model: nn.Module, accelerator) -> None:
-    """Refuse FSDP auto-wrap policies that would split a replacement block from its base."""
+    """Refuse FSDP1 auto-wrap policies that would split a replacement block from its base."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     policy = getattr(plugin, "auto_wrap_policy", None)
     if policy is not None and replacement_blocks(model):
         raise ValueError(
             "FSDP: this model has FlexiGPT replacement blocks that read their base block's weights at "
-            "forward time; per-layer auto wrapping would hand them a sharded weight. Use "
+            "forward time; FSDP1's per-layer auto wrapping would hand them a sharded weight. Use FSDP2 "
+            "(fsdp_version: 2 in the accelerate config: wrapped by sharing group), "
             "auto_wrap_policy='no_wrap' (one FSDP unit) or DDP.")
 
 
-def make_runtime(model: nn.Module, accelerator=None, mixed_precision: str = "no"):
+def make_runtime(model: nn.Module, accelerator=None, mixed_precision: str = "no", fsdp=None):
+    """The runtime for heal(): accelerate's, FSDP2 over torch.distributed (fsdp=True or a
+    DeviceMesh), or one local process."""
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+    if accelerator is not None and fsdp not in (None, False):
+        raise ValueError("pass either accelerator= or fsdp=, not both (an accelerate FSDP2 config already "
+                         "wraps by sharing group)")
     if accelerator is not None:
         return AccelerateRuntime(accelerator, mixed_precision)
+    if fsdp not in (None, False):
+        if mixed_precision == "fp16":
+            raise ValueError("heal(fsdp=...): mixed_precision='fp16' is not supported; use 'bf16'")
+        return FSDP2Runtime(None if fsdp is True else fsdp, mixed_precision)
     device = next(model.parameters()).device
     if mixed_precision == "fp16" and device.type == "cpu":
         raise ValueError("mixed_precision='fp16' needs a CUDA device; use 'bf16' on the CPU")

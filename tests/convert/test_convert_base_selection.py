@@ -18,7 +18,7 @@ F64 = torch.float64
 
 
 def full_svd_distance(wi, wj, r):
-    """METHOD.md section 2 computed the slow way: full SVDs of W^_i, W^_j and their difference."""
+    """docs/method.md section 3 computed the slow way: full SVDs of W^_i, W^_j and their difference."""
 
     def trunc(w):
         u, s, vh = torch.linalg.svd(w, full_matrices=False)

@@ -9,7 +9,7 @@ import torch
 from flexigpt_kernels.generation import generate
 
 # Three middle blocks and one late one (the prototype's Block Influence ranks 12-17 and 25-26
-# lowest, METHOD.md section 7). Explicit blocks skip the calibration pass and keep the test
+# lowest on the embedded model). Explicit blocks skip the calibration pass and keep the test
 # short; rank 8 keeps the SVD initialisation cheap.
 BLOCKS = [13, 15, 16, 25]
 

@@ -143,9 +143,13 @@ def test_refuses_non_empty_directory(model, tmp_path):
     (target / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match=str(target)):
         save_pretrained(model, target)
+    with pytest.raises(FileExistsError, match="did not write.*keep.txt"):  # not a folder of ours
+        save_pretrained(model, target, overwrite=True)
     assert os.listdir(target) == ["keep.txt"]
-    save_pretrained(model, target, overwrite=True)
-    assert "keep.txt" not in os.listdir(target) and "model.safetensors" in os.listdir(target)
+    (target / "keep.txt").unlink()
+    save_pretrained(model, target)
+    save_pretrained(model, target, overwrite=True)  # a checkpoint of ours: replaced
+    assert "model.safetensors" in os.listdir(target)
     assert sorted(os.listdir(tmp_path)) == ["busy"]  # no temp or old dirs left behind
 
 

@@ -82,8 +82,12 @@ def test_export_refuses_non_empty_directory(model, tmp_path):
     (tmp_path / "dense" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         export_dense(model, tmp_path / "dense")
-    export_dense(model, tmp_path / "dense", overwrite=True)
-    assert "x" not in os.listdir(tmp_path / "dense")
+    with pytest.raises(FileExistsError, match="did not write"):  # overwrite replaces only our own folders
+        export_dense(model, tmp_path / "dense", overwrite=True)
+    (tmp_path / "dense" / "x").unlink()
+    export_dense(model, tmp_path / "dense")
+    export_dense(model, tmp_path / "dense", overwrite=True)  # an export of ours: replaced
+    assert sorted(os.listdir(tmp_path)) == ["dense"]
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~5-20 s on 2 busy cores

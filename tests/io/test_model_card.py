@@ -84,6 +84,10 @@ def test_card_round_trips_and_records_healing(tmp_path):
     assert "## Perplexity when it was made (before healing)" in text and "| flexigpt | 12.50 |" in text
     assert "| 1 | train.txt | - | 3 | 192 | adapters | 1,234 | 0.01 | 2.0000 -> 1.5000 | step 0: 30.00, step 3: 25.50 |" \
         in text
+    add_healing(loaded, {**report, "losses": [float("nan")], "eval_perplexities": [[0, float("inf")]]})  # diverged
+    diverged = save_pretrained(loaded, tmp_path / "diverged")
+    assert "| 2 | train.txt | - | 3 | 192 | adapters | 1,234 | 0.01 | - -> - | step 0: - |" in _card(diverged)[1]
+    assert from_pretrained(diverged).flexigpt_card["healing"][1]["eval_perplexities"] == [[0, None]]
     again = from_pretrained(healed)
     add_healing(again, {**report, "steps": 5})
     _, text = _card(save_pretrained(again, tmp_path / "c"))

@@ -1,0 +1,155 @@
+"""FSDP2 by sharing group on 2 CPU processes (torchrun, gloo): the same losses, eval perplexities,
+trained adapters and saved checkpoint as one process; a run killed after a checkpoint resumes to
+the same result on 2 processes and on 1 (another world size)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexigpt_kernels.io import save_pretrained
+from flexigpt_kernels.train import heal
+from flexigpt_kernels.train.shard import sharing_groups
+
+from .helpers import SEQ, tiny_pruned, token_data
+from .test_distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+KWARGS = dict(steps=4, lr=1e-2, seq_len=SEQ, batch_size=2, grad_accum=2, eval_data=token_data(5, seed=2),
+              eval_chunks=5, progress=False, trainable="adapters")
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(ROOT / "tests/train/fsdp2_worker.py"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    model = tiny_pruned(blocks=(1, 3))
+    report = heal(model, token_data(64), **KWARGS)
+    return model, report
+
+
+def assert_same_params(saved: dict, model, rtol=1e-4, atol=1e-5):
+    trained = dict(model.named_parameters())
+    assert set(saved) == {n for n, p in trained.items() if p.requires_grad}
+    for name, value in saved.items():
+        torch.testing.assert_close(value, trained[name].detach(), rtol=rtol, atol=atol, msg=name)
+
+
+def test_sharing_groups_follow_the_base_map():
+    model = tiny_pruned(blocks=(1, 3))
+    bases = {i: int(b.flexigpt_base) for i, b in enumerate(model.model.layers) if hasattr(b, "flexigpt_base")}
+    groups = sharing_groups(model)
+    assert sorted(i for g in groups for i in g if i in bases) == [1, 3]
+    for group in groups:
+        base = [i for i in group if i not in bases]
+        assert len(base) == 1 and all(bases[i] == base[0] for i in group if i in bases)
+
+
+def test_two_fsdp2_processes_match_one_process(tmp_path, one_process):
+    model, one = one_process
+    out = str(tmp_path / "fsdp2.pt")
+    torchrun(out, "full")
+    got = torch.load(out, weights_only=True)
+    assert got["world_size"] == 2 and got["tokens"] == one.tokens_seen
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([p for _, p in got["eval"]]),
+                               torch.tensor([p for _, p in one.eval_perplexities]), rtol=1e-5, atol=1e-5)
+    assert_same_params(got["params"], model)
+    # group-wrapped, a process never holds every parameter at once
+    stored = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 0 < got["peak"] < stored
+    # save_pretrained of the sharded model (gathered state dict) and of an unsharded copy write
+    # what one process writes
+    save_pretrained(model, tmp_path / "one")
+    single = load_file(tmp_path / "one" / "model.safetensors")
+    for variant in ("fsdp2.pt.ckpt", "fsdp2.pt.plain"):
+        saved = load_file(tmp_path / variant / "model.safetensors")
+        assert saved.keys() == single.keys()
+        for name in single:
+            torch.testing.assert_close(saved[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert (tmp_path / variant / "flexigpt.json").read_text() == (tmp_path / "one" / "flexigpt.json").read_text()
+
+
+def test_killed_fsdp2_run_resumes_on_two_processes_and_on_one(tmp_path, one_process):
+    model, one = one_process
+    ckdir = str(tmp_path / "ck")
+    torchrun(str(tmp_path / "unused.pt"), "kill", ckdir)
+    assert sorted(p.name for p in Path(ckdir).iterdir()) == ["step-00000002"]
+    assert (Path(ckdir) / "step-00000002" / "dcp").is_dir()
+
+    out = str(tmp_path / "resumed.pt")
+    torchrun(out, "resume", ckdir)
+    got = torch.load(out, weights_only=True)
+    assert got["resumed_from"] == 2
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
+    assert_same_params(got["params"], model)
+
+    # the same sharded checkpoint resumed by one process without torch.distributed
+    single = tiny_pruned(blocks=(1, 3))
+    report = heal(single, token_data(64), checkpoint_dir=str(tmp_path / "ck1"), resume=str(
+        Path(ckdir) / "step-00000002"), **KWARGS)
+    assert report.resumed_from == 2
+    torch.testing.assert_close(torch.tensor(report.losses), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
+    assert_same_params({n: p.detach() for n, p in single.named_parameters() if p.requires_grad}, model)
+
+
+def test_fsdp2_needs_an_initialised_process_group():
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        heal(tiny_pruned(), token_data(8), fsdp=True, **{**KWARGS, "eval_data": None})
+
+
+def test_heal_cli_with_fsdp_under_torchrun_saves_what_one_process_saves(tmp_path):
+    from flexigpt_kernels.cli import main
+
+    from .helpers import byte_tokenizer
+
+    train = tmp_path / "train.txt"
+    train.write_text("the cat sat on the mat and the dog sat on the log\n" * 40)
+    src = tmp_path / "pruned"
+    save_pretrained(tiny_pruned(vocab=257), src, byte_tokenizer())
+    common = ["heal", str(src), "--data", str(train), "--steps", "2", "--lr", "1e-2", "--seq-len", "32",
+              "--lora-rank", "2", "--json"]  # default trainable set: adapters + LoRA on kept blocks (merged)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "flexigpt_kernels.cli",
+           *common, "--batch-size", "1", "--out", str(tmp_path / "sharded"), "--fsdp"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "single")]) == 0
+    sharded, single = (load_file(tmp_path / d / "model.safetensors") for d in ("sharded", "single"))
+    assert sharded.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_heal_cli_fsdp_outside_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from flexigpt_kernels.cli import main
+
+    from .helpers import byte_tokenizer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train = tmp_path / "train.txt"
+    train.write_text("some text to train on\n" * 10)
+    src = tmp_path / "pruned"
+    save_pretrained(tiny_pruned(vocab=257), src, byte_tokenizer())
+    assert main(["heal", str(src), "--data", str(train), "--steps", "1", "--out", str(tmp_path / "o"),
+                 "--fsdp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "start the command with torchrun" in err[0]
+

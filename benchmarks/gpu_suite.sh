@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
 # The GPU suite in one command: benchmarks/gpu_suite.sh OUTDIR
 #
-#   1. bf16 (and fp16) parity of the op against the fp32 reference on CUDA: pytest -m gpu
-#   2. the kernel grid (not --quick): Llama-2-7B and SmolLM2 widths, M 1..8192, +-norm, fwd, fwd+bwd
+#   0. build the CUDA extension in place (flexigpt_kernels._C_cuda: the decode kernel runs and its
+#      parity tests do not skip), for the visible GPU's architecture only
+#   1. parity against the fp32/fp64 reference on CUDA (pytest -m gpu), one step per kernel group:
+#      Triton + CUDA decode at bf16/fp16, the C++ backend's routing, fp32 (IEEE and TF32)
+#   2. the kernel grid, one step per group so an agreement error in one group does not end the
+#      others: decode (M 1, 8, 32; forward, timed inside CUDA graphs so the timings are the
+#      kernels', not Python's launch overhead) and prefill/training (M 512..8192, fwd, fwd+bwd),
+#      Llama-2-7B and SmolLM2 widths, +-norm
 #   3. end to end on a Llama-2-7B-shaped model with random weights, bf16 (no hub needed):
 #      dense vs drop vs ours vs the same weights unfused, blocks 21..30 pruned (0.3), rank 256,
 #      each sharing the nearest kept block (block 20: the base choice changes no shape, so no
 #      timing, and skips the SVD search)
 #   4. ratio-vs-M plots of the grid
-# Everything lands in OUTDIR: parity.log/.xml, kernels_<gpu>.csv/.md/*.png, model_<gpu>.csv/.md,
-# *.log, and summary.txt (one line per step with its exit status and seconds).
-# Budget: <= 8 minutes on one H200 including Triton compilation (each step has its own timeout;
-# a step that fails or times out does not stop the others; kernel rows are appended to the CSV
-# as they are measured, so a timed-out grid keeps what it measured).
+# Everything lands in OUTDIR: build.log, parity_*.log/.xml, kernels_<gpu>.csv/.md/*.png,
+# model_<gpu>.csv/.md, *.log, and summary.txt (one line per step with its exit status and seconds).
+# Budget: <= 8 minutes on one H200 including the build and Triton compilation (each step has its
+# own timeout; a step that fails or times out does not stop the others; kernel rows are appended
+# to the CSV as they are measured, so a timed-out grid keeps what it measured).
 #
 # Environment: PYTHON (default: python3, with this checkout on PYTHONPATH);
 #   FLEXIGPT_SUITE_SMOKE=1 runs every step on the CPU at the smallest shapes (what
-#   tests/bench/test_gpu_suite.py does, so the script cannot rot without a GPU).
+#   tests/bench/test_bench_smoke.py does, so the script cannot rot without a GPU; the build step
+#   only checks that setup.py parses there).
 set -uo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -35,19 +42,27 @@ export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
+SMOKE_SHAPE=(--shape 2x32x48x4 --budget 0.01 --threads 1)
 if [[ ${FLEXIGPT_SUITE_SMOKE:-0} == 1 ]]; then
     DEVICE=cpu
-    PARITY=(-m pytest tests/ops -m gpu --collect-only -q -p no:cacheprovider)
-    KERNELS=(--shape 2x32x48x4 --budget 0.01 --modes fwd --variants linear,norm+res --threads 1)
+    BUILD=("$PY" -c "import ast; ast.parse(open('setup.py').read())")
+    PYTEST=(-m pytest -m gpu --collect-only -q -p no:cacheprovider)
+    DECODE=("${SMOKE_SHAPE[@]}" --modes fwd --variants linear,norm+res)
+    PREFILL=("${SMOKE_SHAPE[@]}" --modes fwd,fwd+bwd --variants linear)
     MODEL=(--random tiny --seq-len 16 --new-tokens 4 --rounds 1 --batches 1,2 --bases nearest --threads 1)
-    T_PARITY=120 T_KERNELS=120 T_MODEL=120 T_PLOT=60
+    T_BUILD=60 T_PARITY=120 T_FP32=120 T_DECODE=120 T_PREFILL=120 T_MODEL=120 T_PLOT=60
 else
     DEVICE=cuda
-    PARITY=(-m pytest tests/ops -m gpu -q -p no:cacheprovider --junitxml "$OUT/parity.xml")
-    KERNELS=(--rep-ms 50 --warmup-ms 10)
+    ARCH=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "9.0")
+    BUILD=(env FLEXIGPT_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace)
+    PYTEST=(-m pytest -m gpu -q -p no:cacheprovider)
+    DECODE=(--m 1,8,32 --modes fwd --cuda-graphs --rep-ms 50 --warmup-ms 10)
+    PREFILL=(--m 512,4096 --modes fwd,fwd+bwd --rep-ms 50 --warmup-ms 10)
     MODEL=(--random llama2-7b --rank 256 --blocks 21,22,23,24,25,26,27,28,29,30 --bases nearest)
-    T_PARITY=170 T_KERNELS=180 T_MODEL=100 T_PLOT=20
+    # 90 + 100 + 50 + 2 x (30 + 45) + 60 + 10 = 460 s of step budgets
+    T_BUILD=90 T_PARITY=100 T_FP32=50 T_DECODE=30 T_PREFILL=45 T_MODEL=60 T_PLOT=10
 fi
+junit() { [[ $DEVICE == cuda ]] && echo "--junitxml=$OUT/$1.xml"; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to OUT/NAME.log, record status and seconds
     local name=$1 limit=$2
@@ -69,15 +84,28 @@ try:
 except ImportError:
     print("triton missing")
 from flexigpt_kernels.ops import backends
-print("cpp extension:", backends.cpp_available())
+print("backends built:", backends.available_backends())
 EOF
 if [[ $DEVICE == cuda ]] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "no CUDA device: run with FLEXIGPT_SUITE_SMOKE=1 for the CPU smoke version" >&2
     exit 1
 fi
 
-step parity   "$T_PARITY"  "$PY" "${PARITY[@]}"
-step kernels  "$T_KERNELS" "$PY" -m flexigpt_kernels.cli bench kernels --device "$DEVICE" --out "$OUT" --no-plot "${KERNELS[@]}"
+step build "$T_BUILD" "${BUILD[@]}"
+"$PY" -c 'from flexigpt_kernels.ops import cpp_backend as c; print("CUDA decode extension:", c._C_cuda is not None)' \
+    | tee -a "$OUT/environment.txt"
+step parity_kernels "$T_PARITY" "$PY" "${PYTEST[@]}" $(junit parity_kernels) \
+    tests/ops/test_shared_lora_linear.py tests/ops/test_cpp_backend.py
+step parity_fp32    "$T_FP32"   "$PY" "${PYTEST[@]}" $(junit parity_fp32) tests/ops/test_triton_gpu.py
+for family in smollm2 llama2-7b; do
+    models=(--models "$family")
+    [[ $DEVICE == cpu ]] && models=()  # the smoke shape replaces the grid
+    step "kernels_decode_$family"  "$T_DECODE"  "$PY" -m flexigpt_kernels.cli bench kernels --device "$DEVICE" \
+        --out "$OUT" --no-plot "${models[@]}" "${DECODE[@]}"
+    step "kernels_prefill_$family" "$T_PREFILL" "$PY" -m flexigpt_kernels.cli bench kernels --device "$DEVICE" \
+        --out "$OUT" --no-plot "${models[@]}" "${PREFILL[@]}"
+    [[ $DEVICE == cpu ]] && break  # one family is enough for the smoke run
+done
 step model    "$T_MODEL"   "$PY" -m flexigpt_kernels.cli bench model --device "$DEVICE" --out "$OUT" "${MODEL[@]}"
 shopt -s nullglob
 csvs=("$OUT"/kernels_*.csv)

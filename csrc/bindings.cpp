@@ -1,11 +1,22 @@
-// flexigpt_kernels._C: the CPU implementation of shared_lora_linear.
+// flexigpt_kernels._C: the `flexigpt` operator library and its CPU kernels.
 //
-// Thin layer: checks the arguments (device, dtype, shape, layout; errors name the argument),
-// runs the GEMMs with ATen into preallocated outputs and calls the row kernels of
-// csrc/cpu/shared_lora_linear_cpu.h over the rows in parallel (at::parallel_for).
+// Loaded with torch.ops.load_library (flexigpt_kernels/ops/library.py); no Python module.
+// TORCH_LIBRARY(flexigpt) declares the op schemas; TORCH_LIBRARY_IMPL(flexigpt, CPU) registers
+// the CPU kernels. Fake (meta) kernels, autograd and the Python backends are registered from
+// Python on these same ops (flexigpt_kernels/ops/shared_lora_linear.py). Another translation
+// unit adds ops to the library with TORCH_LIBRARY_FRAGMENT(flexigpt, m).
 //
 //   x [M, K]  weight [N, K]  lora_a [r, K]  lora_b [N, r]  bias [N]  norm_weight [N]
-//   residual [M, N];  every tensor on the CPU in x's dtype (float32 or bfloat16).
+//   residual [M, N];  every tensor on the CPU in x's dtype.
+//
+// The CPU kernel of shared_lora_linear_fwd/_bwd validates its arguments (errors name the
+// argument and the shapes: ValueError / TypeError in Python), then runs the C++ kernel below
+// when the selected backend is "cpp" (or "auto") and the dtype is float32 or bfloat16;
+// otherwise it calls _shared_lora_linear_fwd_py/_bwd_py, whose kernels (Python) run the
+// backend the registry in flexigpt_kernels/ops/backends.py resolves. The registry pushes its
+// CPU decision here with _set_native_routes(cpu, env) together with the FLEXIGPT_BACKEND value
+// it resolved with: a call finding another value in the environment goes to Python once, which
+// resolves again and pushes the new decision. No per-call Python on the native path.
 //
 // forward: shrink = x A^T                         [M, r]   (x's dtype)
 //          y      = scale * shrink B^T             the small GEMM initialises y
@@ -20,15 +31,21 @@
 //          grad_x = dy W + scale (dy B) A,  grad_A = scale (dy B)^T x,  grad_B = scale dy^T s,
 //          grad_W = dy^T x (when asked).  Returns (grad_x, grad_weight or (0,), grad_a, grad_b,
 //          grad_bias fp32 [N], grad_norm_weight fp32 [N] or (0,)).
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
 
 #include <algorithm>
 #include <string>
 #include <vector>
 
 #include "cpu/shared_lora_linear_cpu.h"
+#include "native_routes.h"
+#include "python_fallback.h"
 
 namespace {
 
@@ -50,17 +67,6 @@ void check_shape(const Tensor& t, const char* name, std::vector<int64_t> expecte
                     at::IntArrayRef(expected), ", got shape ", shape_of(t));
 }
 
-void check_rows_contiguous(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1), kOp, name,
-                    " must have contiguous rows (stride 1 along the last dimension), got strides ",
-                    t.strides());
-}
-
-void check_contiguous(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_contiguous(), kOp, name, " must be contiguous, got shape ", shape_of(t),
-                    " with strides ", t.strides());
-}
-
 struct Dims {
   int64_t m, k, n, r;
 };
@@ -69,14 +75,17 @@ struct Dims {
 Dims check_core(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b) {
   TORCH_CHECK_TYPE(x.device().is_cpu(), kOp, "x must be a CPU tensor, got one on ", x.device(),
                    " (CUDA tensors go to flexigpt_kernels._C_cuda or Triton)");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, kOp,
-                   "x has dtype ", x.scalar_type(), "; this kernel supports float32 and bfloat16");
+  const auto xt = x.scalar_type();
+  TORCH_CHECK_TYPE(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf || xt == at::kDouble, kOp,
+                   "x has dtype ", xt, "; supported: float16, bfloat16, float32, float64");
   TORCH_CHECK_VALUE(x.dim() == 2, kOp, "x must be 2-D [M, K] (flatten the leading dims), got shape ",
                     shape_of(x));
   const auto dtype = x.scalar_type();
   check_cpu_dtype(weight, "weight", dtype);
   TORCH_CHECK_VALUE(weight.dim() == 2, kOp, "weight must be 2-D [N, K], got shape ", shape_of(weight));
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK_VALUE(k >= 1, kOp, "x's last dimension K must be >= 1 (an empty input feature dimension), got x ",
+                    shape_of(x), ", weight ", shape_of(weight));
   TORCH_CHECK_VALUE(weight.size(1) == k, kOp, "weight must be [N, K] with K = ", k,
                     " (x's last dimension), got shape ", shape_of(weight));
   check_cpu_dtype(lora_a, "lora_a", dtype);
@@ -89,33 +98,56 @@ Dims check_core(const Tensor& x, const Tensor& weight, const Tensor& lora_a, con
   return {m, k, n, r};
 }
 
+void check_scalars(double scale, double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), kOp, "scale must be a finite float, got ", scale);
+  TORCH_CHECK_VALUE(eps > 0, kOp, "eps must be a positive float, got ", eps);
+}
+
+bool cpu_native(const Tensor& x) {
+  return (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && flexigpt::cpp_selected();
+}
+
 // Rows per parallel task: enough elements (~32k) to outweigh the scheduling.
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n)); }
 
-std::vector<Tensor> forward(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
-                            double scale, const optional<Tensor>& bias, const optional<Tensor>& norm_weight,
-                            double eps, const optional<Tensor>& residual, bool save_for_backward) {
+using Fwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Bwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// Every check of the forward's contract (all dtypes); returns the sizes.
+Dims check_forward(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
+                   double scale, const optional<Tensor>& bias, const optional<Tensor>& norm_weight, double eps,
+                   const optional<Tensor>& residual) {
   const Dims d = check_core(x, weight, lora_a, lora_b);
   const auto dtype = x.scalar_type();
-  const bool has_bias = bias.has_value() && bias->defined();
   const bool has_norm = norm_weight.has_value() && norm_weight->defined();
-  const bool has_res = residual.has_value() && residual->defined();
-  if (has_bias) {
+  check_scalars(scale, eps);
+  if (bias.has_value() && bias->defined()) {
     check_cpu_dtype(*bias, "bias", dtype);
     check_shape(*bias, "bias", {d.n}, "[N]");
   }
   if (has_norm) {
     check_cpu_dtype(*norm_weight, "norm_weight", dtype);
     check_shape(*norm_weight, "norm_weight", {d.n}, "[N]");
-    check_contiguous(*norm_weight, "norm_weight");
-    TORCH_CHECK_VALUE(eps > 0, kOp, "eps must be positive, got ", eps);
   }
-  if (has_res) {
+  if (residual.has_value() && residual->defined()) {
     check_cpu_dtype(*residual, "residual", dtype);
     check_shape(*residual, "residual", {d.m, d.n}, "[M, N]");
-    check_rows_contiguous(*residual, "residual");
   }
+  return d;
+}
 
+Fwd forward_native(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
+                   double scale, const optional<Tensor>& bias, const optional<Tensor>& norm_weight_arg,
+                   double eps, const optional<Tensor>& residual_arg, bool save_for_backward, const Dims& d) {
+  const auto dtype = x.scalar_type();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_norm = norm_weight_arg.has_value() && norm_weight_arg->defined();
+  const bool has_res = residual_arg.has_value() && residual_arg->defined();
+  // the row pass reads gamma with unit stride and residual rows with unit stride
+  const optional<Tensor> norm_weight = has_norm ? optional<Tensor>(norm_weight_arg->contiguous()) : optional<Tensor>();
+  const optional<Tensor> residual =
+      has_res && residual_arg->size(1) > 1 && residual_arg->stride(1) != 1
+          ? optional<Tensor>(residual_arg->contiguous()) : residual_arg;
   const auto opts = x.options();
   const auto fopts = opts.dtype(at::kFloat);
   Tensor shrink = at::mm(x, lora_a.t());  // [M, r], x's dtype
@@ -133,7 +165,7 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& weight, const Tensor&
     at::addmm_out(y, y, shrink, lora_b.t(), /*beta=*/0, /*alpha=*/scale);  // beta = 0: y is not read
   }
   y.addmm_(x, weight.t());
-  if (!finish) return {y, shrink, y_pre, mean, rstd};
+  if (!finish) return Fwd{y, shrink, y_pre, mean, rstd};
 
   const bool keep_y = has_norm && save_for_backward;
   const Tensor bias_c = has_bias ? bias->contiguous() : Tensor();  // [N], read by the row pass
@@ -167,7 +199,7 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& weight, const Tensor&
       flexigpt::cpu::finish_rows_bf16(yp, bp, keep_y, op, gp, rp, res_stride, mean_p, rstd_p, n, feps, b, e);
     });
   }
-  return {out, shrink, y_pre, mean, rstd};
+  return Fwd{out, shrink, y_pre, mean, rstd};
 }
 
 // dy and the fp32 column sums (dgamma, dbias) of the norm backward, in one parallel pass.
@@ -209,35 +241,43 @@ std::vector<Tensor> norm_backward(const Tensor& grad, const Tensor& y_pre, const
   return {dy, sums.select(0, 0).clone(), sums.select(0, 1).clone()};
 }
 
-std::vector<Tensor> backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
-                             const Tensor& lora_b, double scale, const optional<Tensor>& norm_weight,
-                             const Tensor& shrink, const Tensor& y_pre, const Tensor& mean, const Tensor& rstd,
-                             bool needs_weight_grad) {
+// Every check of the backward's contract (all dtypes); returns the sizes.
+Dims check_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
+                    const Tensor& lora_b, double scale, const optional<Tensor>& norm_weight, const Tensor& shrink,
+                    const Tensor& y_pre, const Tensor& mean, const Tensor& rstd) {
   const Dims d = check_core(x, weight, lora_a, lora_b);
   const auto dtype = x.scalar_type();
+  check_scalars(scale, 1.0);
   check_cpu_dtype(grad_out, "grad_out", dtype);
   check_shape(grad_out, "grad_out", {d.m, d.n}, "[M, N]");
   check_cpu_dtype(shrink, "shrink", dtype);
   check_shape(shrink, "shrink", {d.m, d.r}, "[M, r]");
+  if (norm_weight.has_value() && norm_weight->defined()) {
+    check_cpu_dtype(*norm_weight, "norm_weight", dtype);
+    check_shape(*norm_weight, "norm_weight", {d.n}, "[N]");
+    check_cpu_dtype(y_pre, "y_pre", dtype);
+    check_shape(y_pre, "y_pre", {d.m, d.n}, "[M, N] (the forward must run with save_for_backward=True)");
+    check_cpu_dtype(mean, "mean", at::kFloat);
+    check_shape(mean, "mean", {d.m}, "[M]");
+    check_cpu_dtype(rstd, "rstd", at::kFloat);
+    check_shape(rstd, "rstd", {d.m}, "[M]");
+  }
+  return d;
+}
+
+Bwd backward_native(const Tensor& grad_arg, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
+                    const Tensor& lora_b, double scale, const optional<Tensor>& norm_weight, const Tensor& shrink,
+                    const Tensor& y_pre, const Tensor& mean, const Tensor& rstd, bool needs_weight_grad,
+                    const Dims& d) {
   const bool has_norm = norm_weight.has_value() && norm_weight->defined();
+  // the norm pass reads rows of grad with unit stride, y_pre / gamma / statistics densely
+  const Tensor grad_out = d.n > 1 && grad_arg.stride(1) != 1 ? grad_arg.contiguous() : grad_arg;
   const auto fopts = x.options().dtype(at::kFloat);
 
   Tensor dy, grad_bias, grad_norm_weight = at::empty({0}, fopts);
   if (has_norm) {
-    check_cpu_dtype(*norm_weight, "norm_weight", dtype);
-    check_shape(*norm_weight, "norm_weight", {d.n}, "[N]");
-    check_contiguous(*norm_weight, "norm_weight");
-    check_rows_contiguous(grad_out, "grad_out");
-    check_cpu_dtype(y_pre, "y_pre", dtype);
-    check_shape(y_pre, "y_pre", {d.m, d.n}, "[M, N] (the forward must run with save_for_backward=True)");
-    check_contiguous(y_pre, "y_pre");
-    check_cpu_dtype(mean, "mean", at::kFloat);
-    check_shape(mean, "mean", {d.m}, "[M]");
-    check_contiguous(mean, "mean");
-    check_cpu_dtype(rstd, "rstd", at::kFloat);
-    check_shape(rstd, "rstd", {d.m}, "[M]");
-    check_contiguous(rstd, "rstd");
-    auto parts = norm_backward(grad_out, y_pre, *norm_weight, mean, rstd);
+    auto parts = norm_backward(grad_out, y_pre.contiguous(), norm_weight->contiguous(), mean.contiguous(),
+                               rstd.contiguous());
     dy = parts[0];
     grad_norm_weight = parts[1];
     grad_bias = parts[2];
@@ -254,20 +294,61 @@ std::vector<Tensor> backward(const Tensor& grad_out, const Tensor& x, const Tens
   Tensor grad_b = at::empty({d.n, d.r}, x.options());
   at::addmm_out(grad_b, grad_b, dy.t(), shrink, /*beta=*/0, /*alpha=*/scale);
   Tensor grad_weight = needs_weight_grad ? at::mm(dy.t(), x) : at::empty({0}, x.options());
-  return {grad_x, grad_weight, grad_a, grad_b, grad_bias, grad_norm_weight};
+  return Bwd{grad_x, grad_weight, grad_a, grad_b, grad_bias, grad_norm_weight};
+}
+
+// The CPU kernels of the public ops: validate, then the C++ kernel or the Python backends.
+Fwd forward_cpu(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale,
+                const optional<Tensor>& bias, const optional<Tensor>& norm_weight, double eps,
+                const optional<Tensor>& residual, bool save_for_backward) {
+  const Dims d = check_forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual);
+  if (cpu_native(x)) {
+    return forward_native(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward, d);
+  }
+  return flexigpt::python_forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual,
+                                  save_for_backward);
+}
+
+Bwd backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
+                 const Tensor& lora_b, double scale, const optional<Tensor>& norm_weight, const Tensor& shrink,
+                 const Tensor& y_pre, const Tensor& mean, const Tensor& rstd, bool needs_weight_grad) {
+  const Dims d = check_backward(grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd);
+  if (cpu_native(x)) {
+    return backward_native(grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd,
+                           needs_weight_grad, d);
+  }
+  static const auto py = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("flexigpt::_shared_lora_linear_bwd_py", "")
+                             .typed<Bwd(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                        double, const optional<Tensor>&, const Tensor&, const Tensor&,
+                                        const Tensor&, const Tensor&, bool)>();
+  return py.call(grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd,
+                 needs_weight_grad);
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "flexigpt_kernels C++ CPU kernels: shared_lora_linear forward/backward (float32, bfloat16)";
-  m.def("forward", &forward, "shared_lora_linear forward on the CPU -> (out, shrink, y_pre, mean, rstd)",
-        py::arg("x"), py::arg("weight"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("bias"),
-        py::arg("norm_weight"), py::arg("eps"), py::arg("residual"), py::arg("save_for_backward"));
-  m.def("backward", &backward,
-        "shared_lora_linear backward on the CPU -> (grad_x, grad_weight | (0,), grad_a, grad_b, grad_bias fp32, "
-        "grad_norm_weight fp32 | (0,))",
-        py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"),
-        py::arg("norm_weight"), py::arg("shrink"), py::arg("y_pre"), py::arg("mean"), py::arg("rstd"),
-        py::arg("needs_weight_grad"));
+// The schemas. shared_lora_linear_fwd/_bwd are the op (see ops/shared_lora_linear.py for the
+// contract); the _py twins carry the same arguments to the Python backends; _set_native_routes
+// is how the Python registry tells the CPU kernel which backend is selected.
+#define FLEXIGPT_FWD_ARGS                                                                              \
+  "(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? bias, Tensor? norm_weight, " \
+  "float eps, Tensor? residual, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+#define FLEXIGPT_BWD_ARGS                                                                              \
+  "(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? norm_weight, " \
+  "Tensor shrink, Tensor y_pre, Tensor mean, Tensor rstd, bool needs_weight_grad) "                    \
+  "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+TORCH_LIBRARY(flexigpt, m) {
+  m.set_python_module("flexigpt_kernels.ops.shared_lora_linear");  // where the fake kernels live
+  m.def("shared_lora_linear_fwd" FLEXIGPT_FWD_ARGS);
+  m.def("shared_lora_linear_bwd" FLEXIGPT_BWD_ARGS);
+  m.def("_shared_lora_linear_fwd_py" FLEXIGPT_FWD_ARGS);
+  m.def("_shared_lora_linear_bwd_py" FLEXIGPT_BWD_ARGS);
+  m.def("_set_native_routes(bool cpu, str env) -> ()", &flexigpt::set_native_routes);
+}
+
+TORCH_LIBRARY_IMPL(flexigpt, CPU, m) {
+  m.impl("shared_lora_linear_fwd", &forward_cpu);
+  m.impl("shared_lora_linear_bwd", &backward_cpu);
 }

@@ -77,7 +77,10 @@ def run_prune_job(
         params_drop = None
     if out is not None:
         from .io import save_pretrained
+        from .io.model_card import set_card_info
 
+        set_card_info(model, perplexity=ppl or None, source_parameters=report.params_before,  # for the model card
+                      perplexity_setup=f"{eval_chunks} held-out windows of {seq_len} tokens, no BOS" if ppl else None)
         t = time.perf_counter()
         save_pretrained(model, out, tokenizer=tokenizer, overwrite=overwrite)
         seconds["save"] = time.perf_counter() - t

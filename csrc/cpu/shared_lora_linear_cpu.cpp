@@ -1,6 +1,6 @@
 // Row kernels of shared_lora_linear on the CPU (see the header for the formulas).
 //
-// Plain loops written for the auto-vectoriser (-O3, `omp simd` reductions). On x86-64 with
+// Plain loops written for the auto-vectoriser (-O3, lane-split reductions). On x86-64 with
 // GCC or Clang each entry point is cloned for AVX-512 and AVX2 and the best clone is picked
 // at load time, so one binary runs everywhere and still uses wide vectors.
 #include "shared_lora_linear_cpu.h"
@@ -49,10 +49,53 @@ FLEXIGPT_INLINE bf16_bits from_f32<bf16_bits>(float v) {
   return static_cast<bf16_bits>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
+// sum_j f(j) for j in [0, n) in kLanes independent partial sums, combined pairwise at the end:
+// the compiler vectorises this without reassociating (a plain `omp simd reduction` stays a
+// serial chain of scalar adds without -ffast-math), and the sum is more accurate.
+constexpr int kLanes = 16;
+
+template <typename F>
+FLEXIGPT_INLINE float lane_sum(int64_t n, F&& f) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += f(j + l);
+  }
+  float tail = 0.0f;
+  for (; j < n; ++j) tail += f(j);
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  }
+  return acc[0] + tail;
+}
+
 // v = y [+ bias]; the bias is added here rather than by the GEMM, saving a pass over y.
 template <typename T>
 FLEXIGPT_INLINE float pre_norm(const T* yr, const T* bias, int64_t j) {
   return bias != nullptr ? to_f32(yr[j]) + to_f32(bias[j]) : to_f32(yr[j]);
+}
+
+// 1 / sqrt(var + eps) for a row whose sum of squared deviations overflowed fp32 (|v| above
+// ~1e17 at N = 576) although var itself, or at least rstd, is representable: a third pass
+// over the deviations scaled by a power of two (exact) that brings the largest to ~1, then
+// rstd = 2^-e / sqrt(sum((d 2^-e)^2) / N + eps 2^-2e). Rows with Inf/NaN keep m2_overflowed
+// (the result is NaN or 0, as in the reference). Never taken by ordinary rows.
+template <typename T>
+float rescaled_rstd(const T* yr, const T* bias, float mean, int64_t n, float eps, float m2_overflowed) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < n; ++j) amax = std::fmax(amax, std::fabs(pre_norm(yr, bias, j) - mean));
+  if (!std::isfinite(amax) || !std::isfinite(mean)) {
+    return 1.0f / std::sqrt(m2_overflowed / static_cast<float>(n) + eps);
+  }
+  int e = 0;
+  std::frexp(amax, &e);  // amax = f 2^e with f in [0.5, 1)
+  const float down = std::ldexp(1.0f, -e);
+  const float m2 = lane_sum(n, [&](int64_t j) {
+    const float d = (pre_norm(yr, bias, j) - mean) * down;
+    return d * d;
+  });
+  const float eps_scaled = std::ldexp(eps, -2 * e);  // underflows to 0 when negligible
+  return down / std::sqrt(m2 / static_cast<float>(n) + eps_scaled);
 }
 
 template <typename T>
@@ -76,17 +119,13 @@ FLEXIGPT_INLINE void finish_rows(T* y, const T* bias, bool keep_y, T* out, const
       }
       continue;
     }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) sum += pre_norm(yr, bias, j);
-    const float mean = sum * inv_n;
-    float m2 = 0.0f;
-#pragma omp simd reduction(+ : m2)
-    for (int64_t j = 0; j < n; ++j) {
+    const float mean = lane_sum(n, [&](int64_t j) { return pre_norm(yr, bias, j); }) * inv_n;
+    const float m2 = lane_sum(n, [&](int64_t j) {
       const float d = pre_norm(yr, bias, j) - mean;
-      m2 += d * d;
-    }
-    const float rstd = 1.0f / std::sqrt(m2 * inv_n + eps);
+      return d * d;
+    });
+    const float rstd = std::isfinite(m2) ? 1.0f / std::sqrt(m2 * inv_n + eps)
+                                         : rescaled_rstd(yr, bias, mean, n, eps, m2);
     mean_out[i] = mean;
     rstd_out[i] = rstd;
     if (rr != nullptr && write_y) {
@@ -127,14 +166,9 @@ FLEXIGPT_INLINE void norm_backward_rows(const T* grad, int64_t grad_row_stride, 
     T* d = dy + i * n;
     const float mu = mean[i];
     const float rs = rstd[i];
-    float sum_gg = 0.0f;
-    float sum_ggx = 0.0f;
-#pragma omp simd reduction(+ : sum_gg, sum_ggx)
-    for (int64_t j = 0; j < n; ++j) {
-      const float gg = to_f32(g[j]) * to_f32(gamma[j]);
-      sum_gg += gg;
-      sum_ggx += gg * (to_f32(yr[j]) - mu) * rs;
-    }
+    const float sum_gg = lane_sum(n, [&](int64_t j) { return to_f32(g[j]) * to_f32(gamma[j]); });
+    const float sum_ggx =
+        lane_sum(n, [&](int64_t j) { return to_f32(g[j]) * to_f32(gamma[j]) * (to_f32(yr[j]) - mu) * rs; });
     const float a = sum_gg * inv_n;
     const float b = sum_ggx * inv_n;
 #pragma omp simd

@@ -13,7 +13,9 @@
 //                                 dy = rstd (gg - mean_j(gg) - xhat mean_j(gg xhat))
 //                                 dgamma_acc_j += sum_i g_ij xhat_ij,  dbias_acc_j += sum_i dy_ij
 //
-// Statistics and arithmetic are fp32 (two passes over each row, which stays in cache).
+// Statistics and arithmetic are fp32 (two passes over each row, which stays in cache; a third,
+// rescaled pass only for a row whose sum of squared deviations overflows, so rows of outputs
+// near 1e19 still normalise wherever var or rstd is representable in fp32).
 // Element types: float, or bfloat16 as raw uint16_t bits (round-to-nearest-even stores).
 // `out` may equal `y` (in place, keep_y false); other pointers must not overlap the outputs.
 #pragma once

@@ -1,21 +1,37 @@
-// flexigpt_kernels._C_cuda: the CUDA decode path of shared_lora_linear (M <= 16 rows).
+// flexigpt_kernels._C_cuda: the CUDA kernel of the `flexigpt` ops (M <= 16 rows: decode).
 //
-// Thin layer over csrc/cuda/shared_lora_linear_decode.{h,cu}: checks the arguments (device,
-// dtype, shape, layout, alignment; errors name the argument), allocates the outputs and the
-// small fp32 workspaces, and enqueues the kernels on PyTorch's current stream of x's device.
+// Loaded with torch.ops.load_library after flexigpt_kernels._C (which declares the schemas);
+// registers with TORCH_LIBRARY_IMPL(flexigpt, CUDA) the CUDA kernel of shared_lora_linear_fwd
+// and, with TORCH_LIBRARY_FRAGMENT, two ops of its own:
+//   _shared_lora_linear_decode_cuda  the decode kernel alone (same arguments and returns as
+//                                    shared_lora_linear_fwd; the Python "cuda" backend calls it)
+//   _set_cuda_routes(cuda, env)      the Python registry tells the CUDA kernel whether the
+//                                    selection resolves to "cuda" for that FLEXIGPT_BACKEND value
+// The CUDA kernel of shared_lora_linear_fwd runs the decode kernel when the selection is "cuda"
+// (or "auto") and the call is one it takes (decode_applies: 1 <= M <= 16, float16 / bfloat16,
+// K % 8 == 0, x / weight / lora_a 16-byte aligned with 16-byte row strides; the same conditions
+// as flexigpt_kernels/ops/cuda_backend.py), else _shared_lora_linear_fwd_py (the Python
+// backends: Triton). The backward has no CUDA kernel here (Triton runs it, through Python).
 //
-//   forward(x [M, K], weight [N, K], lora_a [r, K], lora_b [N, r], scale, bias [N] | None,
-//           norm_weight [N] | None, eps, residual [M, N] | None, save_for_backward)
+// decode_forward: thin layer over csrc/cuda/shared_lora_linear_decode.{h,cu}: checks the
+// arguments (device, dtype, shape, layout, alignment; errors name the argument), allocates the
+// outputs and the small fp32 workspaces, and enqueues the kernels on PyTorch's current stream
+// of x's device (no host synchronisation, no data-dependent allocation: capturable).
 //     -> (out [M, N], shrink [M, r], y_pre [M, N] | (0,), mean [M] fp32 | (0,), rstd | (0,))
-// float16 / bfloat16 on one CUDA device. The backward is not here (Triton runs it).
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <tuple>
 #include <vector>
 
+#include "../python_fallback.h"
 #include "shared_lora_linear_decode.h"
 
 namespace {
@@ -47,7 +63,9 @@ void check_aligned16(const Tensor& t, const char* name) {
                     " must start on a 16-byte boundary (the kernel uses 16-byte vector loads)");
 }
 
-std::vector<Tensor> forward(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
+using Fwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Fwd decode_forward(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
                             double scale, const optional<Tensor>& bias, const optional<Tensor>& norm_weight,
                             double eps, const optional<Tensor>& residual, bool save_for_backward) {
   TORCH_CHECK_TYPE(x.is_cuda(), kOp, "x must be a CUDA tensor, got one on ", x.device());
@@ -139,15 +157,73 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& weight, const Tensor&
   const cudaError_t err =
       fk::launch_shared_lora_linear_decode(p, dtype, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed: ", cudaGetErrorString(err));
-  return {out, shrink, y_pre, mean, rstd};
+  return Fwd{out, shrink, y_pre, mean, rstd};
+}
+
+bool aligned16(const Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Whether decode_forward takes this call (see the file comment).
+bool decode_applies(const Tensor& x, const Tensor& weight, const Tensor& lora_a) {
+  const auto dt = x.scalar_type();
+  return x.is_cuda() && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= fk::kDecodeMaxM &&
+         (dt == at::kHalf || dt == at::kBFloat16) && x.size(1) % 8 == 0 && x.stride(1) == 1 &&
+         x.stride(0) % 8 == 0 && weight.is_contiguous() && lora_a.is_contiguous() && aligned16(x) &&
+         aligned16(weight) && aligned16(lora_a);
+}
+
+struct CudaRoutes {
+  std::mutex mu;
+  bool cuda = false;
+  std::string env;
+};
+
+CudaRoutes& routes() {
+  static CudaRoutes r;
+  return r;
+}
+
+void set_cuda_routes(bool cuda, std::string env) {
+  auto& r = routes();
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.cuda = cuda;
+  r.env = std::move(env);
+}
+
+bool cuda_selected() {
+  const char* env = std::getenv("FLEXIGPT_BACKEND");
+  auto& r = routes();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return r.cuda && r.env == (env != nullptr ? env : "");
+}
+
+Fwd forward_cuda(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale,
+                 const optional<Tensor>& bias, const optional<Tensor>& norm_weight, double eps,
+                 const optional<Tensor>& residual, bool save_for_backward) {
+  if (cuda_selected() && decode_applies(x, weight, lora_a)) {
+    const auto contiguous = [](const optional<Tensor>& t) {
+      return t.has_value() && t->defined() ? optional<Tensor>(t->contiguous()) : optional<Tensor>();
+    };
+    optional<Tensor> res = residual;
+    if (res.has_value() && res->defined() && res->dim() == 2 && res->size(1) > 1 && res->stride(1) != 1) {
+      res = res->contiguous();
+    }
+    return decode_forward(x, weight, lora_a, lora_b.contiguous(), scale, contiguous(bias), contiguous(norm_weight),
+                          eps, res, save_for_backward);
+  }
+  return flexigpt::python_forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual,
+                                  save_for_backward);
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "flexigpt_kernels CUDA kernels: shared_lora_linear decode forward (M <= 16, float16/bfloat16)";
-  m.attr("MAX_M") = fk::kDecodeMaxM;
-  m.def("forward", &forward, "shared_lora_linear decode forward on CUDA -> (out, shrink, y_pre, mean, rstd)",
-        py::arg("x"), py::arg("weight"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("bias"),
-        py::arg("norm_weight"), py::arg("eps"), py::arg("residual"), py::arg("save_for_backward"));
+TORCH_LIBRARY_FRAGMENT(flexigpt, m) {
+  m.def("_shared_lora_linear_decode_cuda(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
+        "Tensor? bias, Tensor? norm_weight, float eps, Tensor? residual, bool save_for_backward) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_set_cuda_routes(bool cuda, str env) -> ()", &set_cuda_routes);
+}
+
+TORCH_LIBRARY_IMPL(flexigpt, CUDA, m) {
+  m.impl("shared_lora_linear_fwd", &forward_cuda);
+  m.impl("_shared_lora_linear_decode_cuda", &decode_forward);
 }

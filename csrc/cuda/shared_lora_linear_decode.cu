@@ -73,17 +73,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) shrink_kernel(const Decod
   const T* x = static_cast<const T*>(p.x);
   const uint4* a = reinterpret_cast<const uint4*>(static_cast<const T*>(p.lora_a) + static_cast<int64_t>(j) * p.k);
   const int k8 = p.k / 8;
+  const int rows = p.m;
+  // x in 16-byte units (the row stride is a multiple of 8 elements): one running pointer and a
+  // stride, not MAXM row addresses kept live across the loop (which made ptxas spill at MAXM 16)
+  const uint4* x4 = reinterpret_cast<const uint4*>(x) + lane;
+  const int64_t xs8 = p.x_row_stride / 8;
   float acc[MAXM];
 #pragma unroll
   for (int m = 0; m < MAXM; ++m) acc[m] = 0.0f;
-  for (int c = lane; c < k8; c += 32) {
+  for (int c = lane; c < k8; c += 32, x4 += 32) {
     const uint4 av = __ldg(a + c);
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) {
-      if (m < p.m) {
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * p.x_row_stride) + c);
-        acc[m] = dot8<T>(av, xv, acc[m]);
-      }
+      if (m < rows) acc[m] = dot8<T>(av, __ldg(x4 + m * xs8), acc[m]);
     }
   }
 #pragma unroll
@@ -121,7 +123,28 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) matvec_kernel(const Decod
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) acc[c][m] = 0.0f;
 
-  for (int idx = lane; idx < k8; idx += 32) {
+  // kMatvecUnroll steps of the K loop issue all their weight loads before any multiply:
+  // kMatvecUnroll * kColsPerWarp independent 16-byte loads in flight per lane.
+  int idx = lane;
+  for (; idx + (kMatvecUnroll - 1) * 32 < k8; idx += kMatvecUnroll * 32) {
+    uint4 wv[kMatvecUnroll][kColsPerWarp];
+#pragma unroll
+    for (int u = 0; u < kMatvecUnroll; ++u)
+#pragma unroll
+      for (int c = 0; c < kColsPerWarp; ++c) wv[u][c] = __ldcs(wrow[c] + idx + u * 32);  // streamed once
+#pragma unroll
+    for (int u = 0; u < kMatvecUnroll; ++u) {
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m) {
+        if (m < p.m) {
+          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * p.x_row_stride) + idx + u * 32);
+#pragma unroll
+          for (int c = 0; c < kColsPerWarp; ++c) acc[c][m] = dot8<T>(wv[u][c], xv, acc[c][m]);
+        }
+      }
+    }
+  }
+  for (; idx < k8; idx += 32) {  // the remainder, one step at a time
     uint4 wv[kColsPerWarp];
 #pragma unroll
     for (int c = 0; c < kColsPerWarp; ++c) wv[c] = __ldcs(wrow[c] + idx);  // streamed once: evict first

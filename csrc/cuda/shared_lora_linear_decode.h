@@ -10,7 +10,8 @@
 //   1. shrink:  s = x A^T [M, r] (fp32 workspace + a copy in x's dtype), one warp per adapter
 //               row, every row of x at once: A is read once.
 //   2. matvec:  split over N, one block per tile of kTileN columns, one warp per kColsPerWarp
-//               columns; each warp streams its weight rows with 16-byte loads and multiplies
+//               columns; each warp streams its weight rows with 16-byte loads (kMatvecUnroll steps
+//               of them issued before the multiplies, to keep enough bytes in flight) and multiplies
 //               them with all M rows of x (the weight is read once for all rows). The expand
 //               scale * s B^T and the bias are added before the store. Without the norm the
 //               residual is added there too and this is the last launch; with it, the block
@@ -34,6 +35,7 @@ constexpr int kDecodeMaxM = 16;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kColsPerWarp = 2;
 constexpr int kTileN = kWarpsPerBlock * kColsPerWarp;
+constexpr int kMatvecUnroll = 4;  // K-loop steps whose weight loads are issued together
 constexpr int kFinishThreads = 256;
 
 struct DecodeParams {

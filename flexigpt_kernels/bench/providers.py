@@ -2,8 +2,9 @@
 
     op-<backend>   flexigpt_kernels.shared_lora_linear through one backend: on the CPU
                    "reference" and "cpp" (when the extension is built); on CUDA "triton" and
-                   "cpp" (when its CUDA decode kernel is built). Triton on CPU tensors is the
-                   interpreter, a correctness tool, and is never timed.
+                   "cuda" (the CUDA decode kernel, when built). Triton on CPU tensors is the
+                   interpreter, a correctness tool, and is never timed. The backend that "auto"
+                   picks is timed as a user calls it (no use_backend block around the call).
     unfused-peft   what a user writes without this package (ops.unfused_peft_style): F.linear,
                    shrink, expand, add, F.layer_norm, residual add, each its own kernel
     dense          F.linear(x, W) alone: what a merged weight would cost
@@ -30,15 +31,10 @@ DENSE, FLOOR, UNFUSED = "dense", "floor", "unfused-peft"
 
 def op_backends(device: torch.device) -> list[str]:
     """The backends of the op worth timing on `device` (see module doc)."""
+    built = backends.available_backends()
     if device.type == "cuda":
-        names = ["triton"]
-        if backends.cpp_available():
-            from ..ops import cpp_backend
-
-            if getattr(cpp_backend, "_C_cuda", None) is not None:
-                names.append("cpp")  # the CUDA decode kernel (Triton for the rest)
-        return names
-    return ["reference"] + (["cpp"] if backends.cpp_available() else [])
+        return ["triton"] + (["cuda"] if built["cuda"] else [])  # cuda: the decode kernel, Triton for the rest
+    return ["reference"] + (["cpp"] if built["cpp"] else [])
 
 
 def default_providers(device: torch.device) -> list[str]:
@@ -85,6 +81,9 @@ def forward_callable(provider: str, o: Operands) -> Callable[[], torch.Tensor]:
     if not provider.startswith("op-"):
         raise ValueError(f"unknown provider {provider!r}")
     backend = provider.removeprefix("op-")
+    if backend == backends.resolve(o.x.device, o.x.dtype):  # the default: exactly what a user pays
+        return lambda: shared_lora_linear(o.x, o.weight, o.lora_a, o.lora_b, SCALE,
+                                          norm_weight=o.norm_weight, residual=o.residual)
 
     def run():
         with use_backend(backend):

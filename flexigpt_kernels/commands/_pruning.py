@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     model, tokenizer, calib, heldout = load_inputs(args)
     load_s = time.perf_counter() - t
+    from ..io.model_card import set_card_info
+
+    set_card_info(model, source=args.model or "default")  # the model card's source model
     summary = run_prune_job(
         model, tokenizer, calib, heldout, ratio=args.ratio, blocks=args.blocks, rank=args.rank,
         method=args.method, out=args.out, overwrite=args.overwrite, baseline=not args.no_baseline,

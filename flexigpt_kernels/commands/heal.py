@@ -141,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
         model = load_into_unsharded(model, fresh)
     if is_main:
         from ..io import save_pretrained
+        from ..io.model_card import add_healing
 
+        add_healing(model, {**report.to_dict(), "data": args.data, "teacher": args.teacher})  # the model card's record
         merged = merge_lora(model)
         for p in model.parameters():
             p.requires_grad_(False)

@@ -263,7 +263,7 @@ def extend(
         adapter_params=_adapter_params(repeats_made),
     )
     model.flexigpt_meta = {
-        "format_version": 1,
+        "format_version": 2,  # io.checkpoint.FORMAT_VERSION (the io tests compare them)
         "method": "extend",
         "family": family.name,
         "num_blocks": n,

@@ -203,7 +203,7 @@ def prune(
     report.params_after = stored_parameters(model)
     report.seconds = seconds
     model.flexigpt_meta = {
-        "format_version": 1,
+        "format_version": 2,  # io.checkpoint.FORMAT_VERSION (the io tests compare them)
         "method": method,
         "family": family.name,
         "num_blocks": n_blocks,

@@ -11,10 +11,14 @@ marked by ``block.flexigpt_base`` and listed in ``base_map``. A checkpoint direc
   count is unchanged; for "drop" it is the reduced count, for "extend" the grown one; a
   "drop" directory is a plain Hugging Face checkpoint that stock
   ``AutoModelForCausalLM.from_pretrained`` loads). A model with replacement blocks
-  ("flexigpt", "extend") names ``"FlexiGPT" + its class`` in ``architectures`` (e.g.
-  ``FlexiGPTLlamaForCausalLM``, the class that the vLLM plugin registers, see
-  ``flexigpt_kernels.integrations.vllm``); its Hugging Face class is kept in flexigpt.json
-  (``"architectures"``). Loading builds from ``model_type``, so either name loads here.
+  ("flexigpt", "extend") is a custom architecture (format 2): ``model_type``
+  ``"flexigpt_" + the family's`` (``flexigpt_llama``: stock transformers refuses it instead of
+  building a plain model with random blocks), ``architectures`` ``"FlexiGPT" + its class``
+  (``FlexiGPTLlamaForCausalLM``: the class the vLLM plugin registers and the custom code
+  defines), ``auto_map`` naming ``configuration_flexigpt.py`` / ``modeling_flexigpt.py``
+  (copied from ``io/remote_code``, so ``AutoModelForCausalLM.from_pretrained(DIR,
+  trust_remote_code=True)`` builds the correct model without this package), and ``flexigpt``,
+  the rebuild spec the custom code reads (base_map, blocks, shared, output_norms).
 - ``flexigpt.json``: ``model.flexigpt_meta`` (format_version, method, family, pruned blocks,
   base_map, rank, scale, norm settings) plus what rebuilding needs::
 
@@ -26,15 +30,20 @@ marked by ``block.flexigpt_base`` and listed in ``base_map``. A checkpoint direc
       "aliases": {"lm_head.weight": "model.embed_tokens.weight"}
       "dtype": "float32"
       "architectures": ["LlamaForCausalLM"]       # the Hugging Face class
+      "hf_model_type": "llama"                    # the family's model_type (format 2)
+      "card": {...}                               # model.flexigpt_card: what README.md reports
 
+- ``README.md``: the model card (:mod:`flexigpt_kernels.io.model_card`).
 - ``generation_config.json`` when the model has one, and the tokenizer files when given.
 
-Loading builds the architecture from config.json (Hugging Face ``from_config`` with weight
-initialisation skipped), re-creates the replacement blocks from the base map (no SVD: the
+Format 1 (config.json the plain Hugging Face one, no hf_model_type) still loads: it is
+migrated on reading, and saving the loaded model writes format 2.
+
+Loading builds the architecture from config.json (the family's Hugging Face config, FlexiGPT's
+model_type, auto_map and spec removed; ``from_config`` with weight initialisation skipped; the
+custom code is never run), re-creates the replacement blocks from the base map (no SVD: the
 adapters are loaded), loads the state dict strictly and checks the rebuilt sharing map equals
-the stored one. A stock ``from_pretrained`` of a "flexigpt" checkpoint would *not* be right
-(replacement blocks would get random weights): use :func:`from_pretrained` here, or
-:func:`flexigpt_kernels.io.export_dense` for a plain checkpoint.
+the stored one.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ from ._write import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype
                      write_hf_files)
 from .load import no_init_weights
 from .manifest import check_against_config, check_aliases, check_shapes, parse_manifest, torch_dtype, validate_manifest
+from .model_card import write_model_card
+from .remote_code import hf_config_dict, write_custom_model
 
 __all__ = [
     "read_flexigpt_config",
@@ -69,10 +80,12 @@ __all__ = [
 ]
 
 FLEXIGPT_CONFIG_NAME = "flexigpt.json"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# 2: config.json names model_type "flexigpt_<family>" (+ auto_map, custom code, "flexigpt" spec)
+# and flexigpt.json records "hf_model_type"; 1: config.json was the plain Hugging Face one
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 # keys of flexigpt.json written by this module (not part of model.flexigpt_meta)
-_IO_KEYS = ("shared", "output_norms", "aliases", "dtype", "architectures")
+_IO_KEYS = ("shared", "output_norms", "aliases", "dtype", "architectures", "hf_model_type", "card")
 SERVING_PREFIX = "FlexiGPT"
 
 
@@ -82,11 +95,25 @@ def serving_architecture(hf_architecture: str) -> str:
     return SERVING_PREFIX + hf_architecture
 
 
-def _name_serving_architecture(directory: Path, hf_architecture: str) -> None:
-    path = directory / CONFIG_NAME
-    config = json.loads(path.read_text())
-    config["architectures"] = [serving_architecture(hf_architecture)]
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+def _write_custom_model(directory: Path, model: nn.Module, shared: dict, output_norms: dict) -> None:
+    """config.json of a model with replacement blocks: its own model_type, the serving
+    architecture name, the rebuild spec, auto_map and the custom code (io/remote_code)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = {names[id(b)]: int(b.flexigpt_base) for b in replacement_blocks(model).values()}
+    spec = {"format_version": FORMAT_VERSION, "base_map": {str(k): v for k, v in sorted(_base_map(model).items())},
+            "blocks": blocks, "shared": shared, "output_norms": output_norms}
+    write_custom_model(directory, hf_model_type=model.config.model_type,
+                       model_class=serving_architecture(model_class(model).__name__), spec=spec)
+
+
+def _migrate(record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """flexigpt.json of any supported format_version as the current one. Format 1 kept the
+    plain Hugging Face config.json, so its model_type is the source family's."""
+    record = dict(record)
+    if record.get("format_version") == 1:
+        record["hf_model_type"] = config.get("model_type")
+        record["format_version"] = 2
+    return record
 
 
 def sharing_map(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -154,6 +181,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ValueError(f"model.flexigpt_meta has format_version {version!r}; this version writes "
                          f"{SUPPORTED_FORMAT_VERSIONS}")
+    meta["format_version"] = FORMAT_VERSION  # what is written is always the current format
     base_map = _base_map(model)
     if {int(k): int(v) for k, v in meta.get("base_map", {}).items()} != base_map:
         raise ValueError(f"model.flexigpt_meta['base_map'] {meta.get('base_map')} disagrees with the model's "
@@ -166,17 +194,20 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
         write_hf_files(tmp, model, dtype, tokenizer)
         hf_architecture = model_class(model).__name__
         if base_map:
-            _name_serving_architecture(tmp, hf_architecture)
+            _write_custom_model(tmp, model, shared, output_norms)
         record = {**meta, "shared": shared, "output_norms": output_norms, "aliases": aliases,
                   "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-                  "architectures": [hf_architecture]}
+                  "architectures": [hf_architecture], "hf_model_type": model.config.model_type,
+                  "card": dict(getattr(model, "flexigpt_card", None) or {})}
         (tmp / FLEXIGPT_CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+        write_model_card(tmp, record, model, name=Path(directory).name)
     return Path(directory)
 
 
 def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
     """flexigpt.json of a checkpoint directory, its format version checked and its content validated
-    (see .manifest): ValueError naming the file and the field."""
+    (see .manifest): ValueError naming the file and the field. An older format is migrated to
+    the current one."""
     path = Path(directory) / FLEXIGPT_CONFIG_NAME
     if not path.is_file():
         hint = ""
@@ -184,12 +215,14 @@ def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
             hint = (" (it looks like a plain Hugging Face checkpoint: load it with "
                     "transformers.AutoModelForCausalLM.from_pretrained)")
         raise FileNotFoundError(f"{directory}: no {FLEXIGPT_CONFIG_NAME}, so not a flexigpt_kernels checkpoint{hint}")
-    return read_manifest(path)
+    record = read_manifest(path)
+    config_path = Path(directory) / CONFIG_NAME
+    return _migrate(record, json.loads(config_path.read_text()) if config_path.is_file() else {})
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The flexigpt.json file `path`, its format version checked and its content validated (see
-    .manifest): ValueError naming the file and the field."""
+    """The flexigpt.json file `path` as written (not migrated), its format version checked and
+    its content validated (see .manifest): ValueError naming the file and the field."""
     record = parse_manifest(path)
     version = record.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
@@ -253,6 +286,17 @@ def _retie(model: nn.Module, alias: str, source: str) -> None:
         setattr(model.get_submodule(owner_name), attr, params[source])
 
 
+def _hf_config(directory: Path, record: dict[str, Any]):
+    """The source family's Hugging Face config of a checkpoint (config.json without FlexiGPT's
+    model_type, auto_map and spec): built here, no custom code is run."""
+    from transformers import CONFIG_MAPPING
+
+    hf_type = record.get("hf_model_type")
+    if hf_type not in CONFIG_MAPPING:
+        raise ValueError(f"{directory / FLEXIGPT_CONFIG_NAME}: hf_model_type {hf_type!r} is unknown to this transformers")
+    return CONFIG_MAPPING[hf_type].from_dict(hf_config_dict(json.loads((directory / CONFIG_NAME).read_text()), hf_type))
+
+
 def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype | str] = None,
                     device: Optional[torch.device | str] = None) -> nn.Module:
     """Rebuild a model written by :func:`save_pretrained`, in eval mode, with
@@ -262,11 +306,11 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
     is unknown or the stored tensors do not fit the rebuilt model exactly.
     """
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
     record = read_flexigpt_config(directory)
-    config = AutoConfig.from_pretrained(directory)
+    config = _hf_config(directory, record)
     if dtype is not None:
         dtype = torch_dtype(dtype, "dtype")
     if dtype is None and record.get("dtype"):
@@ -292,6 +336,7 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
                          f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     model.flexigpt_meta = {k: v for k, v in record.items() if k not in _IO_KEYS}
+    model.flexigpt_card = dict(record.get("card") or {})
     from transformers import GenerationConfig
 
     if (directory / "generation_config.json").is_file():
@@ -300,7 +345,12 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
 
 
 def load_tokenizer(directory: str | os.PathLike):
-    """The tokenizer saved beside a checkpoint (transformers.AutoTokenizer)."""
+    """The tokenizer saved beside a checkpoint (transformers.AutoTokenizer; the checkpoint's
+    custom code is never run)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    directory = Path(directory)
+    config = None
+    if (directory / FLEXIGPT_CONFIG_NAME).is_file() and (directory / CONFIG_NAME).is_file():
+        config = _hf_config(directory, read_flexigpt_config(directory))
+    return AutoTokenizer.from_pretrained(directory, config=config, trust_remote_code=False)

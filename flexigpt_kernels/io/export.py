@@ -33,10 +33,15 @@ from ..nn import OutputNorm, SharedLoRALinear
 from ._write import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, WRITTEN_NAME, atomic_directory, \
     dominant_dtype, save_tensors, write_hf_files
 from .checkpoint import FLEXIGPT_CONFIG_NAME, from_pretrained
+from .model_card import CARD_NAME
+from .remote_code import REMOTE_CODE_FILES
 
 __all__ = ["export_dense", "dense_state_dict"]
 
-_CHECKPOINT_FILES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, FLEXIGPT_CONFIG_NAME, WRITTEN_NAME}
+# what a dense export writes itself or must not carry over (the custom code and the card describe
+# the FlexiGPT checkpoint, not the dense one)
+_CHECKPOINT_FILES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, FLEXIGPT_CONFIG_NAME, WRITTEN_NAME,
+                     *REMOTE_CODE_FILES, CARD_NAME}
 
 
 def _check_no_output_norms(model: nn.Module) -> None:

@@ -91,13 +91,17 @@ class LoadedModel:
     kind: str
 
 
-def _tokenizer(where: str, local: bool):
+def _tokenizer(where: str, local: bool, converted: bool = False):
     """The tokenizer at `where`, or None when there is none (or it cannot be read)."""
     if local and not any((Path(where) / n).is_file() for n in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
+    from .checkpoint import load_tokenizer
+
     try:
+        if converted:  # never runs (or asks whether to run) the checkpoint's custom code
+            return load_tokenizer(where)
         return AutoTokenizer.from_pretrained(where, local_files_only=local)
     except Exception:  # noqa: BLE001 - an unreadable tokenizer: the model still loads
         return None
@@ -187,7 +191,7 @@ def load_model(source: Optional[str | os.PathLike] = DEFAULT, *, dtype=None, dev
         except OSError as exc:
             raise FileNotFoundError(f"model: {where!r} is not a local folder, and the Hugging Face hub could not "
                                     f"provide it ({_one_line(exc)})") from exc
-    tok = _tokenizer(where, local=kind != "hub") if tokenizer else None
+    tok = _tokenizer(where, local=kind != "hub", converted=kind == "flexigpt") if tokenizer else None
     return _finish(LoadedModel(model, tok, where, kind), device)
 
 
@@ -280,7 +284,9 @@ def load_tokenizer_of(source: Optional[str | os.PathLike]):
         return load_default_model()[1]
     path = Path(os.fspath(source)).expanduser()
     if path.is_dir():
-        return _tokenizer(str(path), local=True)
+        from .checkpoint import FLEXIGPT_CONFIG_NAME
+
+        return _tokenizer(str(path), local=True, converted=(path / FLEXIGPT_CONFIG_NAME).is_file())
     if looks_like_path(os.fspath(source)) or _hub_offline():
         return None
     return _tokenizer(os.fspath(source), local=False)

@@ -26,7 +26,7 @@ class OutputNorm(nn.Module):
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
         self.hidden_size = hidden_size
-        self.eps = eps
+        self.eps = float(eps)  # a Python float (numpy scalars too): the op's schema takes a float
         self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.reset_parameters(init)
 

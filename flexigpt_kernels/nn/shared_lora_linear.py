@@ -119,20 +119,23 @@ class SharedLoRALinear(nn.Module):
         self.lora_a.copy_(root[:, None] * vh[: self.rank])
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """y = [residual +] [output_norm](x @ W_base.T + b + scale (x @ A.T) @ B.T), x [..., in];
+        parameters in another dtype than x are cast to x's (no copy when they match)."""
         dt = x.dtype
         norm = self.output_norm
-        bias = self.effective_bias()
-        return shared_lora_linear(
-            x,
-            self.weight if self.weight.dtype == dt else self.weight.to(dt),
-            self.lora_a.to(dt),
-            self.lora_b.to(dt),
-            self.scale,
-            bias.to(dt) if bias is not None else None,
-            norm_weight=norm.weight.to(dt) if norm is not None else None,
-            eps=norm.eps if norm is not None else 1e-5,
-            residual=residual.to(dt) if residual is not None else None,
-        )
+        bias = self.bias if self.bias is not None else self._base.bias
+        weight, lora_a, lora_b = self._base.weight, self.lora_a, self.lora_b
+        if weight.dtype != dt or lora_a.dtype != dt or lora_b.dtype != dt:
+            weight, lora_a, lora_b = weight.to(dt), lora_a.to(dt), lora_b.to(dt)
+        if bias is not None and bias.dtype != dt:
+            bias = bias.to(dt)
+        if residual is not None and residual.dtype != dt:
+            residual = residual.to(dt)
+        if norm is None:
+            return shared_lora_linear(x, weight, lora_a, lora_b, self.scale, bias, residual=residual)
+        gamma = norm.weight if norm.weight.dtype == dt else norm.weight.to(dt)
+        return shared_lora_linear(x, weight, lora_a, lora_b, self.scale, bias, norm_weight=gamma, eps=norm.eps,
+                                  residual=residual)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

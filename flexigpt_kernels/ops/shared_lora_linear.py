@@ -6,10 +6,12 @@
     if norm_weight is not None: y = norm_weight * (y - mean(y)) / sqrt(var(y) + eps)   (last dim)
     if residual is not None:    y = residual + y
 
-Registered with torch.library as two custom ops, `flexigpt::shared_lora_linear_fwd` (returns
-the output and the intermediates the backward needs) and `flexigpt::shared_lora_linear_bwd`,
-with fake implementations, so torch.compile traces through it without graph breaks and
-autograd works on every backend (backends.py picks the implementation per call).
+Two ops of the `flexigpt` library (ops/library.py): `flexigpt::shared_lora_linear_fwd` (returns
+the output and the intermediates the backward needs) and `flexigpt::shared_lora_linear_bwd`.
+Their schemas and CPU kernels are C++ (csrc/bindings.cpp) when the extension is built; this
+module registers on them, from Python: the fake kernels (torch.compile traces the op without
+graph breaks), autograd, and the kernel that runs the backend the registry resolves
+(ops/backends.py) for every call the C++ kernel does not take (CUDA, other backends, dtypes).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, library
 from .reference import ForwardResult
-from .validation import check_shared_lora_linear_args
+from .validation import as_float, check_shared_lora_linear_args
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -36,23 +38,28 @@ def _no_autocast(x: Tensor):
     return contextlib.nullcontext()
 
 
-@torch.library.custom_op("flexigpt::shared_lora_linear_fwd", mutates_args=())
-def _fwd_op(
+def _check_2d(x: Tensor, residual: Optional[Tensor]) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K] (flatten the leading dims), got shape {tuple(x.shape)}")
+
+
+def _fwd_python(
     x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
     bias: Optional[Tensor], norm_weight: Optional[Tensor], eps: float,
     residual: Optional[Tensor], save_for_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x [M, K] (2-D) -> (out [M, N], shrink [M, r], y_pre [M, N] or (0,), mean [M] or (0,), rstd)."""
-    impl = backends.load(backends.resolve(x.device, x.dtype))
-    if x.shape[0] == 0:
-        impl = backends.load("reference")
+    _check_2d(x, residual)
+    check_shared_lora_linear_args(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
+    impl = backends.for_call(x)
     with _no_autocast(x):
         return tuple(impl.forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual,
                                   save_for_backward))
 
 
-@_fwd_op.register_fake
 def _fwd_fake(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward):
+    _check_2d(x, residual)
+    check_shared_lora_linear_args(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
     m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
     has_norm = norm_weight is not None
     return (
@@ -64,17 +71,14 @@ def _fwd_fake(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual
     )
 
 
-@torch.library.custom_op("flexigpt::shared_lora_linear_bwd", mutates_args=())
-def _bwd_op(
+def _bwd_python(
     grad_out: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
     norm_weight: Optional[Tensor], shrink: Tensor, y_pre: Tensor, mean: Tensor, rstd: Tensor,
     needs_weight_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_x, grad_weight or (0,), grad_a, grad_b, grad_bias [N] fp32,
     grad_norm_weight [N] fp32 or (0,))."""
-    impl = backends.load(backends.resolve(x.device, x.dtype))
-    if x.shape[0] == 0:
-        impl = backends.load("reference")
+    impl = backends.for_call(x)
     saved = ForwardResult(x.new_empty((0,)), shrink, y_pre, mean, rstd)
     with _no_autocast(x):
         gx, gw, ga, gb, gbias, gnorm = impl.backward(grad_out, x, weight, lora_a, lora_b, scale, norm_weight,
@@ -90,7 +94,6 @@ def _bwd_op(
     )
 
 
-@_bwd_op.register_fake
 def _bwd_fake(grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd,
               needs_weight_grad):
     n = weight.shape[0]
@@ -143,7 +146,26 @@ def _backward(ctx, grad_out, *_unused):
     )
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+def _register() -> None:
+    """Python's part of the ops (whichever side declared them): the backend-running kernel for
+    every device without a native kernel, the fake kernels, autograd."""
+    lib = library.lib
+    for name, fn in (("shared_lora_linear_fwd", _fwd_python), ("shared_lora_linear_bwd", _bwd_python),
+                     ("_shared_lora_linear_fwd_py", _fwd_python), ("_shared_lora_linear_bwd_py", _bwd_python)):
+        lib.impl(name, fn, "CompositeExplicitAutograd")
+    for name, fake in (("shared_lora_linear_fwd", _fwd_fake), ("shared_lora_linear_bwd", _bwd_fake),
+                       ("_shared_lora_linear_fwd_py", _fwd_fake), ("_shared_lora_linear_bwd_py", _bwd_fake)):
+        torch.library.register_fake(f"{library.NAMESPACE}::{name}", fake, lib=lib)
+    torch.library.register_autograd(f"{library.NAMESPACE}::shared_lora_linear_fwd", _backward,
+                                    setup_context=_setup_context, lib=lib)
+
+
+_register()
+_FWD = library.op("shared_lora_linear_fwd")
+_any_requires_grad = torch._C._any_requires_grad
+_any_autocast = torch._C._is_any_autocast_enabled
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_is_compiling = torch.compiler.is_compiling
 
 
 def shared_lora_linear(
@@ -166,32 +188,45 @@ def shared_lora_linear(
     computed only when it requires grad (a shared weight's gradient sums over its uses).
     Under torch.autocast, every floating tensor is first cast to the autocast dtype.
     """
-    device_type = x.device.type if isinstance(x, Tensor) else None
-    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+    if _any_autocast() and isinstance(x, Tensor) and x.device.type in _AUTOCAST_DEVICES \
+            and torch.is_autocast_enabled(x.device.type):
+        device_type = x.device.type
         dt = torch.get_autocast_dtype(device_type)
 
         def cast(t):
             return t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dt else t
 
         with torch.autocast(device_type, enabled=False):
-            return shared_lora_linear(cast(x), cast(weight), cast(lora_a), cast(lora_b), scale, cast(bias),
-                                      norm_weight=cast(norm_weight), eps=eps, residual=cast(residual))
-    check_shared_lora_linear_args(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
-    lead = x.shape[:-1]
-    n = weight.shape[0]
-    x2d = x.reshape(-1, x.shape[-1])
-    res2d = residual.reshape(-1, n) if residual is not None else None
-    tensors = (x, weight, lora_a, lora_b, bias, norm_weight, residual)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if not save and x2d.shape[0] > 0 and not torch.compiler.is_compiling():
-        # Inference fast path: nothing to differentiate and nothing tracing, so skip the
-        # dispatcher round trip of the registered op (tens of microseconds per decode call).
-        impl = backends.load(backends.resolve(x.device, x.dtype))
-        with _no_autocast(x):
-            out = impl.forward(x2d, weight, lora_a, lora_b, float(scale), bias, norm_weight, float(eps), res2d,
-                               False).out
-        return out.reshape(*lead, n)
-    out = torch.ops.flexigpt.shared_lora_linear_fwd(
-        x2d, weight, lora_a, lora_b, float(scale), bias, norm_weight, float(eps), res2d, save
-    )[0]
-    return out.reshape(*lead, n)
+            return _call(cast(x), cast(weight), cast(lora_a), cast(lora_b), scale, cast(bias), cast(norm_weight),
+                         eps, cast(residual))
+    return _call(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
+
+
+def _call(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual) -> Tensor:
+    """The op on x [..., K]: flatten, one op call, unflatten. Bad input is reported by
+    validation.py with the caller's shapes (the kernels validate the flattened operands)."""
+    try:
+        scale = scale if type(scale) is float else as_float(scale, "scale")
+        eps = eps if type(eps) is float else as_float(eps, "eps")
+        lead = x.shape[:-1]
+        n = weight.shape[0]
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        res2d = None
+        if residual is not None:
+            if residual.shape[:-1] != lead:  # flattening would hide the mismatch
+                raise ValueError("residual")
+            res2d = residual if residual.dim() == 2 else residual.reshape(-1, residual.shape[-1])
+        if _is_compiling():  # traced: plain Python that dynamo understands
+            save = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias, norm_weight, residual))
+            out = _FWD(x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, res2d, save)[0]
+        elif torch.is_grad_enabled() and _any_requires_grad(x, weight, lora_a, lora_b, bias, norm_weight, residual):
+            out = _FWD(x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, res2d, True)[0]
+        else:
+            # Nothing to differentiate: skip the autograd kernel (it would only redispatch).
+            with _below_autograd():
+                out = _FWD(x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, res2d, False)[0]
+    except (ValueError, TypeError, RuntimeError, IndexError, AttributeError):
+        check_shared_lora_linear_args(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
+        raise
+    return out if x.dim() == 2 else out.reshape(*lead, n)

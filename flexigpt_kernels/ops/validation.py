@@ -4,6 +4,7 @@ with a ValueError (shapes, values) or TypeError (dtypes, devices) naming the arg
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -14,6 +15,20 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
+
+
+def _is_real(v: object) -> bool:
+    """A Python or numpy real number (bool excluded); 0-d tensors are not scalars here."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def as_float(v: object, name: str) -> float:
+    """`v` as a Python float (numpy float32/float64 scalars accepted), else ValueError."""
+    if type(v) is float:
+        return v
+    if not _is_real(v):
+        raise ValueError(f"{name} must be a real number (float, int or numpy scalar), got {v!r} ({type(v).__name__})")
+    return float(v)
 
 
 def _check_tensor(name: str, t: object) -> Tensor:
@@ -48,6 +63,11 @@ def check_shared_lora_linear_args(
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {_shape(weight)}")
     n, k = weight.shape
+    if k < 1 or n < 1:
+        raise ValueError(
+            f"weight must be [N, K] with N >= 1 and K >= 1 (an empty feature dimension has nothing to "
+            f"compute), got weight {_shape(weight)}, x {_shape(x)}"
+        )
     if x.shape[-1] != k:
         raise ValueError(
             f"x's last dimension ({x.shape[-1]}) must equal weight's in_features K ({k}): "
@@ -79,9 +99,9 @@ def check_shared_lora_linear_args(
                 f"residual must be [..., N] = {expected} (x {_shape(x)}, weight {_shape(weight)}), "
                 f"got shape {_shape(residual)}"
             )
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not _is_real(scale) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
-    if not isinstance(eps, (int, float)) or not eps > 0:
+    if not _is_real(eps) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")

@@ -4,9 +4,10 @@ A checkpoint is a folder ``<checkpoint_dir>/step-<NNNNNNNN>/`` holding
 
 - ``state.pt``: the trainable tensors by parameter name (frozen ones are not saved: resume from
   the same starting model), the optimizer, LR scheduler and grad-scaler states, the history
-  (losses, learning rates, eval perplexities, tokens seen) and the run's settings; under FSDP2
-  the trainable tensors and the optimizer state are in ``dcp/`` instead (see .sharded_state);
+  (losses, learning rates, eval perplexities, tokens seen) and the run's settings;
 - ``rng-rank<R>.pt``: each process's RNG states (torch CPU and CUDA, Python, NumPy);
+- ``dcp/`` instead of the tensors in ``state.pt`` for a run sharded with FSDP2: every process's
+  shard of the trainable tensors and optimizer state (see :mod:`.sharded_state`);
 - ``complete``: written last; a folder without it (a run killed while saving) is ignored.
 
 Both files are read with ``torch.load(weights_only=True)``: only tensors and plain containers
@@ -106,9 +107,9 @@ def load_checkpoint(path: Union[str, os.PathLike], rank: int = 0) -> tuple[dict,
     if not (path / COMPLETE).exists():
         raise FileNotFoundError(f"{path} is not a complete heal() checkpoint (no {COMPLETE!r} marker)")
     state = _safe_load(path / STATE)
-    # under FSDP2 the trainable tensors and optimizer state are the sharded dcp/ folder instead
-    keys = _STATE_KEYS if not has_shards(path) else tuple(k for k in _STATE_KEYS if k not in _SHARDED_KEYS)
-    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    # params/optimizer live in state.pt, or in the sharded dcp/ folder written under FSDP2
+    needed = [k for k in _STATE_KEYS if not (has_shards(path) and k in ("params", "optimizer"))]
+    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{path / STATE} is not a heal() training state (missing {missing})")
     rng_file = path / f"rng-rank{rank}.pt"
@@ -119,7 +120,6 @@ def load_checkpoint(path: Union[str, os.PathLike], rank: int = 0) -> tuple[dict,
 
 
 _STATE_KEYS = ("step", "settings", "params", "optimizer", "scheduler", "scaler", "history")
-_SHARDED_KEYS = ("params", "optimizer")  # in .sharded_state's dcp/ folder when written under FSDP2
 # what NumPy's RNG state array pickles as (RNG files written before the state became a tensor)
 _LEGACY_NUMPY_GLOBALS = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
                          "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType"}

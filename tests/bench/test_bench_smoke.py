@@ -148,7 +148,9 @@ def test_gpu_suite_runs_in_cpu_smoke_mode(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    assert [line.split()[0] for line in summary] == ["parity", "kernels", "model", "plot"]
+    assert [line.split()[0] for line in summary] == ["build", "parity_kernels", "parity_fp32", "kernels_decode_smollm2",
+                                                      "kernels_prefill_smollm2", "model", "plot"]
     assert list(tmp_path.glob("kernels_*.csv")) and list(tmp_path.glob("model_*.csv"))
     assert list(tmp_path.glob("*.png"))
-    assert "tests collected" in (tmp_path / "parity.log").read_text()  # -m gpu selects the GPU tests
+    for group in ("parity_kernels", "parity_fp32"):  # -m gpu selects the GPU tests
+        assert "tests collected" in (tmp_path / f"{group}.log").read_text()

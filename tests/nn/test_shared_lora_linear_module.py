@@ -247,3 +247,46 @@ def test_fp16_input_with_fp32_parameters(backend):
     assert_close_scaled(out, expected.detach(), TOL[torch.float16], "fp16 vs fp32")
     for name, p in layer.named_parameters():
         assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name
+
+
+# --- the inference path ------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_inference_forward_is_one_op_call_without_casts_or_environment_reads(monkeypatch, norm):
+    """Under no_grad with matching dtypes, forward dispatches the op once and nothing else that
+    touches data (no .to() copies), and reads no setting of the package from the environment."""
+    import os as os_module
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer = SharedLoRALinear(linear(0), rank=3, output_norm=OutputNorm(OUT, init=0.5) if norm else None)
+    x, residual = torch.randn(2, 5, IN), torch.randn(2, 5, OUT)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    reads = []
+
+    class NoReads(dict):  # records the package's settings read from the environment
+        def get(self, key, default=None):
+            reads.append(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return super().__getitem__(key)
+
+    with torch.no_grad():
+        expected = layer(x, residual)  # warm: the first call may resolve the backend
+        monkeypatch.setattr(os_module, "environ", NoReads(os_module.environ))
+        out = layer(x, residual)
+        monkeypatch.undo()
+        with Record():
+            layer(x, residual)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert reads == []
+    ops = [name for name in seen if not name.startswith("aten::view") and name != "aten::reshape"]
+    assert ops == ["flexigpt::shared_lora_linear_fwd"], seen

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from flexigpt_kernels import OutputNorm, SharedLoRALinear, shared_lora_linear, use_backend
+from flexigpt_kernels.ops import library
 
 from .helpers import TOL, assert_close_scaled, grads_of, make_operands
 
@@ -58,17 +59,30 @@ def test_opcheck_forward_triton_interpreter():
         torch.library.opcheck(FWD, _fwd_args(ops, True))
 
 
+@pytest.mark.skipif(not library.NATIVE_CPU, reason="the C++ extension is not built (FLEXIGPT_SKIP_CPU_BUILD)")
+@pytest.mark.parametrize("bias,norm,residual,save,grad,weight_grad", FWD_CASES[:4],
+                         ids=["plain-nograd", "bias", "norm-frozenW", "all"])
+def test_opcheck_forward_cpp(bias, norm, residual, save, grad, weight_grad):
+    """The op declared in C++ with its C++ CPU kernel, and fake/autograd registered from Python."""
+    ops = _operands(bias, norm, residual, grad, weight_grad)
+    with use_backend("cpp"):
+        torch.library.opcheck(FWD, _fwd_args(ops, save))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("norm,needs_weight_grad", [(True, True), (False, False)], ids=["norm-gradW", "plain"])
-def test_opcheck_backward(norm, needs_weight_grad):
+def test_opcheck_backward(backend, norm, needs_weight_grad):
+    if backend == "cpp" and not library.NATIVE_CPU:
+        pytest.skip("the C++ extension is not built (FLEXIGPT_SKIP_CPU_BUILD)")
     ops = _operands(True, norm, False, False)
-    with use_backend("reference"):
+    with use_backend(backend):
         _, shrink, y_pre, mean, rstd = FWD(*_fwd_args(ops, True))
         grad_out = torch.randn(5, 20)
         torch.library.opcheck(BWD, (grad_out, ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.7,
                                     ops["norm_weight"], shrink, y_pre, mean, rstd, needs_weight_grad))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
 def test_op_called_without_saving_still_differentiates(backend):
     """The raw op with save_for_backward=False (y_pre not kept) gives the same gradients as
     with it: the backward recomputes y_pre instead of failing on an empty tensor."""

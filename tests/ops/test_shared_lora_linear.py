@@ -145,7 +145,12 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'magic'"):
         backends.resolve(cpu, torch.float32)
     monkeypatch.setenv("FLEXIGPT_BACKEND", "auto")
-    assert backends.resolve(torch.device("cuda"), torch.float16) == ("cpp" if backends.cuda_ext_available() else "triton")
+    assert backends.resolve(torch.device("cuda"), torch.float16) == (
+        "cuda" if backends.available_backends()["cuda"] else "triton")
+    with use_backend("cpp"), pytest.raises(RuntimeError, match="'cuda'"):
+        backends.resolve(torch.device("cuda"), torch.float16)  # cpp is the CPU kernel
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="CPU tensors"):
+        backends.resolve(cpu, torch.float32)
     with use_backend("reference"):
         monkeypatch.setenv("FLEXIGPT_BACKEND", "triton")
         assert backends.resolve(cpu, torch.float32) == "reference"

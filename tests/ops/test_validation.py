@@ -1,11 +1,13 @@
-"""Bad input to shared_lora_linear fails in validation.py, before any backend is loaded (so
-before any kernel launch), with a ValueError (shapes, values) or TypeError (types, dtypes,
-devices) whose message names the offending argument and shows the shapes involved."""
+"""Bad input to shared_lora_linear fails before any kernel runs (the C++ kernel validates first;
+the Python kernel validates before it picks a backend), with a ValueError (shapes, values) or
+TypeError (types, dtypes, devices) whose message (validation.py) names the offending argument
+and shows the shapes the caller passed."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,12 +23,13 @@ class KernelLaunched(AssertionError):
 
 @pytest.fixture
 def no_kernels(monkeypatch):
-    """Any attempt to pick an implementation (reference, triton or cpp) fails the test."""
+    """Any attempt of the Python kernel to pick a backend fails the test (the C++ kernel checks
+    its arguments before its first ATen call: test_cpp_backend.py)."""
 
-    def forbidden(name):
-        raise KernelLaunched(f"backend {name!r} was loaded: validation let a bad input through")
+    def forbidden(x):
+        raise KernelLaunched("a backend was picked: validation let a bad input through")
 
-    monkeypatch.setattr(backends, "load", forbidden)
+    monkeypatch.setattr(backends, "for_call", forbidden)
 
 
 def good(**overrides):
@@ -99,12 +102,17 @@ BAD = [
      ["norm_weight", "torch.float16", "torch.float32"]),
     ("residual-bf16", {"residual": torch.randn(M, N, dtype=torch.bfloat16)}, TypeError,
      ["residual", "torch.bfloat16", "torch.float32"]),
+    ("K-zero", {"x": torch.randn(M, 0), "weight": torch.randn(N, 0), "lora_a": torch.randn(R, 0)}, ValueError,
+     ["weight", "N >= 1 and K >= 1", "weight (12, 0)", "x (4, 0)"]),
+    ("N-zero", {"weight": torch.randn(0, K), "lora_b": torch.randn(0, R), "bias": None, "norm_weight": None,
+                "residual": torch.randn(M, 0)}, ValueError, ["weight", "N >= 1 and K >= 1", "weight (0, 16)"]),
+    ("scale-str", {"scale": "0.5"}, ValueError, ["scale", "finite float", "'0.5'"]),
     ("x-int", {"x": torch.ones(M, K, dtype=torch.int64), "weight": torch.ones(N, K, dtype=torch.int64)}, TypeError,
      ["x", "torch.int64", "supported"]),
 ]
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 @pytest.mark.parametrize("overrides,exc,parts", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_input_raises_before_any_kernel(no_kernels, backend, overrides, exc, parts):
     with use_backend(backend), pytest.raises(exc, match=pattern(*parts)):
@@ -137,9 +145,10 @@ def test_x_on_another_device_than_the_rest(no_kernels):
         run(args)
 
 
-def test_the_guard_sees_valid_calls(no_kernels):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_the_guard_sees_valid_calls(no_kernels, backend):
     """The monkeypatch is what a valid call reaches: the tests above are not vacuous."""
-    with pytest.raises(KernelLaunched):
+    with use_backend(backend), pytest.raises(KernelLaunched):
         run(good())
 
 
@@ -149,3 +158,15 @@ def test_valid_optional_combinations_pass_validation():
     assert run(args).shape == (M, N)
     assert run(good(x=torch.randn(K), residual=torch.randn(N), scale=2, eps=1)).shape == (N,)
     assert run(good(scale=0.0)).shape == (M, N)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_numpy_scalars_for_scale_and_eps(backend):
+    with use_backend(backend), torch.no_grad():
+        expected = run(good(scale=0.5, eps=1e-5))
+        for scale, eps in ((np.float32(0.5), np.float32(1e-5)), (np.float64(0.5), np.float64(1e-5)),
+                           (np.int64(1), 1e-5)):
+            out = run(good(scale=scale, eps=eps))
+            if scale == 0.5:
+                torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            assert out.shape == (M, N) and torch.isfinite(out).all()

@@ -50,10 +50,11 @@ with parameter_memory_trace(model) as trace, torch.no_grad():
 full = full_state_dict(model)  # collective
 trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 params = {n: t for n, t in full.items() if n in trainable}
-if rank == 0 and mode == "full":
-    save_pretrained(model, out + ".ckpt", state_dict=full)
-    plain = load_into_unsharded(model, tiny_pruned(blocks=(1, 3)))
-    save_pretrained(plain, out + ".plain")
+if mode == "full":
+    plain = load_into_unsharded(model, tiny_pruned(blocks=(1, 3)))  # collective too
+    if rank == 0:
+        save_pretrained(model, out + ".ckpt", state_dict=full)
+        save_pretrained(plain, out + ".plain")
 dist.barrier()
 if rank == 0:
     torch.save({"losses": report.losses, "eval": report.eval_perplexities, "world_size": report.world_size,

@@ -134,8 +134,11 @@ def test_heal_cli_with_fsdp_under_torchrun_saves_what_one_process_saves(tmp_path
     assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "single")]) == 0
     sharded, single = (load_file(tmp_path / d / "model.safetensors") for d in ("sharded", "single"))
     assert sharded.keys() == single.keys()
+    # 2 x batch 1 vs 1 x batch 2 round the gradients differently, and Adam turns a gradient near
+    # zero into a step of up to lr x (g / eps): 1e-3 bounds that at lr 1e-2, while a wrong gather
+    # or merge moves a tensor by O(1)
     for name in single:
-        torch.testing.assert_close(sharded[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
 def test_heal_cli_fsdp_outside_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch):

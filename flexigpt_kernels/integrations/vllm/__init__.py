@@ -8,6 +8,11 @@ family under the name that save_pretrained writes into config.json's ``architect
 ``vllm serve DIR`` and ``vllm.LLM(model=DIR)`` load the directory as it is: the shared weights
 once, the adapters and output norms per replacement block (see ``model.py``).
 
+The checkpoint's config.json names FlexiGPT's own ``model_type`` (``flexigpt_llama``, ...), which
+stock transformers does not know; :func:`register` also registers the FlexiGPT configuration
+classes (``flexigpt_kernels.io.remote_code.configuration_flexigpt``) with transformers'
+``AutoConfig``, so vLLM parses config.json without ``trust_remote_code``.
+
 This module imports nothing from vLLM at import time; the model classes are registered by
 "module:class" strings and imported by vLLM when a checkpoint needs them.
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 from ...io.checkpoint import serving_architecture
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "register"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "register", "register_configs"]
 
 # Hugging Face class name -> our vLLM class (module:attribute), one per supported family.
 _MODEL_MODULE = "flexigpt_kernels.integrations.vllm.model"
@@ -26,9 +31,22 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 }
 
 
+def register_configs() -> None:
+    """Register the FlexiGPT configuration classes with transformers' AutoConfig (idempotent)."""
+    from transformers import AutoConfig
+
+    from ...io.remote_code import CONFIG_CLASSES
+
+    for config_class in CONFIG_CLASSES.values():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+
+
 def register() -> None:
-    """Register the FlexiGPT model classes with vLLM's ModelRegistry (idempotent)."""
+    """Register the FlexiGPT model classes with vLLM's ModelRegistry and their configuration
+    classes with AutoConfig (idempotent)."""
     from vllm import ModelRegistry
+
+    register_configs()
 
     for arch, target in SUPPORTED_ARCHITECTURES.items():
         if arch not in ModelRegistry.get_supported_archs():

@@ -1,17 +1,19 @@
 """Triton kernel: one tiled GEMM with the low-rank delta, bias and per-tile row statistics.
 
-    y[M, N] = x[M, K] @ w[N, K].T (+ bias[N]) (+ scale * (x @ a[R, K].T) @ b[N, R].T)
+    y[M, N] = x[M, K] @ w[N, K].T (+ bias[N]) (+ scale * (x @ a[R, K].T) @ b[N, R].T) (+ res[M, N])
 
 Every operand is addressed through strides, so the backward reuses the same kernel on
 transposed views (grad_x = dy @ W + s (dy @ B) @ A is this op with w = W.T, a = B.T, b = A.T).
 
-LoRA modes (README, "Triton kernel regimes"):
-  LORA_NONE       plain GEMM (the shrink x @ a.T itself, weight gradients).
-  LORA_FUSED      small M (decode): the shrink s = x @ a.T accumulates inside the K loop from
-                  the x tile already loaded for the base GEMM; the expand s @ b.T is added
+LoRA modes (configs.py chooses between them):
+  LORA_NONE       plain GEMM times `scale` (the shrink x @ a.T itself, weight gradients),
+                  optionally split over K into fp32 partials (grid axis 1).
+  LORA_FUSED      decode at rank <= 64: the shrink s = x @ a.T accumulates inside the K loop
+                  from the x tile already loaded for the base GEMM; the expand s @ b.T is added
                   before the store. One launch; each N tile recomputes the (cheap) shrink.
-  LORA_PRECOMPUTED large M (prefill, training): s [M, R] was computed once by a LORA_NONE
-                  launch; the accumulator starts from scale * s @ b.T.
+  LORA_PRECOMPUTED prefill, training, and decode above rank 64: s [M, R] was computed once by
+                  a split-K LORA_NONE launch; the accumulator starts from scale * s @ b.T.
+Without the norm, the residual is added in the epilogue (HAS_RESIDUAL).
 With STATS, every (row, N-tile) writes the count-weighted partial statistics of its fp32
 accumulator - tile mean and M2 = sum (y - tile_mean)^2 - for the row-norm phase to merge
 with Chan's formula (row_norm.py), so no program ever needs a whole row.
@@ -19,7 +21,6 @@ with Chan's formula (row_norm.py), so no program ever needs a whole row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,45 +28,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LORA_NONE, LORA_FUSED, LORA_PRECOMPUTED = 0, 1, 2
-
-# At or below this many rows the shrink is fused into the base GEMM's K loop.
-FUSED_SHRINK_MAX_M = 64
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def default_config(m: int, dtype: torch.dtype, rank: int = 16) -> TileConfig:
-    """Block sizes by regime: decode tiles are short in M and wide in K (weight-read bound);
-    prefill tiles are square, 128x128 for 16-bit inputs (tensor-core bound)."""
-    wide = dtype in (torch.float32, torch.float64)
-    if m <= FUSED_SHRINK_MAX_M:
-        # The fused shrink keeps an [BLOCK_K, BLOCK_R] adapter tile per stage: shrink K and the
-        # pipeline depth as the rank grows so the stages fit in shared memory (228 KB on H100).
-        if rank > 64:
-            return TileConfig(block_m=16, block_n=64, block_k=32 if wide else 64, group_m=1, num_warps=4, num_stages=2)
-        return TileConfig(block_m=16, block_n=64, block_k=64 if wide else 128, group_m=1, num_warps=4, num_stages=4)
-    if wide:
-        return TileConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
-    return TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+from . import configs
+from .configs import (  # noqa: F401  (re-exported: the names the backend and tests use)
+    FUSED_SHRINK_MAX_M,
+    LORA_FUSED,
+    LORA_NONE,
+    LORA_PRECOMPUTED,
+    TileConfig,
+    block_r as _block_r,
+    default_config,
+)
+from .launch import ieee_f32, launch
 
 
 @triton.jit
 def _linear_lora_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, pmean_ptr, pm2_ptr,
-    M, N, K, R, scale,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, pmean_ptr, pm2_ptr, res_ptr,
+    M, N, K, R, scale, K_SPLIT,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_ar, stride_ak, stride_bn, stride_br,
-    stride_sm, stride_sr, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, LORA_MODE: tl.constexpr, STORE_SHRINK: tl.constexpr,
+    stride_sm, stride_sr, stride_ym, stride_yn, stride_ys, stride_rm, stride_rn,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LORA_MODE: tl.constexpr, STORE_SHRINK: tl.constexpr,
     STATS: tl.constexpr, IEEE_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr, GROUP_M: tl.constexpr,
@@ -80,6 +63,11 @@ def _linear_lora_kernel(
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
+    # Split-K (LORA_NONE only): slice pid_k covers K_SPLIT columns of K and writes its own
+    # fp32 partial at y + pid_k * stride_ys.
+    pid_k = tl.program_id(1)
+    k_start = pid_k.to(tl.int64) * K_SPLIT
+    k_len = tl.minimum(K - k_start, K_SPLIT)
 
     # 64-bit offsets: the weight-gradient GEMMs address [tokens x N] operands past 2^31 elements
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -109,9 +97,9 @@ def _linear_lora_kernel(
     if LORA_MODE == 1:
         s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        kk = k0 * BLOCK_K + offs_k
-        mask_k = kk < K
+    for k0 in range(0, tl.cdiv(k_len, BLOCK_K)):
+        kk = k_start + k0 * BLOCK_K + offs_k
+        mask_k = kk < k_start + k_len
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wt = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
@@ -142,6 +130,8 @@ def _linear_lora_kernel(
                 tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                          s_cast.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
+    if LORA_MODE == 0:
+        acc = acc * scale  # the weight gradients' adapter scale, folded (1.0 otherwise)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -156,12 +146,14 @@ def _linear_lora_kernel(
         tl.store(pmean_ptr + stat_offs, tile_mean, mask=mask_m)
         tl.store(pm2_ptr + stat_offs, tile_m2, mask=mask_m)
 
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+    if HAS_RESIDUAL:
+        # residual without the norm, in the epilogue (one rounding, no separate pass)
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        acc += res.to(tl.float32)
+
+    tl.store(y_ptr + pid_k.to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
 
 
 def linear_lora(
@@ -176,38 +168,74 @@ def linear_lora(
     shrink: Optional[Tensor] = None,
     mode: int = LORA_NONE,
     partial_stats: Optional[tuple[Tensor, Tensor]] = None,
+    residual: Optional[Tensor] = None,
     config: Optional[TileConfig] = None,
+    k_split: int = 1,
 ) -> Tensor:
-    """Launch the kernel: out[M, N] = x[M, K] @ weight[N, K].T (+ bias) (+ LoRA per `mode`).
+    """Launch the kernel: out[M, N] = x[M, K] @ weight[N, K].T (+ bias) (+ LoRA per `mode`)
+    (+ residual [M, N]); with LORA_NONE the product is multiplied by `scale`.
 
     shrink [M, R]: written in LORA_FUSED mode (if given), read in LORA_PRECOMPUTED mode.
     partial_stats: (mean, m2) buffers of shape [M, cdiv(N, block_n)] fp32, filled when given.
-    Any strides; x, weight, lora_a, lora_b share one dtype.
+    k_split > 1 (LORA_NONE, no bias/residual/stats): out is [k_split, M, N] fp32 partial sums.
+    Any strides; x, weight, lora_a, lora_b share one dtype. The config is checked against the
+    device's shared memory (fewer stages / a shorter K step when it would not fit).
     """
     m, k = x.shape
     n = weight.shape[0]
     r = lora_a.shape[0] if lora_a is not None else (lora_b.shape[1] if lora_b is not None else 1)
+    if residual is not None and partial_stats is not None:
+        raise ValueError("linear_lora: the residual is added after the norm, not before its statistics")
+    if k_split > 1 and (mode != LORA_NONE or bias is not None or residual is not None or partial_stats is not None):
+        raise ValueError("linear_lora: k_split > 1 is for plain GEMMs only")
     cfg = config or default_config(m, x.dtype, r)
+    fitted = configs.fit_config(cfg, x.element_size(), configs.smem_limit(x.device),
+                                configs.block_r(r) if mode == LORA_FUSED else 0)
+    if fitted is None:
+        raise ValueError(f"linear_lora: no tile of {cfg} fits in shared memory at rank {r} ({x.dtype}); "
+                         "use the precomputed shrink")
+    cfg = fitted
     dummy = out  # placeholder pointer for absent operands (never dereferenced)
     a = lora_a if lora_a is not None else dummy
     b = lora_b if lora_b is not None else dummy
     s = shrink if shrink is not None else dummy
+    res = residual if residual is not None else dummy
     pmean, pm2 = partial_stats if partial_stats is not None else (dummy, dummy)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    ieee = x.dtype in (torch.float32, torch.float64) and not torch.backends.cuda.matmul.allow_tf32
-    _linear_lora_kernel[grid](
-        x, weight, bias if bias is not None else dummy, a, b, s, out, pmean, pm2,
-        m, n, k, r, float(scale),
+    if k_split > 1 and (out.dim() != 3 or out.shape[0] != k_split or out.dtype != torch.float32):
+        raise ValueError(f"linear_lora: k_split={k_split} needs an fp32 out of shape [k_split, M, N], "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    # slices of whole 64-element steps (aligned loads); trailing empty slices store zeros
+    k_len = triton.cdiv(triton.cdiv(k, k_split), 64) * 64 if k_split > 1 else k
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k_split)
+    launch(
+        _linear_lora_kernel, grid,
+        x, weight, bias if bias is not None else dummy, a, b, s, out, pmean, pm2, res,
+        m, n, k, r, float(scale), k_len,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         a.stride(0) if lora_a is not None else 0, a.stride(1) if lora_a is not None else 0,
         b.stride(0) if lora_b is not None else 0, b.stride(1) if lora_b is not None else 0,
         s.stride(0) if shrink is not None else 0, s.stride(1) if shrink is not None else 0,
-        out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, LORA_MODE=mode,
+        out.stride(-2), out.stride(-1), out.stride(0) if k_split > 1 else 0,
+        res.stride(0) if residual is not None else 0, res.stride(1) if residual is not None else 0,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, LORA_MODE=mode,
         STORE_SHRINK=shrink is not None and mode == LORA_FUSED,
-        STATS=partial_stats is not None, IEEE_F32=ieee,
+        STATS=partial_stats is not None, IEEE_F32=ieee_f32(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_R=_block_r(r), BLOCK_RC=min(64, _block_r(r)), GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def shrink(x: Tensor, lora_a: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
+    """out[M, r] = scale * x[M, K] @ lora_a[r, K].T, split over K when the M x r tiles alone
+    would leave the machine idle (fp32 partials [splits, M, r], summed, then cast to out)."""
+    m, k = x.shape
+    r = lora_a.shape[0]
+    cfg = configs.shrink_config(m, r, x.dtype)
+    splits = configs.split_k(m, r, k, cfg)
+    if splits == 1:
+        return linear_lora(x, lora_a, out=out, scale=scale, config=cfg)
+    partial = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
+    linear_lora(x, lora_a, out=partial, scale=scale, config=cfg, k_split=splits)
+    return out.copy_(partial.sum(0))

@@ -8,8 +8,13 @@ Forward finish, one program per row (any N: the row is streamed in BLOCK chunks)
     out = gamma * (y_pre - mean) * rstd (+ residual)
 
 Backward, with xhat = (y_pre - mean) * rstd and g the incoming gradient:
-    dy     = rstd * (g*gamma - mean_row(g*gamma) - xhat * mean_row(g*gamma*xhat))   per row
-    dgamma = sum_rows g * xhat                                                      per column
+    c1 = mean_row(g*gamma),  c2 = mean_row(g*gamma*xhat)                            per row
+    dy     = rstd * (g*gamma - c1 - xhat * c2)                                      per row
+    dgamma = sum_rows g * xhat,   dbias = sum_rows dy                               per column
+The column sums are two-stage: programs over (column tile, row slice) write fp32 partials
+[slices, N] (enough slices to fill the machine at N = 576), then one sum over the slices. dbias
+is recomputed there from the per-row c1, c2 the row kernel stores (no extra pass over dy).
+All launches go through launch.py (device guard, tracing, recording).
 """
 
 from __future__ import annotations
@@ -20,6 +25,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .launch import launch
+
+# Programs the two-stage column reduction aims for, and its row-block height.
+COLUMN_TARGET_PROGRAMS = 256
+COLUMN_BLOCK_M = 32
 
 
 @triton.jit
@@ -63,7 +74,7 @@ def _norm_finish_kernel(
 
 @triton.jit
 def _norm_backward_rows_kernel(
-    g_ptr, y_ptr, gamma_ptr, mean_ptr, rstd_ptr, dy_ptr,
+    g_ptr, y_ptr, gamma_ptr, mean_ptr, rstd_ptr, dy_ptr, c_ptr,
     N, stride_gm, stride_ym, stride_dm,
     BLOCK: tl.constexpr,
 ):
@@ -84,6 +95,8 @@ def _norm_backward_rows_kernel(
         c2 += tl.sum(gg * xhat, axis=0)
     c1 = c1 / N
     c2 = c2 / N
+    tl.store(c_ptr + row * 2, c1)
+    tl.store(c_ptr + row * 2 + 1, c2)
     for n0 in range(0, N, BLOCK):
         cols = n0 + tl.arange(0, BLOCK)
         mask = cols < N
@@ -96,24 +109,36 @@ def _norm_backward_rows_kernel(
 
 
 @triton.jit
-def _norm_backward_gamma_kernel(
-    g_ptr, y_ptr, mean_ptr, rstd_ptr, dgamma_ptr,
-    M, N, stride_gm, stride_ym,
+def _norm_backward_columns_kernel(
+    g_ptr, y_ptr, gamma_ptr, mean_ptr, rstd_ptr, c_ptr, dgamma_ptr, dbias_ptr,
+    M, N, ROWS, stride_gm, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Partial column sums over rows [pid1 * ROWS, (pid1 + 1) * ROWS): row pid1 of the
+    [slices, N] fp32 outputs."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask_m = rows < M
+    row0 = tl.program_id(1).to(tl.int64) * ROWS
+    gamma = tl.load(gamma_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, ROWS, BLOCK_M):
+        rows = row0 + m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = (rows < M) & (m0 + tl.arange(0, BLOCK_M) < ROWS)
         mask = mask_m[:, None] & mask_n[None, :]
         mean = tl.load(mean_ptr + rows, mask=mask_m, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0)
+        c1 = tl.load(c_ptr + rows * 2, mask=mask_m, other=0.0)
+        c2 = tl.load(c_ptr + rows * 2 + 1, mask=mask_m, other=0.0)
         g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(g * (y - mean[:, None]) * rstd[:, None], axis=0)
-    tl.store(dgamma_ptr + cols, acc, mask=mask_n)
+        xhat = (y - mean[:, None]) * rstd[:, None]
+        acc_g += tl.sum(g * xhat, axis=0)
+        dy = rstd[:, None] * (g * gamma[None, :] - c1[:, None] - xhat * c2[:, None])
+        acc_b += tl.sum(tl.where(mask, dy, 0.0), axis=0)
+    out = tl.program_id(1).to(tl.int64) * N + cols
+    tl.store(dgamma_ptr + out, acc_g, mask=mask_n)
+    tl.store(dbias_ptr + out, acc_b, mask=mask_n)
 
 
 def _chunk(n: int) -> int:
@@ -137,7 +162,8 @@ def norm_finish(
     mean = torch.empty(m, device=y_pre.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     res = residual if residual is not None else y_pre
-    _norm_finish_kernel[(m,)](
+    launch(
+        _norm_finish_kernel, (m,),
         y_pre, out, norm_weight, res, partial_mean, partial_m2, mean, rstd,
         n, t, float(eps), y_pre.stride(0), out.stride(0), res.stride(0),
         TILE_N=tile_n, HAS_RESIDUAL=residual is not None,
@@ -146,20 +172,34 @@ def norm_finish(
     return mean, rstd
 
 
+def column_slices(m: int, n: int, block_n: int) -> tuple[int, int]:
+    """(slices, rows per slice) of the two-stage column reduction: enough row slices that
+    cdiv(N, block_n) * slices programs fill the machine, each slice a whole number of row blocks."""
+    blocks = triton.cdiv(m, COLUMN_BLOCK_M)
+    slices = max(1, min(blocks, triton.cdiv(COLUMN_TARGET_PROGRAMS, triton.cdiv(n, block_n))))
+    rows = triton.cdiv(blocks, slices) * COLUMN_BLOCK_M
+    return triton.cdiv(m, rows), rows
+
+
 def norm_backward(
     grad_out: Tensor, y_pre: Tensor, norm_weight: Tensor, mean: Tensor, rstd: Tensor, dy_dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Returns (dy [M, N] in dy_dtype, grad_norm_weight [N] fp32). Inputs have unit column stride."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dy [M, N] in dy_dtype, grad_norm_weight [N] fp32, grad_bias = sum_rows dy [N] fp32).
+    Inputs have unit column stride."""
     m, n = y_pre.shape
     dy = torch.empty((m, n), device=y_pre.device, dtype=dy_dtype)
-    _norm_backward_rows_kernel[(m,)](
-        grad_out, y_pre, norm_weight, mean, rstd, dy,
+    c = torch.empty((m, 2), device=y_pre.device, dtype=torch.float32)
+    launch(
+        _norm_backward_rows_kernel, (m,),
+        grad_out, y_pre, norm_weight, mean, rstd, dy, c,
         n, grad_out.stride(0), y_pre.stride(0), dy.stride(0), BLOCK=_chunk(n), num_warps=4,
     )
-    dgamma = torch.empty(n, device=y_pre.device, dtype=torch.float32)
     block_n = min(128, triton.next_power_of_2(n))
-    _norm_backward_gamma_kernel[(triton.cdiv(n, block_n),)](
-        grad_out, y_pre, mean, rstd, dgamma, m, n, grad_out.stride(0), y_pre.stride(0),
-        BLOCK_M=32, BLOCK_N=block_n, num_warps=4,
+    slices, rows = column_slices(m, n, block_n)
+    partial = torch.empty((2, slices, n), device=y_pre.device, dtype=torch.float32)
+    launch(
+        _norm_backward_columns_kernel, (triton.cdiv(n, block_n), slices),
+        grad_out, y_pre, norm_weight, mean, rstd, c, partial[0], partial[1], m, n, rows,
+        grad_out.stride(0), y_pre.stride(0), BLOCK_M=COLUMN_BLOCK_M, BLOCK_N=block_n, num_warps=4,
     )
-    return dy, dgamma
+    return dy, partial[0].sum(0), partial[1].sum(0)

@@ -68,6 +68,7 @@ from .remote_code import hf_config_dict, write_custom_model
 
 __all__ = [
     "read_flexigpt_config",
+    "read_manifest",
     "FLEXIGPT_CONFIG_NAME",
     "FORMAT_VERSION",
     "SUPPORTED_FORMAT_VERSIONS",
@@ -205,7 +206,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
 
 def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
     """flexigpt.json of a checkpoint directory, its format version checked and its content validated
-    (see .manifest): ValueError naming the file and the field."""
+    (see .manifest): ValueError naming the file and the field. An older format is migrated to
+    the current one."""
     path = Path(directory) / FLEXIGPT_CONFIG_NAME
     if not path.is_file():
         hint = ""
@@ -213,14 +215,21 @@ def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
             hint = (" (it looks like a plain Hugging Face checkpoint: load it with "
                     "transformers.AutoModelForCausalLM.from_pretrained)")
         raise FileNotFoundError(f"{directory}: no {FLEXIGPT_CONFIG_NAME}, so not a flexigpt_kernels checkpoint{hint}")
+    record = read_manifest(path)
+    config_path = Path(directory) / CONFIG_NAME
+    return _migrate(record, json.loads(config_path.read_text()) if config_path.is_file() else {})
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The flexigpt.json file `path` as written (not migrated), its format version checked and
+    its content validated (see .manifest): ValueError naming the file and the field."""
     record = parse_manifest(path)
     version = record.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ValueError(f"{path}: unknown format_version {version!r}; this flexigpt_kernels reads format_version "
                          f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (a newer release may read it)")
     validate_manifest(record, path)
-    config_path = Path(directory) / CONFIG_NAME
-    return _migrate(record, json.loads(config_path.read_text()) if config_path.is_file() else {})
+    return record
 
 
 def _resize_adapter(module: SharedLoRALinear, rank: int) -> None:

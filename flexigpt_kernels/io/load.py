@@ -14,9 +14,8 @@ executed: ``trust_remote_code`` is never passed.
 :func:`resolve_data` turns a text *source* into what ``token_batches`` / ``heal`` /
 ``perplexity`` read: ``None`` or ``"default"`` become the embedded texts of a split
 (``assets.default_texts``), a local file or folder is checked (exists, is readable, holds a
-supported non-empty file), a dataset name is checked against the offline setting. Texts, rows and
-token tensors pass through unchanged. A dataset name is checked against the hub (offline
-setting, then the dataset's metadata).
+supported non-empty file), a dataset name is checked against the hub (offline setting, then the
+dataset's metadata). Texts, rows and token tensors pass through unchanged.
 
 Both raise ValueError / FileNotFoundError / NotADirectoryError / PermissionError naming the
 argument (``model:``, ``data:``) for bad input, before any weight is read where possible.
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from .manifest import torch_dtype
 
 __all__ = ["DEFAULT", "LoadedModel", "load_model", "load_tokenizer_of", "locate_model", "looks_like_path",
            "no_init_weights", "resolve_data"]
@@ -90,16 +91,6 @@ class LoadedModel:
     kind: str
 
 
-def _dtype(dtype) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    value = getattr(torch, name, None) if name in ("float32", "float16", "bfloat16", "float64") else None
-    if value is None:
-        raise ValueError(f"dtype: expected float32, float16, bfloat16 or float64, got {dtype!r}")
-    return value
-
-
 def _tokenizer(where: str, local: bool, converted: bool = False):
     """The tokenizer at `where`, or None when there is none (or it cannot be read)."""
     if local and not any((Path(where) / n).is_file() for n in _TOKENIZER_FILES):
@@ -120,10 +111,17 @@ def _hf_model(where: str, dtype, local: bool):
     from transformers import AutoModelForCausalLM
 
     kwargs = {} if dtype is None else {"dtype": dtype}
-    try:
+    with _damaged_weights_are_value_errors(where):
         return AutoModelForCausalLM.from_pretrained(where, local_files_only=local, **kwargs)
+
+
+@contextlib.contextmanager
+def _damaged_weights_are_value_errors(where: str):
+    """safetensors' error for a damaged weights file becomes a ValueError naming the folder."""
+    try:
+        yield
     except Exception as exc:
-        if type(exc).__name__ == "SafetensorError":  # a damaged weights file
+        if type(exc).__name__ == "SafetensorError":
             raise ValueError(f"model: {where}: the weights file cannot be read ({_one_line(exc)})") from exc
         raise
 
@@ -173,7 +171,7 @@ def load_model(source: Optional[str | os.PathLike] = DEFAULT, *, dtype=None, dev
     included), NotADirectoryError for a file, ValueError for a folder that holds no model or a
     damaged one (see :func:`locate_model`, which checks all but damage without reading weights).
     """
-    dt = _dtype(dtype)
+    dt = None if dtype is None else torch_dtype(dtype, "dtype")
     kind, where = locate_model(source, allow_converted=allow_converted)
     if kind == "default":
         from ..assets import load_default_model
@@ -183,12 +181,8 @@ def load_model(source: Optional[str | os.PathLike] = DEFAULT, *, dtype=None, dev
     if kind == "flexigpt":
         from .checkpoint import from_pretrained
 
-        try:
+        with _damaged_weights_are_value_errors(where):
             model = from_pretrained(where, dtype=dt)
-        except Exception as exc:
-            if type(exc).__name__ == "SafetensorError":  # a damaged weights file
-                raise ValueError(f"model: {where}: the weights file cannot be read ({_one_line(exc)})") from exc
-            raise
     elif kind == "huggingface":
         model = _hf_model(where, dt, local=True)
     else:

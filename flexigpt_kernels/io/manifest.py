@@ -17,21 +17,21 @@ every failure is a ValueError naming the file and the field:
 4. :func:`check_shapes`: every stored tensor has the shape the rebuilt model expects.
 5. :func:`torch_dtype`: dtype names from an explicit allow-list (never ``getattr(torch, ...)``).
 
-The schema is interpreted here for the keywords it uses (type, enum, required, properties,
-additionalProperties, propertyNames, items, minItems, minimum, exclusiveMinimum, pattern), with
-JSON Schema's meaning: an "integer" or "number" is never a boolean; an integer is never a float
-(3.7 and 3.0 alike are refused where an index belongs).
+The schema is applied with the ``jsonschema`` library (the draft its ``$schema`` names), with
+one change: an "integer" is never a float (JSON Schema counts 3.0 as one; here 3.7 and 3.0
+alike are refused where an index belongs). An "integer" or "number" is never a boolean. Of
+several problems, the one :func:`jsonschema.exceptions.best_match` picks is reported.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+import jsonschema
 import torch
 
 __all__ = ["DTYPES", "SCHEMA_PATH", "check_against_config", "check_aliases", "check_shapes", "parse_manifest",
@@ -41,16 +41,6 @@ SCHEMA_PATH = Path(__file__).with_name("flexigpt.schema.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 
-_TYPES = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-}
-
 
 @lru_cache(maxsize=1)
 def schema() -> dict[str, Any]:
@@ -58,63 +48,77 @@ def schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+@lru_cache(maxsize=1)
+def _validator() -> jsonschema.protocols.Validator:
+    """A validator of :func:`schema` (its declared draft) whose "integer" is never a float: JSON
+    Schema counts 3.0 as an integer, but a block index written as 3.0 is a damaged file."""
+    base = jsonschema.validators.validator_for(schema())
+    base.check_schema(schema())
+    strict = base.TYPE_CHECKER.redefine(
+        "integer", lambda checker, v: isinstance(v, int) and not isinstance(v, bool))
+    return jsonschema.validators.extend(base, type_checker=strict)(schema())
+
+
 def _describe(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
     return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
 
 
-def _errors(value: Any, rule: Mapping[str, Any], where: str):
-    """Yield (field, problem) for each way `value` breaks `rule` (the schema subset above)."""
-    types = rule.get("type")
-    if types is not None:
-        types = [types] if isinstance(types, str) else types
-        if not any(_TYPES[t](value) for t in types):
-            yield where, f"expected {' or '.join(types)}, got {_describe(value)}"
-            return
-    if "enum" in rule and value not in rule["enum"]:
-        yield where, f"expected one of {rule['enum']}, got {_describe(value)}"
-        return
-    if _TYPES["number"](value):
-        if "minimum" in rule and value < rule["minimum"]:
-            yield where, f"must be >= {rule['minimum']}, got {value}"
-        if "exclusiveMinimum" in rule and not value > rule["exclusiveMinimum"]:
-            yield where, f"must be > {rule['exclusiveMinimum']}, got {value}"
-    if isinstance(value, str) and "pattern" in rule and not re.search(rule["pattern"], value):
-        yield where, f"{value!r} is not of the form {rule['pattern']}"
-    if isinstance(value, list):
-        if len(value) < rule.get("minItems", 0):
-            yield where, f"expected at least {rule['minItems']} items, got {len(value)}"
-        if "items" in rule:
-            for i, item in enumerate(value):
-                yield from _errors(item, rule["items"], f"{where}[{i}]")
-    if isinstance(value, dict):
-        for key in rule.get("required", ()):
-            if key not in value:
-                yield f"{where}.{key}" if where else key, "missing"
-        props, extra = rule.get("properties", {}), rule.get("additionalProperties", True)
-        for key, item in value.items():
-            field = f"{where}[{key!r}]" if where and key not in props else (f"{where}.{key}" if where else key)
-            if "propertyNames" in rule:
-                for _, problem in _errors(key, rule["propertyNames"], field):
-                    yield field, f"key {problem}"
-            if key in props:
-                yield from _errors(item, props[key], field)
-            elif extra is False:
-                yield field, "unknown field"
-            elif isinstance(extra, dict):
-                yield from _errors(item, extra, field)
+def _field(path, rule: Mapping[str, Any]) -> str:
+    """`path` (keys and indices from the top of the manifest) as text: a field the schema names
+    is .name, an entry of a mapping is ['key'], an item of a list is [i]."""
+    text = ""
+    for key in path:
+        if isinstance(key, int):
+            text, rule = f"{text}[{key}]", rule.get("items", {})
+        elif key in rule.get("properties", {}):
+            text, rule = f"{text}.{key}" if text else key, rule["properties"][key]
+        else:
+            extra = rule.get("additionalProperties")
+            text, rule = f"{text}[{key!r}]" if text else key, extra if isinstance(extra, dict) else {}
+    return text
 
 
-def _numbers(value: Any, where: str):
-    """Yield (field, value) for every non-finite number in `value`."""
+# how a failed keyword reads: {rule} is the keyword's value in the schema, {value} the field's
+_PROBLEMS = {
+    "type": "expected {types}, got {described}",
+    "enum": "expected one of {rule}, got {described}",
+    "minimum": "must be >= {rule}, got {value}",
+    "exclusiveMinimum": "must be > {rule}, got {value}",
+    "minItems": "expected at least {rule} items, got {count}",
+    "pattern": "{value!r} is not of the form {rule}",
+}
+
+
+def _problem(error: jsonschema.ValidationError) -> tuple[list, str]:
+    """(path to the field, what is wrong with it) for one jsonschema error."""
+    path, value, rule, kind = list(error.absolute_path), error.instance, error.validator_value, error.validator
+    if kind == "required":
+        return [*path, next(k for k in rule if k not in value)], "missing"
+    if kind == "additionalProperties" and rule is False:
+        known = error.schema.get("properties", {})
+        return [*path, next(k for k in value if k not in known)], "unknown field"
+    problem = error.message
+    if kind in _PROBLEMS:
+        types = " or ".join(rule) if kind == "type" and isinstance(rule, list) else rule
+        count = len(value) if isinstance(value, (list, dict, str)) else None
+        problem = _PROBLEMS[kind].format(rule=rule, value=value, described=_describe(value), types=types, count=count)
+    if "propertyNames" in error.absolute_schema_path:  # `value` is a key of the object at `path`
+        return [*path, value], f"key {problem}"
+    return path, problem
+
+
+def _numbers(value: Any, where: list):
+    """Yield (path, value) for every non-finite number in `value` (JSON Schema has no word for
+    NaN or Infinity, which Python's json module reads)."""
     if isinstance(value, float) and not math.isfinite(value):
         yield where, value
     elif isinstance(value, dict):
         for k, v in value.items():
-            yield from _numbers(v, f"{where}.{k}" if where else str(k))
+            yield from _numbers(v, [*where, k])
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            yield from _numbers(v, f"{where}[{i}]")
+            yield from _numbers(v, [*where, i])
 
 
 def _fail(path, field: str, problem: str):
@@ -134,10 +138,12 @@ def parse_manifest(path: str | Path) -> dict[str, Any]:
 
 def validate_manifest(record: dict[str, Any], path: str | Path) -> None:
     """Raise ValueError (naming `path` and the field) unless `record` is a well-formed manifest."""
-    for field, problem in _errors(record, schema(), ""):
-        _fail(path, field, problem)
-    for field, value in _numbers({k: v for k, v in record.items() if k != "base_model_config"}, ""):
-        _fail(path, field, f"must be a finite number, got {value}")
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(record))
+    if error is not None:
+        where, problem = _problem(error)
+        _fail(path, _field(where, schema()), problem)
+    for where, value in _numbers({k: v for k, v in record.items() if k != "base_model_config"}, []):
+        _fail(path, _field(where, schema()), f"must be a finite number, got {value}")
     base_map = {int(k): v for k, v in record["base_map"].items()}
     for pos, base in base_map.items():
         if pos == base:

@@ -373,6 +373,17 @@ def _state(unwrapped, optimizer, scheduler, runtime, report: HealReport, setting
     }
 
 
+def _check_saved_shapes(path, saved: dict, params: dict) -> None:
+    """ValueError unless every saved tensor has its parameter's shape (the names already match:
+    they are the `trainable` setting). A checkpoint of another starting model, e.g. another
+    adapter rank, would otherwise fail deep in copy_."""
+    wrong = [f"{n} {tuple(v.shape)} vs {tuple(params[n].shape)}" for n, v in saved.items()
+             if n in params and v.shape != params[n].shape]
+    if wrong:
+        raise ValueError(f"resume: {path} holds tensors of other shapes than this model's ({'; '.join(wrong[:3])}); "
+                         "resume from the same starting model")
+
+
 def _restore(path, runtime, unwrapped, optimizer, scheduler, report: HealReport, settings: dict) -> int:
     state, rng = load_checkpoint(path, runtime.rank)
     saved = state["settings"]
@@ -387,6 +398,7 @@ def _restore(path, runtime, unwrapped, optimizer, scheduler, report: HealReport,
                          "without fsdp, or start the FSDP2 run from step 0")
     else:
         params = dict(unwrapped.named_parameters())
+        _check_saved_shapes(path, state["params"], params)
         with torch.no_grad():
             for name, value in state["params"].items():
                 params[name].copy_(value.to(params[name].device))

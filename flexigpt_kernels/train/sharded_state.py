@@ -42,16 +42,27 @@ def has_shards(folder: Union[str, os.PathLike]) -> bool:
 
 
 def load_shards(folder: Union[str, os.PathLike], model: nn.Module, optimizer: Optimizer) -> None:
-    """Load folder/dcp into `model` and `optimizer` in place, resharding to this run's layout."""
+    """Load folder/dcp into `model` and `optimizer` in place, resharding to this run's layout.
+    ValueError naming the folder when it lacks one of `model`'s trainable tensors or holds one
+    of another shape."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    # checked before dcp.load, which would raise a CheckpointException (a BaseException) instead;
+    # dcp flattens the nested state into "model.<parameter name>", "optimizer.state...."
+    stored = dcp.FileSystemReader(Path(folder) / SHARDS).read_metadata().state_dict_metadata
+    missing = sorted(name for name in model_sd if f"model.{name}" not in stored)
+    if missing:
+        raise ValueError(f"resume: {Path(folder) / SHARDS} lacks trainable tensors {missing[:5]}"
+                         f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}; resume with the "
+                         "same model and trainable set")
+    wrong = [f"{name} {tuple(stored[f'model.{name}'].size)} vs {tuple(t.shape)}" for name, t in model_sd.items()
+             if tuple(getattr(stored[f"model.{name}"], "size", t.shape)) != tuple(t.shape)]  # global shapes
+    if wrong:
+        raise ValueError(f"resume: {Path(folder) / SHARDS} holds tensors of other shapes than this model's "
+                         f"({'; '.join(wrong[:3])}); resume from the same starting model")
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=Path(folder) / SHARDS)
-    result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                            options=_options(strict=False))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(getattr(result, "missing_keys", [])) & trainable)
-    if missing:
-        raise ValueError(f"resume: {Path(folder) / SHARDS} lacks trainable tensors {missing[:5]}")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_options(strict=False))

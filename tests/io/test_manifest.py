@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 
+import jsonschema
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -171,3 +172,20 @@ def test_dtype_argument_from_the_allow_list(saved):
         from_pretrained(saved, dtype="Tensor")
     with pytest.raises(ValueError, match="dtype: expected one of"):
         torch_dtype(torch.int8)
+
+
+def test_the_schema_is_valid_json_schema_of_its_draft():
+    validator = jsonschema.validators.validator_for(schema())
+    assert validator.META_SCHEMA["$id"].startswith(schema()["$schema"].rstrip("#"))
+    validator.check_schema(schema())
+
+
+def test_several_faults_report_one_field_and_a_nested_non_finite_number(saved):
+    record = read_flexigpt_config(saved)
+    record.update(method="magic", aliases=3)
+    with pytest.raises(ValueError, match=r"flexigpt.json: (method|aliases): expected"):
+        validate_manifest(record, saved / FLEXIGPT_CONFIG_NAME)
+    record = read_flexigpt_config(saved)
+    record["local_fit"] = {"errors": [1.0, math.nan]}
+    with pytest.raises(ValueError, match=r"local_fit\['errors'\]\[1\]: must be a finite number, got nan"):
+        validate_manifest(record, saved / FLEXIGPT_CONFIG_NAME)

@@ -80,6 +80,20 @@ def test_a_state_of_the_wrong_shape_is_a_value_error(tmp_path):
         load_checkpoint(step)
 
 
+def test_a_sharded_checkpoint_holds_its_tensors_in_dcp_not_in_state(tmp_path):
+    """Under FSDP2 state.pt has no params/optimizer (they are the dcp/ shards): it loads; the same
+    state without dcp/ is refused."""
+    step = tmp_path / "step-00000002"
+    step.mkdir()
+    (step / COMPLETE).write_text("{}")
+    torch.save({k: v for k, v in _PLAIN_STATE.items() if k not in ("params", "optimizer")}, step / STATE)
+    with pytest.raises(ValueError, match=r"not a heal\(\) training state \(missing \['params', 'optimizer'\]\)"):
+        load_checkpoint(step)
+    (step / "dcp").mkdir()
+    state, rng = load_checkpoint(step)
+    assert state["step"] == 1 and "params" not in state and rng is None
+
+
 def test_damaged_state_is_a_value_error(tmp_path):
     step = tmp_path / "step-00000001"
     step.mkdir()
@@ -112,3 +126,43 @@ def test_rng_files_of_earlier_versions_still_load(tmp_path):
     _, rng = load_checkpoint(step)
     set_rng_state(rng)
     assert np.random.rand() == expected
+
+
+def _trained(extra: bool = False):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), *([torch.nn.Linear(2, 2)] if extra else []))
+    model[0].weight.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sharded_state_round_trips_and_a_missing_tensor_is_a_value_error(tmp_path):
+    from flexigpt_kernels.train.sharded_state import load_shards, save_shards
+
+    model, optimizer = _trained()
+    save_shards(tmp_path, model, optimizer)
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    fresh[0].weight.requires_grad_(False)
+    fresh_opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=0.1)
+    assert not torch.equal(fresh[1].weight, model[1].weight)
+    load_shards(tmp_path, fresh, fresh_opt)
+    torch.testing.assert_close(fresh[1].weight, model[1].weight)
+    torch.testing.assert_close(fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+    bigger, bigger_opt = _trained(extra=True)
+    with pytest.raises(ValueError, match=r"dcp lacks trainable tensors \['2.bias', '2.weight'\]"):
+        load_shards(tmp_path, bigger, bigger_opt)
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3))
+    wider[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"dcp holds tensors of other shapes .*1.bias \(2,\) vs \(3,\)"):
+        load_shards(tmp_path, wider, torch.optim.AdamW([p for p in wider.parameters() if p.requires_grad]))
+
+
+def test_resuming_with_another_adapter_rank_is_a_value_error(tmp_path):
+    kwargs = dict(steps=2, lr=1e-2, seq_len=SEQ, batch_size=2, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    heal(tiny_pruned(rank=4), token_data(16), **kwargs)
+    with pytest.raises(ValueError, match=r"resume: .*step-00000002 holds tensors of other shapes.*lora_a \(4, 64\) vs \(2, 64\)"):
+        heal(tiny_pruned(rank=2), token_data(16), resume=True, **kwargs)

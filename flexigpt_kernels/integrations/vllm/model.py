@@ -42,8 +42,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
-from ...io.checkpoint import FLEXIGPT_CONFIG_NAME, SUPPORTED_FORMAT_VERSIONS
-from ...io.manifest import parse_manifest, validate_manifest
+from ...io.checkpoint import FLEXIGPT_CONFIG_NAME, read_manifest
 from .layers import AdapterSpec, FlexiGPTSharedLinear
 
 __all__ = ["FlexiGPTLlamaForCausalLM", "FlexiGPTMistralForCausalLM", "FlexiGPTQwen2ForCausalLM", "held_weights"]
@@ -70,12 +69,7 @@ def read_record(model: str, revision: str | None = None) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - any failure means: not a FlexiGPT checkpoint
             raise FileNotFoundError(f"{model}: no {FLEXIGPT_CONFIG_NAME}; its config.json names a FlexiGPT "
                                     f"architecture, but the sharing map is missing") from exc
-    record = parse_manifest(path)
-    if record.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-        raise ValueError(f"{path}: format_version {record.get('format_version')!r} is not one of "
-                         f"{SUPPORTED_FORMAT_VERSIONS}")
-    validate_manifest(record, path)
-    return record
+    return read_manifest(path)
 
 
 def _check_supported(vllm_config: VllmConfig) -> None:

@@ -144,11 +144,10 @@ def _linear_lora_kernel(
         # the stored (mean, std) are of the order of the values, hence representable.
         count = tl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
         valid = mask_n[None, :]
-        vals = tl.where(valid, acc, 0.0)
-        down, up = pow2_scale(tl.max(tl.abs(vals), axis=1), -126)
-        scaled = vals * down[:, None]
-        mean_s = tl.sum(scaled, axis=1) / count
-        dev = tl.where(valid, scaled - mean_s[:, None], 0.0)
+        # acc is 0 in the masked columns (every N-indexed load has other=0)
+        down, up = pow2_scale(tl.max(tl.abs(acc), axis=1), -126)
+        mean_s = tl.sum(acc * down[:, None], axis=1) / count
+        dev = tl.where(valid, acc * down[:, None] - mean_s[:, None], 0.0)
         tile_std = tl.sqrt(tl.sum(dev * dev, axis=1) / count) * up
         stat_offs = offs_m * num_pid_n + pid_n
         tl.store(pmean_ptr + stat_offs, mean_s * up, mask=mask_m)

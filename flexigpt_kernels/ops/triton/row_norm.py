@@ -48,6 +48,17 @@ def pow2_scale(amax, LOW: tl.constexpr):
 
 
 @triton.jit
+def _tile_stats(pmean_ptr, pstd_ptr, row, t0, N, T, TILE_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(count, mean, std) of tiles t0 .. t0 + BLOCK_T of one row (count 0 past the last tile)."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    mt = t < T
+    cnt = tl.where(mt, tl.minimum(N - t * TILE_N, TILE_N), 0).to(tl.float32)
+    pm = tl.load(pmean_ptr + row * T + t, mask=mt, other=0.0)
+    ps = tl.load(pstd_ptr + row * T + t, mask=mt, other=0.0)
+    return cnt, pm, ps
+
+
+@triton.jit
 def _norm_finish_kernel(
     y_ptr, out_ptr, gamma_ptr, res_ptr, pmean_ptr, pstd_ptr, mean_ptr, rstd_ptr,
     N, T, eps, stride_ym, stride_om, stride_rm,
@@ -58,34 +69,24 @@ def _norm_finish_kernel(
     n_acc = 0.0
     mean = 0.0
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        mt = t < T
-        cnt = tl.where(mt, tl.minimum(N - t * TILE_N, TILE_N), 0).to(tl.float32)
-        pm = tl.load(pmean_ptr + row * T + t, mask=mt, other=0.0)
+        cnt, pm, _ = _tile_stats(pmean_ptr, pstd_ptr, row, t0, N, T, TILE_N, BLOCK_T)
         n_c = tl.sum(cnt, axis=0)
-        mean_c = tl.sum(pm * (cnt / n_c), axis=0)
         n_new = n_acc + n_c
-        mean = mean * (n_acc / n_new) + mean_c * (n_c / n_new)
+        mean = mean * (n_acc / n_new) + tl.sum(pm * (cnt / n_c), axis=0) * (n_c / n_new)
         n_acc = n_new
     # 2. the largest deviation scale, |tile mean - mean| or tile std: it picks the power of two
     dmax = 0.0
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        mt = t < T
-        pm = tl.load(pmean_ptr + row * T + t, mask=mt, other=0.0)
-        ps = tl.load(pstd_ptr + row * T + t, mask=mt, other=0.0)
-        dmax = tl.maximum(dmax, tl.max(tl.where(mt, tl.maximum(ps, tl.abs(pm - mean)), 0.0), axis=0))
+        cnt, pm, ps = _tile_stats(pmean_ptr, pstd_ptr, row, t0, N, T, TILE_N, BLOCK_T)
+        dmax = tl.maximum(dmax, tl.max(tl.where(cnt > 0, tl.maximum(ps, tl.abs(pm - mean)), 0.0), axis=0))
     down, _ = pow2_scale(dmax, -40)  # e >= -40: eps 2^-2e stays finite
     # 3. M2 / 2^2e = sum_t count_t (std_t^2 + (mean_t - mean)^2) / 2^2e
     m2 = 0.0
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        mt = t < T
-        cnt = tl.where(mt, tl.minimum(N - t * TILE_N, TILE_N), 0).to(tl.float32)
-        pm = tl.load(pmean_ptr + row * T + t, mask=mt, other=0.0)
-        ps = tl.load(pstd_ptr + row * T + t, mask=mt, other=0.0) * down
+        cnt, pm, ps = _tile_stats(pmean_ptr, pstd_ptr, row, t0, N, T, TILE_N, BLOCK_T)
+        sd = ps * down
         d = (pm - mean) * down
-        m2 += tl.sum(cnt * (ps * ps + d * d), axis=0)
+        m2 += tl.sum(cnt * (sd * sd + d * d), axis=0)
     # rstd = 1 / sqrt(M2 / N + eps) = 2^-e / sqrt(M2 / 2^2e / N + eps 2^-2e)
     rstd = down / tl.sqrt(m2 / N + eps * down * down)
     tl.store(mean_ptr + row, mean)

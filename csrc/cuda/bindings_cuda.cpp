@@ -143,7 +143,7 @@ Fwd decode_forward(const Tensor& x, const Tensor& weight, const Tensor& lora_a, 
   p.shrink = shrink.data_ptr();
   p.shrink_f32 = shrink_f32.data_ptr<float>();
   p.partial_mean = has_norm ? partial[0].data_ptr<float>() : nullptr;
-  p.partial_m2 = has_norm ? partial[1].data_ptr<float>() : nullptr;
+  p.partial_std = has_norm ? partial[1].data_ptr<float>() : nullptr;
   p.mean = has_norm ? mean.data_ptr<float>() : nullptr;
   p.rstd = has_norm ? rstd.data_ptr<float>() : nullptr;
   p.m = static_cast<int>(m);

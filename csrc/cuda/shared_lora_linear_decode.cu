@@ -53,14 +53,26 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Chan et al.: merge (count b, mean b, M2 b) into (count a, mean a, M2 a).
-__device__ __forceinline__ void chan_merge(float& na, float& ma, float& m2a, float nb, float mb, float m2b) {
-  if (nb == 0.0f) return;
-  const float n = na + nb;
-  const float delta = mb - ma;
-  ma += delta * (nb / n);
-  m2a += m2b + delta * delta * (na * nb / n);
-  na = n;
+// (down, up) = (2^-e, 2^e) with 2^e <= a < 2^(e+1), e clamped to [low, 126] (low >= -126): a * down
+// lies in [1, 2) inside the clamp; both are normal powers of two, so the products are exact.
+__device__ __forceinline__ float2 pow2_scale(float a, int low) {
+  int b = (__float_as_int(a) >> 23) & 0xff;  // the biased exponent (a >= 0)
+  b = min(max(b, 127 + low), 253);
+  return make_float2(__int_as_float((254 - b) << 23), __int_as_float(b << 23));
+}
+
+// op-reduction of v over the finish block, returned to every thread; scratch holds one value per warp.
+template <typename Op>
+__device__ __forceinline__ float block_all_reduce(float v, Op op, float* scratch) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = scratch[0];
+#pragma unroll
+  for (int i = 1; i < kFinishThreads / 32; ++i) r = op(r, scratch[i]);
+  __syncthreads();  // scratch is reused by the next reduction
+  return r;
 }
 
 // 1. s[m, j] = sum_k x[m, k] A[j, k] for every row m, one warp per adapter row j.
@@ -197,60 +209,61 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) matvec_kernel(const Decod
   }
   if (!has_norm) return;
   __syncthreads();
-  // Per-row statistics of this tile's valid columns (two passes over at most kTileN values).
+  // Per-row (mean, std) of this tile's valid columns, on the values times the power of two that
+  // brings the largest to [1, 2): no sum or square overflows at |y| ~ 1e19 or underflows at 1e-19,
+  // and (mean, std), of the order of the values, are representable.
   const int count = min(kTileN, p.n - tile * kTileN);
   const int tiles = gridDim.x;
   for (int m = threadIdx.x; m < p.m; m += blockDim.x) {
+    float amax = 0.0f;
+    for (int c = 0; c < count; ++c) amax = fmaxf(amax, fabsf(tile_vals[m][c]));
+    const float2 sc = pow2_scale(amax, -126);
     float s = 0.0f;
-    for (int c = 0; c < count; ++c) s += tile_vals[m][c];
+    for (int c = 0; c < count; ++c) s += tile_vals[m][c] * sc.x;
     const float mean = s / count;
     float m2 = 0.0f;
     for (int c = 0; c < count; ++c) {
-      const float d = tile_vals[m][c] - mean;
+      const float d = tile_vals[m][c] * sc.x - mean;
       m2 += d * d;
     }
-    p.partial_mean[m * tiles + tile] = mean;
-    p.partial_m2[m * tiles + tile] = m2;
+    p.partial_mean[m * tiles + tile] = mean * sc.y;
+    p.partial_std[m * tiles + tile] = sqrtf(m2 / count) * sc.y;
   }
 }
 
-// 3. One block per row: merge the tile statistics, normalise, scale, add the residual.
+// 3. One block per row: merge the tile statistics (count n_t, mean_t, std_t),
+//      mean = sum_t (n_t / N) mean_t            (convex weights: no partial sum overflows)
+//      M2   = sum_t n_t (std_t^2 + (mean_t - mean)^2), the squares scaled by 2^-e with
+//             2^e ~ max_t max(std_t, |mean_t - mean|),
+//      rstd = 2^-e / sqrt(M2 2^-2e / N + eps 2^-2e); then normalise, scale, add the residual.
 template <typename T>
 __global__ void __launch_bounds__(kFinishThreads) finish_kernel(const DecodeParams p, const int tiles) {
-  __shared__ float s_cnt[kFinishThreads / 32], s_mean[kFinishThreads / 32], s_m2[kFinishThreads / 32];
-  __shared__ float s_stats[2];
+  __shared__ float scratch[kFinishThreads / 32];
   const int m = blockIdx.x;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+  const float* pmean = p.partial_mean + static_cast<int64_t>(m) * tiles;
+  const float* pstd = p.partial_std + static_cast<int64_t>(m) * tiles;
+  const float inv_n = 1.0f / static_cast<float>(p.n);
+  const auto count = [&](int t) { return static_cast<float>(min(kTileN, p.n - t * kTileN)); };
+  const auto add = [](float a, float b) { return a + b; };
+  const auto max_of = [](float a, float b) { return fmaxf(a, b); };
+
+  float v = 0.0f;
+  for (int t = threadIdx.x; t < tiles; t += blockDim.x) v += (count(t) * inv_n) * pmean[t];
+  const float mu = block_all_reduce(v, add, scratch);
+  v = 0.0f;
+  for (int t = threadIdx.x; t < tiles; t += blockDim.x) v = fmaxf(v, fmaxf(pstd[t], fabsf(pmean[t] - mu)));
+  const float down = pow2_scale(block_all_reduce(v, max_of, scratch), -40).x;  // e >= -40: eps 2^-2e finite
+  v = 0.0f;
   for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
-    const float nb = static_cast<float>(min(kTileN, p.n - t * kTileN));
-    chan_merge(cnt, mean, m2, nb, p.partial_mean[m * tiles + t], p.partial_m2[m * tiles + t]);
+    const float sd = pstd[t] * down, d = (pmean[t] - mu) * down;
+    v += count(t) * (sd * sd + d * d);
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float nb = __shfl_down_sync(0xffffffffu, cnt, offset);
-    const float mb = __shfl_down_sync(0xffffffffu, mean, offset);
-    const float m2b = __shfl_down_sync(0xffffffffu, m2, offset);
-    chan_merge(cnt, mean, m2, nb, mb, m2b);
-  }
-  if (lane == 0) {
-    s_cnt[warp] = cnt;
-    s_mean[warp] = mean;
-    s_m2[warp] = m2;
-  }
-  __syncthreads();
+  const float q = block_all_reduce(v, add, scratch);
+  const float rstd = down * rsqrtf(q * inv_n + p.eps * down * down);
   if (threadIdx.x == 0) {
-    float c = 0.0f, mu = 0.0f, q = 0.0f;
-    for (int i = 0; i < kFinishThreads / 32; ++i) chan_merge(c, mu, q, s_cnt[i], s_mean[i], s_m2[i]);
-    const float rstd = rsqrtf(q / static_cast<float>(p.n) + p.eps);
-    s_stats[0] = mu;
-    s_stats[1] = rstd;
     p.mean[m] = mu;
     p.rstd[m] = rstd;
   }
-  __syncthreads();
-  const float mu = s_stats[0], rstd = s_stats[1];
   const T* y = static_cast<const T*>(p.y) + static_cast<int64_t>(m) * p.n;
   const T* gamma = static_cast<const T*>(p.norm_weight);
   const T* res = p.residual != nullptr ? static_cast<const T*>(p.residual) + m * p.residual_row_stride : nullptr;

@@ -15,9 +15,11 @@
 //               them with all M rows of x (the weight is read once for all rows). The expand
 //               scale * s B^T and the bias are added before the store. Without the norm the
 //               residual is added there too and this is the last launch; with it, the block
-//               stores y and per-(row, tile) partial statistics (mean, M2) of its columns.
-//   3. finish (norm only): one block per row merges the tile statistics (Chan's formula),
-//               writes mean/rstd and out = gamma (y - mean) rstd [+ residual].
+//               stores y and per-(row, tile) partial statistics (mean, std) of its columns,
+//               computed on the values times a power of two (no overflow at |y| ~ 1e19).
+//   3. finish (norm only): one block per row merges the tile statistics (the squares scaled by
+//               a power of two from the largest deviation), writes mean/rstd and
+//               out = gamma (y - mean) rstd [+ residual].
 // Requirements (checked by the binding): 1 <= M <= kDecodeMaxM, K % 8 == 0, x / weight /
 // lora_a 16-byte aligned with rows of 16-byte multiples, everything else contiguous.
 #pragma once
@@ -53,7 +55,7 @@ struct DecodeParams {
   void* shrink;             // [M, r], x's dtype
   float* shrink_f32;        // [M, r] workspace
   float* partial_mean;      // [M, tiles] workspace (norm only)
-  float* partial_m2;        // [M, tiles] workspace (norm only)
+  float* partial_std;       // [M, tiles] workspace (norm only)
   float* mean;              // [M] (norm only)
   float* rstd;              // [M] (norm only)
   int m, n, k, r;

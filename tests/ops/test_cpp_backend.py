@@ -312,3 +312,23 @@ def test_norm_of_huge_and_tiny_outputs_matches_fp64(backend, magnitude):
     assert peak > 0 and torch.isfinite(out).all()
     err = (out.double() - expected).abs().max().item()
     assert err <= 1e-4 * peak, f"{backend} at {magnitude:g}: max error {err:.3e} vs peak {peak:.3e}"
+
+
+@CUDA_DECODE
+@pytest.mark.parametrize("magnitude", [1e19, 1e-19, 1e36])
+def test_cuda_decode_norm_of_huge_and_tiny_bf16_outputs_matches_fp64(magnitude):
+    """bf16 holds y_pre near 1e19 and 1e36, whose squares overflow fp32: the decode kernel's tile
+    statistics and their merge are power-of-two scaled like the Triton path's."""
+    m, k, n = 3, 64, 1000  # 125 tiles of 8 columns per row
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
+    weight = (torch.randn(n, k, generator=g) * (magnitude / k ** 0.5)).to("cuda", torch.bfloat16)
+    lora_a = torch.randn(2, k, generator=g).to("cuda", torch.bfloat16)
+    lora_b = torch.zeros(n, 2, device="cuda", dtype=torch.bfloat16)
+    gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", torch.bfloat16)
+    res = cuda_backend.forward(x, weight, lora_a, lora_b, 1.0, None, gamma, 1e-5, None, True)
+    y = res.y_pre.double()  # the bf16-rounded pre-norm values the kernel normalised
+    expected = torch.nn.functional.layer_norm(y, (n,), gamma.double(), None, 1e-5)
+    peak = expected.abs().max().item()
+    assert peak > 0 and torch.isfinite(res.out).all()
+    assert (res.out.double() - expected).abs().max().item() <= TOL[torch.bfloat16] * peak

@@ -14,9 +14,10 @@ LoRA modes (configs.py chooses between them):
   LORA_PRECOMPUTED prefill, training, and decode above rank 64: s [M, R] was computed once by
                   a split-K LORA_NONE launch; the accumulator starts from scale * s @ b.T.
 Without the norm, the residual is added in the epilogue (HAS_RESIDUAL).
-With STATS, every (row, N-tile) writes the count-weighted partial statistics of its fp32
-accumulator - tile mean and M2 = sum (y - tile_mean)^2 - for the row-norm phase to merge
-with Chan's formula (row_norm.py), so no program ever needs a whole row.
+With STATS, every (row, N-tile) writes the partial statistics of its fp32 accumulator - tile
+mean and std = sqrt(sum (y - tile_mean)^2 / count), computed on the values times a power of two
+(so no square overflows at |y| ~ 1e19) - for the row-norm phase to merge (row_norm.py), so no
+program ever needs a whole row.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ from .configs import (  # noqa: F401  (re-exported: the names the backend and te
     default_config,
 )
 from .launch import ieee_f32, launch
+from .row_norm import pow2_scale
 
 
 @triton.jit
 def _linear_lora_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, pmean_ptr, pm2_ptr, res_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, pmean_ptr, pstd_ptr, res_ptr,
     M, N, K, R, scale, K_SPLIT,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_ar, stride_ak, stride_bn, stride_br,
@@ -137,14 +139,19 @@ def _linear_lora_kernel(
         acc += bias.to(tl.float32)[None, :]
 
     if STATS:
+        # Scaled by a power of two that brings the tile's largest |value| to [1, 2) (exact), so
+        # neither the sum nor the squares overflow or underflow fp32 at outputs near 1e19 / 1e-19;
+        # the stored (mean, std) are of the order of the values, hence representable.
         count = tl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
         valid = mask_n[None, :]
-        tile_mean = tl.sum(tl.where(valid, acc, 0.0), axis=1) / count
-        dev = tl.where(valid, acc - tile_mean[:, None], 0.0)
-        tile_m2 = tl.sum(dev * dev, axis=1)
+        # acc is 0 in the masked columns (every N-indexed load has other=0)
+        down, up = pow2_scale(tl.max(tl.abs(acc), axis=1), -126)
+        mean_s = tl.sum(acc * down[:, None], axis=1) / count
+        dev = tl.where(valid, acc * down[:, None] - mean_s[:, None], 0.0)
+        tile_std = tl.sqrt(tl.sum(dev * dev, axis=1) / count) * up
         stat_offs = offs_m * num_pid_n + pid_n
-        tl.store(pmean_ptr + stat_offs, tile_mean, mask=mask_m)
-        tl.store(pm2_ptr + stat_offs, tile_m2, mask=mask_m)
+        tl.store(pmean_ptr + stat_offs, mean_s * up, mask=mask_m)
+        tl.store(pstd_ptr + stat_offs, tile_std, mask=mask_m)
 
     if HAS_RESIDUAL:
         # residual without the norm, in the epilogue (one rounding, no separate pass)
@@ -176,7 +183,7 @@ def linear_lora(
     (+ residual [M, N]); with LORA_NONE the product is multiplied by `scale`.
 
     shrink [M, R]: written in LORA_FUSED mode (if given), read in LORA_PRECOMPUTED mode.
-    partial_stats: (mean, m2) buffers of shape [M, cdiv(N, block_n)] fp32, filled when given.
+    partial_stats: (mean, std) buffers of shape [M, cdiv(N, block_n)] fp32, filled when given.
     k_split > 1 (LORA_NONE, no bias/residual/stats): out is [k_split, M, N] fp32 partial sums.
     Any strides; x, weight, lora_a, lora_b share one dtype. The config is checked against the
     device's shared memory (fewer stages / a shorter K step when it would not fit).
@@ -200,7 +207,7 @@ def linear_lora(
     b = lora_b if lora_b is not None else dummy
     s = shrink if shrink is not None else dummy
     res = residual if residual is not None else dummy
-    pmean, pm2 = partial_stats if partial_stats is not None else (dummy, dummy)
+    pmean, pstd = partial_stats if partial_stats is not None else (dummy, dummy)
     if k_split > 1 and (out.dim() != 3 or out.shape[0] != k_split or out.dtype != torch.float32):
         raise ValueError(f"linear_lora: k_split={k_split} needs an fp32 out of shape [k_split, M, N], "
                          f"got {tuple(out.shape)} {out.dtype}")
@@ -209,7 +216,7 @@ def linear_lora(
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k_split)
     launch(
         _linear_lora_kernel, grid,
-        x, weight, bias if bias is not None else dummy, a, b, s, out, pmean, pm2, res,
+        x, weight, bias if bias is not None else dummy, a, b, s, out, pmean, pstd, res,
         m, n, k, r, float(scale), k_len,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         a.stride(0) if lora_a is not None else 0, a.stride(1) if lora_a is not None else 0,

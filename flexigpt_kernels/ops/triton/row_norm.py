@@ -1,10 +1,12 @@
 """Triton kernels for the output normalization's second phase and its backward.
 
 Forward finish, one program per row (any N: the row is streamed in BLOCK chunks):
-    merge the per-tile (count, mean, M2) of linear_lora.py with Chan's parallel formula
-        n = n_a + n_b,  d = mean_b - mean_a,
-        mean = mean_a + d n_b / n,  M2 = M2_a + M2_b + d^2 n_a n_b / n
-    var = M2 / N,  rstd = 1 / sqrt(var + eps)
+    merge the per-tile (count n_t, mean_t, std_t) of linear_lora.py:
+        mean = sum_t n_t mean_t / N          (a running convex combination: no sum overflows)
+        M2   = sum_t n_t (std_t^2 + (mean_t - mean)^2)
+    the squares taken after scaling by 2^-e, 2^e ~ max_t max(std_t, |mean_t - mean|), so that
+    rows of |y| ~ 1e19 (squares past fp32's range) or ~1e-19 keep their variance:
+        rstd = 1 / sqrt(M2 / N + eps) = 2^-e / sqrt((M2 / 2^2e) / N + eps 2^-2e)
     out = gamma * (y_pre - mean) * rstd (+ residual)
 
 Backward, with xhat = (y_pre - mean) * rstd and g the incoming gradient:
@@ -34,39 +36,67 @@ COLUMN_BLOCK_M = 32
 
 
 @triton.jit
+def pow2_scale(amax, LOW: tl.constexpr):
+    """(down, up) = (2^-e, 2^e) with 2^e <= amax < 2^(e+1), e clamped to [LOW, 126] (LOW >= -126):
+    amax * down lies in [1, 2) inside the clamp; both are normal fp32 powers of two (exact
+    products). amax >= 0, any shape; 0 gives e = LOW."""
+    b = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # the biased exponent
+    b = tl.minimum(tl.maximum(b, 127 + LOW), 253)
+    down = ((254 - b) << 23).to(tl.float32, bitcast=True)
+    up = (b << 23).to(tl.float32, bitcast=True)
+    return down, up
+
+
+@triton.jit
+def _tile_stats(pmean_ptr, pstd_ptr, row, t0, N, T, TILE_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(count, mean, std) of tiles t0 .. t0 + BLOCK_T of one row (count 0 past the last tile)."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    mt = t < T
+    cnt = tl.where(mt, tl.minimum(N - t * TILE_N, TILE_N), 0).to(tl.float32)
+    pm = tl.load(pmean_ptr + row * T + t, mask=mt, other=0.0)
+    ps = tl.load(pstd_ptr + row * T + t, mask=mt, other=0.0)
+    return cnt, pm, ps
+
+
+@triton.jit
 def _norm_finish_kernel(
-    y_ptr, out_ptr, gamma_ptr, res_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr,
+    y_ptr, out_ptr, gamma_ptr, res_ptr, pmean_ptr, pstd_ptr, mean_ptr, rstd_ptr,
     N, T, eps, stride_ym, stride_om, stride_rm,
     TILE_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    # 1. the row mean: a running convex combination of the chunks' count-weighted means
     n_acc = 0.0
-    mean_acc = 0.0
-    m2_acc = 0.0
+    mean = 0.0
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        mt = t < T
-        cnt = tl.where(mt, tl.minimum(N - t * TILE_N, TILE_N), 0).to(tl.float32)
-        pm = tl.load(pmean_ptr + row * T + t, mask=mt, other=0.0)
-        pm2 = tl.load(pm2_ptr + row * T + t, mask=mt, other=0.0)
+        cnt, pm, _ = _tile_stats(pmean_ptr, pstd_ptr, row, t0, N, T, TILE_N, BLOCK_T)
         n_c = tl.sum(cnt, axis=0)
-        mean_c = tl.sum(cnt * pm, axis=0) / n_c
-        dev = tl.where(mt, pm - mean_c, 0.0)
-        m2_c = tl.sum(pm2 + cnt * dev * dev, axis=0)
         n_new = n_acc + n_c
-        delta = mean_c - mean_acc
-        mean_acc = mean_acc + delta * (n_c / n_new)
-        m2_acc = m2_acc + m2_c + delta * delta * (n_acc * n_c / n_new)
+        mean = mean * (n_acc / n_new) + tl.sum(pm * (cnt / n_c), axis=0) * (n_c / n_new)
         n_acc = n_new
-    rstd = 1.0 / tl.sqrt(m2_acc / N + eps)
-    tl.store(mean_ptr + row, mean_acc)
+    # 2. the largest deviation scale, |tile mean - mean| or tile std: it picks the power of two
+    dmax = 0.0
+    for t0 in range(0, T, BLOCK_T):
+        cnt, pm, ps = _tile_stats(pmean_ptr, pstd_ptr, row, t0, N, T, TILE_N, BLOCK_T)
+        dmax = tl.maximum(dmax, tl.max(tl.where(cnt > 0, tl.maximum(ps, tl.abs(pm - mean)), 0.0), axis=0))
+    down, _ = pow2_scale(dmax, -40)  # e >= -40: eps 2^-2e stays finite
+    # 3. M2 / 2^2e = sum_t count_t (std_t^2 + (mean_t - mean)^2) / 2^2e
+    m2 = 0.0
+    for t0 in range(0, T, BLOCK_T):
+        cnt, pm, ps = _tile_stats(pmean_ptr, pstd_ptr, row, t0, N, T, TILE_N, BLOCK_T)
+        sd = ps * down
+        d = (pm - mean) * down
+        m2 += tl.sum(cnt * (sd * sd + d * d), axis=0)
+    # rstd = 1 / sqrt(M2 / N + eps) = 2^-e / sqrt(M2 / 2^2e / N + eps 2^-2e)
+    rstd = down / tl.sqrt(m2 / N + eps * down * down)
+    tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
     for n0 in range(0, N, BLOCK):
         cols = n0 + tl.arange(0, BLOCK)
         mask = cols < N
         y = tl.load(y_ptr + row * stride_ym + cols, mask=mask, other=0.0).to(tl.float32)
         gamma = tl.load(gamma_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        o = (y - mean_acc) * rstd * gamma
+        o = (y - mean) * rstd * gamma
         if HAS_RESIDUAL:
             o += tl.load(res_ptr + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_om + cols, o.to(out_ptr.dtype.element_ty), mask=mask)
@@ -148,7 +178,7 @@ def _chunk(n: int) -> int:
 def norm_finish(
     y_pre: Tensor,
     partial_mean: Tensor,
-    partial_m2: Tensor,
+    partial_std: Tensor,
     tile_n: int,
     norm_weight: Tensor,
     eps: float,
@@ -164,7 +194,7 @@ def norm_finish(
     res = residual if residual is not None else y_pre
     launch(
         _norm_finish_kernel, (m,),
-        y_pre, out, norm_weight, res, partial_mean, partial_m2, mean, rstd,
+        y_pre, out, norm_weight, res, partial_mean, partial_std, mean, rstd,
         n, t, float(eps), y_pre.stride(0), out.stride(0), res.stride(0),
         TILE_N=tile_n, HAS_RESIDUAL=residual is not None,
         BLOCK_T=min(256, triton.next_power_of_2(t)), BLOCK=_chunk(n), num_warps=4,

@@ -30,9 +30,14 @@ METHODS = ("flexigpt", "drop")
 
 def stored_parameters(model: nn.Module) -> int:
     """Parameters stored by the model, each shared or tied tensor counted once."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        DTensor = ()
     seen, total = set(), 0
     for p in model.parameters():
-        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
+        # a sharded (FSDP2) parameter has no storage of its own here: it is one parameter object
+        key = id(p) if isinstance(p, DTensor) else (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
         if key not in seen:
             seen.add(key)
             total += p.numel()

@@ -49,7 +49,7 @@ def _foreign(directory: Path) -> list[str]:
         written = set(json.loads((directory / WRITTEN_NAME).read_text())["files"])
     except FileNotFoundError:
         if "flexigpt.json" not in entries:
-            return sorted(entries) or []
+            return sorted(entries)
         written = _LEGACY_NAMES
     except (ValueError, KeyError, TypeError):
         return [WRITTEN_NAME + " (unreadable)"]

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..convert.families import decoder_layers
 from ..convert.replacement import replacement_blocks
+from ..nn import SharedLoRALinear
 
 __all__ = ["MemoryTrace", "full_state_dict", "held_parameter_bytes", "load_into_unsharded", "parameter_memory_trace", "shard",
            "sharing_groups"]
@@ -145,9 +146,8 @@ def held_parameter_bytes(model: nn.Module) -> int:
     for p in model.parameters():
         seen.setdefault(id(p), p)
     for module in model.modules():
-        base: Optional[nn.Module] = getattr(module, "_base", None)
-        if base is not None:
-            seen.setdefault(id(base.weight), base.weight)
+        if isinstance(module, SharedLoRALinear):
+            seen.setdefault(id(module.base.weight), module.base.weight)
     return _held_bytes(list(seen.values()))
 
 

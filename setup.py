@@ -48,10 +48,12 @@ def _rel(paths):
 
 def extensions():
     """Return (ext_modules, cmdclass), printing one line for each extension it skips."""
-    cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
-                       + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
-                        + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    cpu_sources = _rel(
+        glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
+    cuda_sources = _rel(
+        glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
+    )
     if not cpu_sources and not cuda_sources:
         _say("no C++/CUDA sources in csrc/, building no extension")
         return [], {}
@@ -60,10 +62,14 @@ def extensions():
         from torch.utils import cpp_extension
     except ImportError as exc:
         if _flag("FLEXIGPT_FORCE_CUDA_BUILD"):
-            raise SystemExit("flexigpt_kernels setup: FLEXIGPT_FORCE_CUDA_BUILD is set but torch is not "
-                             f"importable ({exc}); install a CUDA torch first and use --no-build-isolation") from None
-        _say(f"skipping all extensions: torch is not importable ({exc}); "
-             "install torch first and use --no-build-isolation")
+            raise SystemExit(
+                "flexigpt_kernels setup: FLEXIGPT_FORCE_CUDA_BUILD is set but torch is not "
+                f"importable ({exc}); install a CUDA torch first and use --no-build-isolation"
+            ) from None
+        _say(
+            f"skipping all extensions: torch is not importable ({exc}); "
+            "install torch first and use --no-build-isolation"
+        )
         return [], {}
 
     os.environ.setdefault("MAX_JOBS", str(min(4, os.cpu_count() or 1)))
@@ -78,9 +84,15 @@ def extensions():
     elif shutil.which(os.environ.get("CXX", "c++")) is None:
         _say("skipping CPU extension: no C++ compiler found (set CXX or install g++)")
     else:
-        ext_modules.append(cpp_extension.CppExtension(
-            "flexigpt_kernels._C", cpu_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]}, extra_link_args=["-fopenmp"]))
+        ext_modules.append(
+            cpp_extension.CppExtension(
+                "flexigpt_kernels._C",
+                cpu_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]},
+                extra_link_args=["-fopenmp"],
+            )
+        )
 
     skip_cuda = None  # why the CUDA extension cannot or should not be built
     if not cuda_sources:
@@ -92,17 +104,23 @@ def extensions():
     elif torch.version.cuda is None:
         skip_cuda = f"this torch ({torch.__version__}) is a CPU-only build"
     if skip_cuda is not None and _flag("FLEXIGPT_FORCE_CUDA_BUILD"):
-        raise SystemExit(f"flexigpt_kernels setup: FLEXIGPT_FORCE_CUDA_BUILD is set but the CUDA extension "
-                         f"cannot be built: {skip_cuda}")
+        raise SystemExit(
+            f"flexigpt_kernels setup: FLEXIGPT_FORCE_CUDA_BUILD is set but the CUDA extension "
+            f"cannot be built: {skip_cuda}"
+        )
     if skip_cuda is not None:
         _say(f"skipping CUDA extension: {skip_cuda}")
     else:
         archs = cuda_archs()
         _say(f"CUDA architectures: {';'.join(archs)} (FLEXIGPT_CUDA_ARCHS)")
-        ext_modules.append(cpp_extension.CUDAExtension(
-            "flexigpt_kernels._C_cuda", cuda_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags,
-                                "nvcc": ["-O3", "--use_fast_math"] + gencode_flags(archs)}))
+        ext_modules.append(
+            cpp_extension.CUDAExtension(
+                "flexigpt_kernels._C_cuda",
+                cuda_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"] + gencode_flags(archs)},
+            )
+        )
 
     if not ext_modules:
         return [], {}
@@ -112,7 +130,7 @@ def extensions():
 
 def cuda_archs():
     """FLEXIGPT_CUDA_ARCHS (else TORCH_CUDA_ARCH_LIST, else "8.0;9.0") as a list like ["8.0", "9.0a"]."""
-    spec = (os.environ.get("FLEXIGPT_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0")
+    spec = os.environ.get("FLEXIGPT_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
     archs = [a for a in spec.replace(",", ";").replace(" ", ";").split(";") if a]
     for a in archs:
         base = a[:-4] if a.endswith("+PTX") else a

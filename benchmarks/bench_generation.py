@@ -75,15 +75,16 @@ def build(args, device):
     from flexigpt_kernels.convert.prune import prune
 
     model, tokenizer = load_default_model()
-    calib = token_batches(default_texts("calibration"), tokenizer, seq_len=args.calib_len,
-                          num_samples=args.calib_samples)
+    calib = token_batches(
+        default_texts("calibration"), tokenizer, seq_len=args.calib_len, num_samples=args.calib_samples
+    )
     t = time.perf_counter()
     model, report = prune(model, calib, ratio=args.ratio, rank=args.rank, progress=False)
     prune_s = time.perf_counter() - t
     model.to(device)
     prompts = []
     for article in default_texts("heldout"):
-        ids = tokenizer(article, return_tensors="pt").input_ids[:, :args.prompt_tokens]
+        ids = tokenizer(article, return_tensors="pt").input_ids[:, : args.prompt_tokens]
         if ids.shape[1] == args.prompt_tokens:
             prompts.append(ids.to(device))
         if len(prompts) == args.prompts:
@@ -111,7 +112,7 @@ def step_costs(model, skipped, ids, ks, device, reps: int = 7) -> dict[str, floa
                 with skip_blocks(model, skipped if name == "draft step" else []):
                     synchronize(device)
                     t = time.perf_counter()
-                    forward(ids[:, n:n + width], cache, n, keep=1 if width == 1 else 0)
+                    forward(ids[:, n : n + width], cache, n, keep=1 if width == 1 else 0)
                     synchronize(device)
                     times[name].append(time.perf_counter() - t)
                 cache.crop(-width)
@@ -130,22 +131,39 @@ def main(argv=None) -> int:
     model, tokenizer, report, prune_s, prompts = build(args, device)
     skipped = draft_positions(model)
     n = args.new_tokens
-    print(f"pruned {report.pruned} (bases {report.base_map}, rank {report.rank}) in {prune_s:.1f} s; "
-          f"{len(prompts)} prompts x {n} new tokens", flush=True)
+    print(
+        f"pruned {report.pruned} (bases {report.base_map}, rank {report.rank}) in {prune_s:.1f} s; "
+        f"{len(prompts)} prompts x {n} new tokens",
+        flush=True,
+    )
 
     def hf(ids):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
         return out, None
 
     def ours(ids, **kw):
-        return generate(model, ids, max_new_tokens=n, eos_token_id=[], return_stats=True,
-                        static_cache=args.static_cache, **kw)
+        return generate(
+            model, ids, max_new_tokens=n, eos_token_id=[], return_stats=True, static_cache=args.static_cache, **kw
+        )
 
     def draft_alone(ids):
         with skip_blocks(model, skipped):
-            return generate(model, ids, max_new_tokens=n, eos_token_id=[], self_speculative=False,
-                            return_stats=True, static_cache=args.static_cache)
+            return generate(
+                model,
+                ids,
+                max_new_tokens=n,
+                eos_token_id=[],
+                self_speculative=False,
+                return_stats=True,
+                static_cache=args.static_cache,
+            )
 
     methods = {"hf_generate": hf, "plain": lambda ids: ours(ids, self_speculative=False)}
     for k in args.ks:
@@ -176,13 +194,16 @@ def main(argv=None) -> int:
                 synchronize(device)
                 seconds[m][-1] += time.perf_counter() - t
                 if r == 0:
-                    outputs[m].append(out[0, ids.shape[1]:].tolist())
+                    outputs[m].append(out[0, ids.shape[1] :].tolist())
                     if stats is not None:
                         accepted[m][0] += stats.accepted
                         accepted[m][1] += stats.drafted
                         accepted[m][2] += stats.rounds
-        print(f"round {r + 1}/{args.repeats} tokens/s: " + ", ".join(
-            f"{m} {len(prompts) * n / seconds[m][-1]:.2f}" for m in names), flush=True)
+        print(
+            f"round {r + 1}/{args.repeats} tokens/s: "
+            + ", ".join(f"{m} {len(prompts) * n / seconds[m][-1]:.2f}" for m in names),
+            flush=True,
+        )
 
     now = dt.datetime.now(dt.timezone.utc)
     meta = {
@@ -211,25 +232,40 @@ def main(argv=None) -> int:
         tps = len(prompts) * n / med
         acc, drafted, rounds = accepted[m]
         spec = m.startswith("self_speculative")
-        rows.append({
-            **meta,
-            "method": m.split(" ")[0],
-            "draft_tokens": m.split("=")[1] if spec else "",
-            "tokens_per_s": f"{tps:.3f}",
-            "tokens_per_s_best": f"{len(prompts) * n / min(seconds[m]):.3f}",
-            # paired per round (same load conditions), median over rounds
-            "speedup_vs_plain": f"{statistics.median(p / t for p, t in zip(seconds['plain'], seconds[m])):.3f}",
-            "acceptance_rate": f"{acc / drafted:.3f}" if drafted else "",
-            "tokens_per_round": f"{len(prompts) * n / rounds:.2f}" if spec and rounds else "",
-            "same_tokens_as_plain": (outputs[m] == outputs["plain"]) if m != "draft_alone" else "n/a (different model)",
-        })
+        rows.append(
+            {
+                **meta,
+                "method": m.split(" ")[0],
+                "draft_tokens": m.split("=")[1] if spec else "",
+                "tokens_per_s": f"{tps:.3f}",
+                "tokens_per_s_best": f"{len(prompts) * n / min(seconds[m]):.3f}",
+                # paired per round (same load conditions), median over rounds
+                "speedup_vs_plain": f"{statistics.median(p / t for p, t in zip(seconds['plain'], seconds[m])):.3f}",
+                "acceptance_rate": f"{acc / drafted:.3f}" if drafted else "",
+                "tokens_per_round": f"{len(prompts) * n / rounds:.2f}" if spec and rounds else "",
+                "same_tokens_as_plain": (outputs[m] == outputs["plain"])
+                if m != "draft_alone"
+                else "n/a (different model)",
+            }
+        )
 
     for name, ms in step_ms.items():
-        rows.append({**meta, "method": "step", "draft_tokens": name.split()[1] if "verify" in name else "",
-                     "step": name, "tokens_per_s": "", "tokens_per_s_best": "",
-                     "speedup_vs_plain": "", "acceptance_rate": "", "tokens_per_round": "",
-                     "same_tokens_as_plain": "", "step_ms": f"{ms:.2f}",
-                     "step_x_full_step": f"{ms / step_ms['full step']:.3f}"})
+        rows.append(
+            {
+                **meta,
+                "method": "step",
+                "draft_tokens": name.split()[1] if "verify" in name else "",
+                "step": name,
+                "tokens_per_s": "",
+                "tokens_per_s_best": "",
+                "speedup_vs_plain": "",
+                "acceptance_rate": "",
+                "tokens_per_round": "",
+                "same_tokens_as_plain": "",
+                "step_ms": f"{ms:.2f}",
+                "step_x_full_step": f"{ms / step_ms['full step']:.3f}",
+            }
+        )
     for row in rows:
         row.setdefault("step", "")
         row.setdefault("step_ms", "")
@@ -244,16 +280,20 @@ def main(argv=None) -> int:
             writer.writeheader()
         writer.writerows(rows)
 
-    print(f"\n{meta['device_name']}, torch {meta['torch']}, transformers {meta['transformers']}, "
-          f"load {meta['loadavg_1m']}, {meta['date']}")
-    print(f"| method | k | tokens/s (median) | best | vs plain | acceptance | tokens/round | same tokens as plain |")
+    print(
+        f"\n{meta['device_name']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"load {meta['loadavg_1m']}, {meta['date']}"
+    )
+    print("| method | k | tokens/s (median) | best | vs plain | acceptance | tokens/round | same tokens as plain |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         if row["method"] == "step":
             continue
-        print(f"| {row['method']} | {row['draft_tokens']} | {row['tokens_per_s']} | {row['tokens_per_s_best']} | "
-              f"{row['speedup_vs_plain']} | {row['acceptance_rate']} | {row['tokens_per_round']} | "
-              f"{row['same_tokens_as_plain']} |")
+        print(
+            f"| {row['method']} | {row['draft_tokens']} | {row['tokens_per_s']} | {row['tokens_per_s_best']} | "
+            f"{row['speedup_vs_plain']} | {row['acceptance_rate']} | {row['tokens_per_round']} | "
+            f"{row['same_tokens_as_plain']} |"
+        )
     print("\n| step | median ms | x full step |\n|---|---|---|")
     for name, ms in step_ms.items():
         print(f"| {name} | {ms:.1f} | {ms / step_ms['full step']:.2f} |")

@@ -22,9 +22,17 @@ import torch.distributed as dist
 from flexigpt_kernels.convert.prune import prune
 from flexigpt_kernels.train.shard import held_parameter_bytes, parameter_memory_trace, shard, sharing_groups
 
-SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
-               tie_word_embeddings=True)
+SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 
 
 def build(ratio: float):
@@ -52,9 +60,15 @@ def measure(plan: str, ratio: float) -> dict:
     resident = held_parameter_bytes(model)  # between steps: every unit sharded
     with parameter_memory_trace(model) as trace, torch.no_grad():
         model(input_ids=torch.zeros(1, 32, dtype=torch.long), use_cache=False)
-    return {"plan": plan, "ratio": ratio, "world_size": dist.get_world_size(), "stored_param_mib": total / 2**20,
-            "peak_param_mib_per_rank": trace.peak / 2**20, "resting_param_mib_per_rank": resident / 2**20,
-            "groups": " ".join("-".join(map(str, g)) for g in groups)}
+    return {
+        "plan": plan,
+        "ratio": ratio,
+        "world_size": dist.get_world_size(),
+        "stored_param_mib": total / 2**20,
+        "peak_param_mib_per_rank": trace.peak / 2**20,
+        "resting_param_mib_per_rank": resident / 2**20,
+        "groups": " ".join("-".join(map(str, g)) for g in groups),
+    }
 
 
 def main() -> None:
@@ -72,11 +86,16 @@ def main() -> None:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        lines = ["| wrapping | processes | stored params (MiB) | peak params per process (MiB) | "
-                 "resting params per process (MiB) |", "|---|---:|---:|---:|---:|"]
+        lines = [
+            "| wrapping | processes | stored params (MiB) | peak params per process (MiB) | "
+            "resting params per process (MiB) |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for r in rows:
-            lines.append(f"| {r['plan']} | {r['world_size']} | {r['stored_param_mib']:.1f} | "
-                         f"{r['peak_param_mib_per_rank']:.1f} | {r['resting_param_mib_per_rank']:.1f} |")
+            lines.append(
+                f"| {r['plan']} | {r['world_size']} | {r['stored_param_mib']:.1f} | "
+                f"{r['peak_param_mib_per_rank']:.1f} | {r['resting_param_mib_per_rank']:.1f} |"
+            )
         lines.append(f"\nSharing groups (base first): {rows[1]['groups']}")
         text = "\n".join(lines) + "\n"
         (out / "fsdp2_memory_cpu.md").write_text(text)

@@ -46,20 +46,37 @@ def main(label: str) -> None:
             for variant in ("linear", "norm+res"):
                 o = Operands(s, variant == "norm+res", False, torch.device("cpu"), torch.float32)
                 fns = {
-                    "op": lambda: fk.shared_lora_linear(o.x, o.weight, o.lora_a, o.lora_b, 1.0,
-                                                        norm_weight=o.norm_weight, residual=o.residual),
-                    "unfused": lambda: unfused_peft_style(o.x, o.weight, o.lora_a, o.lora_b, 1.0,
-                                                          norm_weight=o.norm_weight, residual=o.residual),
-                    "dense": lambda: torch.nn.functional.linear(o.x, o.weight),
+                    "op": lambda: fk.shared_lora_linear(
+                        o.x,
+                        o.weight,
+                        o.lora_a,
+                        o.lora_b,
+                        1.0,
+                        norm_weight=o.norm_weight,
+                        residual=o.residual,  # noqa: B023
+                    ),
+                    "unfused": lambda: unfused_peft_style(
+                        o.x,
+                        o.weight,
+                        o.lora_a,
+                        o.lora_b,
+                        1.0,
+                        norm_weight=o.norm_weight,
+                        residual=o.residual,  # noqa: B023
+                    ),
+                    "dense": lambda: torch.nn.functional.linear(o.x, o.weight),  # noqa: B023
                 }
                 ts = {k: float("inf") for k in fns}
                 for _ in range(3):  # interleaved
                     for k, f in fns.items():
                         ts[k] = min(ts[k], thread_time_us(f, reps=5 if s.m == 1 else 3))
                 floor = ts["dense"] * floor_factor(s, "fwd")
-                print(f"{label},{s.layer},{s.m},{s.n}x{s.k},{variant},op={ts['op']:.1f},unfused={ts['unfused']:.1f},"
-                      f"dense={ts['dense']:.1f},op/unfused={ts['op'] / ts['unfused']:.3f},"
-                      f"op/floor={ts['op'] / floor:.3f}", flush=True)
+                print(
+                    f"{label},{s.layer},{s.m},{s.n}x{s.k},{variant},op={ts['op']:.1f},unfused={ts['unfused']:.1f},"
+                    f"dense={ts['dense']:.1f},op/unfused={ts['op'] / ts['unfused']:.3f},"
+                    f"op/floor={ts['op'] / floor:.3f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,14 @@ def _iterations(m: int) -> int:
 def _record(record, benchmark, s: Shape, variant: str, mode: str, impl: str, group: str) -> None:
     norm = variant == "norm+res"
     dense = impl == DENSE
-    record(benchmark, group=group, impl=impl,
-           flops=formulas.dense_flops(s, mode) if dense else formulas.op_flops(s, norm, mode),
-           bytes_moved=formulas.dense_bytes(s, mode, 4) if dense else formulas.op_bytes(s, norm, mode, 4),
-           floor_factor=formulas.floor_factor(s, mode))
+    record(
+        benchmark,
+        group=group,
+        impl=impl,
+        flops=formulas.dense_flops(s, mode) if dense else formulas.op_flops(s, norm, mode),
+        bytes_moved=formulas.dense_bytes(s, mode, 4) if dense else formulas.op_bytes(s, norm, mode, 4),
+        floor_factor=formulas.floor_factor(s, mode),
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)

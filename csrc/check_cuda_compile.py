@@ -72,12 +72,12 @@ def _demangle(names: list[str]) -> list[str]:
     if not tool or not names:
         return names
     out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
-    return out[:len(names)] if len(out) >= len(names) else names
+    return out[: len(names)] if len(out) >= len(names) else names
 
 
 def _short(name: str) -> str:
     """`void flexigpt::cuda::(anonymous namespace)::matvec_kernel<__half, 4>(...)` -> matvec_kernel<__half,4>"""
-    name = name.split("(")[0] if "<" not in name else name[:name.rfind(">") + 1]
+    name = name.split("(")[0] if "<" not in name else name[: name.rfind(">") + 1]
     return name.split("::")[-1].replace(" ", "")
 
 
@@ -101,8 +101,10 @@ def resource_lines(ptxas_log: str) -> list[str]:
             sm = re.search(r"(\d+) bytes smem", line)
             current["smem"] = int(sm.group(1)) if sm else 0
     names = _demangle([e["name"] for e in entries])
-    return [f"resource {_short(n)} {e['arch']} {e.get('regs', -1)} {e['spill']} {e.get('smem', 0)}"
-            for n, e in zip(names, entries)]
+    return [
+        f"resource {_short(n)} {e['arch']} {e.get('regs', -1)} {e['spill']} {e.get('smem', 0)}"
+        for n, e in zip(names, entries)
+    ]
 
 
 def compile_kernels(nvcc: str, archs: list[str], outdir: str, resources: bool = False) -> bool:
@@ -110,9 +112,18 @@ def compile_kernels(nvcc: str, archs: list[str], outdir: str, resources: bool = 
     for src in sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu"))):
         for arch in archs:
             num = arch.replace(".", "").replace("+PTX", "")
-            cmd = [nvcc, "-std=c++20", "-O3", "--use_fast_math", "-c", src, "-o",
-                   os.path.join(outdir, f"{os.path.basename(src)}.{num}.o"),
-                   f"-gencode=arch=compute_{num},code=sm_{num}", "-Werror=all-warnings"]
+            cmd = [
+                nvcc,
+                "-std=c++20",
+                "-O3",
+                "--use_fast_math",
+                "-c",
+                src,
+                "-o",
+                os.path.join(outdir, f"{os.path.basename(src)}.{num}.o"),
+                f"-gencode=arch=compute_{num},code=sm_{num}",
+                "-Werror=all-warnings",
+            ]
             if resources:
                 cmd.append("-Xptxas=-v")
             good, log = _run(cmd, f"nvcc {os.path.relpath(src, ROOT)} sm_{num}")
@@ -132,8 +143,16 @@ def compile_binding(nvcc: str) -> bool:
     incs = include_paths() + [sysconfig.get_paths()["include"], _cuda_include(nvcc), CUDA_DIR]
     ok = True
     for src in sorted(glob.glob(os.path.join(CUDA_DIR, "*.cpp"))):
-        cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-               "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C_cuda", src]
+        cmd = [
+            cxx,
+            "-std=c++20",
+            "-fsyntax-only",
+            "-Wall",
+            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+            "-DTORCH_EXTENSION_NAME=_C_cuda",
+            src,
+        ]
         cmd += [f"-I{p}" for p in incs]
         ok &= _run(cmd, f"{cxx} -fsyntax-only {os.path.relpath(src, ROOT)} (torch + CUDA headers)")[0]
     return ok

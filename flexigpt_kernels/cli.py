@@ -66,43 +66,57 @@ def register_command(name: str, module: str, help: str) -> None:
 
 
 register_command(
-    "demo", "flexigpt_kernels.demo",
+    "demo",
+    "flexigpt_kernels.demo",
     "run the main job (prune) on the embedded default model and check the result (see README)",
 )
 register_command(
-    "prune", "flexigpt_kernels.commands.prune",
+    "prune",
+    "flexigpt_kernels.commands.prune",
     "prune a causal LM the FlexiGPT way (or drop blocks), report and save it",
 )
 register_command(
-    "heal", "flexigpt_kernels.commands.heal",
+    "heal",
+    "flexigpt_kernels.commands.heal",
     "recovery-train a pruned model (adapters and gammas by default) and save it",
 )
 register_command(
-    "compare", "flexigpt_kernels.commands.compare",
+    "compare",
+    "flexigpt_kernels.commands.compare",
     "FlexiGPT vs ShortGPT + LoRA at an equal recovery budget on the embedded default",
 )
 register_command(
-    "bench", "flexigpt_kernels.commands.bench",
+    "bench",
+    "flexigpt_kernels.commands.bench",
     "benchmarks: kernels (op vs unfused vs dense floor), model (end to end), plot",
 )
 register_command(
-    "extend", "flexigpt_kernels.commands.extend",
+    "extend",
+    "flexigpt_kernels.commands.extend",
     "grow a model by repeating blocks that share the original weights (own adapters, output norms) and save it",
 )
 register_command(
-    "eval", "flexigpt_kernels.commands.eval",
+    "eval",
+    "flexigpt_kernels.commands.eval",
     "held-out perplexity and lm-eval tasks of a model, side by side with its dense source",
 )
 register_command(
-    "generate", "flexigpt_kernels.commands.generate",
+    "generate",
+    "flexigpt_kernels.commands.generate",
     "decode with a saved converted model, self-speculatively (draft = model minus its replacement blocks)",
 )
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _PACKAGE = Path(__file__).resolve().parent
 _TENSOR_LEVEL = (_PACKAGE / "ops", _PACKAGE / "nn")  # checks the CLI's inputs cannot reach
-_USER_ERROR_TYPES = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-                     PermissionError)
+_USER_ERROR_TYPES = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -132,8 +146,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(
         prog="flexigpt",
         description="Fused kernels and tools for LLMs pruned or extended with FlexiGPT. Exit status: 0 done, "
-                    "2 a wrong input (one line on stderr), 1 an internal error (its traceback goes to a log "
-                    "file, or to stderr with --debug).",
+        "2 a wrong input (one line on stderr), 1 an internal error (its traceback goes to a log "
+        "file, or to stderr with --debug).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true", help="print the traceback of any error")
@@ -141,8 +155,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser.commands = {}
     for cmd in COMMANDS.values():
         p = parser.commands[cmd.name] = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="print the traceback of any error")
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="print the traceback of any error"
+        )
         if cmd.name == selected:
             add_arguments = getattr(_import(cmd), "add_arguments", None)
             if add_arguments is not None:
@@ -156,8 +171,9 @@ def _import(cmd: Command):
     except ModuleNotFoundError as exc:
         if exc.name != cmd.module:  # a real missing dependency inside the module
             raise
-        raise SystemExit(f"flexigpt {cmd.name}: not available in this version "
-                         f"(module {cmd.module} is missing)") from None
+        raise SystemExit(
+            f"flexigpt {cmd.name}: not available in this version (module {cmd.module} is missing)"
+        ) from None
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -180,8 +196,9 @@ def write_log(command: str, exc: BaseException) -> Path:
     """Write `exc`'s traceback to a new file (in $FLEXIGPT_LOG_DIR, else the temp folder)."""
     folder = os.environ.get("FLEXIGPT_LOG_DIR") or tempfile.gettempdir()
     os.makedirs(folder, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"flexigpt-{command}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log",
-                                dir=folder)
+    fd, name = tempfile.mkstemp(
+        prefix=f"flexigpt-{command}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log", dir=folder
+    )
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(f"flexigpt {command}, argv {sys.argv!r}\n")
         f.write("".join(traceback.format_exception(exc)))

@@ -29,16 +29,23 @@ def _op_check() -> str:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 128, 576, generator=g)
     w, a = torch.randn(576, 576, generator=g) / 24, torch.randn(32, 576, generator=g) / 24
-    b, gamma, res = torch.randn(576, 32, generator=g) / 6, torch.rand(576, generator=g), torch.randn(4, 128, 576, generator=g)
-    expected = shared_lora_linear_reference(x.double(), w.double(), a.double(), b.double(), 1.0,
-                                            norm_weight=gamma.double(), residual=res.double())
+    b, gamma, res = (
+        torch.randn(576, 32, generator=g) / 6,
+        torch.rand(576, generator=g),
+        torch.randn(4, 128, 576, generator=g),
+    )
+    expected = shared_lora_linear_reference(
+        x.double(), w.double(), a.double(), b.double(), 1.0, norm_weight=gamma.double(), residual=res.double()
+    )
     with use_backend("auto"):
         t = time.perf_counter()
         out = shared_lora_linear(x, w, a, b, 1.0, norm_weight=gamma, residual=res)
         ms = (time.perf_counter() - t) * 1e3
     err = (out.double() - expected).abs().max().item()
-    return (f"op check: shared_lora_linear x[4,128,576] W[576,576] r=32 +norm +residual on "
-            f"{x.device.type}: max |out - reference(fp64)| = {err:.2e} ({ms:.1f} ms)")
+    return (
+        f"op check: shared_lora_linear x[4,128,576] W[576,576] r=32 +norm +residual on "
+        f"{x.device.type}: max |out - reference(fp64)| = {err:.2e} ({ms:.1f} ms)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +76,8 @@ def _reload_check(directory: str) -> str:
     with torch.no_grad():
         logits = model(ids).logits
         gen = model.generate(ids, max_new_tokens=12, do_sample=False)
-    text = tok.decode(gen[0][ids.shape[1]:], skip_special_tokens=True)
-    return (f"reloaded model, logits finite: {bool(torch.isfinite(logits).all())}; "
-            f"greedy continuation of 'The history of the city': {text!r}")
+    text = tok.decode(gen[0][ids.shape[1] :], skip_special_tokens=True)
+    return (
+        f"reloaded model, logits finite: {bool(torch.isfinite(logits).all())}; "
+        f"greedy continuation of 'The history of the city': {text!r}"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -30,13 +30,13 @@ def run_prune_job(
     blocks=None,
     rank=None,
     method: str = "flexigpt",
-    out: Optional[str] = None,
+    out: str | None = None,
     overwrite: bool = False,
     baseline: bool = True,
     seq_len: int = 256,
     num_samples: int = 32,
     eval_chunks: int = 40,
-    gamma_init: Optional[float] = None,
+    gamma_init: float | None = None,
     local_fit=None,
     verify_save: bool = True,
     progress: bool = True,
@@ -59,8 +59,19 @@ def run_prune_job(
     kwargs = {} if gamma_init is None else {"gamma_init": gamma_init}
     if method == "flexigpt" and local_fit is not None:
         kwargs["local_fit"] = local_fit
-    _, report = prune(model, calibration, tokenizer=tokenizer, ratio=ratio, blocks=blocks, rank=rank,
-                      method=method, seq_len=seq_len, num_samples=num_samples, progress=progress, **kwargs)
+    _, report = prune(
+        model,
+        calibration,
+        tokenizer=tokenizer,
+        ratio=ratio,
+        blocks=blocks,
+        rank=rank,
+        method=method,
+        seq_len=seq_len,
+        num_samples=num_samples,
+        progress=progress,
+        **kwargs,
+    )
     seconds.update(report.seconds)
     if heldout is not None:
         t = time.perf_counter()
@@ -79,8 +90,12 @@ def run_prune_job(
         from .io import save_pretrained
         from .io.model_card import set_card_info
 
-        set_card_info(model, perplexity=ppl or None, source_parameters=report.params_before,  # for the model card
-                      perplexity_setup=f"{eval_chunks} held-out windows of {seq_len} tokens, no BOS" if ppl else None)
+        set_card_info(
+            model,
+            perplexity=ppl or None,
+            source_parameters=report.params_before,  # for the model card
+            perplexity_setup=f"{eval_chunks} held-out windows of {seq_len} tokens, no BOS" if ppl else None,
+        )
         t = time.perf_counter()
         save_pretrained(model, out, tokenizer=tokenizer, overwrite=overwrite)
         seconds["save"] = time.perf_counter() - t
@@ -91,9 +106,12 @@ def run_prune_job(
     return {
         "report": report.to_dict(),
         "perplexity": ppl,
-        "parameters": {"dense": report.params_before, method: report.params_after,
-                       **({"drop": params_drop} if params_drop is not None else {}),
-                       "adapters_and_norms": report.adapter_params},
+        "parameters": {
+            "dense": report.params_before,
+            method: report.params_after,
+            **({"drop": params_drop} if params_drop is not None else {}),
+            "adapters_and_norms": report.adapter_params,
+        },
         "seconds": seconds,
         "out": out,
         "reload_identical_logits": reload_identical,
@@ -117,8 +135,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     rep = summary["report"]
     lines = []
     scores = rep["scores"]
-    lines.append(f"method: {rep['method']}  blocks: {rep['num_blocks']}  pruned: {len(rep['pruned'])}"
-                 + (f"  rank: {rep['rank']}" if rep.get("rank") else ""))
+    lines.append(
+        f"method: {rep['method']}  blocks: {rep['num_blocks']}  pruned: {len(rep['pruned'])}"
+        + (f"  rank: {rep['rank']}" if rep.get("rank") else "")
+    )
     lines.append("")
     lines.append(f"{'block':>5}  {'BI':>7}  {'base':>4}  {'distance':>9}")
     for b in rep["pruned"]:
@@ -132,7 +152,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     p = summary["parameters"]
     lines.append("parameters stored (shared tensors once):")
     for k, v in p.items():
-        lines.append(f"  {k:<20} {v:>14,}" + (f"  ({v / p['dense']:.1%} of dense)" if k != "dense" and p.get("dense") else ""))
+        lines.append(
+            f"  {k:<20} {v:>14,}" + (f"  ({v / p['dense']:.1%} of dense)" if k != "dense" and p.get("dense") else "")
+        )
     if summary["perplexity"]:
         lines.append("")
         lines.append("held-out perplexity:")

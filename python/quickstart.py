@@ -1,7 +1,7 @@
 """Quickstart: the fused op, the module, and prune -> save -> load -> generate on a model.
 
-    python python/quickstart.py            # a tiny random Llama (seconds)
-    python python/quickstart.py --default  # the embedded SmolLM2-135M and its texts (~1 min)
+python python/quickstart.py            # a tiny random Llama (seconds)
+python python/quickstart.py --default  # the embedded SmolLM2-135M and its texts (~1 min)
 """
 
 from __future__ import annotations
@@ -34,8 +34,14 @@ def model_and_data(default: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
     tokens = torch.randint(0, 256, (16, 64))
     return LlamaForCausalLM(cfg).eval(), None, tokens[:8], tokens[8:]
 
@@ -49,9 +55,11 @@ def main(argv=None) -> None:
     before = fk.perplexity(model, tok, held, seq_len=64 if tok is None else 256, num_chunks=8, progress=False)
     model, report = fk.prune(model, calib, tokenizer=tok, ratio=0.3, local_fit="gamma", progress=False)
     after = fk.perplexity(model, tok, held, seq_len=64 if tok is None else 256, num_chunks=8, progress=False)
-    print(f"pruned blocks {report.pruned} -> bases {report.base_map}; "
-          f"stored parameters {report.params_before:,} -> {report.params_after:,}; "
-          f"perplexity {before:.2f} -> {after:.2f}")
+    print(
+        f"pruned blocks {report.pruned} -> bases {report.base_map}; "
+        f"stored parameters {report.params_before:,} -> {report.params_after:,}; "
+        f"perplexity {before:.2f} -> {after:.2f}"
+    )
     with tempfile.TemporaryDirectory() as out:
         fk.save_pretrained(model, out, tokenizer=tok)
         reloaded = fk.from_pretrained(out)

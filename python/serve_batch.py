@@ -29,8 +29,15 @@ def tiny_pruned_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, pad_token_id=0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(cfg).eval()
     fk.prune(model, None, blocks=[2, 3], rank=8, progress=False)
     return model
@@ -42,17 +49,18 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int) -> list[list[int]]:
     ids, mask = left_pad(prompts, pad_id)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad_id)
-    return [row[ids.shape[1]:].tolist() for row in out]
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
+    )
+    return [row[ids.shape[1] :].tolist() for row in out]
 
 
 def main(argv=None) -> None:

@@ -89,8 +89,7 @@ def test_load_returns_fresh_independent_models(default_model_and_tokenizer):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     w = model.model.layers[0].mlp.up_proj.weight
     assert w.data_ptr() != shared.model.layers[0].mlp.up_proj.weight.data_ptr()
-    torch.testing.assert_close(w.float(), shared.model.layers[0].mlp.up_proj.weight,
-                               rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(w.float(), shared.model.layers[0].mlp.up_proj.weight, rtol=1e-2, atol=1e-3)
     with torch.no_grad():
         w.zero_()  # must not leak into the shared fixture or later loads
     assert shared.model.layers[0].mlp.up_proj.weight.abs().sum() > 0
@@ -176,8 +175,7 @@ def test_library_imports_without_the_demo_extra():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=root)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ImportError:")]
     assert len(lines) == 2, proc.stdout
@@ -198,5 +196,4 @@ def test_clean_wikitext():
         "== References ==\n"
         "{{reflist}}\n[[Category:Things]]\n"
     )
-    assert assets.clean_wikitext(raw) == (
-        "Foo is a bar in Baz. See the site.\n\nFirst item with space\n\nIt grew.")
+    assert assets.clean_wikitext(raw) == ("Foo is a bar in Baz. See the site.\n\nFirst item with space\n\nIt grew.")

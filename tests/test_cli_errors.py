@@ -48,8 +48,14 @@ def fs(tmp_path_factory):
 def _truncated_checkpoint(path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=32)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=32,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
@@ -88,7 +94,10 @@ CASES = [
     ("heal /nonexistent/ckpt --data default --steps 1 --out {d}/o", ["DIR", "does not exist"]),
     ("heal {d}/empty_dir --data default --steps 1 --out {d}/o", ["DIR", "not a model folder"]),
     ("heal default --data default --steps 1 --out {d}/o --trainable ''", ["--trainable", "empty"]),
-    ("heal default --data default --steps 1 --out {d}/o --trainable adapters,everything", ["--trainable", "everything"]),
+    (
+        "heal default --data default --steps 1 --out {d}/o --trainable adapters,everything",
+        ["--trainable", "everything"],
+    ),
     ("heal default --data default --steps 1 --out {d}/o --lr nan", ["--lr", "finite"]),
     ("heal default --data default --steps 1 --out {d}/o --lr -1", ["--lr", "> 0"]),
     ("heal default --data default --steps 0 --out {d}/o", ["--steps", ">= 1"]),
@@ -96,7 +105,10 @@ CASES = [
     ("heal default --steps 1 --out {d}/o", ["--data", "required"]),
     ("heal default --data default --steps 1 --out {d}/a_file", ["--out", "is a file"]),
     ("heal default --data {d}/empty.txt --steps 1 --out {d}/o", ["--data", "no text"]),
-    ("heal default --data default --steps 1 --out {d}/o --eval-data /nonexistent.txt", ["--eval-data", "does not exist"]),
+    (
+        "heal default --data default --steps 1 --out {d}/o --eval-data /nonexistent.txt",
+        ["--eval-data", "does not exist"],
+    ),
     ("heal default --data default --steps 1 --out {d}/o --resume", ["--resume", "--checkpoint-dir"]),
     ("heal default --data default --steps 1 --out {d}/o --distill kl,xyz", ["--distill", "xyz"]),
     ("heal default --data default --steps 1 --out {d}/o --teacher /nonexistent", ["--teacher", "does not exist"]),
@@ -210,8 +222,14 @@ def test_the_table_covers_every_command():
 
 def _subprocess(*argv, env=None):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "flexigpt_kernels.cli", *argv], capture_output=True, text=True,
-                          env=full_env, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "flexigpt_kernels.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def test_entry_point_missing_model_path(tmp_path):
@@ -222,8 +240,9 @@ def test_entry_point_missing_model_path(tmp_path):
 
 
 def test_entry_point_bad_value(tmp_path):
-    res = _subprocess("heal", "default", "--data", "default", "--steps", "1", "--out", str(tmp_path / "o"),
-                      "--trainable", "")
+    res = _subprocess(
+        "heal", "default", "--data", "default", "--steps", "1", "--out", str(tmp_path / "o"), "--trainable", ""
+    )
     assert res.returncode == 2
     _check_one_line(res.stderr, "heal", ["--trainable"])
 
@@ -258,7 +277,7 @@ def test_internal_error_writes_a_log_and_exits_1(failing_command, tmp_path, monk
     assert len(logs) == 1 and str(logs[0]) in err
     text = logs[0].read_text()
     assert "Traceback" in text and "RuntimeError: the kernel fell over" in text and "def run" not in text
-    assert "raise raise_[\"exc\"]" in text
+    assert 'raise raise_["exc"]' in text
 
 
 def test_debug_prints_the_traceback_instead(failing_command, tmp_path, monkeypatch, capsys):
@@ -267,7 +286,10 @@ def test_debug_prints_the_traceback_instead(failing_command, tmp_path, monkeypat
     for argv in (["--debug", "failing"], ["failing", "--debug"]):
         assert cli.main(argv) == 1
         err = capsys.readouterr().err
-        assert "Traceback" in err and err.rstrip().splitlines()[-1] == "flexigpt failing: internal error: RuntimeError: boom"
+        assert (
+            "Traceback" in err
+            and err.rstrip().splitlines()[-1] == "flexigpt failing: internal error: RuntimeError: boom"
+        )
     assert not list(tmp_path.glob("*.log"))
     # a user error under --debug: the traceback, then the same one line, still exit 2
     failing_command["exc"] = cli.UsageError("--thing: wrong")
@@ -277,11 +299,13 @@ def test_debug_prints_the_traceback_instead(failing_command, tmp_path, monkeypat
 
 
 def test_entry_point_internal_error(tmp_path):
-    code = ("import sys, types; from flexigpt_kernels import cli\n"
-            "m = types.ModuleType('boom'); sys.modules['boom'] = m\n"
-            "def run(args):\n    a, b = [1, 2, 3]\n"
-            "m.run = run; cli.register_command('boom', 'boom', 'fails')\n"
-            "sys.exit(cli.main(sys.argv[1:]))\n")
+    code = (
+        "import sys, types; from flexigpt_kernels import cli\n"
+        "m = types.ModuleType('boom'); sys.modules['boom'] = m\n"
+        "def run(args):\n    a, b = [1, 2, 3]\n"
+        "m.run = run; cli.register_command('boom', 'boom', 'fails')\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLEXIGPT_LOG_DIR": str(tmp_path)}
     res = subprocess.run([sys.executable, "-c", code, "boom"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 1

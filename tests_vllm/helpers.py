@@ -11,9 +11,19 @@ import torch
 MAX_MODEL_LEN = 256
 NEW_TOKENS = 32
 # the tiny model's architecture: the CPU attention backend needs head_dim >= 32
-TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_MODEL_LEN,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=MAX_MODEL_LEN,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.2,
+)
 TINY_BLOCKS = [2, 3]
 # SmolLM2-135M at ratio 0.3: the 9 blocks of lowest Block Influence (README, "The main job"),
 # given explicitly so that the fixture needs no calibration pass
@@ -44,8 +54,9 @@ def perturb_adapters(model, seed: int = 5, std: float = 0.05):
 def pruned_tiny(model_type: str = "llama", output_norm: bool = True, **overrides):
     from flexigpt_kernels.convert.prune import prune
 
-    model, _ = prune(tiny_model(model_type, **overrides), None, blocks=TINY_BLOCKS, rank=8,
-                     output_norm=output_norm, progress=False)
+    model, _ = prune(
+        tiny_model(model_type, **overrides), None, blocks=TINY_BLOCKS, rank=8, output_norm=output_norm, progress=False
+    )
     return perturb_adapters(model)
 
 
@@ -71,10 +82,16 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int):
     config.eos_token_id = None
     tokens, logits = [], []
     for prompt in prompts:
-        out = model.generate(torch.tensor([prompt]), generation_config=config, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
-        tokens.append(out.sequences[0, len(prompt):].tolist())
+        out = model.generate(
+            torch.tensor([prompt]),
+            generation_config=config,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        tokens.append(out.sequences[0, len(prompt) :].tolist())
         logits.append(torch.cat(out.logits).float())
     return tokens, logits
 
@@ -82,8 +99,7 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int):
 def vllm_greedy(llm, prompts: list[list[int]], new_tokens: int, logprobs: int = 0):
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True,
-                            logprobs=logprobs or None)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs or None)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs], [o.outputs[0].logprobs for o in outs]
 
@@ -110,7 +126,7 @@ def assert_same_greedy(hf_tokens, hf_logits, vllm_tokens, *, tie: float = 1e-3) 
                 ties.append((row, step, gap))
                 break
     if ties:
-        warnings.warn(f"greedy tokens differ only at near ties (row, step, logit gap): {ties}")
+        warnings.warn(f"greedy tokens differ only at near ties (row, step, logit gap): {ties}", stacklevel=2)
     return ties
 
 

@@ -14,8 +14,9 @@ from .helpers import assert_logprobs_match, hf_greedy, pruned_tiny, running_llm,
 PROMPTS = [[5, 17, 33, 100, 7], list(range(10, 40))]
 
 
-@pytest.mark.parametrize("model_type, architecture", [("qwen2", "FlexiGPTQwen2ForCausalLM"),
-                                                      ("mistral", "FlexiGPTMistralForCausalLM")])
+@pytest.mark.parametrize(
+    "model_type, architecture", [("qwen2", "FlexiGPTQwen2ForCausalLM"), ("mistral", "FlexiGPTMistralForCausalLM")]
+)
 def test_family_greedy_tokens_and_logprobs_equal_hugging_face(model_type, architecture, tmp_path):
     path = fk.save_pretrained(pruned_tiny(model_type), tmp_path / model_type)
     assert json.loads((path / "config.json").read_text())["architectures"] == [architecture]

@@ -83,18 +83,38 @@ def test_vllm_serve_completion_equals_hugging_face(smol, tmp_path):
 
     port = free_port()
     log = tmp_path / "serve.log"
-    cmd = [*vllm_command(), "serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--served-model-name", "flexigpt"]
+    cmd = [
+        *vllm_command(),
+        "serve",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--enforce-eager",
+        "--served-model-name",
+        "flexigpt",
+    ]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_healthy(proc, f"{base}/health", log)
-        reply = post(f"{base}/v1/completions", {
-            "model": "flexigpt", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0.0,
-            "ignore_eos": True, "return_token_ids": True,
-        })
+        reply = post(
+            f"{base}/v1/completions",
+            {
+                "model": "flexigpt",
+                "prompt": prompt,
+                "max_tokens": NEW_TOKENS,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            },
+        )
         choice = reply["choices"][0]
         assert_same_greedy(hf_tokens, hf_logits, [choice["token_ids"]])
         assert choice["text"] == tokenizer.decode(choice["token_ids"])
@@ -110,7 +130,8 @@ def test_vllm_serve_completion_equals_hugging_face(smol, tmp_path):
 
 def test_serve_example_cli_parses():
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "python/serve_vllm.py", "--help"], cwd=root, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "python/serve_vllm.py", "--help"], cwd=root, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--checkpoint" in proc.stdout and "--bench" in proc.stdout

@@ -11,8 +11,7 @@ from flexigpt_kernels.integrations.vllm.model import held_weights
 
 from .helpers import NEW_TOKENS, assert_same_greedy, checkpoint_bytes, hf_greedy, running_llm, vllm_greedy
 
-SMOL_TEXTS = ["The history of the Roman Empire", "Photosynthesis is the process by which",
-              "def fibonacci(n):"]
+SMOL_TEXTS = ["The history of the Roman Empire", "Photosynthesis is the process by which", "def fibonacci(n):"]
 
 
 @pytest.fixture(scope="module")

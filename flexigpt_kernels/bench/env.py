@@ -7,7 +7,7 @@ import os
 import platform
 import re
 import subprocess
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -63,17 +63,28 @@ def triton_version() -> str:
         return "none"
 
 
-@lru_cache(maxsize=None)
+@cache
 def git_commit() -> str:
     """Short commit of the source tree (with '+dirty' when it has changes), FLEXIGPT_GIT_COMMIT
     if set, else 'unknown' (an installed package, or a copy without .git)."""
     if os.environ.get("FLEXIGPT_GIT_COMMIT"):
         return os.environ["FLEXIGPT_GIT_COMMIT"]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=_REPO, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=10", "HEAD"],
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
@@ -105,9 +116,11 @@ def oversubscription_hint(device: torch.device) -> str | None:
         return None
     if load <= cores:
         return None
-    return (f"note: load average {load:.1f} on {cores} cores; with spinning OpenMP threads timings can be "
-            "off by orders of magnitude. Rerun with OMP_WAIT_POLICY=PASSIVE in the environment "
-            "(recorded in the results), or on a quiet machine.")
+    return (
+        f"note: load average {load:.1f} on {cores} cores; with spinning OpenMP threads timings can be "
+        "off by orders of magnitude. Rerun with OMP_WAIT_POLICY=PASSIVE in the environment "
+        "(recorded in the results), or on a quiet machine."
+    )
 
 
 def default_results_dir() -> Path:

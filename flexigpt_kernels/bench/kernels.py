@@ -12,14 +12,21 @@ from the minima: *_min), tflops and gbps (from the median).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from . import formulas
 from .env import run_metadata
 from .providers import (
-    DENSE, FLOOR, UNFUSED, Operands, bench_callable, check_agreement, default_dtype, default_providers,
+    DENSE,
+    FLOOR,
+    UNFUSED,
+    Operands,
+    bench_callable,
+    check_agreement,
+    default_dtype,
+    default_providers,
 )
 from .results import fmt_ratio, fmt_us, markdown_table, text_table
 from .shapes import MODES, VARIANTS, Shape
@@ -32,8 +39,8 @@ def run_kernels(
     shapes: Sequence[Shape],
     *,
     device: torch.device,
-    dtype: Optional[torch.dtype] = None,
-    providers: Optional[Sequence[str]] = None,
+    dtype: torch.dtype | None = None,
+    providers: Sequence[str] | None = None,
     variants: Sequence[str] = VARIANTS,
     modes: Sequence[str] = MODES,
     budget_s: float = 1.0,
@@ -42,8 +49,8 @@ def run_kernels(
     rep_ms: float = 100,
     cuda_graphs: bool = False,
     check: bool = True,
-    log: Optional[Callable[[str], None]] = lambda msg: print(msg, flush=True),
-    on_rows: Optional[Callable[[list[dict]], None]] = None,
+    log: Callable[[str], None] | None = lambda msg: print(msg, flush=True),
+    on_rows: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Time the grid; returns the result rows (see module doc). budget_s: CPU seconds per
     (shape, variant, mode) group across its providers; warmup_ms/rep_ms: do_bench's, per
@@ -72,8 +79,10 @@ def run_kernels(
                     fns = {p: bench_callable(p, o, mode) for p in providers}
                     if device.type == "cuda":
                         graphs = cuda_graphs and mode == "fwd" and s.m <= 32
-                        timings = {p: time_cuda(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cuda_graph=graphs)
-                                   for p, fn in fns.items()}
+                        timings = {
+                            p: time_cuda(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cuda_graph=graphs)
+                            for p, fn in fns.items()
+                        }
                     else:
                         timings = time_cpu_interleaved(fns, budget_s, min_rounds=min_rounds)
                 except torch.cuda.OutOfMemoryError:
@@ -97,31 +106,54 @@ def _group_rows(s: Shape, variant: str, mode: str, timings: dict[str, Timing], e
     factor = formulas.floor_factor(s, mode)
     dense = timings[DENSE]
     all_t = dict(timings)
-    all_t[FLOOR] = Timing(dense.min_s * factor, dense.median_s * factor, dense.rounds, dense.calls_per_round,
-                          "derived: dense x floor_factor")
+    all_t[FLOOR] = Timing(
+        dense.min_s * factor,
+        dense.median_s * factor,
+        dense.rounds,
+        dense.calls_per_round,
+        "derived: dense x floor_factor",
+    )
     floor, unfused = all_t[FLOOR], all_t.get(UNFUSED)
     rows = []
     for p, t in all_t.items():
         flops = formulas.dense_flops(s, mode) if p == DENSE else formulas.op_flops(s, norm, mode)
         nbytes = formulas.dense_bytes(s, mode, elt) if p == DENSE else formulas.op_bytes(s, norm, mode, elt)
-        rows.append({
-            "timer": t.timer, "model": s.model, "layer": s.layer, "M": s.m, "K": s.k, "N": s.n, "r": s.r,
-            "variant": variant, "mode": mode, "provider": p,
-            "min_us": t.min_s * 1e6, "median_us": t.median_s * 1e6,
-            "rounds": t.rounds, "calls_per_round": t.calls_per_round,
-            "floor_factor": factor,
-            "x_floor": t.median_s / floor.median_s, "x_floor_min": t.min_s / floor.min_s,
-            "x_unfused": t.median_s / unfused.median_s if unfused else math.nan,
-            "x_unfused_min": t.min_s / unfused.min_s if unfused else math.nan,
-            "tflops": flops / t.median_s / 1e12, "gbps": nbytes / t.median_s / 1e9,
-            "flops": flops, "bytes": nbytes,
-        })
+        rows.append(
+            {
+                "timer": t.timer,
+                "model": s.model,
+                "layer": s.layer,
+                "M": s.m,
+                "K": s.k,
+                "N": s.n,
+                "r": s.r,
+                "variant": variant,
+                "mode": mode,
+                "provider": p,
+                "min_us": t.min_s * 1e6,
+                "median_us": t.median_s * 1e6,
+                "rounds": t.rounds,
+                "calls_per_round": t.calls_per_round,
+                "floor_factor": factor,
+                "x_floor": t.median_s / floor.median_s,
+                "x_floor_min": t.min_s / floor.min_s,
+                "x_unfused": t.median_s / unfused.median_s if unfused else math.nan,
+                "x_unfused_min": t.min_s / unfused.min_s if unfused else math.nan,
+                "tflops": flops / t.median_s / 1e12,
+                "gbps": nbytes / t.median_s / 1e9,
+                "flops": flops,
+                "bytes": nbytes,
+            }
+        )
     return rows
 
 
 def _progress_line(s: Shape, variant: str, mode: str, group: list[dict]) -> str:
-    parts = [f"{r['provider']} {fmt_us(r['min_us'])}/{fmt_us(r['median_us'])}us x{r['x_floor_min']:.2f}fl"
-             for r in group if r["provider"] != FLOOR]
+    parts = [
+        f"{r['provider']} {fmt_us(r['min_us'])}/{fmt_us(r['median_us'])}us x{r['x_floor_min']:.2f}fl"
+        for r in group
+        if r["provider"] != FLOOR
+    ]
     return f"{s.label} {variant} {mode}: " + ", ".join(parts)
 
 
@@ -142,19 +174,22 @@ def summary_table(rows: Sequence[dict], markdown: bool = False) -> str:
     providers = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != FLOOR))
     ours = [p for p in providers if p.startswith("op-")]
     impls = ours + ([UNFUSED] if UNFUSED in providers else [])
-    headers = (["widths", "layer", "M", "NxK r", "variant", "mode", "floor us"]
-               + [f"{p} us" for p in providers]
-               + [f"{p} x floor" for p in impls]
-               + ([f"{p} x unfused" for p in ours] if UNFUSED in providers else [])
-               + [f"{p} TFLOP/s" for p in ours])
+    headers = (
+        ["widths", "layer", "M", "NxK r", "variant", "mode", "floor us"]
+        + [f"{p} us" for p in providers]
+        + [f"{p} x floor" for p in impls]
+        + ([f"{p} x unfused" for p in ours] if UNFUSED in providers else [])
+        + [f"{p} TFLOP/s" for p in ours]
+    )
     out = []
     for (model, layer, m, k, n, r, variant, mode), by_p in groups.items():
+
         def us(p):
-            row = by_p.get(p)
+            row = by_p.get(p)  # noqa: B023
             return "-" if row is None else f"{fmt_us(num(row['min_us']))} / {fmt_us(num(row['median_us']))}"
 
         def ratio(p, col):
-            row = by_p.get(p)
+            row = by_p.get(p)  # noqa: B023
             return "-" if row is None else f"{fmt_ratio(num(row[col + '_min']))} / {fmt_ratio(num(row[col]))}"
 
         line = [model, layer, m, f"{n}x{k} r{r}", variant, mode, us(FLOOR)]
@@ -190,6 +225,8 @@ def targets_report(rows: Sequence[dict]) -> list[str]:
         else:
             ok = xu <= 1.0 and (m < 512 or xf <= 1.10)
             want = "not slower than unfused" + (", x floor <= 1.10" if m >= 512 else "")
-        lines.append(f"{'ok  ' if ok else 'MISS'} {model} {layer} M={m} {variant} {mode}: {best_p} "
-                     f"x floor {xf:.2f}, x unfused {xu:.2f}  (target: {want})")
+        lines.append(
+            f"{'ok  ' if ok else 'MISS'} {model} {layer} M={m} {variant} {mode}: {best_p} "
+            f"x floor {xf:.2f}, x unfused {xu:.2f}  (target: {want})"
+        )
     return lines

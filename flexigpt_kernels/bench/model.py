@@ -30,7 +30,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -46,13 +45,30 @@ VARIANTS = ("dense", "drop", "flexigpt", "flexigpt-unfused")
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
+
 RANDOM_PRESETS = {
     # Llama-2-7B's shape (no hub needed: random weights are fine for timing)
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
     # the smoke tests' model: seconds on the CPU
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024, rms_norm_eps=1e-5),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 
@@ -67,14 +83,20 @@ class UnfusedSharedLoRALinear(nn.Module):
         super().__init__()
         self.shared = shared
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         s, dt = self.shared, x.dtype
         norm, bias = s.output_norm, s.effective_bias()
         return unfused_peft_style(
-            x, s.weight.to(dt), s.lora_a.to(dt), s.lora_b.to(dt), s.scale,
+            x,
+            s.weight.to(dt),
+            s.lora_a.to(dt),
+            s.lora_b.to(dt),
+            s.scale,
             bias.to(dt) if bias is not None else None,
             norm_weight=norm.weight.to(dt) if norm is not None else None,
-            eps=norm.eps if norm is not None else 1e-5, residual=residual)
+            eps=norm.eps if norm is not None else 1e-5,
+            residual=residual,
+        )
 
 
 @contextlib.contextmanager
@@ -98,7 +120,7 @@ def unfused_view(model: nn.Module):
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_kib(key: str) -> Optional[int]:
+def _status_kib(key: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -241,8 +263,13 @@ class Variant:
 
         self.name, self.model, self.unfused = name, model, unfused
         self.cache_kw = _cache_kwarg(model)
-        self.result = Measurement(name, num_layers(model), sum(1 for m in model.modules() if hasattr(m, "flexigpt_base")),
-                                  stored_parameters(model), stored_bytes(model))
+        self.result = Measurement(
+            name,
+            num_layers(model),
+            sum(1 for m in model.modules() if hasattr(m, "flexigpt_base")),
+            stored_parameters(model),
+            stored_bytes(model),
+        )
 
     def __call__(self, device: torch.device, **kwargs):
         """One forward, timed (synchronized), its transient peak memory recorded: (output, seconds)."""
@@ -262,6 +289,7 @@ def measure_all(variants: list[Variant], ids: torch.Tensor, st: Settings, device
     """Prefill and decode every variant, interleaved: each round (prefill) and each decode step
     runs every variant once, in rotating order, so that load from other processes or clock
     drift hits all of them alike."""
+
     def rotated(i):
         k = i % len(variants)
         return variants[k:] + variants[:k]
@@ -276,8 +304,13 @@ def measure_all(variants: list[Variant], ids: torch.Tensor, st: Settings, device
                 for v in rotated(i):
                     _, t = v(device, input_ids=x, use_cache=True, logits_to_keep=1)
                     v.result.prefill_times.setdefault(b, []).append(t)
-            log(f"prefill {b}x{st.seq_len} ms (min / median): " + ", ".join(
-                f"{v.name} {v.result.prefill(b)[0] * 1e3:.1f} / {v.result.prefill(b)[1] * 1e3:.1f}" for v in variants))
+            log(
+                f"prefill {b}x{st.seq_len} ms (min / median): "
+                + ", ".join(
+                    f"{v.name} {v.result.prefill(b)[0] * 1e3:.1f} / {v.result.prefill(b)[1] * 1e3:.1f}"
+                    for v in variants
+                )
+            )
         state = {}
         for v in variants:
             if device.type == "cuda":  # warm up the one-row decode path
@@ -302,8 +335,13 @@ def measure_all(variants: list[Variant], ids: torch.Tensor, st: Settings, device
         for v in variants:
             v.result.kv_cache_bytes = cache_bytes(state[v.name][0])
         del state
-    log(f"decode {st.new_tokens} steps, ms/token (min / median): " + ", ".join(
-        f"{v.name} {min(v.result.steps) * 1e3:.2f} / {statistics.median(v.result.steps) * 1e3:.2f}" for v in variants))
+    log(
+        f"decode {st.new_tokens} steps, ms/token (min / median): "
+        + ", ".join(
+            f"{v.name} {min(v.result.steps) * 1e3:.2f} / {statistics.median(v.result.steps) * 1e3:.2f}"
+            for v in variants
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- models
@@ -343,19 +381,19 @@ class ModelBenchConfig:
     "nearest" when quick, else "distance"). batches / new_tokens / rounds: None takes the
     defaults of Settings (quick: 1 batch, 32 tokens, 2 rounds)."""
 
-    model: Optional[str] = None
-    random: Optional[str] = None
+    model: str | None = None
+    random: str | None = None
     quick: bool = False
     ratio: float = 0.3
-    blocks: Optional[list[int]] = None
-    rank: Optional[int | float] = None
-    bases: Optional[str] = None
+    blocks: list[int] | None = None
+    rank: int | float | None = None
+    bases: str | None = None
     calib_samples: int = 8
     seq_len: int = 512
-    batches: Optional[tuple[int, ...]] = None
-    new_tokens: Optional[int] = None
-    rounds: Optional[int] = None
-    variants: Optional[list[str]] = None
+    batches: tuple[int, ...] | None = None
+    new_tokens: int | None = None
+    rounds: int | None = None
+    variants: list[str] | None = None
 
     def __post_init__(self):
         if self.random is not None and self.random not in RANDOM_PRESETS:
@@ -369,7 +407,7 @@ class ModelBenchConfig:
             raise ValueError(f"ratio: expected a fraction in (0, 1), got {self.ratio}")
 
 
-def load_source(model: Optional[str], random: Optional[str], device: torch.device, dtype: torch.dtype):
+def load_source(model: str | None, random: str | None, device: torch.device, dtype: torch.dtype):
     """(dense model on device, tokenizer or None, description) of a model source (io.load_model:
     None = the embedded default) or of a RANDOM_PRESETS name. A FlexiGPT checkpoint is refused
     (ValueError): the benchmark converts a copy of the dense model itself."""
@@ -441,13 +479,16 @@ def convert_copy(model: nn.Module, cfg: ModelBenchConfig, tok, log=_log) -> tupl
     if cfg.random:
         _randomize_adapters(flex)
     conv.seconds = time.perf_counter() - t0
-    log(f"converted blocks {conv.pruned} (rank {conv.rank}, bases by {conv.bases}: {conv.base_map}) "
-        f"in {conv.seconds:.1f} s")
+    log(
+        f"converted blocks {conv.pruned} (rank {conv.rank}, bases by {conv.bases}: {conv.base_map}) "
+        f"in {conv.seconds:.1f} s"
+    )
     return flex.eval(), conv
 
 
-def run_model_bench(cfg: ModelBenchConfig, *, device: torch.device, dtype: Optional[torch.dtype], out: Path,
-                    log=_log) -> int:
+def run_model_bench(
+    cfg: ModelBenchConfig, *, device: torch.device, dtype: torch.dtype | None, out: Path, log=_log
+) -> int:
     from ..convert.families import num_layers
     from ..convert.prune import prune
     from ..ops import backends
@@ -467,8 +508,10 @@ def run_model_bench(cfg: ModelBenchConfig, *, device: torch.device, dtype: Optio
     ids = torch.randint(0, vocab, (max(st.batches), st.seq_len), generator=torch.Generator().manual_seed(1234))
     ids = ids.to(device)
     ours = backends.resolve(device, dtype)
-    log(f"bench model: {source}, {num_layers(dense)} layers, {dtype}, on {device} (our op's backend: {ours}); "
-        f"prefill {','.join(map(str, st.batches))}x{st.seq_len}, {st.new_tokens} new tokens, {st.rounds} rounds")
+    log(
+        f"bench model: {source}, {num_layers(dense)} layers, {dtype}, on {device} (our op's backend: {ours}); "
+        f"prefill {','.join(map(str, st.batches))}x{st.seq_len}, {st.new_tokens} new tokens, {st.rounds} rounds"
+    )
     flex, conv = convert_copy(dense, cfg, tok, log)
     variants = []
     if "dense" in wanted:
@@ -500,16 +543,31 @@ def run_model_bench(cfg: ModelBenchConfig, *, device: torch.device, dtype: Optio
 
 def _rows(results: dict[str, Measurement], st: Settings, device, dtype, source, conv: Conversion, ours) -> list[dict]:
     meta = run_metadata(device)
-    meta.update(dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(), model=source,
-                pruned_blocks=" ".join(map(str, conv.pruned)), rank=conv.rank, bases=conv.bases,
-                our_backend=ours, seq_len=st.seq_len, new_tokens=st.new_tokens, rounds=st.rounds)
+    meta.update(
+        dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        model=source,
+        pruned_blocks=" ".join(map(str, conv.pruned)),
+        rank=conv.rank,
+        bases=conv.bases,
+        our_backend=ours,
+        seq_len=st.seq_len,
+        new_tokens=st.new_tokens,
+        rounds=st.rounds,
+    )
     dense = results.get("dense")
     ref_tokens = results["flexigpt"].tokens if "flexigpt" in results else None
     rows = []
     for v in [v for v in VARIANTS if v in results]:
         r = results[v]
-        row = {**meta, "variant": v, "layers": r.layers, "replaced_blocks": r.replaced,
-               "params_M": r.params / 1e6, "weights_MiB": r.weights_bytes / 2**20}
+        row = {
+            **meta,
+            "variant": v,
+            "layers": r.layers,
+            "replaced_blocks": r.replaced,
+            "params_M": r.params / 1e6,
+            "weights_MiB": r.weights_bytes / 2**20,
+        }
         for b in st.batches:
             mn, med = r.prefill(b)
             key = f"prefill_{b}x{st.seq_len}"
@@ -537,14 +595,22 @@ def _table(rows: list[dict], st: Settings):
     headers += ["decode tok/s", "ms/token min / med", "x dense", "KV cache MiB", "peak activations MiB"]
     body = []
     for r in rows:
-        line = [r["variant"], f"{r['layers']} ({r['replaced_blocks']})", f"{r['params_M']:.1f}",
-                f"{r['weights_MiB']:.0f}"]
+        line = [
+            r["variant"],
+            f"{r['layers']} ({r['replaced_blocks']})",
+            f"{r['params_M']:.1f}",
+            f"{r['weights_MiB']:.0f}",
+        ]
         for b in st.batches:
             key = f"prefill_{b}x{st.seq_len}"
             line += [f"{r[key + '_min_ms']:.1f} / {r[key + '_median_ms']:.1f}", fmt_ratio(r[key + "_x_dense"])]
-        line += [f"{r['decode_tok_s']:.1f}", f"{r['decode_ms_per_token_min']:.2f} / "
-                 f"{r['decode_ms_per_token_median']:.2f}", fmt_ratio(r["decode_x_dense"]),
-                 f"{r['kv_cache_MiB']:.1f}", f"{r['peak_activation_MiB']:.0f}"]
+        line += [
+            f"{r['decode_tok_s']:.1f}",
+            f"{r['decode_ms_per_token_min']:.2f} / {r['decode_ms_per_token_median']:.2f}",
+            fmt_ratio(r["decode_x_dense"]),
+            f"{r['kv_cache_MiB']:.1f}",
+            f"{r['peak_activation_MiB']:.0f}",
+        ]
         body.append(line)
     return headers, body
 
@@ -574,6 +640,7 @@ def _markdown(rows: list[dict], st: Settings) -> str:
         f"step; tok/s = steps / their total time; ratio to dense from the median ms/token. Memory: weights "
         f"(each shared tensor once), the KV cache after decoding, and the largest transient peak of one "
         f"call ({first['memory_method']}).\n\n"
-        + markdown_table(headers, body) + "\n"
+        + markdown_table(headers, body)
+        + "\n"
         + (f"\nGreedy tokens of flexigpt-unfused equal to flexigpt's: {same[0]}.\n" if same else "")
     )

@@ -10,17 +10,21 @@ default (robust on a busy machine; stat="median" for the medians).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .results import num, read_csv
 
-_STYLE = {"unfused-peft": dict(color="tab:red", marker="s"), "dense": dict(color="tab:gray", marker="v"),
-          "op-triton": dict(color="tab:blue", marker="o"), "op-cpp": dict(color="tab:green", marker="o"),
-          "op-reference": dict(color="tab:purple", marker="o")}
+_STYLE = {
+    "unfused-peft": dict(color="tab:red", marker="s"),
+    "dense": dict(color="tab:gray", marker="v"),
+    "op-triton": dict(color="tab:blue", marker="o"),
+    "op-cpp": dict(color="tab:green", marker="o"),
+    "op-reference": dict(color="tab:purple", marker="o"),
+}
 
 
-def select_run(rows: Sequence[dict], run: Optional[str] = "latest") -> list[dict]:
+def select_run(rows: Sequence[dict], run: str | None = "latest") -> list[dict]:
     """Rows of one run (its run_id; "latest" = the newest run in the file) or, with run="all",
     the newest row of every (shape, variant, mode, provider) across runs."""
     if not rows:
@@ -28,8 +32,18 @@ def select_run(rows: Sequence[dict], run: Optional[str] = "latest") -> list[dict
     if run == "all":
         newest: dict[tuple, dict] = {}
         for r in sorted(rows, key=lambda r: r.get("run_id", "")):
-            key = (r["device_name"], r["model"], r["layer"], r["M"], r["K"], r["N"], r["r"], r["variant"],
-                   r["mode"], r["provider"])
+            key = (
+                r["device_name"],
+                r["model"],
+                r["layer"],
+                r["M"],
+                r["K"],
+                r["N"],
+                r["r"],
+                r["variant"],
+                r["mode"],
+                r["provider"],
+            )
             newest[key] = r
         return list(newest.values())
     run_id = max(r.get("run_id", "") for r in rows) if run in (None, "latest") else run
@@ -39,7 +53,7 @@ def select_run(rows: Sequence[dict], run: Optional[str] = "latest") -> list[dict
     return picked
 
 
-def plot_csv(csv_path: Path, out_dir: Path, *, run: Optional[str] = "latest", stat: str = "min") -> list[Path]:
+def plot_csv(csv_path: Path, out_dir: Path, *, run: str | None = "latest", stat: str = "min") -> list[Path]:
     """Draw the plots of one kernels CSV into out_dir; returns the PNG paths."""
     import matplotlib
 
@@ -59,12 +73,18 @@ def plot_csv(csv_path: Path, out_dir: Path, *, run: Optional[str] = "latest", st
         wrows = [r for r in rows if r["model"] == widths]
         layers = list(dict.fromkeys(r["layer"] for r in wrows))
         panels = list(dict.fromkeys((r["variant"], r["mode"]) for r in wrows))
-        for metric, title in (("x_floor", "time / floor (dense x extra work)"),
-                              ("x_unfused", "time / unfused PEFT-style time")):
-            providers = [p for p in dict.fromkeys(r["provider"] for r in wrows)
-                         if p != "floor" and (metric == "x_floor" or p.startswith("op-"))]
-            fig, axes = plt.subplots(len(panels), len(layers), squeeze=False, sharex=True,
-                                     figsize=(4.2 * len(layers), 2.9 * len(panels)))
+        for metric, title in (
+            ("x_floor", "time / floor (dense x extra work)"),
+            ("x_unfused", "time / unfused PEFT-style time"),
+        ):
+            providers = [
+                p
+                for p in dict.fromkeys(r["provider"] for r in wrows)
+                if p != "floor" and (metric == "x_floor" or p.startswith("op-"))
+            ]
+            fig, axes = plt.subplots(
+                len(panels), len(layers), squeeze=False, sharex=True, figsize=(4.2 * len(layers), 2.9 * len(panels))
+            )
             for j, layer in enumerate(layers):
                 for i, (variant, mode) in enumerate(panels):
                     ax = axes[i][j]
@@ -87,8 +107,9 @@ def plot_csv(csv_path: Path, out_dir: Path, *, run: Optional[str] = "latest", st
                         ax.set_xlabel("M (rows)")
             handles, labels = axes[0][0].get_legend_handles_labels()
             fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=len(labels))
-            fig.suptitle(f"{widths}: {title}, {stat} over rounds\n{device_name}, {dtype}", fontsize=10, x=0.02,
-                         ha="left")
+            fig.suptitle(
+                f"{widths}: {title}, {stat} over rounds\n{device_name}, {dtype}", fontsize=10, x=0.02, ha="left"
+            )
             fig.tight_layout(rect=(0, 0, 1, 0.955 if len(panels) > 2 else 0.9))
             path = out_dir / f"{Path(csv_path).stem}_{widths.replace('/', '-')}_{metric}.png"
             fig.savefig(path, dpi=100)

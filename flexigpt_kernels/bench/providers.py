@@ -17,7 +17,7 @@ the shared weight is frozen. Dense fwd+bwd computes grad x only.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +55,9 @@ class Operands:
             return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
 
         self.x = rnd(s.m, s.k)
-        self.weight = rnd(s.n, s.k, std=s.k ** -0.5)
-        self.lora_a = rnd(s.r, s.k, std=s.k ** -0.5)
-        self.lora_b = rnd(s.n, s.r, std=s.r ** -0.5)
+        self.weight = rnd(s.n, s.k, std=s.k**-0.5)
+        self.lora_a = rnd(s.r, s.k, std=s.k**-0.5)
+        self.lora_b = rnd(s.n, s.r, std=s.r**-0.5)
         self.norm_weight = (torch.rand(s.n, generator=g, device=device) + 0.5).to(dtype) if norm else None
         self.residual = rnd(s.m, s.n) if norm else None
         self.grad_out = rnd(s.m, s.n) if grad else None
@@ -76,19 +76,22 @@ def forward_callable(provider: str, o: Operands) -> Callable[[], torch.Tensor]:
     if provider == DENSE:
         return lambda: F.linear(o.x, o.weight)
     if provider == UNFUSED:
-        return lambda: unfused_peft_style(o.x, o.weight, o.lora_a, o.lora_b, SCALE,
-                                          norm_weight=o.norm_weight, residual=o.residual)
+        return lambda: unfused_peft_style(
+            o.x, o.weight, o.lora_a, o.lora_b, SCALE, norm_weight=o.norm_weight, residual=o.residual
+        )
     if not provider.startswith("op-"):
         raise ValueError(f"unknown provider {provider!r}")
     backend = provider.removeprefix("op-")
     if backend == backends.resolve(o.x.device, o.x.dtype):  # the default: exactly what a user pays
-        return lambda: shared_lora_linear(o.x, o.weight, o.lora_a, o.lora_b, SCALE,
-                                          norm_weight=o.norm_weight, residual=o.residual)
+        return lambda: shared_lora_linear(
+            o.x, o.weight, o.lora_a, o.lora_b, SCALE, norm_weight=o.norm_weight, residual=o.residual
+        )
 
     def run():
         with use_backend(backend):
-            return shared_lora_linear(o.x, o.weight, o.lora_a, o.lora_b, SCALE,
-                                      norm_weight=o.norm_weight, residual=o.residual)
+            return shared_lora_linear(
+                o.x, o.weight, o.lora_a, o.lora_b, SCALE, norm_weight=o.norm_weight, residual=o.residual
+            )
 
     return run
 
@@ -97,6 +100,7 @@ def bench_callable(provider: str, o: Operands, mode: str) -> Callable[[], object
     """The callable timed for `provider` in `mode` ("fwd" or "fwd+bwd")."""
     fwd = forward_callable(provider, o)
     if mode == "fwd":
+
         def inference():
             with torch.no_grad():
                 return fwd()
@@ -112,7 +116,7 @@ def bench_callable(provider: str, o: Operands, mode: str) -> Callable[[], object
     return train_step
 
 
-def check_agreement(providers: list[str], o: Operands, atol: Optional[float] = None) -> None:
+def check_agreement(providers: list[str], o: Operands, atol: float | None = None) -> None:
     """Every op provider and the unfused one must compute the same forward (a benchmark of a
     wrong result is worthless). Raises AssertionError naming the provider."""
     with torch.no_grad():

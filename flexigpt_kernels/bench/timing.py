@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -30,9 +30,15 @@ class Timing:
     timer: str  # how it was measured
 
 
-def time_cpu_interleaved(fns: dict[str, Callable[[], object]], budget_s: float = 1.0, *,
-                         min_rounds: int = 3, max_rounds: int = 200, block_s: float = 0.005,
-                         warmup: int = 1) -> dict[str, Timing]:
+def time_cpu_interleaved(
+    fns: dict[str, Callable[[], object]],
+    budget_s: float = 1.0,
+    *,
+    min_rounds: int = 3,
+    max_rounds: int = 200,
+    block_s: float = 0.005,
+    warmup: int = 1,
+) -> dict[str, Timing]:
     """Time every callable of `fns` in interleaved rounds within about `budget_s` seconds in all
     (never fewer than `min_rounds` rounds). Returns {name: Timing}."""
     from torch.utils.benchmark import Timer
@@ -54,17 +60,20 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], budget_s: float =
     samples: dict[str, list[float]] = {name: [] for name in names}
     start, i = time.perf_counter(), 0
     while i < max_rounds and (i < min_rounds or time.perf_counter() - start < budget_s):
-        order = names[i % len(names):] + names[: i % len(names)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
             samples[name].append(timers[name].timeit(number[name]).mean)
         i += 1
     rounds = i
-    return {name: Timing(min(v), statistics.median(v), rounds, number[name],
-                         "torch.utils.benchmark interleaved") for name, v in samples.items()}
+    return {
+        name: Timing(min(v), statistics.median(v), rounds, number[name], "torch.utils.benchmark interleaved")
+        for name, v in samples.items()
+    }
 
 
-def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100,
-              cuda_graph: bool = False) -> Timing:
+def time_cuda(
+    fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100, cuda_graph: bool = False
+) -> Timing:
     """triton.testing.do_bench (L2 flushed between calls); with cuda_graph=True,
     do_bench_cudagraph (launch overhead removed; falls back to do_bench if capture fails)."""
     import triton.testing

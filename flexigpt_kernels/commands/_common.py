@@ -11,8 +11,8 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from ..cli import UsageError
 
@@ -53,12 +53,18 @@ def finite_float(text: str) -> float:
 
 def _in_range(kind, what: str, *, above=None, at_least=None, below=None, at_most=None) -> Callable[[str], object]:
     """A validator of `kind` numbers within the given bounds (`what` says which, in errors)."""
+
     def parse(text: str):
         value = _number(text, kind)
-        if ((above is not None and value <= above) or (at_least is not None and value < at_least)
-                or (below is not None and value >= below) or (at_most is not None and value > at_most)):
+        if (
+            (above is not None and value <= above)
+            or (at_least is not None and value < at_least)
+            or (below is not None and value >= below)
+            or (at_most is not None and value > at_most)
+        ):
             raise _error(f"expected {what}, got {text!r}")
         return value
+
     return parse
 
 
@@ -77,9 +83,11 @@ def rank(text: str):
     return _in_range(float, "an integer >= 1 or a fraction of the hidden size in (0, 1]", above=0, at_most=1)(text)
 
 
-def listing(item: Callable[[str], object], *, choices: Optional[tuple[str, ...]] = None,
-            unique: bool = False) -> Callable[[str], list]:
+def listing(
+    item: Callable[[str], object], *, choices: tuple[str, ...] | None = None, unique: bool = False
+) -> Callable[[str], list]:
     """A comma-separated, non-empty list of `item` values (optionally from `choices`)."""
+
     def parse(text: str) -> list:
         parts = [t.strip() for t in text.split(",")]
         if not text.strip() or any(not t for t in parts):
@@ -92,6 +100,7 @@ def listing(item: Callable[[str], object], *, choices: Optional[tuple[str, ...]]
         if unique and len(set(values)) != len(values):
             raise _error(f"repeated values in {text!r}")
         return values
+
     return parse
 
 

@@ -7,26 +7,51 @@ import argparse
 import time
 
 from ..cli import UsageError
-from ._common import DTYPES, check_out, finite_float, fraction, listing, non_negative_int, nonempty, out_dir, \
-    positive_int, print_result, rank, user_input
+from ._common import (
+    DTYPES,
+    check_out,
+    finite_float,
+    fraction,
+    listing,
+    non_negative_int,
+    nonempty,
+    out_dir,
+    positive_int,
+    print_result,
+    rank,
+    user_input,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser, *, require_out: bool = True) -> None:
-    p.add_argument("--model", type=nonempty,
-                   help="local folder or hub name of a causal LM (default: embedded SmolLM2-135M)")
-    p.add_argument("--calib", type=nonempty, help="calibration source: dataset name, .txt/.jsonl/.parquet file or "
-                                                  "folder (default: embedded gensim Wikipedia sample)")
-    p.add_argument("--eval", dest="eval_source", type=nonempty,
-                   help="held-out text source for perplexity (default: embedded gensim news text)")
+    p.add_argument(
+        "--model", type=nonempty, help="local folder or hub name of a causal LM (default: embedded SmolLM2-135M)"
+    )
+    p.add_argument(
+        "--calib",
+        type=nonempty,
+        help="calibration source: dataset name, .txt/.jsonl/.parquet file or "
+        "folder (default: embedded gensim Wikipedia sample)",
+    )
+    p.add_argument(
+        "--eval",
+        dest="eval_source",
+        type=nonempty,
+        help="held-out text source for perplexity (default: embedded gensim news text)",
+    )
     p.add_argument("--ratio", type=fraction, default=0.3, help="fraction of decoder blocks to prune (default 0.3)")
     p.add_argument("--blocks", type=listing(non_negative_int, unique=True), help="explicit blocks, e.g. 3,12,13")
     p.add_argument("--rank", type=rank, help="adapter rank, int or fraction of hidden size (default 256/4096)")
     p.add_argument("--method", choices=["flexigpt", "drop"], default="flexigpt")
     p.add_argument("--gamma-init", type=finite_float, help="initial output-norm gamma (default 1e-2)")
-    p.add_argument("--local-fit", choices=["none", "gamma", "full"], default="gamma",
-                   help="fit replacement blocks to the dense blocks on calibration tokens: 'gamma' "
-                        "(default: per-channel least-squares gamma, seconds), 'full' (activation-aware "
-                        "adapters + gamma + 40 gradient steps per block, minutes), 'none' (the paper's init)")
+    p.add_argument(
+        "--local-fit",
+        choices=["none", "gamma", "full"],
+        default="gamma",
+        help="fit replacement blocks to the dense blocks on calibration tokens: 'gamma' "
+        "(default: per-channel least-squares gamma, seconds), 'full' (activation-aware "
+        "adapters + gamma + 40 gradient steps per block, minutes), 'none' (the paper's init)",
+    )
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--num-samples", type=positive_int, default=32, help="calibration chunks")
     p.add_argument("--eval-chunks", type=positive_int, default=40, help="held-out chunks of --seq-len tokens")
@@ -70,10 +95,22 @@ def run(args: argparse.Namespace) -> int:
 
     set_card_info(model, source=args.model or "default")  # the model card's source model
     summary = run_prune_job(
-        model, tokenizer, calib, heldout, ratio=args.ratio, blocks=args.blocks, rank=args.rank,
-        method=args.method, out=args.out, overwrite=args.overwrite, baseline=not args.no_baseline,
-        seq_len=args.seq_len, num_samples=args.num_samples, eval_chunks=args.eval_chunks,
-        gamma_init=args.gamma_init, local_fit=None if args.local_fit == "none" else args.local_fit,
+        model,
+        tokenizer,
+        calib,
+        heldout,
+        ratio=args.ratio,
+        blocks=args.blocks,
+        rank=args.rank,
+        method=args.method,
+        out=args.out,
+        overwrite=args.overwrite,
+        baseline=not args.no_baseline,
+        seq_len=args.seq_len,
+        num_samples=args.num_samples,
+        eval_chunks=args.eval_chunks,
+        gamma_init=args.gamma_init,
+        local_fit=None if args.local_fit == "none" else args.local_fit,
         progress=not args.json,
     )
     summary["seconds"] = {"load_model": load_s, **summary["seconds"]}

@@ -14,11 +14,19 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..cli import UsageError
-from ._common import DTYPES, existing_dir, non_negative_int, nonempty, positive_float, positive_int, print_result, \
-    user_input
+from ._common import (
+    DTYPES,
+    existing_dir,
+    non_negative_int,
+    nonempty,
+    positive_float,
+    positive_int,
+    print_result,
+    user_input,
+)
 
 DEFAULT_SOURCE = "default"
 # SmolLM2-135M(-Instruct): what a checkpoint derived from the embedded default looks like
@@ -44,7 +52,7 @@ def looks_like_default(model) -> bool:
     return int(meta.get("num_blocks") or getattr(cfg, "num_hidden_layers", 0)) == _SMOLLM2_BLOCKS
 
 
-def baseline_source(model, requested: Optional[str]) -> Optional[str]:
+def baseline_source(model, requested: str | None) -> str | None:
     """Which dense model to compare with (see the module doc); None = no baseline."""
     if requested is not None:
         return None if requested.lower() == "none" else requested
@@ -56,25 +64,52 @@ def baseline_source(model, requested: Optional[str]) -> Optional[str]:
     return None
 
 
-def evaluate_model(model, tokenizer, *, data, tasks, seq_len: int, num_chunks: Optional[int],
-                   batch_size: int, task_batch_size: int, limit, num_fewshot, include_path,
-                   progress: bool, label: str) -> dict[str, Any]:
+def evaluate_model(
+    model,
+    tokenizer,
+    *,
+    data,
+    tasks,
+    seq_len: int,
+    num_chunks: int | None,
+    batch_size: int,
+    task_batch_size: int,
+    limit,
+    num_fewshot,
+    include_path,
+    progress: bool,
+    label: str,
+) -> dict[str, Any]:
     """{"perplexity": float|None, "tasks": {task: {metric: value}}, "seconds": {...}}."""
     from ..eval import perplexity
 
     out: dict[str, Any] = {"perplexity": None, "tasks": {}, "seconds": {}}
     if data is not None:
         t = time.perf_counter()
-        out["perplexity"] = perplexity(model, tokenizer, data, seq_len=seq_len, num_chunks=num_chunks,
-                                       batch_size=batch_size, progress=progress,
-                                       desc=f"perplexity ({label})")
+        out["perplexity"] = perplexity(
+            model,
+            tokenizer,
+            data,
+            seq_len=seq_len,
+            num_chunks=num_chunks,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"perplexity ({label})",
+        )
         out["seconds"]["perplexity"] = time.perf_counter() - t
     if tasks:
         from ..eval import evaluate_tasks
 
         t = time.perf_counter()
-        res = evaluate_tasks(model, tokenizer, tasks, batch_size=task_batch_size, limit=limit,
-                             num_fewshot=num_fewshot, include_path=include_path)
+        res = evaluate_tasks(
+            model,
+            tokenizer,
+            tasks,
+            batch_size=task_batch_size,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            include_path=include_path,
+        )
         out["tasks"] = res.metrics
         out["seconds"]["tasks"] = time.perf_counter() - t
     return out
@@ -109,24 +144,42 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append("  ".join([name.ljust(w0)] + [v.rjust(w) for v, w in zip(vals, widths)]))
     settings = summary["settings"]
     if settings.get("data") is not None:
-        lines.append(f"perplexity: {settings['num_chunks']} non-overlapping windows of {settings['seq_len']} "
-                     f"tokens of {settings['data']}, no BOS, exp(mean NLL)")
+        lines.append(
+            f"perplexity: {settings['num_chunks']} non-overlapping windows of {settings['seq_len']} "
+            f"tokens of {settings['data']}, no BOS, exp(mean NLL)"
+        )
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="DIR", type=nonempty,
-                   help="flexigpt_kernels checkpoint, Hugging Face folder or hub name, or 'default' (embedded "
-                        "SmolLM2-135M)")
-    p.add_argument("--data", type=nonempty, help="held-out text for perplexity: .txt/.jsonl/.parquet file or "
-                                                 "folder, or a dataset name (default: embedded gensim news text); "
-                                                 "'none' skips perplexity")
-    p.add_argument("--tasks", nargs="+", default=[], metavar="TASK", type=nonempty,
-                   help="lm-eval task names (need the hub) or local task YAML files")
+    p.add_argument(
+        "model",
+        metavar="DIR",
+        type=nonempty,
+        help="flexigpt_kernels checkpoint, Hugging Face folder or hub name, or 'default' (embedded SmolLM2-135M)",
+    )
+    p.add_argument(
+        "--data",
+        type=nonempty,
+        help="held-out text for perplexity: .txt/.jsonl/.parquet file or "
+        "folder, or a dataset name (default: embedded gensim news text); "
+        "'none' skips perplexity",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=[],
+        metavar="TASK",
+        type=nonempty,
+        help="lm-eval task names (need the hub) or local task YAML files",
+    )
     p.add_argument("--include-path", type=existing_dir, help="folder of task YAMLs whose task names --tasks may use")
-    p.add_argument("--baseline", type=nonempty,
-                   help="dense model to compare with ('default', a folder, a hub name, or 'none'; "
-                        "default: the source recorded in the checkpoint)")
+    p.add_argument(
+        "--baseline",
+        type=nonempty,
+        help="dense model to compare with ('default', a folder, a hub name, or 'none'; "
+        "default: the source recorded in the checkpoint)",
+    )
     p.add_argument("--seq-len", type=positive_int, default=256, help="perplexity window length (default 256)")
     p.add_argument("--num-chunks", type=non_negative_int, default=40, help="perplexity windows (default 40; 0 = all)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
@@ -177,21 +230,49 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         tokenizer = base_tok if base_tok is not None else source_tokenizer(model)
     if tokenizer is None:
-        raise UsageError(f"DIR: {args.model} has no tokenizer and no known source to take one from; "
-                         "pass --baseline SOURCE_MODEL")
+        raise UsageError(
+            f"DIR: {args.model} has no tokenizer and no known source to take one from; pass --baseline SOURCE_MODEL"
+        )
     if base_model is not None and base_tok is None:
         base_tok = tokenizer
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    kw = dict(data=data, tasks=args.tasks, seq_len=args.seq_len, num_chunks=args.num_chunks or None,
-              batch_size=args.batch_size, task_batch_size=args.task_batch_size, limit=limit,
-              num_fewshot=args.num_fewshot, include_path=args.include_path, progress=not args.json)
+    kw = dict(
+        data=data,
+        tasks=args.tasks,
+        seq_len=args.seq_len,
+        num_chunks=args.num_chunks or None,
+        batch_size=args.batch_size,
+        task_batch_size=args.task_batch_size,
+        limit=limit,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        progress=not args.json,
+    )
     summary: dict[str, Any] = {
         "sources": {"model": ident},
-        "meta": {k: v for k, v in (getattr(model, "flexigpt_meta", None) or {}).items()
-                 if k in ("method", "family", "num_blocks", "pruned", "base_map", "layers", "pattern", "repeats",
-                          "rank", "source")},
-        "settings": {"data": data_name, "seq_len": args.seq_len, "num_chunks": args.num_chunks or None,
-                     "tasks": args.tasks},
+        "meta": {
+            k: v
+            for k, v in (getattr(model, "flexigpt_meta", None) or {}).items()
+            if k
+            in (
+                "method",
+                "family",
+                "num_blocks",
+                "pruned",
+                "base_map",
+                "layers",
+                "pattern",
+                "repeats",
+                "rank",
+                "source",
+            )
+        },
+        "settings": {
+            "data": data_name,
+            "seq_len": args.seq_len,
+            "num_chunks": args.num_chunks or None,
+            "tasks": args.tasks,
+        },
         "baseline": None,
     }
     method = summary["meta"].get("method")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
 
 from torch import nn
 
@@ -27,7 +26,7 @@ def finite_number(name: str, value, *, nonzero: bool = False, positive: bool = F
     return f
 
 
-def positive_int(name: str, value, *, allow_none: bool = True) -> Optional[int]:
+def positive_int(name: str, value, *, allow_none: bool = True) -> int | None:
     """`value` as an int >= 1 (or None when allowed); ValueError otherwise (bools and floats too)."""
     if value is None and allow_none:
         return None
@@ -51,5 +50,7 @@ def check_not_converted(model: nn.Module, what: str, allowed_methods: tuple[str,
     method = (getattr(model, "flexigpt_meta", None) or {}).get("method", "none")
     if layers or method not in allowed_methods:
         found = f"it has {layers[0]}" if layers else f"its flexigpt_meta says method {method!r}"
-        raise ValueError(f"{what}: the model was already converted ({found}); {what} a dense model "
-                         f"(load the original again; prune() and extend() convert in place)")
+        raise ValueError(
+            f"{what}: the model was already converted ({found}); {what} a dense model "
+            f"(load the original again; prune() and extend() convert in place)"
+        )

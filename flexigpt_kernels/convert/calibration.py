@@ -69,8 +69,7 @@ def _from_tensor(tokens: torch.Tensor, tokenizer, seq_len, num_samples) -> torch
     cols = s if seq_len is None else seq_len
     if rows > n or cols > s or n == 0 or s == 0:
         raise ValueError(
-            f"source: token tensor of shape {(n, s)} is smaller than the requested "
-            f"[num_samples={rows}, seq_len={cols}]"
+            f"source: token tensor of shape {(n, s)} is smaller than the requested [num_samples={rows}, seq_len={cols}]"
         )
     return tokens[:rows, :cols].contiguous()
 
@@ -80,9 +79,11 @@ def _chunk(ids: list[int], seq_len: int, num_samples: int) -> torch.Tensor:
     if not ids:
         raise ValueError("source: no calibration text: the source is empty or holds only whitespace")
     if len(ids) < seq_len:
-        raise ValueError(f"source: {len(ids)} tokens, fewer than one sequence of seq_len={seq_len} "
-                         f"(calibration needs num_samples={num_samples} x seq_len={seq_len} = {need}); "
-                         f"give more text or lower them")
+        raise ValueError(
+            f"source: {len(ids)} tokens, fewer than one sequence of seq_len={seq_len} "
+            f"(calibration needs num_samples={num_samples} x seq_len={seq_len} = {need}); "
+            f"give more text or lower them"
+        )
     if len(ids) < need:
         raise ValueError(
             f"source: not enough tokens for calibration: found {len(ids)}, need {need} "
@@ -97,9 +98,7 @@ def _texts_of(rows: Iterable, text_field: str) -> Iterator[str]:
             text = row
         elif isinstance(row, dict):
             if text_field not in row:
-                raise ValueError(
-                    f"text_field: {text_field!r} is not a column of the data; columns: {sorted(row)}"
-                )
+                raise ValueError(f"text_field: {text_field!r} is not a column of the data; columns: {sorted(row)}")
             text = row[text_field]
         else:
             raise ValueError(f"source: expected strings or dicts with {text_field!r}, got {type(row).__name__}")
@@ -230,8 +229,10 @@ def token_batches(
     num_samples = num_samples or DEFAULT_NUM_SAMPLES
     if isinstance(source, (str, os.PathLike)):
         if not os.fspath(source).strip():  # Path("") is ".": never read the current folder unasked
-            raise ValueError(f"source: empty calibration source {source!r}; give a file, a folder, a "
-                             f"dataset name, texts or token ids")
+            raise ValueError(
+                f"source: empty calibration source {source!r}; give a file, a folder, a "
+                f"dataset name, texts or token ids"
+            )
         path = Path(source).expanduser()
         if path.exists():
             rows = _load_local(path, split, seed)

@@ -51,8 +51,9 @@ original's type) follow the new stack; the shared base weights get ``requires_gr
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ __all__ = ["PATTERNS", "ExtendReport", "extend", "extension_order", "parse_layer
 PATTERNS = ("block", "sequential")
 
 
-def parse_layers(spec: str | Sequence[int] | range, num_blocks: Optional[int] = None) -> range:
+def parse_layers(spec: str | Sequence[int] | range, num_blocks: int | None = None) -> range:
     """A layer range from ``"a:b"`` (``":b"``, ``"a:"`` with num_blocks), a range, or a
     contiguous list of ints. Raises ValueError for anything else."""
     if isinstance(spec, range):
@@ -108,8 +109,11 @@ def extension_order(num_blocks: int, layers: range, pattern: str, repeats: int) 
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     if len(layers) == 0 or layers.start < 0 or layers.stop > num_blocks or layers.step != 1:
         raise ValueError(f"layers {layers} must be a non-empty contiguous range inside 0..{num_blocks}")
-    inner = ([i for i in layers for _ in range(repeats)] if pattern == "block"
-             else [i for _ in range(repeats) for i in layers])
+    inner = (
+        [i for i in layers for _ in range(repeats)]
+        if pattern == "block"
+        else [i for _ in range(repeats) for i in layers]
+    )
     return list(range(layers.start)) + inner + list(range(layers.stop, num_blocks))
 
 
@@ -144,8 +148,10 @@ def _copy_structure(block: nn.Module, family: Family, keep: Sequence[object]) ->
     for name in family.linears:
         linear = block.get_submodule(name)
         if isinstance(linear, SharedLoRALinear):
-            raise ValueError(f"extend: block {name} is already a shared layer (a replacement block); "
-                             "extend a model whose blocks in `layers` own their weights")
+            raise ValueError(
+                f"extend: block {name} is already a shared layer (a replacement block); "
+                "extend a model whose blocks in `layers` own their weights"
+            )
         for p in (linear.weight, linear.bias):
             if p is not None:
                 memo[id(p)] = p
@@ -176,8 +182,12 @@ def _remap_layer_config(config, order: list[int]) -> None:
 
 
 def _adapter_params(blocks: list[nn.Module]) -> int:
-    return sum(p.numel() for b in blocks for n, p in b.named_parameters()
-               if n.endswith(("lora_a", "lora_b")) or "output_norm" in n)
+    return sum(
+        p.numel()
+        for b in blocks
+        for n, p in b.named_parameters()
+        if n.endswith(("lora_a", "lora_b")) or "output_norm" in n
+    )
 
 
 @torch.no_grad()
@@ -187,12 +197,12 @@ def extend(
     *,
     pattern: str = "block",
     repeats: int = 2,
-    rank: Optional[int | float] = None,
+    rank: int | float | None = None,
     scale: float = 1.0,
     output_norm: bool = True,
     gamma_init: float = DEFAULT_GAMMA_INIT,
     norm_eps: float = 1e-5,
-    source: Optional[str] = None,
+    source: str | None = None,
 ) -> tuple[nn.Module, ExtendReport]:
     """Extend `model` in place by repeating blocks; returns (model, report). See the module doc.
 
@@ -213,8 +223,10 @@ def extend(
     """
     family = family_of(model)
     if replacement_blocks(model):
-        raise ValueError("extend: the model already has replacement blocks (it was pruned or extended); "
-                         "extend the dense model instead")
+        raise ValueError(
+            "extend: the model already has replacement blocks (it was pruned or extended); "
+            "extend the dense model instead"
+        )
     check_not_converted(model, "extend", allowed_methods=("none", "drop"))  # a "drop" model is a plain one
     scale = finite_number("scale", scale, nonzero=True)
     gamma_init = finite_number("gamma_init", gamma_init)
@@ -242,8 +254,17 @@ def extend(
             new_blocks.append(original)
             continue
         block = _copy_structure(original, family, keep)
-        make_replacement_block(block, original, family, rank=r, scale=scale, output_norm=output_norm,
-                               gamma_init=gamma_init, norm_eps=norm_eps, svd_init=False)
+        make_replacement_block(
+            block,
+            original,
+            family,
+            rank=r,
+            scale=scale,
+            output_norm=output_norm,
+            gamma_init=gamma_init,
+            norm_eps=norm_eps,
+            svd_init=False,
+        )
         block.flexigpt_base = first_pos[src]
         base_map[pos] = first_pos[src]
         new_blocks.append(block)
@@ -257,9 +278,16 @@ def extend(
     _remap_layer_config(model.config, order)
 
     report = ExtendReport(
-        pattern=pattern, repeats=repeats, layers=(layer_range.start, layer_range.stop),
-        num_blocks_before=n, num_blocks_after=len(order), order=order, base_map=base_map, rank=r,
-        params_before=params_before, params_after=stored_parameters(model),
+        pattern=pattern,
+        repeats=repeats,
+        layers=(layer_range.start, layer_range.stop),
+        num_blocks_before=n,
+        num_blocks_after=len(order),
+        order=order,
+        base_map=base_map,
+        rank=r,
+        params_before=params_before,
+        params_after=stored_parameters(model),
         adapter_params=_adapter_params(repeats_made),
     )
     model.flexigpt_meta = {

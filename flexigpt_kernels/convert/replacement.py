@@ -15,8 +15,6 @@ never holds more than one extra matrix (plus its SVD) beyond the model.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -39,7 +37,7 @@ class PostNormThenOutputNorm(nn.Module):
         return self.output_norm(self.norm(x))
 
 
-def resolve_rank(rank: Optional[int | float], hidden_size: int) -> int:
+def resolve_rank(rank: int | float | None, hidden_size: int) -> int:
     """rank: an int >= 1, a fraction in (0, 1] of the hidden size, or None for the paper's 1/16.
     A fraction rounds to the nearest int (at least 1)."""
     if rank is None:
@@ -86,13 +84,13 @@ def make_replacement_block(
         fused_norm = None
         if output_norm and name in (family.attn_out, family.mlp_out):
             own_norm_name = family.attn_out_norm if name == family.attn_out else family.mlp_out_norm
-            norm = OutputNorm(base.out_features, gamma_init, norm_eps, device=base.weight.device,
-                              dtype=base.weight.dtype)
+            norm = OutputNorm(
+                base.out_features, gamma_init, norm_eps, device=base.weight.device, dtype=base.weight.dtype
+            )
             if own_norm_name is None:
                 fused_norm = norm  # computed in the same op as the linear
             else:
-                _set_submodule(block, own_norm_name,
-                               PostNormThenOutputNorm(block.get_submodule(own_norm_name), norm))
+                _set_submodule(block, own_norm_name, PostNormThenOutputNorm(block.get_submodule(own_norm_name), norm))
         if svd_init:
             shared = SharedLoRALinear.from_difference(target, base, r, scale=scale, output_norm=fused_norm)
         else:

@@ -82,9 +82,7 @@ def select_blocks(scores, *, ratio: float | None = None, blocks: Sequence[int] |
     Exactly one of ``ratio`` and ``blocks`` must be given. Returns ascending indices.
     """
     if (ratio is None) == (blocks is None):
-        raise ValueError(
-            f"ratio/blocks: give exactly one of them, got ratio={ratio!r}, blocks={blocks!r}"
-        )
+        raise ValueError(f"ratio/blocks: give exactly one of them, got ratio={ratio!r}, blocks={blocks!r}")
     t = _as_scores(scores)
     num_blocks = t.numel()
     if blocks is not None:

@@ -40,9 +40,10 @@ import contextlib
 import copy
 import os
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -72,8 +73,8 @@ def _require_lm_eval():
         import lm_eval  # noqa: F401
     except ImportError:
         raise ImportError(
-            "zero-shot tasks need lm-evaluation-harness: pip install 'lm-eval==0.4.13' "
-            "(or the package's 'eval' extra)") from None
+            "zero-shot tasks need lm-evaluation-harness: pip install 'lm-eval==0.4.13' (or the package's 'eval' extra)"
+        ) from None
 
 
 def _absolute_data_files(data_files, base: Path):
@@ -89,7 +90,7 @@ def _absolute_data_files(data_files, base: Path):
     return fix(data_files)
 
 
-def resolve_task_spec(spec: str) -> tuple[str | dict[str, Any], Optional[Path]]:
+def resolve_task_spec(spec: str) -> tuple[str | dict[str, Any], Path | None]:
     """(what to hand lm-eval, a folder to add to its task search path or None) for one spec.
 
     A task YAML file becomes its loaded config dict (data_files resolved against the file's
@@ -107,8 +108,10 @@ def resolve_task_spec(spec: str) -> tuple[str | dict[str, Any], Optional[Path]]:
             cfg = dict(cfg)
             kwargs = cfg.get("dataset_kwargs")
             if isinstance(kwargs, dict) and "data_files" in kwargs:
-                cfg["dataset_kwargs"] = {**kwargs,
-                                         "data_files": _absolute_data_files(kwargs["data_files"], path.parent)}
+                cfg["dataset_kwargs"] = {
+                    **kwargs,
+                    "data_files": _absolute_data_files(kwargs["data_files"], path.parent),
+                }
             return cfg, None
         return str(path.resolve()), path.resolve().parent
     return spec, None
@@ -146,10 +149,10 @@ def evaluate_tasks(
     tasks: str | Sequence[str],
     *,
     batch_size: int = 8,
-    num_fewshot: Optional[int] = None,
-    limit: Optional[int | float] = None,
-    include_path: Optional[str | os.PathLike | Iterable[str | os.PathLike]] = None,
-    max_length: Optional[int] = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    include_path: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+    max_length: int | None = None,
     bootstrap_iters: int = 0,
 ) -> TaskResults:
     """Run lm-eval `tasks` on the in-memory causal LM `model` (see the module doc for specs).
@@ -187,11 +190,11 @@ def evaluate_tasks(
     needs_registry = any(isinstance(s, str) and not os.path.isfile(s) for s in specs)
     manager = TaskManager(include_path=[str(f) for f in folders] or None, include_defaults=needs_registry)
     if needs_registry:
-        unknown = [s for s in specs if isinstance(s, str) and not os.path.isfile(s)
-                   and s not in manager.all_tasks]
+        unknown = [s for s in specs if isinstance(s, str) and not os.path.isfile(s) and s not in manager.all_tasks]
         if unknown:
-            raise ValueError(f"tasks: {unknown} are neither task YAML files nor lm-eval task names "
-                             f"(e.g. {', '.join(PAPER_TASKS)})")
+            raise ValueError(
+                f"tasks: {unknown} are neither task YAML files nor lm-eval task names (e.g. {', '.join(PAPER_TASKS)})"
+            )
 
     hflm_kwargs: dict[str, Any] = {"batch_size": batch_size}
     if max_length is not None:
@@ -202,8 +205,15 @@ def evaluate_tasks(
         with _preserve_rng():
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), **hflm_kwargs)
             try:
-                raw = simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot,
-                                      limit=limit, log_samples=False, bootstrap_iters=bootstrap_iters)
+                raw = simple_evaluate(
+                    model=lm,
+                    tasks=specs,
+                    task_manager=manager,
+                    num_fewshot=num_fewshot,
+                    limit=limit,
+                    log_samples=False,
+                    bootstrap_iters=bootstrap_iters,
+                )
             except (ConnectionError, OSError) as e:
                 if needs_registry:
                     raise ValueError(

@@ -22,7 +22,6 @@ gensim news text (``assets.default_texts("heldout")``), 40 windows of 256 tokens
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ def perplexity(
     texts=None,
     *,
     seq_len: int = 256,
-    num_chunks: Optional[int] = 40,
+    num_chunks: int | None = 40,
     batch_size: int = 4,
     progress: bool = True,
     desc: str = "perplexity",
@@ -64,7 +63,7 @@ def perplexity(
     model.eval()
     try:
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
-            ids = tokens[start:start + batch_size].to(device)
+            ids = tokens[start : start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits.float()
             nll = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
@@ -81,8 +80,10 @@ def _max_chunks(tokenizer, texts, seq_len: int) -> int:
     if tokenizer is None:
         raise ValueError("texts need a tokenizer")
     if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)):
-        raise ValueError("num_chunks=None needs texts as a list of strings (or a token tensor); "
-                         f"got {type(texts).__name__}: pass num_chunks explicitly")
+        raise ValueError(
+            "num_chunks=None needs texts as a list of strings (or a token tensor); "
+            f"got {type(texts).__name__}: pass num_chunks explicitly"
+        )
     docs = [t for t in texts if isinstance(t, str) and t.strip()]
     n = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in docs) + max(0, len(docs) - 1)
     return max(1, n // seq_len)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
 
 from torch import Tensor, nn
 
@@ -55,7 +55,7 @@ def skip_blocks(model: nn.Module, positions: Iterable[int]) -> Iterator[nn.Modul
             layers[i] = block
 
 
-def make_cache(model: nn.Module, skipped: Iterable[int] = (), *, max_cache_len: Optional[int] = None):
+def make_cache(model: nn.Module, skipped: Iterable[int] = (), *, max_cache_len: int | None = None):
     """A fresh KV cache for `model` whose `skipped` positions hold no entries (``DummyLayer``).
 
     max_cache_len=None: a ``DynamicCache`` (grows by concatenation). Past recording is switched
@@ -74,7 +74,8 @@ def make_cache(model: nn.Module, skipped: Iterable[int] = (), *, max_cache_len: 
         if any(cache.is_sliding):
             raise ValueError(
                 "a static cache cannot roll back sliding-window layers once their window is full; "
-                "use the dynamic cache (static_cache=False) for this model")
+                "use the dynamic cache (static_cache=False) for this model"
+            )
     skipped = list(skipped)
     if skipped and len(cache.layers) == 0:
         raise RuntimeError("the model's config did not size its cache; cannot build the draft cache")

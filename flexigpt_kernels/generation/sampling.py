@@ -14,8 +14,6 @@ exactly as sampling from p token by token.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -60,7 +58,7 @@ def speculative_accept(
     drafts: Tensor,
     draft_probs: Tensor,
     target_probs: Tensor,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The speculative-sampling rule. drafts [k] (long), drafted from draft_probs [k, V];
     target_probs [k + 1, V]. Returns (n_accepted, next_token) as 0-d long tensors.
@@ -81,6 +79,6 @@ def speculative_accept(
     residual = (p[:k] - q).clamp_min(0.0)
     mass = residual.sum(dim=-1, keepdim=True)
     residual = torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(torch.float32).tiny), p[:k])
-    rows = torch.cat([residual, p[k:k + 1]], dim=0)
+    rows = torch.cat([residual, p[k : k + 1]], dim=0)
     samples = torch.multinomial(rows, 1, generator=generator).squeeze(1)
     return n_acc, samples.gather(0, n_acc.view(1)).squeeze(0)

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .draft import cache_argument, draft_positions, make_cache, skip_blocks
-from .sampling import greedy_accept, probabilities, speculative_accept, warp_logits
+from .sampling import greedy_accept, probabilities, speculative_accept
 
 __all__ = ["generate", "GenerationStats"]
 
@@ -46,7 +46,7 @@ class GenerationStats:
     (prefill included); decode_tokens_per_s excludes the prefill."""
 
     mode: str
-    note: Optional[str] = None
+    note: str | None = None
     prompt_tokens: int = 0
     new_tokens: int = 0
     draft_tokens: int = 0
@@ -54,8 +54,8 @@ class GenerationStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
-    acceptance_rate: Optional[float] = None
-    tokens_per_round: Optional[float] = None
+    acceptance_rate: float | None = None
+    tokens_per_round: float | None = None
     prefill_seconds: float = 0.0
     seconds: float = 0.0
     tokens_per_s: float = 0.0
@@ -65,13 +65,15 @@ class GenerationStats:
         return asdict(self)
 
     def summary(self) -> str:
-        parts = [f"mode={self.mode}", f"new_tokens={self.new_tokens}",
-                 f"tokens/s={self.tokens_per_s:.2f}"]
+        parts = [f"mode={self.mode}", f"new_tokens={self.new_tokens}", f"tokens/s={self.tokens_per_s:.2f}"]
         if self.mode == "self_speculative":
             rate = "n/a" if self.acceptance_rate is None else f"{self.acceptance_rate:.3f}"
-            parts += [f"k={self.draft_tokens}", f"acceptance={rate} ({self.accepted}/{self.drafted})",
-                      f"tokens/round={self.tokens_per_round or 0:.2f}",
-                      f"skipped_blocks={self.skipped_blocks}"]
+            parts += [
+                f"k={self.draft_tokens}",
+                f"acceptance={rate} ({self.accepted}/{self.drafted})",
+                f"tokens/round={self.tokens_per_round or 0:.2f}",
+                f"skipped_blocks={self.skipped_blocks}",
+            ]
         if self.note:
             parts.append(f"note: {self.note}")
         return " ".join(parts)
@@ -146,9 +148,9 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    eos_token_id: Optional[int | Sequence[int]] = None,
+    eos_token_id: int | Sequence[int] | None = None,
     return_stats: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     static_cache: bool = False,
 ):
     """Decode up to `max_new_tokens` tokens after `input_ids` [1, n] with `model`'s KV cache.
@@ -178,7 +180,8 @@ def generate(
     if input_ids.shape[0] != 1:
         raise ValueError(
             f"generate() supports batch size 1 only, got input_ids of shape {tuple(input_ids.shape)}; "
-            "loop over the prompts, or use Hugging Face's model.generate() for padded batches")
+            "loop over the prompts, or use Hugging Face's model.generate() for padded batches"
+        )
     if input_ids.shape[1] < 1:
         raise ValueError("input_ids must hold at least one token")
     _check_int("max_new_tokens", max_new_tokens, 0)
@@ -195,8 +198,9 @@ def generate(
     input_ids = input_ids.to(device=device, dtype=torch.long)
 
     skipped = draft_positions(model) if self_speculative else []
-    stats = GenerationStats(mode="self_speculative" if skipped else "plain",
-                            prompt_tokens=int(input_ids.shape[1]), skipped_blocks=skipped)
+    stats = GenerationStats(
+        mode="self_speculative" if skipped else "plain", prompt_tokens=int(input_ids.shape[1]), skipped_blocks=skipped
+    )
     if self_speculative and not skipped:
         stats.note = "the model has no replacement blocks (nothing to skip): plain decoding"
     if stats.mode == "self_speculative":
@@ -207,11 +211,24 @@ def generate(
     if max_new_tokens == 0:
         new: list[int] = []
     elif stats.mode == "plain":
-        new = _plain(model, input_ids, max_new_tokens, do_sample, temperature, top_p, eos, generator, stats,
-                     max_cache_len)
+        new = _plain(
+            model, input_ids, max_new_tokens, do_sample, temperature, top_p, eos, generator, stats, max_cache_len
+        )
     else:
-        new = _speculative(model, input_ids, skipped, max_new_tokens, draft_tokens, do_sample, temperature,
-                           top_p, eos, generator, stats, max_cache_len)
+        new = _speculative(
+            model,
+            input_ids,
+            skipped,
+            max_new_tokens,
+            draft_tokens,
+            do_sample,
+            temperature,
+            top_p,
+            eos,
+            generator,
+            stats,
+            max_cache_len,
+        )
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = len(new)
     if stats.seconds > 0:
@@ -227,8 +244,9 @@ def generate(
     return (out, stats) if return_stats else out
 
 
-def _plain(model, input_ids, max_new_tokens, do_sample, temperature, top_p, eos, generator, stats,
-           max_cache_len) -> list[int]:
+def _plain(
+    model, input_ids, max_new_tokens, do_sample, temperature, top_p, eos, generator, stats, max_cache_len
+) -> list[int]:
     forward = _Forward(model)
     cache = make_cache(model, max_cache_len=max_cache_len)
     t = time.perf_counter()
@@ -248,8 +266,9 @@ def _plain(model, input_ids, max_new_tokens, do_sample, temperature, top_p, eos,
         token = _choose(logits, do_sample, temperature, top_p, generator)
 
 
-def _speculative(model, input_ids, skipped, max_new_tokens, k, do_sample, temperature, top_p, eos, generator,
-                 stats, max_cache_len) -> list[int]:
+def _speculative(
+    model, input_ids, skipped, max_new_tokens, k, do_sample, temperature, top_p, eos, generator, stats, max_cache_len
+) -> list[int]:
     forward = _Forward(model)
     full_cache = make_cache(model, max_cache_len=max_cache_len)
     draft_cache = make_cache(model, skipped, max_cache_len=max_cache_len)
@@ -296,7 +315,7 @@ def _speculative(model, input_ids, skipped, max_new_tokens, k, do_sample, temper
             n_acc, extra = greedy_accept(drafted, logits)
         host = torch.cat([n_acc.view(1), drafted, extra.view(1)]).tolist()  # the round's one host read
         n = host[0]
-        emitted = host[1:1 + n] + [host[-1]]
+        emitted = host[1 : 1 + n] + [host[-1]]
         stats.drafted += k_round
         stats.accepted += n
         # roll back: the full cache keeps [0, L + n), the draft's at most as much
@@ -309,6 +328,6 @@ def _speculative(model, input_ids, skipped, max_new_tokens, k, do_sample, temper
         length += n + 1
         for i, tok in enumerate(emitted):
             if tok in eos:
-                return new + emitted[:i + 1]
+                return new + emitted[: i + 1]
         new += emitted
     return new

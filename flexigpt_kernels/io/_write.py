@@ -12,8 +12,8 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -28,9 +28,20 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 # may be replaced (overwrite=True) only when it holds nothing beyond what this list names.
 WRITTEN_NAME = ".flexigpt-written.json"
 # Folders written before that list existed: replaceable when they hold flexigpt.json and only these.
-_LEGACY_NAMES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, "flexigpt.json", "tokenizer.json",
-                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                 "merges.txt", "tokenizer.model", "chat_template.jinja"}
+_LEGACY_NAMES = {
+    WEIGHTS_NAME,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    "flexigpt.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+}
 # temporary folders of a save in progress: .NAME.tmp-PID-XXXXXXXX (new) and .NAME.old-PID-XXXXXXXX
 # (the replaced one, moved aside), XXXXXXXX as tempfile.mkdtemp makes it; pid-less names are from
 # earlier versions
@@ -64,8 +75,10 @@ def check_output_directory(out: str | os.PathLike, *, overwrite: bool = False) -
     out = Path(out).expanduser().absolute()
     real, cwd = out.resolve(), Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
-        raise ValueError(f"{out} is the current directory or a parent of it: refusing to write a model there; "
-                         f"name a new subfolder instead")
+        raise ValueError(
+            f"{out} is the current directory or a parent of it: refusing to write a model there; "
+            f"name a new subfolder instead"
+        )
     if out.is_symlink():
         raise FileExistsError(f"{out} is a symlink; refusing to replace it (name a new folder)")
     if out.exists() and not out.is_dir():
@@ -78,7 +91,8 @@ def check_output_directory(out: str | os.PathLike, *, overwrite: bool = False) -
             raise FileExistsError(
                 f"{out} holds files this package did not write ({', '.join(foreign[:3])}"
                 f"{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}); overwrite replaces only a "
-                f"folder written by flexigpt_kernels with nothing added. Move them away or choose another folder")
+                f"folder written by flexigpt_kernels with nothing added. Move them away or choose another folder"
+            )
     return out
 
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,8 +59,15 @@ from torch import nn
 from ..convert.families import family_of, num_layers
 from ..convert.replacement import convert_blocks, replacement_blocks
 from ..nn import OutputNorm, SharedLoRALinear
-from ._write import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, dominant_dtype, model_class, save_tensors,
-                     write_hf_files)
+from ._write import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_directory,
+    dominant_dtype,
+    model_class,
+    save_tensors,
+    write_hf_files,
+)
 from .load import no_init_weights
 from .manifest import check_against_config, check_aliases, check_shapes, parse_manifest, torch_dtype, validate_manifest
 from .model_card import write_model_card
@@ -100,10 +107,19 @@ def _write_custom_model(directory: Path, model: nn.Module, shared: dict, output_
     architecture name, the rebuild spec, auto_map and the custom code (io/remote_code)."""
     names = {id(m): n for n, m in model.named_modules()}
     blocks = {names[id(b)]: int(b.flexigpt_base) for b in replacement_blocks(model).values()}
-    spec = {"format_version": FORMAT_VERSION, "base_map": {str(k): v for k, v in sorted(_base_map(model).items())},
-            "blocks": blocks, "shared": shared, "output_norms": output_norms}
-    write_custom_model(directory, hf_model_type=model.config.model_type,
-                       model_class=serving_architecture(model_class(model).__name__), spec=spec)
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "base_map": {str(k): v for k, v in sorted(_base_map(model).items())},
+        "blocks": blocks,
+        "shared": shared,
+        "output_norms": output_norms,
+    }
+    write_custom_model(
+        directory,
+        hf_model_type=model.config.model_type,
+        model_class=serving_architecture(model_class(model).__name__),
+        spec=spec,
+    )
 
 
 def _migrate(record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -163,8 +179,14 @@ def _derived_meta(model: nn.Module, shared: dict, output_norms: dict) -> dict[st
     }
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=None, *,
-                    overwrite: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write `model` (converted by prune(), or a plain supported model) to `directory`.
 
     Writes model.safetensors (each shared or tied tensor once), config.json, flexigpt.json,
@@ -179,13 +201,16 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     meta = dict(getattr(model, "flexigpt_meta", None) or _derived_meta(model, shared, output_norms))
     version = meta.get("format_version", FORMAT_VERSION)
     if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise ValueError(f"model.flexigpt_meta has format_version {version!r}; this version writes "
-                         f"{SUPPORTED_FORMAT_VERSIONS}")
+        raise ValueError(
+            f"model.flexigpt_meta has format_version {version!r}; this version writes {SUPPORTED_FORMAT_VERSIONS}"
+        )
     meta["format_version"] = FORMAT_VERSION  # what is written is always the current format
     base_map = _base_map(model)
     if {int(k): int(v) for k, v in meta.get("base_map", {}).items()} != base_map:
-        raise ValueError(f"model.flexigpt_meta['base_map'] {meta.get('base_map')} disagrees with the model's "
-                         f"replacement blocks {base_map}")
+        raise ValueError(
+            f"model.flexigpt_meta['base_map'] {meta.get('base_map')} disagrees with the model's "
+            f"replacement blocks {base_map}"
+        )
     if state_dict is None:
         state_dict = model.state_dict()
     dtype = dominant_dtype(state_dict.values())
@@ -195,10 +220,16 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
         hf_architecture = model_class(model).__name__
         if base_map:
             _write_custom_model(tmp, model, shared, output_norms)
-        record = {**meta, "shared": shared, "output_norms": output_norms, "aliases": aliases,
-                  "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-                  "architectures": [hf_architecture], "hf_model_type": model.config.model_type,
-                  "card": dict(getattr(model, "flexigpt_card", None) or {})}
+        record = {
+            **meta,
+            "shared": shared,
+            "output_norms": output_norms,
+            "aliases": aliases,
+            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+            "architectures": [hf_architecture],
+            "hf_model_type": model.config.model_type,
+            "card": dict(getattr(model, "flexigpt_card", None) or {}),
+        }
         (tmp / FLEXIGPT_CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
         write_model_card(tmp, record, model, name=Path(directory).name)
     return Path(directory)
@@ -212,8 +243,10 @@ def read_flexigpt_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         hint = ""
         if (Path(directory) / CONFIG_NAME).is_file():
-            hint = (" (it looks like a plain Hugging Face checkpoint: load it with "
-                    "transformers.AutoModelForCausalLM.from_pretrained)")
+            hint = (
+                " (it looks like a plain Hugging Face checkpoint: load it with "
+                "transformers.AutoModelForCausalLM.from_pretrained)"
+            )
         raise FileNotFoundError(f"{directory}: no {FLEXIGPT_CONFIG_NAME}, so not a flexigpt_kernels checkpoint{hint}")
     record = read_manifest(path)
     config_path = Path(directory) / CONFIG_NAME
@@ -226,8 +259,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     record = parse_manifest(path)
     version = record.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise ValueError(f"{path}: unknown format_version {version!r}; this flexigpt_kernels reads format_version "
-                         f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (a newer release may read it)")
+        raise ValueError(
+            f"{path}: unknown format_version {version!r}; this flexigpt_kernels reads format_version "
+            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (a newer release may read it)"
+        )
     validate_manifest(record, path)
     return record
 
@@ -248,21 +283,30 @@ def _rebuild(model: nn.Module, record: dict[str, Any]) -> None:
             raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: shared linears {sorted(shared)[:3]}... but an empty base_map")
         return
     ranks = [int(s["rank"]) for s in shared.values()]
-    convert_blocks(model, base_map, rank=max(ranks) if ranks else int(record["rank"]),
-                   scale=float(record.get("scale") or 1.0), output_norm=bool(record.get("output_norm")),
-                   norm_eps=float(record.get("norm_eps") or 1e-5), svd_init=False)
+    convert_blocks(
+        model,
+        base_map,
+        rank=max(ranks) if ranks else int(record["rank"]),
+        scale=float(record.get("scale") or 1.0),
+        output_norm=bool(record.get("output_norm")),
+        norm_eps=float(record.get("norm_eps") or 1e-5),
+        svd_init=False,
+    )
     modules = dict(model.named_modules())
     for name, spec in shared.items():
         module = modules.get(name)
         if not isinstance(module, SharedLoRALinear):
-            raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: {name} is a shared linear, but the rebuilt model has "
-                             f"{type(module).__name__ if module is not None else 'no such module'}")
+            raise ValueError(
+                f"{FLEXIGPT_CONFIG_NAME}: {name} is a shared linear, but the rebuilt model has "
+                f"{type(module).__name__ if module is not None else 'no such module'}"
+            )
         if module.rank != spec["rank"]:
             _resize_adapter(module, int(spec["rank"]))
         module.scale = float(spec["scale"])
         if spec["own_bias"] and module.bias is None:
-            module.bias = nn.Parameter(torch.empty(module.out_features, device=module.weight.device,
-                                                   dtype=module.weight.dtype))
+            module.bias = nn.Parameter(
+                torch.empty(module.out_features, device=module.weight.device, dtype=module.weight.dtype)
+            )
         elif not spec["own_bias"] and module.bias is not None:
             module.bias = None
     for name, eps in record.get("output_norms", {}).items():
@@ -293,12 +337,15 @@ def _hf_config(directory: Path, record: dict[str, Any]):
 
     hf_type = record.get("hf_model_type")
     if hf_type not in CONFIG_MAPPING:
-        raise ValueError(f"{directory / FLEXIGPT_CONFIG_NAME}: hf_model_type {hf_type!r} is unknown to this transformers")
+        raise ValueError(
+            f"{directory / FLEXIGPT_CONFIG_NAME}: hf_model_type {hf_type!r} is unknown to this transformers"
+        )
     return CONFIG_MAPPING[hf_type].from_dict(hf_config_dict(json.loads((directory / CONFIG_NAME).read_text()), hf_type))
 
 
-def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype | str] = None,
-                    device: Optional[torch.device | str] = None) -> nn.Module:
+def from_pretrained(
+    directory: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+) -> nn.Module:
     """Rebuild a model written by :func:`save_pretrained`, in eval mode, with
     ``model.flexigpt_meta`` restored. dtype: default the stored one; device: default CPU.
 
@@ -332,9 +379,11 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: Optional[torch.dtype
     check_shapes(model, state_dict, directory / WEIGHTS_NAME)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_NAME} does not fit the rebuilt model: "
-                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        raise ValueError(
+            f"{directory / WEIGHTS_NAME} does not fit the rebuilt model: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
     model.flexigpt_meta = {k: v for k, v in record.items() if k not in _IO_KEYS}
     model.flexigpt_card = dict(record.get("card") or {})
     from transformers import GenerationConfig

@@ -30,8 +30,16 @@ from torch import nn
 
 from ..convert.families import family_of
 from ..nn import OutputNorm, SharedLoRALinear
-from ._write import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, WRITTEN_NAME, atomic_directory, \
-    dominant_dtype, save_tensors, write_hf_files
+from ._write import (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    WEIGHTS_NAME,
+    WRITTEN_NAME,
+    atomic_directory,
+    dominant_dtype,
+    save_tensors,
+    write_hf_files,
+)
 from .checkpoint import FLEXIGPT_CONFIG_NAME, from_pretrained
 from .model_card import CARD_NAME
 from .remote_code import REMOTE_CODE_FILES
@@ -40,8 +48,15 @@ __all__ = ["export_dense", "dense_state_dict"]
 
 # what a dense export writes itself or must not carry over (the custom code and the card describe
 # the FlexiGPT checkpoint, not the dense one)
-_CHECKPOINT_FILES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, FLEXIGPT_CONFIG_NAME, WRITTEN_NAME,
-                     *REMOTE_CODE_FILES, CARD_NAME}
+_CHECKPOINT_FILES = {
+    WEIGHTS_NAME,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    FLEXIGPT_CONFIG_NAME,
+    WRITTEN_NAME,
+    *REMOTE_CODE_FILES,
+    CARD_NAME,
+}
 
 
 def _check_no_output_norms(model: nn.Module) -> None:
@@ -90,8 +105,13 @@ def _stock_shapes(config) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in stock.state_dict().items()}
 
 
-def export_dense(directory_or_model: str | os.PathLike | nn.Module, out: str | os.PathLike, *,
-                 tokenizer=None, overwrite: bool = False) -> Path:
+def export_dense(
+    directory_or_model: str | os.PathLike | nn.Module,
+    out: str | os.PathLike,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+) -> Path:
     """Write a plain Hugging Face checkpoint of a converted model to `out`; returns its path.
 
     directory_or_model: a directory written by save_pretrained (its tokenizer files are
@@ -112,8 +132,7 @@ def export_dense(directory_or_model: str | os.PathLike | nn.Module, out: str | o
     wrong = sorted(k for k in set(stock) ^ set(ours) if not k.endswith("rotary_emb.inv_freq"))
     wrong += sorted(k for k in set(stock) & set(ours) if stock[k] != ours[k])
     if wrong:
-        raise ValueError(f"export: the dense state dict does not match the stock {type(model).__name__} "
-                         f"at {wrong[:8]}")
+        raise ValueError(f"export: the dense state dict does not match the stock {type(model).__name__} at {wrong[:8]}")
     dtype = dominant_dtype(state_dict.values())
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_tensors(state_dict, tmp / WEIGHTS_NAME)
@@ -137,7 +156,9 @@ def _files_to_copy(source_dir: Path) -> list[Path]:
         if f.name in _CHECKPOINT_FILES or not f.is_file():
             continue
         if f.is_symlink() and not f.resolve().is_relative_to(root):
-            raise ValueError(f"export: {f} is a symlink to {f.resolve()}, outside the checkpoint folder "
-                             f"{source_dir}; refusing to copy it (replace the link by the file itself)")
+            raise ValueError(
+                f"export: {f} is a symlink to {f.resolve()}, outside the checkpoint folder "
+                f"{source_dir}; refusing to copy it (replace the link by the file itself)"
+            )
         files.append(f)
     return files

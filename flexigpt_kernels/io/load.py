@@ -28,14 +28,22 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from .manifest import torch_dtype
 
-__all__ = ["DEFAULT", "LoadedModel", "load_model", "load_tokenizer_of", "locate_model", "looks_like_path",
-           "no_init_weights", "resolve_data"]
+__all__ = [
+    "DEFAULT",
+    "LoadedModel",
+    "load_model",
+    "load_tokenizer_of",
+    "locate_model",
+    "looks_like_path",
+    "no_init_weights",
+    "resolve_data",
+]
 
 DEFAULT = "default"
 # a hub repository id: "name" or "org/name" (letters, digits, "-", "_", ".")
@@ -59,8 +67,13 @@ def no_init_weights():
 def looks_like_path(source: str) -> bool:
     """True when `source` can only be meant as a local path (it is not a hub id)."""
     s = str(source)
-    return (os.path.isabs(s) or s.startswith((".", "~")) or s.endswith(("/", os.sep)) or "\\" in s
-            or _HUB_ID.match(s) is None)
+    return (
+        os.path.isabs(s)
+        or s.startswith((".", "~"))
+        or s.endswith(("/", os.sep))
+        or "\\" in s
+        or _HUB_ID.match(s) is None
+    )
 
 
 def _hub_offline() -> bool:
@@ -126,7 +139,7 @@ def _damaged_weights_are_value_errors(where: str):
         raise
 
 
-def locate_model(source: Optional[str | os.PathLike] = DEFAULT, *, allow_converted: bool = True) -> tuple[str, str]:
+def locate_model(source: str | os.PathLike | None = DEFAULT, *, allow_converted: bool = True) -> tuple[str, str]:
     """(kind, where) of a model source without reading any weight: ("default", "default"),
     ("flexigpt", absolute folder), ("huggingface", absolute folder) or ("hub", hub id).
     Raises what :func:`load_model` raises for a missing path, a file, a folder without a model,
@@ -144,8 +157,9 @@ def locate_model(source: Optional[str | os.PathLike] = DEFAULT, *, allow_convert
             raise NotADirectoryError(f"model: {text} is a file, not a model folder")
         if (path / FLEXIGPT_CONFIG_NAME).is_file():
             if not allow_converted:
-                raise ValueError(f"model: {text} is a FlexiGPT-converted checkpoint; the dense source model is "
-                                 "needed here")
+                raise ValueError(
+                    f"model: {text} is a FlexiGPT-converted checkpoint; the dense source model is needed here"
+                )
             return "flexigpt", str(path.resolve())
         if (path / "config.json").is_file():
             return "huggingface", str(path.resolve())
@@ -153,13 +167,20 @@ def locate_model(source: Optional[str | os.PathLike] = DEFAULT, *, allow_convert
     if looks_like_path(text) or isinstance(source, os.PathLike):
         raise FileNotFoundError(f"model: {text} does not exist")
     if _hub_offline():
-        raise FileNotFoundError(f"model: {text!r} is not a local folder, and the Hugging Face hub is offline "
-                                "(HF_HUB_OFFLINE is set)")
+        raise FileNotFoundError(
+            f"model: {text!r} is not a local folder, and the Hugging Face hub is offline (HF_HUB_OFFLINE is set)"
+        )
     return "hub", text
 
 
-def load_model(source: Optional[str | os.PathLike] = DEFAULT, *, dtype=None, device=None,
-               tokenizer: bool = True, allow_converted: bool = True) -> LoadedModel:
+def load_model(
+    source: str | os.PathLike | None = DEFAULT,
+    *,
+    dtype=None,
+    device=None,
+    tokenizer: bool = True,
+    allow_converted: bool = True,
+) -> LoadedModel:
     """Load a causal LM from "default", a folder or a hub id (see the module doc).
 
     dtype: torch dtype or its name; None keeps the source's (float32 for "default").
@@ -189,8 +210,10 @@ def load_model(source: Optional[str | os.PathLike] = DEFAULT, *, dtype=None, dev
         try:
             model = _hf_model(where, dt, local=False)
         except OSError as exc:
-            raise FileNotFoundError(f"model: {where!r} is not a local folder, and the Hugging Face hub could not "
-                                    f"provide it ({_one_line(exc)})") from exc
+            raise FileNotFoundError(
+                f"model: {where!r} is not a local folder, and the Hugging Face hub could not "
+                f"provide it ({_one_line(exc)})"
+            ) from exc
     tok = _tokenizer(where, local=kind != "hub", converted=kind == "flexigpt") if tokenizer else None
     return _finish(LoadedModel(model, tok, where, kind), device)
 
@@ -231,16 +254,20 @@ def resolve_data(source: Any = DEFAULT, split: str = "calibration", *, what: str
     if looks_like_path(text) or isinstance(source, os.PathLike):
         raise FileNotFoundError(f"{what}: {text} does not exist")
     if _hub_offline():
-        raise FileNotFoundError(f"{what}: {text!r} is not a local file or folder, and the Hugging Face hub is "
-                                "offline (HF_HUB_OFFLINE is set)")
+        raise FileNotFoundError(
+            f"{what}: {text!r} is not a local file or folder, and the Hugging Face hub is "
+            "offline (HF_HUB_OFFLINE is set)"
+        )
     try:  # what load_dataset reads first (metadata, no data): fails here, not minutes later
         import datasets
 
         name, _, config = text.partition(":")
         datasets.load_dataset_builder(name, config or None)
     except Exception as exc:  # noqa: BLE001 - unreachable, unknown, gated: all mean "cannot read it"
-        raise FileNotFoundError(f"{what}: {text!r} is not a local file or folder, and the dataset hub could not "
-                                f"provide it ({_one_line(exc)})") from exc
+        raise FileNotFoundError(
+            f"{what}: {text!r} is not a local file or folder, and the dataset hub could not "
+            f"provide it ({_one_line(exc)})"
+        ) from exc
     return text
 
 
@@ -275,7 +302,7 @@ def _empty(path: Path) -> bool:
         return False
 
 
-def load_tokenizer_of(source: Optional[str | os.PathLike]):
+def load_tokenizer_of(source: str | os.PathLike | None):
     """The tokenizer of a model source ("default", a folder or a hub id) without loading the
     model (the embedded default's comes with it), or None when there is none."""
     if source is None or source == DEFAULT:

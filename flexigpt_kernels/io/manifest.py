@@ -27,19 +27,27 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jsonschema
 import torch
 
-__all__ = ["DTYPES", "SCHEMA_PATH", "check_against_config", "check_aliases", "check_shapes", "parse_manifest",
-           "torch_dtype", "validate_manifest"]
+__all__ = [
+    "DTYPES",
+    "SCHEMA_PATH",
+    "check_against_config",
+    "check_aliases",
+    "check_shapes",
+    "parse_manifest",
+    "torch_dtype",
+    "validate_manifest",
+]
 
 SCHEMA_PATH = Path(__file__).with_name("flexigpt.schema.json")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @lru_cache(maxsize=1)
@@ -54,8 +62,7 @@ def _validator() -> jsonschema.protocols.Validator:
     Schema counts 3.0 as an integer, but a block index written as 3.0 is a damaged file."""
     base = jsonschema.validators.validator_for(schema())
     base.check_schema(schema())
-    strict = base.TYPE_CHECKER.redefine(
-        "integer", lambda checker, v: isinstance(v, int) and not isinstance(v, bool))
+    strict = base.TYPE_CHECKER.redefine("integer", lambda checker, v: isinstance(v, int) and not isinstance(v, bool))
     return jsonschema.validators.extend(base, type_checker=strict)(schema())
 
 
@@ -162,8 +169,12 @@ def check_against_config(record: dict[str, Any], path: str | Path, config) -> No
     for key, base in record["base_map"].items():
         for what, i in (("key", int(key)), ("value", base)):
             if not 0 <= i < num_layers:
-                _fail(path, f"base_map[{key!r}]", f"{what} {i} is not a block of the model "
-                      f"(config.json has {num_layers} layers: 0..{num_layers - 1})")
+                _fail(
+                    path,
+                    f"base_map[{key!r}]",
+                    f"{what} {i} is not a block of the model "
+                    f"(config.json has {num_layers} layers: 0..{num_layers - 1})",
+                )
     if record["method"] == "flexigpt":
         bad = [i for i in record.get("pruned", []) if i >= num_layers]
         if bad:
@@ -185,18 +196,27 @@ def check_aliases(model: torch.nn.Module, record: dict[str, Any], path: str | Pa
             tied = {f"{names[id(out_emb)]}.weight": f"{names[id(in_emb)]}.weight"}
     for alias, source in record["aliases"].items():
         if dict(tied).get(alias) != source:
-            _fail(path, f"aliases[{alias!r}]", f"ties {alias} to {source}, which the architecture does not tie "
-                  f"(allowed: {dict(tied) or 'none, config.json does not tie weights'})")
+            _fail(
+                path,
+                f"aliases[{alias!r}]",
+                f"ties {alias} to {source}, which the architecture does not tie "
+                f"(allowed: {dict(tied) or 'none, config.json does not tie weights'})",
+            )
 
 
 def check_shapes(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Every stored tensor with the shape of the rebuilt model's tensor of that name."""
     expected = model.state_dict()
-    wrong = [f"{k}: stored {tuple(v.shape)}, the model has {tuple(expected[k].shape)}"
-             for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    wrong = [
+        f"{k}: stored {tuple(v.shape)}, the model has {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
     if wrong:
-        raise ValueError(f"{path}: tensors of the wrong shape for the rebuilt model: {'; '.join(wrong[:4])}"
-                         f"{f' and {len(wrong) - 4} more' if len(wrong) > 4 else ''}")
+        raise ValueError(
+            f"{path}: tensors of the wrong shape for the rebuilt model: {'; '.join(wrong[:4])}"
+            f"{f' and {len(wrong) - 4} more' if len(wrong) > 4 else ''}"
+        )
 
 
 def torch_dtype(name: Any, field: str = "dtype", path: str | Path | None = None) -> torch.dtype:

@@ -23,17 +23,33 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-__all__ = ["CARD_NAME", "add_healing", "card_info", "pruned_source_parameters", "render_model_card", "set_card_info",
-           "write_model_card"]
+__all__ = [
+    "CARD_NAME",
+    "add_healing",
+    "card_info",
+    "pruned_source_parameters",
+    "render_model_card",
+    "set_card_info",
+    "write_model_card",
+]
 
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what "default" (the embedded model of flexigpt_kernels.assets) is on the Hub
 _DEFAULT_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_HEALING_KEYS = ("steps", "tokens_seen", "trainable", "trainable_params", "lr", "seconds", "data", "teacher",
-                 "eval_perplexities")
+_HEALING_KEYS = (
+    "steps",
+    "tokens_seen",
+    "trainable",
+    "trainable_params",
+    "lr",
+    "seconds",
+    "data",
+    "teacher",
+    "eval_perplexities",
+)
 
 
 def _finite(value):
@@ -56,12 +72,22 @@ def card_info(model) -> dict[str, Any]:
     return info
 
 
-def set_card_info(model, *, perplexity: Optional[dict[str, float]] = None, perplexity_setup: Optional[str] = None,
-                  source_parameters: Optional[int] = None, source: Optional[str] = None) -> None:
+def set_card_info(
+    model,
+    *,
+    perplexity: dict[str, float] | None = None,
+    perplexity_setup: str | None = None,
+    source_parameters: int | None = None,
+    source: str | None = None,
+) -> None:
     """Record on `model` what its card should report (values left None are not changed)."""
     info = card_info(model)
-    for key, value in (("perplexity", perplexity), ("perplexity_setup", perplexity_setup),
-                       ("source_parameters", source_parameters), ("source", source)):
+    for key, value in (
+        ("perplexity", perplexity),
+        ("perplexity_setup", perplexity_setup),
+        ("source_parameters", source_parameters),
+        ("source", source),
+    ):
         if value is not None:
             info[key] = _finite(value)
 
@@ -75,7 +101,7 @@ def add_healing(model, report: dict[str, Any]) -> None:
     card_info(model).setdefault("healing", []).append(_finite(run))
 
 
-def _source(record: dict[str, Any], card: dict[str, Any]) -> Optional[str]:
+def _source(record: dict[str, Any], card: dict[str, Any]) -> str | None:
     source = record.get("source") or card.get("source")
     if not source:
         source = (record.get("base_model_config") or {}).get("_name_or_path") or None
@@ -105,7 +131,7 @@ def _fmt_map(base_map: dict) -> str:
     return ", ".join(f"{'/'.join(map(str, ks))} -> {b}" for b, ks in sorted(groups.items(), key=lambda g: g[1][0]))
 
 
-def _metadata(record: dict[str, Any], source: Optional[str], custom_code: bool) -> str:
+def _metadata(record: dict[str, Any], source: str | None, custom_code: bool) -> str:
     method = record.get("method", "none")
     tags = ["flexigpt", "flexigpt-kernels", {"extend": "extended", "none": "converted"}.get(method, "pruned")]
     if custom_code:
@@ -124,65 +150,102 @@ def _num(value, spec: str) -> str:
 
 
 def _healing_lines(runs: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Healing (`flexigpt heal`)", "",
-             "| run | data | teacher | steps | tokens | trainable | trainable params | lr | loss | held-out perplexity |",
-             "|---|---|---|---:|---:|---|---:|---:|---|---|"]
+    lines = [
+        "## Healing (`flexigpt heal`)",
+        "",
+        "| run | data | teacher | steps | tokens | trainable | trainable params | lr | loss | held-out perplexity |",
+        "|---|---|---|---:|---:|---|---:|---:|---|---|",
+    ]
     for n, run in enumerate(runs, 1):
         loss = f"{_num(run['first_loss'], '.4f')} -> {_num(run['last_loss'], '.4f')}" if "first_loss" in run else "-"
         ppl = ", ".join(f"step {s}: {_num(p, '.2f')}" for s, p in run.get("eval_perplexities") or []) or "-"
-        lines.append(f"| {n} | {run.get('data', '-')} | {run.get('teacher') or '-'} | {run.get('steps', '-')} | "
-                     f"{run.get('tokens_seen', 0):,} | {run.get('trainable', '-')} | {run.get('trainable_params', 0):,} | "
-                     f"{run.get('lr', '-')} | {loss} | {ppl} |")
+        lines.append(
+            f"| {n} | {run.get('data', '-')} | {run.get('teacher') or '-'} | {run.get('steps', '-')} | "
+            f"{run.get('tokens_seen', 0):,} | {run.get('trainable', '-')} | {run.get('trainable_params', 0):,} | "
+            f"{run.get('lr', '-')} | {loss} | {ppl} |"
+        )
     return lines + [""]
 
 
 def _load_lines(name: str, method: str, custom_code: bool, vllm: bool) -> list[str]:
-    lines = ["## How to load", "", "```python", "# with flexigpt_kernels (pip install flexigpt-kernels): fused kernels, training, export",
-             f'import flexigpt_kernels as fk; model = fk.from_pretrained("{name}")']
+    lines = [
+        "## How to load",
+        "",
+        "```python",
+        "# with flexigpt_kernels (pip install flexigpt-kernels): fused kernels, training, export",
+        f'import flexigpt_kernels as fk; model = fk.from_pretrained("{name}")',
+    ]
     if method in ("drop", "none"):
-        lines += ["# stock transformers (a plain checkpoint: no custom code needed)",
-                  f'from transformers import AutoModelForCausalLM; model = AutoModelForCausalLM.from_pretrained("{name}")']
+        lines += [
+            "# stock transformers (a plain checkpoint: no custom code needed)",
+            f'from transformers import AutoModelForCausalLM; model = AutoModelForCausalLM.from_pretrained("{name}")',
+        ]
     elif custom_code:
-        lines += ["# stock transformers, without flexigpt_kernels: the custom code in this folder",
-                  "from transformers import AutoModelForCausalLM",
-                  f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)']
+        lines += [
+            "# stock transformers, without flexigpt_kernels: the custom code in this folder",
+            "from transformers import AutoModelForCausalLM",
+            f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
+        ]
     if method in ("drop", "none"):
         lines += ["# vLLM, as it is", f'from vllm import LLM; llm = LLM(model="{name}")']
     elif vllm:
-        lines += ['# vLLM (pip install "flexigpt-kernels[vllm]": its plugin registers the architecture)',
-                  f'from vllm import LLM; llm = LLM(model="{name}")']
+        lines += [
+            '# vLLM (pip install "flexigpt-kernels[vllm]": its plugin registers the architecture)',
+            f'from vllm import LLM; llm = LLM(model="{name}")',
+        ]
     lines += ["```", ""]
     if method not in ("drop", "none") and not vllm:
         lines += ["vLLM: the flexigpt_kernels plugin does not serve this family (Llama, Mistral and Qwen2 only).", ""]
     if method not in ("drop", "none"):
-        lines += ["Stock transformers without `trust_remote_code` refuses the checkpoint (its "
-                  "`model_type` is FlexiGPT's own): it is never loaded as a plain model with random blocks.", ""]
+        lines += [
+            "Stock transformers without `trust_remote_code` refuses the checkpoint (its "
+            "`model_type` is FlexiGPT's own): it is never loaded as a plain model with random blocks.",
+            "",
+        ]
     return lines
 
 
-def render_model_card(record: dict[str, Any], *, name: str = "DIR", stored_parameters: Optional[int] = None,
-                      custom_code: bool = False, vllm: bool = False, version: Optional[str] = None) -> str:
+def render_model_card(
+    record: dict[str, Any],
+    *,
+    name: str = "DIR",
+    stored_parameters: int | None = None,
+    custom_code: bool = False,
+    vllm: bool = False,
+    version: str | None = None,
+) -> str:
     """The README.md text for a checkpoint whose flexigpt.json is `record` (card extras under
     ``record["card"]``). name: how the load lines refer to the checkpoint."""
     card = record.get("card") or {}
     method = record.get("method", "none")
     source = _source(record, card)
     family = record.get("family", "?")
-    title = {"flexigpt": "pruned with FlexiGPT (shared weights + low-rank adapters)",
-             "drop": "with decoder blocks dropped (ShortGPT baseline)",
-             "extend": "extended with FlexiGPT (repeated blocks + low-rank adapters)"}.get(method, "saved by flexigpt_kernels")
+    title = {
+        "flexigpt": "pruned with FlexiGPT (shared weights + low-rank adapters)",
+        "drop": "with decoder blocks dropped (ShortGPT baseline)",
+        "extend": "extended with FlexiGPT (repeated blocks + low-rank adapters)",
+    }.get(method, "saved by flexigpt_kernels")
     lines = [_metadata(record, source, custom_code), "", f"# {source or 'A ' + family + ' model'}, {title}", ""]
-    rows = [("source model", source or "unknown"), ("family", f"{family} (`{record.get('hf_model_type', '?')}`)"),
-            ("method", method)]
+    rows = [
+        ("source model", source or "unknown"),
+        ("family", f"{family} (`{record.get('hf_model_type', '?')}`)"),
+        ("method", method),
+    ]
     n = record.get("num_blocks")
     if method == "extend":
-        rows += [("decoder blocks", f"{n} -> {record.get('num_blocks_after')}"),
-                 ("extended layers / pattern / repeats",
-                  f"{record.get('layers')} / {record.get('pattern')} / {record.get('repeats')}")]
+        rows += [
+            ("decoder blocks", f"{n} -> {record.get('num_blocks_after')}"),
+            (
+                "extended layers / pattern / repeats",
+                f"{record.get('layers')} / {record.get('pattern')} / {record.get('repeats')}",
+            ),
+        ]
     elif method in ("flexigpt", "drop"):
         pruned = record.get("pruned") or []
-        rows += [("decoder blocks", f"{n} ({len(pruned)} pruned)"),
-                 ("pruned blocks", ", ".join(map(str, pruned)) or "-")]
+        rows += [
+            ("decoder blocks", f"{n} ({len(pruned)} pruned)"),
+            ("pruned blocks", ", ".join(map(str, pruned)) or "-"),
+        ]
     if record.get("base_map"):
         rows.append(("base map (replacement block -> the block whose weights it shares)", _fmt_map(record["base_map"])))
     if record.get("rank"):
@@ -195,8 +258,12 @@ def render_model_card(record: dict[str, Any], *, name: str = "DIR", stored_param
         rows.append(("stored parameters", f"{stored_parameters:,}{share}"))
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
     if card.get("perplexity"):
-        lines += ["## Perplexity when it was made" + (" (before healing)" if card.get("healing") else ""), "",
-                  "| model | held-out perplexity |", "|---|---:|"]
+        lines += [
+            "## Perplexity when it was made" + (" (before healing)" if card.get("healing") else ""),
+            "",
+            "| model | held-out perplexity |",
+            "|---|---:|",
+        ]
         lines += [f"| {k} | {_num(v, '.2f')} |" for k, v in card["perplexity"].items()]
         lines += ([""] + [card["perplexity_setup"]] if card.get("perplexity_setup") else []) + [""]
     if card.get("healing"):
@@ -219,9 +286,14 @@ def write_model_card(directory: Path, record: dict[str, Any], model, *, name: st
     if card.get("source_parameters") is None and record.get("method") == "flexigpt":
         card["source_parameters"] = pruned_source_parameters(model)
     arch = (config.get("architectures") or [""])[0]
-    text = render_model_card({**record, "card": card}, name=name, stored_parameters=stored_parameters(model),
-                             custom_code="auto_map" in config, vllm=arch in SUPPORTED_ARCHITECTURES,
-                             version=__version__)
+    text = render_model_card(
+        {**record, "card": card},
+        name=name,
+        stored_parameters=stored_parameters(model),
+        custom_code="auto_map" in config,
+        vllm=arch in SUPPORTED_ARCHITECTURES,
+        version=__version__,
+    )
     path = directory / CARD_NAME
     path.write_text(text)
     return path

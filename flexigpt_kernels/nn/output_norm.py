@@ -6,8 +6,6 @@ after a replacement block's attention and MLP outputs, before the residual add.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -18,8 +16,9 @@ class OutputNorm(nn.Module):
     """gamma starts at `init` (small: a fresh replacement block contributes little and grows
     during training, as LoRA's zero-initialised B does). `init` may also be a tensor [N]."""
 
-    def __init__(self, hidden_size: int, init: float | Tensor = DEFAULT_GAMMA_INIT, eps: float = 1e-5,
-                 device=None, dtype=None):
+    def __init__(
+        self, hidden_size: int, init: float | Tensor = DEFAULT_GAMMA_INIT, eps: float = 1e-5, device=None, dtype=None
+    ):
         super().__init__()
         if hidden_size < 1:
             raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
@@ -34,12 +33,14 @@ class OutputNorm(nn.Module):
     def reset_parameters(self, init: float | Tensor = DEFAULT_GAMMA_INIT) -> None:
         if isinstance(init, Tensor):
             if init.shape != (self.hidden_size,):
-                raise ValueError(f"init must be a float or a tensor [{self.hidden_size}], got shape {tuple(init.shape)}")
+                raise ValueError(
+                    f"init must be a float or a tensor [{self.hidden_size}], got shape {tuple(init.shape)}"
+                )
             self.weight.copy_(init)
         else:
             self.weight.fill_(float(init))
 
-    def forward(self, y: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, y: Tensor, residual: Tensor | None = None) -> Tensor:
         if y.shape[-1] != self.hidden_size:
             raise ValueError(f"OutputNorm({self.hidden_size}) got input of shape {tuple(y.shape)}")
         out = nn.functional.layer_norm(y, (self.hidden_size,), self.weight.to(y.dtype), None, self.eps)

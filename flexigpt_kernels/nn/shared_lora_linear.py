@@ -12,7 +12,6 @@ it, and this module's state_dict holds only what it owns (A, B, an own bias, gam
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,9 +24,7 @@ def _check_rank(rank: int, in_features: int, out_features: int) -> None:
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
     if rank > min(in_features, out_features):
-        raise ValueError(
-            f"rank {rank} exceeds min(in_features, out_features) = min({in_features}, {out_features})"
-        )
+        raise ValueError(f"rank {rank} exceeds min(in_features, out_features) = min({in_features}, {out_features})")
 
 
 class SharedLoRALinear(nn.Module):
@@ -39,9 +36,16 @@ class SharedLoRALinear(nn.Module):
     every layer that uses it).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, *, scale: float = 1.0,
-                 output_norm: Optional[OutputNorm] = None, bias: Optional[Tensor] = None,
-                 train_base: bool = False):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        *,
+        scale: float = 1.0,
+        output_norm: OutputNorm | None = None,
+        bias: Tensor | None = None,
+        train_base: bool = False,
+    ):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -77,7 +81,7 @@ class SharedLoRALinear(nn.Module):
         """The shared weight [out, in]: the base's own tensor."""
         return self._base.weight
 
-    def effective_bias(self) -> Optional[Tensor]:
+    def effective_bias(self) -> Tensor | None:
         return self.bias if self.bias is not None else self._base.bias
 
     @torch.no_grad()
@@ -87,9 +91,17 @@ class SharedLoRALinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_difference(cls, target: nn.Linear, base: nn.Linear, rank: int, *, scale: float = 1.0,
-                        output_norm: Optional[OutputNorm] = None, keep_target_bias: bool = True,
-                        train_base: bool = False) -> "SharedLoRALinear":
+    def from_difference(
+        cls,
+        target: nn.Linear,
+        base: nn.Linear,
+        rank: int,
+        *,
+        scale: float = 1.0,
+        output_norm: OutputNorm | None = None,
+        keep_target_bias: bool = True,
+        train_base: bool = False,
+    ) -> SharedLoRALinear:
         """Initialise the adapter from the SVD of target.weight - base.weight, so that
         base.weight + scale * B @ A is the best rank-`rank` approximation of target.weight
         (Eckart-Young). B = U_r sqrt(S_r / scale), A = sqrt(S_r / scale) V_r^T. The target's
@@ -118,7 +130,7 @@ class SharedLoRALinear(nn.Module):
         self.lora_b.copy_(sign * u[:, : self.rank] * root)
         self.lora_a.copy_(root[:, None] * vh[: self.rank])
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """y = [residual +] [output_norm](x @ W_base.T + b + scale (x @ A.T) @ B.T), x [..., in];
         parameters in another dtype than x are cast to x's (no copy when they match)."""
         dt = x.dtype
@@ -134,9 +146,12 @@ class SharedLoRALinear(nn.Module):
         if norm is None:
             return shared_lora_linear(x, weight, lora_a, lora_b, self.scale, bias, residual=residual)
         gamma = norm.weight if norm.weight.dtype == dt else norm.weight.to(dt)
-        return shared_lora_linear(x, weight, lora_a, lora_b, self.scale, bias, norm_weight=gamma, eps=norm.eps,
-                                  residual=residual)
+        return shared_lora_linear(
+            x, weight, lora_a, lora_b, self.scale, bias, norm_weight=gamma, eps=norm.eps, residual=residual
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"scale={self.scale}, own_bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"scale={self.scale}, own_bias={self.bias is not None}"
+        )

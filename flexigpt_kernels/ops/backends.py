@@ -33,8 +33,9 @@ import functools
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -59,20 +60,39 @@ class Backend(Protocol):
         -> (grad_x, grad_weight | None, grad_a, grad_b, grad_bias fp32, grad_norm_weight fp32 | None)
     """
 
-    def forward(self, x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-                bias: Optional[Tensor], norm_weight: Optional[Tensor], eps: float,
-                residual2d: Optional[Tensor], save_for_backward: bool) -> ForwardResult: ...
+    def forward(
+        self,
+        x2d: Tensor,
+        weight: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scale: float,
+        bias: Tensor | None,
+        norm_weight: Tensor | None,
+        eps: float,
+        residual2d: Tensor | None,
+        save_for_backward: bool,
+    ) -> ForwardResult: ...
 
-    def backward(self, grad_out: Tensor, x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
-                 scale: float, norm_weight: Optional[Tensor], saved: ForwardResult,
-                 needs_weight_grad: bool) -> tuple: ...
+    def backward(
+        self,
+        grad_out: Tensor,
+        x2d: Tensor,
+        weight: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scale: float,
+        norm_weight: Tensor | None,
+        saved: ForwardResult,
+        needs_weight_grad: bool,
+    ) -> tuple: ...
 
 
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -92,21 +112,23 @@ class BackendInfo:
         return _import(self.module)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import(module: str) -> Backend:
     return importlib.import_module(module)  # a module implementing the protocol
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 REGISTRY: dict[str, BackendInfo] = {
-    "reference": BackendInfo("reference", "flexigpt_kernels.ops.reference_backend", ("*",),
-                             _FLOATS + (torch.float64,), lambda: True),
-    "cpp": BackendInfo("cpp", "flexigpt_kernels.ops.cpp_backend", ("cpu",), (torch.float32, torch.bfloat16),
-                       lambda: library.NATIVE_CPU),
-    "triton": BackendInfo("triton", "flexigpt_kernels.ops.triton.shared_lora_linear", ("cuda", "cpu"), _FLOATS,
-                          _triton_importable),
-    "cuda": BackendInfo("cuda", "flexigpt_kernels.ops.cuda_backend", ("cuda",), _FLOATS,
-                        lambda: library.NATIVE_CUDA),
+    "reference": BackendInfo(
+        "reference", "flexigpt_kernels.ops.reference_backend", ("*",), _FLOATS + (torch.float64,), lambda: True
+    ),
+    "cpp": BackendInfo(
+        "cpp", "flexigpt_kernels.ops.cpp_backend", ("cpu",), (torch.float32, torch.bfloat16), lambda: library.NATIVE_CPU
+    ),
+    "triton": BackendInfo(
+        "triton", "flexigpt_kernels.ops.triton.shared_lora_linear", ("cuda", "cpu"), _FLOATS, _triton_importable
+    ),
+    "cuda": BackendInfo("cuda", "flexigpt_kernels.ops.cuda_backend", ("cuda",), _FLOATS, lambda: library.NATIVE_CUDA),
 }
 
 #: (device type, selection) -> candidates in order; "*" is any other device type
@@ -123,7 +145,7 @@ def available_backends() -> dict[str, bool]:
     return {name: info.built() for name, info in REGISTRY.items()}
 
 
-_override: Optional[str] = None
+_override: str | None = None
 
 
 def _check_name(name: str) -> str:
@@ -136,7 +158,7 @@ def requested_backend() -> str:
     return _override or _check_name(os.environ.get(_ENV, "auto").strip().lower() or "auto")
 
 
-_pushed: Optional[tuple[bool, bool, str]] = None
+_pushed: tuple[bool, bool, str] | None = None
 
 
 def _sync_native_routes() -> None:
@@ -148,8 +170,11 @@ def _sync_native_routes() -> None:
         requested = requested_backend()
     except ValueError:  # an unknown FLEXIGPT_BACKEND: let the Python path raise it on the next call
         requested = None
-    routes = (requested in ("auto", "cpp") and library.NATIVE_CPU,
-              requested in ("auto", "cuda") and library.NATIVE_CUDA, env)
+    routes = (
+        requested in ("auto", "cpp") and library.NATIVE_CPU,
+        requested in ("auto", "cuda") and library.NATIVE_CUDA,
+        env,
+    )
     if _pushed != routes:
         library.set_native_routes(*routes)
         _pushed = routes
@@ -161,7 +186,7 @@ class use_backend(contextlib.AbstractContextManager, contextlib.ContextDecorator
 
     def __init__(self, name: str):
         self._name = _check_name(name)
-        self._previous: list[Optional[str]] = []
+        self._previous: list[str | None] = []
 
     def __enter__(self) -> None:
         global _override
@@ -196,8 +221,10 @@ def _refuse(name: str, device_type: str, dtype: torch.dtype) -> str:
         names = ", ".join(str(d).removeprefix("torch.") for d in info.dtypes)
         raise TypeError(f"backend {name!r} supports {names}, not {str(dtype).removeprefix('torch.')}")
     if name == "cpp":
-        raise RuntimeError("backend 'cpp' requested but the C++ extension flexigpt_kernels._C is not built: "
-                           "reinstall with a C++ compiler (pip install --no-build-isolation -e .)")
+        raise RuntimeError(
+            "backend 'cpp' requested but the C++ extension flexigpt_kernels._C is not built: "
+            "reinstall with a C++ compiler (pip install --no-build-isolation -e .)"
+        )
     if name == "cuda":
         raise RuntimeError("backend 'cuda' requested but the CUDA extension flexigpt_kernels._C_cuda is not built")
     raise RuntimeError(f"backend {name!r} is not available: triton is not installed")

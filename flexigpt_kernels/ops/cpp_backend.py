@@ -13,8 +13,6 @@ them to the ops' CPU kernel, which the registry has just told to run them native
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -24,17 +22,59 @@ from .reference import ForwardResult
 _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 
-def forward(x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-            bias: Optional[Tensor], norm_weight: Optional[Tensor], eps: float,
-            residual2d: Optional[Tensor], save_for_backward: bool) -> ForwardResult:
-    return ForwardResult(*library.op("shared_lora_linear_fwd").redispatch(
-        _CPU, x2d, weight, lora_a, lora_b, float(scale), bias, norm_weight, float(eps), residual2d,
-        bool(save_for_backward)))
+def forward(
+    x2d: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    norm_weight: Tensor | None,
+    eps: float,
+    residual2d: Tensor | None,
+    save_for_backward: bool,
+) -> ForwardResult:
+    return ForwardResult(
+        *library.op("shared_lora_linear_fwd").redispatch(
+            _CPU,
+            x2d,
+            weight,
+            lora_a,
+            lora_b,
+            float(scale),
+            bias,
+            norm_weight,
+            float(eps),
+            residual2d,
+            bool(save_for_backward),
+        )
+    )
 
 
-def backward(grad_out: Tensor, x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-             norm_weight: Optional[Tensor], saved: ForwardResult, needs_weight_grad: bool):
+def backward(
+    grad_out: Tensor,
+    x2d: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    norm_weight: Tensor | None,
+    saved: ForwardResult,
+    needs_weight_grad: bool,
+):
     gx, gw, ga, gb, gbias, gnorm = library.op("shared_lora_linear_bwd").redispatch(
-        _CPU, grad_out, x2d, weight, lora_a, lora_b, float(scale), norm_weight, saved.shrink, saved.y_pre,
-        saved.mean, saved.rstd, bool(needs_weight_grad))
+        _CPU,
+        grad_out,
+        x2d,
+        weight,
+        lora_a,
+        lora_b,
+        float(scale),
+        norm_weight,
+        saved.shrink,
+        saved.y_pre,
+        saved.mean,
+        saved.rstd,
+        bool(needs_weight_grad),
+    )
     return gx, (gw if needs_weight_grad else None), ga, gb, gbias, (gnorm if norm_weight is not None else None)

@@ -11,8 +11,6 @@ the registry, and calls the kernel alone through torch.ops.flexigpt._shared_lora
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -41,8 +39,10 @@ def decode_applies(x2d: Tensor, weight: Tensor, lora_a: Tensor) -> bool:
         and 1 <= x2d.shape[0] <= CUDA_DECODE_MAX_M
         and x2d.dtype in CUDA_DECODE_DTYPES
         and x2d.shape[1] % 8 == 0
-        and x2d.stride(1) == 1 and x2d.stride(0) % 8 == 0
-        and weight.is_contiguous() and lora_a.is_contiguous()
+        and x2d.stride(1) == 1
+        and x2d.stride(0) % 8 == 0
+        and weight.is_contiguous()
+        and lora_a.is_contiguous()
         and all(_aligned16(t) for t in (x2d, weight, lora_a))
     )
 
@@ -53,23 +53,49 @@ def _triton():
     return triton_backend
 
 
-def _rows_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+def _rows_contiguous(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def forward(x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-            bias: Optional[Tensor], norm_weight: Optional[Tensor], eps: float,
-            residual2d: Optional[Tensor], save_for_backward: bool) -> ForwardResult:
+def forward(
+    x2d: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    norm_weight: Tensor | None,
+    eps: float,
+    residual2d: Tensor | None,
+    save_for_backward: bool,
+) -> ForwardResult:
     if decode_applies(x2d, weight, lora_a):
-        return ForwardResult(*torch.ops.flexigpt._shared_lora_linear_decode_cuda(
-            x2d, weight, lora_a, lora_b.contiguous(), float(scale),
-            bias.contiguous() if bias is not None else None,
-            norm_weight.contiguous() if norm_weight is not None else None,
-            float(eps), _rows_contiguous(residual2d), bool(save_for_backward)))
-    return _triton().forward(x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual2d,
-                             save_for_backward)
+        return ForwardResult(
+            *torch.ops.flexigpt._shared_lora_linear_decode_cuda(
+                x2d,
+                weight,
+                lora_a,
+                lora_b.contiguous(),
+                float(scale),
+                bias.contiguous() if bias is not None else None,
+                norm_weight.contiguous() if norm_weight is not None else None,
+                float(eps),
+                _rows_contiguous(residual2d),
+                bool(save_for_backward),
+            )
+        )
+    return _triton().forward(x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual2d, save_for_backward)
 
 
-def backward(grad_out: Tensor, x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-             norm_weight: Optional[Tensor], saved: ForwardResult, needs_weight_grad: bool):
+def backward(
+    grad_out: Tensor,
+    x2d: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    norm_weight: Tensor | None,
+    saved: ForwardResult,
+    needs_weight_grad: bool,
+):
     return _triton().backward(grad_out, x2d, weight, lora_a, lora_b, scale, norm_weight, saved, needs_weight_grad)

@@ -22,12 +22,16 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "flexigpt"
 
-_FWD_ARGS = ("(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? bias, "
-             "Tensor? norm_weight, float eps, Tensor? residual, bool save_for_backward) "
-             "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-_BWD_ARGS = ("(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
-             "Tensor? norm_weight, Tensor shrink, Tensor y_pre, Tensor mean, Tensor rstd, "
-             "bool needs_weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+_FWD_ARGS = (
+    "(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? bias, "
+    "Tensor? norm_weight, float eps, Tensor? residual, bool save_for_backward) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_BWD_ARGS = (
+    "(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
+    "Tensor? norm_weight, Tensor shrink, Tensor y_pre, Tensor mean, Tensor rstd, "
+    "bool needs_weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 #: op name -> schema (the same text as csrc/bindings.cpp; tests/ops compare the two).
 #: The _py twins carry a public op's arguments from the C++ CPU kernel to the Python backends.
@@ -57,8 +61,9 @@ def _load_native(stem: str, without: str) -> bool:
 NATIVE_CPU: bool = _load_native("_C", "the CPU path uses the PyTorch reference")
 #: whether the CUDA library is loaded (csrc/cuda: the decode kernel, under the CUDA dispatch key);
 #: it registers on the schemas of _C, so it is only loaded after it
-NATIVE_CUDA: bool = NATIVE_CPU and torch.version.cuda is not None and _load_native(
-    "_C_cuda", "CUDA tensors use the Triton kernels")
+NATIVE_CUDA: bool = (
+    NATIVE_CPU and torch.version.cuda is not None and _load_native("_C_cuda", "CUDA tensors use the Triton kernels")
+)
 
 #: the library object through which Python registers its kernels (kept alive for the process)
 lib = torch.library.Library(NAMESPACE, "FRAGMENT")

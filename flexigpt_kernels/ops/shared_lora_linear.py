@@ -26,7 +26,6 @@ from . import backends, library
 from .reference import ForwardResult
 from .validation import as_float, check_shared_lora_linear_args
 
-
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
@@ -44,17 +43,25 @@ def _check_2d(x: Tensor, residual: Optional[Tensor]) -> None:
 
 
 def _fwd_python(
-    x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-    bias: Optional[Tensor], norm_weight: Optional[Tensor], eps: float,
-    residual: Optional[Tensor], save_for_backward: bool,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    eps: float,
+    residual: Optional[Tensor],
+    save_for_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x [M, K] (2-D) -> (out [M, N], shrink [M, r], y_pre [M, N] or (0,), mean [M] or (0,), rstd)."""
     _check_2d(x, residual)
     check_shared_lora_linear_args(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
     impl = backends.for_call(x)
     with _no_autocast(x):
-        return tuple(impl.forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual,
-                                  save_for_backward))
+        return tuple(
+            impl.forward(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward)
+        )
 
 
 def _fwd_fake(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward):
@@ -72,8 +79,17 @@ def _fwd_fake(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual
 
 
 def _bwd_python(
-    grad_out: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-    norm_weight: Optional[Tensor], shrink: Tensor, y_pre: Tensor, mean: Tensor, rstd: Tensor,
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    norm_weight: Optional[Tensor],
+    shrink: Tensor,
+    y_pre: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
     needs_weight_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_x, grad_weight or (0,), grad_a, grad_b, grad_bias [N] fp32,
@@ -81,8 +97,9 @@ def _bwd_python(
     impl = backends.for_call(x)
     saved = ForwardResult(x.new_empty((0,)), shrink, y_pre, mean, rstd)
     with _no_autocast(x):
-        gx, gw, ga, gb, gbias, gnorm = impl.backward(grad_out, x, weight, lora_a, lora_b, scale, norm_weight,
-                                                     saved, needs_weight_grad)
+        gx, gw, ga, gb, gbias, gnorm = impl.backward(
+            grad_out, x, weight, lora_a, lora_b, scale, norm_weight, saved, needs_weight_grad
+        )
     empty = x.new_empty((0,), dtype=torch.float32)
     return (
         gx.to(x.dtype),
@@ -94,8 +111,7 @@ def _bwd_python(
     )
 
 
-def _bwd_fake(grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd,
-              needs_weight_grad):
+def _bwd_fake(grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd, needs_weight_grad):
     n = weight.shape[0]
     return (
         x.new_empty(x.shape),  # the backends return row-major gradients whatever x's strides
@@ -114,8 +130,9 @@ def _setup_context(ctx, inputs, output):
     # Called directly with save_for_backward=False, the op did not keep y_pre: the backward
     # through the norm recomputes it (needs bias and eps).
     ctx.recompute_y_pre = norm_weight is not None and not save_for_backward
-    ctx.save_for_backward(x, weight, lora_a, lora_b, norm_weight, shrink, y_pre, mean, rstd,
-                          bias if ctx.recompute_y_pre else None)
+    ctx.save_for_backward(
+        x, weight, lora_a, lora_b, norm_weight, shrink, y_pre, mean, rstd, bias if ctx.recompute_y_pre else None
+    )
     ctx.scale = scale
     ctx.eps = eps
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -150,14 +167,23 @@ def _register() -> None:
     """Python's part of the ops (whichever side declared them): the backend-running kernel for
     every device without a native kernel, the fake kernels, autograd."""
     lib = library.lib
-    for name, fn in (("shared_lora_linear_fwd", _fwd_python), ("shared_lora_linear_bwd", _bwd_python),
-                     ("_shared_lora_linear_fwd_py", _fwd_python), ("_shared_lora_linear_bwd_py", _bwd_python)):
+    for name, fn in (
+        ("shared_lora_linear_fwd", _fwd_python),
+        ("shared_lora_linear_bwd", _bwd_python),
+        ("_shared_lora_linear_fwd_py", _fwd_python),
+        ("_shared_lora_linear_bwd_py", _bwd_python),
+    ):
         lib.impl(name, fn, "CompositeExplicitAutograd")
-    for name, fake in (("shared_lora_linear_fwd", _fwd_fake), ("shared_lora_linear_bwd", _bwd_fake),
-                       ("_shared_lora_linear_fwd_py", _fwd_fake), ("_shared_lora_linear_bwd_py", _bwd_fake)):
+    for name, fake in (
+        ("shared_lora_linear_fwd", _fwd_fake),
+        ("shared_lora_linear_bwd", _bwd_fake),
+        ("_shared_lora_linear_fwd_py", _fwd_fake),
+        ("_shared_lora_linear_bwd_py", _bwd_fake),
+    ):
         torch.library.register_fake(f"{library.NAMESPACE}::{name}", fake, lib=lib)
-    torch.library.register_autograd(f"{library.NAMESPACE}::shared_lora_linear_fwd", _backward,
-                                    setup_context=_setup_context, lib=lib)
+    torch.library.register_autograd(
+        f"{library.NAMESPACE}::shared_lora_linear_fwd", _backward, setup_context=_setup_context, lib=lib
+    )
 
 
 _register()
@@ -188,8 +214,12 @@ def shared_lora_linear(
     computed only when it requires grad (a shared weight's gradient sums over its uses).
     Under torch.autocast, every floating tensor is first cast to the autocast dtype.
     """
-    if _any_autocast() and isinstance(x, Tensor) and x.device.type in _AUTOCAST_DEVICES \
-            and torch.is_autocast_enabled(x.device.type):
+    if (
+        _any_autocast()
+        and isinstance(x, Tensor)
+        and x.device.type in _AUTOCAST_DEVICES
+        and torch.is_autocast_enabled(x.device.type)
+    ):
         device_type = x.device.type
         dt = torch.get_autocast_dtype(device_type)
 
@@ -197,8 +227,17 @@ def shared_lora_linear(
             return t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dt else t
 
         with torch.autocast(device_type, enabled=False):
-            return _call(cast(x), cast(weight), cast(lora_a), cast(lora_b), scale, cast(bias), cast(norm_weight),
-                         eps, cast(residual))
+            return _call(
+                cast(x),
+                cast(weight),
+                cast(lora_a),
+                cast(lora_b),
+                scale,
+                cast(bias),
+                cast(norm_weight),
+                eps,
+                cast(residual),
+            )
     return _call(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
 
 
@@ -218,7 +257,8 @@ def _call(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual) ->
             res2d = residual if residual.dim() == 2 else residual.reshape(-1, residual.shape[-1])
         if _is_compiling():  # traced: plain Python that dynamo understands
             save = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias, norm_weight, residual))
+                t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias, norm_weight, residual)
+            )
             out = _FWD(x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, res2d, save)[0]
         elif torch.is_grad_enabled() and _any_requires_grad(x, weight, lora_a, lora_b, bias, norm_weight, residual):
             out = _FWD(x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, res2d, True)[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -43,10 +42,10 @@ def check_shared_lora_linear_args(
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float,
-    bias: Optional[Tensor],
-    norm_weight: Optional[Tensor],
+    bias: Tensor | None,
+    norm_weight: Tensor | None,
     eps: float,
-    residual: Optional[Tensor],
+    residual: Tensor | None,
 ) -> None:
     """Validate the op's arguments against the contract
 
@@ -105,8 +104,14 @@ def check_shared_lora_linear_args(
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
-    named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias),
-             ("norm_weight", norm_weight), ("residual", residual)]
+    named = [
+        ("weight", weight),
+        ("lora_a", lora_a),
+        ("lora_b", lora_b),
+        ("bias", bias),
+        ("norm_weight", norm_weight),
+        ("residual", residual),
+    ]
     for name, t in named:
         if t is None:
             continue

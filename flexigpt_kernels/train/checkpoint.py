@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 
@@ -35,11 +34,11 @@ from .sharded_state import has_shards
 STATE, COMPLETE = "state.pt", "complete"
 
 
-def step_dir(checkpoint_dir: Union[str, os.PathLike], step: int) -> Path:
+def step_dir(checkpoint_dir: str | os.PathLike, step: int) -> Path:
     return Path(checkpoint_dir) / f"step-{step:08d}"
 
 
-def latest_checkpoint(checkpoint_dir: Union[str, os.PathLike]) -> Optional[Path]:
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step under `checkpoint_dir`, or None."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
@@ -101,7 +100,7 @@ def save_checkpoint(runtime, checkpoint_dir, step: int, state: dict, write_shard
     return final
 
 
-def load_checkpoint(path: Union[str, os.PathLike], rank: int = 0) -> tuple[dict, Optional[dict]]:
+def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> tuple[dict, dict | None]:
     """(state, this process's RNG states or None) of the checkpoint folder `path`."""
     path = Path(path)
     if not (path / COMPLETE).exists():
@@ -121,8 +120,13 @@ def load_checkpoint(path: Union[str, os.PathLike], rank: int = 0) -> tuple[dict,
 
 _STATE_KEYS = ("step", "settings", "params", "optimizer", "scheduler", "scaler", "history")
 # what NumPy's RNG state array pickles as (RNG files written before the state became a tensor)
-_LEGACY_NUMPY_GLOBALS = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
-                         "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType"}
+_LEGACY_NUMPY_GLOBALS = {
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
+}
 
 
 def _safe_load(file: Path, legacy_numpy: bool = False):
@@ -151,6 +155,8 @@ def _safe_load(file: Path, legacy_numpy: bool = False):
             with torch.serialization.safe_globals(allowed):
                 return torch.load(file, map_location="cpu", weights_only=True)
     detail = next((line.strip() for line in str(error).splitlines() if "Unsupported" in line), "")
-    raise ValueError(f"{file}: refusing to load it: it holds objects other than tensors and plain containers, "
-                     f"which could run code (a file not written by heal(), or a crafted one)"
-                     f"{': ' + detail if detail else ''}") from None
+    raise ValueError(
+        f"{file}: refusing to load it: it holds objects other than tensors and plain containers, "
+        f"which could run code (a file not written by heal(), or a crafted one)"
+        f"{': ' + detail if detail else ''}"
+    ) from None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections.abc
 import re
 import warnings
-from typing import Optional
 
 import torch
 
@@ -30,8 +29,17 @@ __all__ = ["TrainBlocks", "load_blocks"]
 _NOT_ENOUGH = re.compile(r"not enough tokens.*found (\d+)")
 
 
-def load_blocks(source, tokenizer=None, *, seq_len: int, num_blocks: int, seed: Optional[int] = 0,
-                split: Optional[str] = None, text_field: str = "text", what: str = "data") -> torch.Tensor:
+def load_blocks(
+    source,
+    tokenizer=None,
+    *,
+    seq_len: int,
+    num_blocks: int,
+    seed: int | None = 0,
+    split: str | None = None,
+    text_field: str = "text",
+    what: str = "data",
+) -> torch.Tensor:
     """Up to `num_blocks` blocks of `seq_len` tokens from `source`: LongTensor [n, seq_len],
     n = num_blocks when the source holds that many, else every whole block it holds (n >= 1)."""
     if isinstance(source, torch.Tensor):
@@ -61,8 +69,9 @@ def load_blocks(source, tokenizer=None, *, seq_len: int, num_blocks: int, seed: 
             raise
         available = int(m.group(1)) // seq_len
         if available < 1:
-            raise ValueError(f"{what}: the source holds {m.group(1)} tokens, less than one block of "
-                             f"seq_len={seq_len}") from None
+            raise ValueError(
+                f"{what}: the source holds {m.group(1)} tokens, less than one block of seq_len={seq_len}"
+            ) from None
         return token_batches(source, tokenizer, num_samples=available, **kwargs)
 
 
@@ -75,18 +84,20 @@ class TrainBlocks:
         self.blocks = blocks
         self.seed = int(seed)
         self.shuffle = shuffle
-        self._perm_epoch: Optional[int] = None
-        self._perm: Optional[torch.Tensor] = None
+        self._perm_epoch: int | None = None
+        self._perm: torch.Tensor | None = None
 
     @classmethod
-    def from_source(cls, source, tokenizer=None, *, seq_len: int, num_blocks: int, seed: int = 0,
-                    shuffle: bool = True, **kwargs) -> "TrainBlocks":
+    def from_source(
+        cls, source, tokenizer=None, *, seq_len: int, num_blocks: int, seed: int = 0, shuffle: bool = True, **kwargs
+    ) -> TrainBlocks:
         blocks = load_blocks(source, tokenizer, seq_len=seq_len, num_blocks=num_blocks, seed=seed, **kwargs)
         if blocks.shape[0] < num_blocks:
             warnings.warn(
                 f"data: the source holds {blocks.shape[0]} blocks of {seq_len} tokens but the run reads "
                 f"{num_blocks}; it will cycle over them ({num_blocks / blocks.shape[0]:.2f} epochs)",
-                stacklevel=3)
+                stacklevel=3,
+            )
         return cls(blocks, seed=seed, shuffle=shuffle)
 
     def __len__(self) -> int:

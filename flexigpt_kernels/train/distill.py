@@ -11,7 +11,7 @@ loss = lm_weight * LM + sum of weights[term] * term.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from ..convert.replacement import replacement_blocks
 DISTILL_TERMS = ("kl", "mse")
 
 
-def normalize_distill(distill: Union[None, str, Iterable[str], dict]) -> dict[str, float]:
+def normalize_distill(distill: None | str | Iterable[str] | dict) -> dict[str, float]:
     if distill is None:
         return {}
     if isinstance(distill, str):
@@ -58,6 +58,7 @@ class BlockOutputs:
         def hook(module, args, out):
             h = _output(out)
             self.outputs[i] = h.detach() if detach else h
+
         return hook
 
     def pop(self) -> dict[int, torch.Tensor]:
@@ -73,8 +74,7 @@ class BlockOutputs:
 class Distiller:
     """Runs the teacher on the student's batch and computes the distillation terms."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, weights: dict[str, float], *,
-                 temperature: float = 1.0):
+    def __init__(self, student: nn.Module, teacher: nn.Module, weights: dict[str, float], *, temperature: float = 1.0):
         self.teacher = teacher
         self.weights = weights
         self.temperature = temperature
@@ -92,11 +92,11 @@ class Distiller:
             self.teacher_hooks = BlockOutputs(teacher, positions, detach=True)
 
     @torch.no_grad()
-    def teacher_logits(self, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    def teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         out = self.teacher(input_ids=input_ids, use_cache=False)
         return out.logits if "kl" in self.weights else None
 
-    def terms(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def terms(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         terms = {}
         if "kl" in self.weights:
             terms["kl"] = kl_loss(student_logits, teacher_logits, self.temperature)

@@ -10,7 +10,7 @@ adapter (LoRA on the kept blocks of a model whose pruned blocks were dropped).
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ __all__ = ["LoRALinear", "add_lora", "merge_lora", "lora_parameter_count"]
 class LoRALinear(nn.Module):
     """`base` (registered, frozen) plus a LoRA adapter of rank `rank` and scale alpha / rank."""
 
-    def __init__(self, base: nn.Linear, rank: int, *, alpha: Optional[float] = None):
+    def __init__(self, base: nn.Linear, rank: int, *, alpha: float | None = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -53,7 +53,7 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-def _lora_targets(model: nn.Module, blocks: Optional[Iterable[int]], targets: Optional[Iterable[str]]):
+def _lora_targets(model: nn.Module, blocks: Iterable[int] | None, targets: Iterable[str] | None):
     family = family_of(model)
     layers = decoder_layers(model)
     names = tuple(targets) if targets is not None else family.linears
@@ -66,8 +66,14 @@ def _lora_targets(model: nn.Module, blocks: Optional[Iterable[int]], targets: Op
             yield i, block, name
 
 
-def add_lora(model: nn.Module, rank: int, *, alpha: Optional[float] = None,
-             blocks: Optional[Iterable[int]] = None, targets: Optional[Iterable[str]] = None) -> list[str]:
+def add_lora(
+    model: nn.Module,
+    rank: int,
+    *,
+    alpha: float | None = None,
+    blocks: Iterable[int] | None = None,
+    targets: Iterable[str] | None = None,
+) -> list[str]:
     """Wrap the linears of the kept decoder blocks (every block that is not a FlexiGPT
     replacement block; or only `blocks`) in LoRALinear, in place. `targets` are linear names
     relative to a block (default: every projection of the model family). Linears already
@@ -88,8 +94,9 @@ def add_lora(model: nn.Module, rank: int, *, alpha: Optional[float] = None,
     return added
 
 
-def lora_parameter_count(model: nn.Module, rank: int, *, blocks: Optional[Iterable[int]] = None,
-                         targets: Optional[Iterable[str]] = None) -> int:
+def lora_parameter_count(
+    model: nn.Module, rank: int, *, blocks: Iterable[int] | None = None, targets: Iterable[str] | None = None
+) -> int:
     """How many parameters add_lora(model, rank, ...) would add (without changing the model)."""
     total = 0
     for _, block, name in _lora_targets(model, blocks, targets):
@@ -121,8 +128,10 @@ def merge_lora(model: nn.Module, *, compensate_shared: bool = True) -> int:
             continue
         users = sharers.get(id(module.base), [])
         if users and not compensate_shared:
-            raise ValueError(f"{name}: its base linear is shared by a replacement block; merging LoRA "
-                             "into it would change that block as well (compensate_shared=True absorbs it)")
+            raise ValueError(
+                f"{name}: its base linear is shared by a replacement block; merging LoRA "
+                "into it would change that block as well (compensate_shared=True absorbs it)"
+            )
         for user in users:
             _absorb_negative_delta(user, module.lora)
         parent_name, _, child = name.rpartition(".")

@@ -17,7 +17,7 @@ Everything else gets ``requires_grad=False``. A callable ``(name, param) -> bool
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 from torch import nn
 
@@ -29,7 +29,7 @@ __all__ = ["TRAINABLE_SETS", "select_trainable", "count_parameters"]
 
 TRAINABLE_SETS = ("adapters", "replacement_blocks", "lora_kept", "all")
 
-Trainable = Union[str, tuple, list, Callable[[str, nn.Parameter], bool]]
+Trainable = str | tuple | list | Callable[[str, nn.Parameter], bool]
 
 
 def _adapter_param_ids(model: nn.Module) -> set[int]:
@@ -55,13 +55,20 @@ def normalize_trainable(trainable: Trainable):
         raise ValueError("trainable: empty selection")
     for n in names:
         if n not in TRAINABLE_SETS:
-            raise ValueError(f"trainable: unknown set {n!r}; choose from {', '.join(TRAINABLE_SETS)} "
-                             "(or a tuple of them, or a callable(name, param) -> bool)")
+            raise ValueError(
+                f"trainable: unknown set {n!r}; choose from {', '.join(TRAINABLE_SETS)} "
+                "(or a tuple of them, or a callable(name, param) -> bool)"
+            )
     return names
 
 
-def select_trainable(model: nn.Module, trainable: Trainable = "adapters", *, lora_rank: Optional[int] = None,
-                     lora_alpha: Optional[float] = None) -> list[tuple[str, nn.Parameter]]:
+def select_trainable(
+    model: nn.Module,
+    trainable: Trainable = "adapters",
+    *,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+) -> list[tuple[str, nn.Parameter]]:
     """Set requires_grad on `model` for the chosen set (adding LoRA modules for "lora_kept")
     and return the trainable (name, parameter) pairs, each tensor once."""
     sel = normalize_trainable(trainable)
@@ -80,7 +87,8 @@ def select_trainable(model: nn.Module, trainable: Trainable = "adapters", *, lor
             if not blocks and not everything:
                 raise ValueError(
                     f"trainable {sel}: the model has no FlexiGPT replacement blocks (a dense or dropped "
-                    "model); use 'lora_kept' or 'all'")
+                    "model); use 'lora_kept' or 'all'"
+                )
             if "adapters" in sel:
                 ids |= _adapter_param_ids(model)
             if "replacement_blocks" in sel:

@@ -25,7 +25,6 @@ Shared weights under wrapping:
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 from torch import nn
@@ -66,7 +65,7 @@ class LocalRuntime:
     def backward(self, loss):
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def clip(self, optimizer, params, max_norm: Optional[float]) -> float:
+    def clip(self, optimizer, params, max_norm: float | None) -> float:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         if max_norm is None:
@@ -104,11 +103,13 @@ class AccelerateRuntime:
         if accelerator.gradient_accumulation_steps != 1:
             raise ValueError(
                 f"accelerator: gradient_accumulation_steps={accelerator.gradient_accumulation_steps}; heal() "
-                "accumulates itself: create the Accelerator with 1 and pass grad_accum= to heal()")
+                "accumulates itself: create the Accelerator with 1 and pass grad_accum= to heal()"
+            )
         acc_mp = str(accelerator.mixed_precision)
         if mixed_precision != "no" and mixed_precision != acc_mp:
-            raise ValueError(f"mixed_precision={mixed_precision!r} but the accelerator uses {acc_mp!r}; "
-                             "set it on the Accelerator")
+            raise ValueError(
+                f"mixed_precision={mixed_precision!r} but the accelerator uses {acc_mp!r}; set it on the Accelerator"
+            )
         self.mixed_precision = acc_mp
         self.device = accelerator.device
         self.world_size = accelerator.num_processes
@@ -126,8 +127,13 @@ class AccelerateRuntime:
         mesh = getattr(self.acc, "torch_device_mesh", None)
         if mesh is not None and self.acc.parallelism_config is not None:
             mesh = mesh[tuple(self.acc.parallelism_config.fsdp_dim_names)]
-        return shard(model, mesh, reshard_after_forward=plugin.reshard_after_forward,
-                     mp_policy=plugin.mixed_precision_policy, offload_policy=plugin.cpu_offload or None)
+        return shard(
+            model,
+            mesh,
+            reshard_after_forward=plugin.reshard_after_forward,
+            mp_policy=plugin.mixed_precision_policy,
+            offload_policy=plugin.cpu_offload or None,
+        )
 
     def prepare(self, model, optimizer):
         if self.is_fsdp and not self.is_fsdp2:
@@ -146,7 +152,7 @@ class AccelerateRuntime:
     def backward(self, loss):
         self.acc.backward(loss)
 
-    def clip(self, optimizer, params, max_norm: Optional[float]) -> float:
+    def clip(self, optimizer, params, max_norm: float | None) -> float:
         if max_norm is None:
             max_norm = float("inf")
         norm = self.acc.clip_grad_norm_(params, max_norm)
@@ -186,8 +192,10 @@ class FSDP2Runtime(LocalRuntime):
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            raise RuntimeError("heal(fsdp=...): torch.distributed is not initialised; start the script with "
-                               "torchrun (or call torch.distributed.init_process_group) first")
+            raise RuntimeError(
+                "heal(fsdp=...): torch.distributed is not initialised; start the script with "
+                "torchrun (or call torch.distributed.init_process_group) first"
+            )
         self.mesh = mesh
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_main = self.rank == 0
@@ -210,9 +218,10 @@ class FSDP2Runtime(LocalRuntime):
                 yield
             finally:
                 model.set_requires_gradient_sync(True)
+
         return skip_gradient_sync()
 
-    def clip(self, optimizer, params, max_norm: Optional[float]) -> float:
+    def clip(self, optimizer, params, max_norm: float | None) -> float:
         norm = nn.utils.clip_grad_norm_(params, float("inf") if max_norm is None else max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
@@ -244,7 +253,8 @@ def check_fsdp_wrapping(model: nn.Module, accelerator) -> None:
             "FSDP: this model has FlexiGPT replacement blocks that read their base block's weights at "
             "forward time; FSDP1's per-layer auto wrapping would hand them a sharded weight. Use FSDP2 "
             "(fsdp_version: 2 in the accelerate config: wrapped by sharing group), "
-            "auto_wrap_policy='no_wrap' (one FSDP unit) or DDP.")
+            "auto_wrap_policy='no_wrap' (one FSDP unit) or DDP."
+        )
 
 
 def make_runtime(model: nn.Module, accelerator=None, mixed_precision: str = "no", fsdp=None):
@@ -253,8 +263,9 @@ def make_runtime(model: nn.Module, accelerator=None, mixed_precision: str = "no"
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
     if accelerator is not None and fsdp not in (None, False):
-        raise ValueError("pass either accelerator= or fsdp=, not both (an accelerate FSDP2 config already "
-                         "wraps by sharing group)")
+        raise ValueError(
+            "pass either accelerator= or fsdp=, not both (an accelerate FSDP2 config already wraps by sharing group)"
+        )
     if accelerator is not None:
         return AccelerateRuntime(accelerator, mixed_precision)
     if fsdp not in (None, False):

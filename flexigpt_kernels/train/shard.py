@@ -28,8 +28,8 @@ supported by FSDP2 per parameter.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -38,8 +38,15 @@ from ..convert.families import decoder_layers
 from ..convert.replacement import replacement_blocks
 from ..nn import SharedLoRALinear
 
-__all__ = ["MemoryTrace", "full_state_dict", "held_parameter_bytes", "load_into_unsharded", "parameter_memory_trace", "shard",
-           "sharing_groups"]
+__all__ = [
+    "MemoryTrace",
+    "full_state_dict",
+    "held_parameter_bytes",
+    "load_into_unsharded",
+    "parameter_memory_trace",
+    "shard",
+    "sharing_groups",
+]
 
 
 def sharing_groups(model: nn.Module) -> list[list[int]]:
@@ -52,8 +59,9 @@ def sharing_groups(model: nn.Module) -> list[list[int]]:
     return [sorted(g) for _, g in sorted(groups.items())]
 
 
-def shard(model: nn.Module, mesh=None, *, reshard_after_forward: bool = True, mp_policy=None,
-          offload_policy=None) -> nn.Module:
+def shard(
+    model: nn.Module, mesh=None, *, reshard_after_forward: bool = True, mp_policy=None, offload_policy=None
+) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to `model` in place, one unit per sharing group.
 
     Args:
@@ -70,12 +78,18 @@ def shard(model: nn.Module, mesh=None, *, reshard_after_forward: bool = True, mp
         from torch.distributed.device_mesh import init_device_mesh
 
         if not torch.distributed.is_initialized():
-            raise RuntimeError("shard(): torch.distributed is not initialised; call init_process_group "
-                               "(torchrun / accelerate launch) or pass a mesh")
+            raise RuntimeError(
+                "shard(): torch.distributed is not initialised; call init_process_group "
+                "(torchrun / accelerate launch) or pass a mesh"
+            )
         device_type = next(model.parameters()).device.type
         mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
-    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
-              "mp_policy": mp_policy or MixedPrecisionPolicy(), "offload_policy": offload_policy or OffloadPolicy()}
+    kwargs = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "mp_policy": mp_policy or MixedPrecisionPolicy(),
+        "offload_policy": offload_policy or OffloadPolicy(),
+    }
     layers = decoder_layers(model)
     grouped = sharing_groups(model)
     in_group = {i for g in grouped for i in g}
@@ -132,8 +146,10 @@ def load_into_unsharded(sharded: nn.Module, fresh: nn.Module) -> nn.Module:
     missing, unexpected = fresh.load_state_dict(full_state_dict(sharded), strict=False)
     tied = {n for n, p in fresh.named_parameters(remove_duplicate=False)} - {n for n, _ in fresh.named_parameters()}
     if unexpected or set(missing) - tied:
-        raise ValueError(f"load_into_unsharded: the models differ (missing {sorted(missing)[:5]}, unexpected "
-                         f"{sorted(unexpected)[:5]}); build `fresh` with the same trainable set")
+        raise ValueError(
+            f"load_into_unsharded: the models differ (missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}); build `fresh` with the same trainable set"
+        )
     return fresh
 
 

@@ -37,8 +37,22 @@ def _restore_threads():
 def kernels_run(tmp_path_factory):
     n = torch.get_num_threads()
     out = tmp_path_factory.mktemp("kernels")
-    status = cli.main(["bench", "kernels", "--device", "cpu", "--shape", "2x32x48x4", "--budget", "0.01",
-                       "--threads", THREADS, "--out", str(out)])
+    status = cli.main(
+        [
+            "bench",
+            "kernels",
+            "--device",
+            "cpu",
+            "--shape",
+            "2x32x48x4",
+            "--budget",
+            "0.01",
+            "--threads",
+            THREADS,
+            "--out",
+            str(out),
+        ]
+    )
     torch.set_num_threads(n)
     assert status == 0
     (csv_path,) = out.glob("kernels_*.csv")
@@ -48,9 +62,13 @@ def kernels_run(tmp_path_factory):
 def test_grid_is_the_issues(monkeypatch):
     full = shapes.grid()
     assert {(s.model, s.layer, s.n, s.k, s.r) for s in full} == {
-        ("llama2-7b", "q/o", 4096, 4096, 256), ("llama2-7b", "gate/up", 11008, 4096, 256),
-        ("llama2-7b", "down", 4096, 11008, 256), ("smollm2", "q/o", 576, 576, 32),
-        ("smollm2", "gate/up", 1536, 576, 32), ("smollm2", "down", 576, 1536, 32)}
+        ("llama2-7b", "q/o", 4096, 4096, 256),
+        ("llama2-7b", "gate/up", 11008, 4096, 256),
+        ("llama2-7b", "down", 4096, 11008, 256),
+        ("smollm2", "q/o", 576, 576, 32),
+        ("smollm2", "gate/up", 1536, 576, 32),
+        ("smollm2", "down", 576, 1536, 32),
+    }
     assert sorted({s.m for s in full}) == [1, 8, 32, 512, 2048, 8192]
     quick = shapes.quick_grid()
     assert {s.model for s in quick} == {"smollm2"} and sorted({s.m for s in quick}) == [1, 512]
@@ -64,8 +82,9 @@ def test_formulas():
     assert formulas.op_flops(s, False, "fwd") == 2 * 4 * 6 * 10 + 2 * 4 * 2 * 16
     assert formulas.floor_factor(s, "fwd") == pytest.approx(1 + 2 * 16 / 60)
     # fwd+bwd (W frozen): op 4MKN + 6Mr(K+N) over dense 4MKN
-    assert formulas.floor_factor(s, "fwd+bwd") == pytest.approx(formulas.op_flops(s, False, "fwd+bwd")
-                                                                / formulas.dense_flops(s, "fwd+bwd"))
+    assert formulas.floor_factor(s, "fwd+bwd") == pytest.approx(
+        formulas.op_flops(s, False, "fwd+bwd") / formulas.dense_flops(s, "fwd+bwd")
+    )
     assert formulas.op_bytes(s, False, "fwd", 2) == 2 * (4 * 6 + 10 * 6 + 2 * 16 + 4 * 10)
 
 
@@ -97,7 +116,12 @@ def test_plot_draws_pngs(kernels_run, tmp_path):
 
 
 def test_unfused_view_computes_the_same_model():
-    from flexigpt_kernels.bench.model import UnfusedSharedLoRALinear, _randomize_adapters, build_random_model, unfused_view
+    from flexigpt_kernels.bench.model import (
+        UnfusedSharedLoRALinear,
+        _randomize_adapters,
+        build_random_model,
+        unfused_view,
+    )
     from flexigpt_kernels.convert.prune import prune
     from flexigpt_kernels.nn import SharedLoRALinear
 
@@ -118,9 +142,28 @@ def test_unfused_view_computes_the_same_model():
 
 
 def test_model_entry_point(tmp_path):
-    status = cli.main(["bench", "model", "--random", "tiny", "--device", "cpu", "--seq-len", "16",
-                       "--new-tokens", "3", "--rounds", "1", "--batches", "1,2", "--threads", THREADS,
-                       "--out", str(tmp_path)])
+    status = cli.main(
+        [
+            "bench",
+            "model",
+            "--random",
+            "tiny",
+            "--device",
+            "cpu",
+            "--seq-len",
+            "16",
+            "--new-tokens",
+            "3",
+            "--rounds",
+            "1",
+            "--batches",
+            "1,2",
+            "--threads",
+            THREADS,
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert status == 0
     (csv_path,) = tmp_path.glob("model_*.csv")
     rows = read_csv(csv_path)
@@ -128,8 +171,14 @@ def test_model_entry_point(tmp_path):
     dense = rows[0]
     assert float(dense["prefill_1x16_x_dense"]) == pytest.approx(1.0)
     for r in rows:
-        for col in ("prefill_1x16_min_ms", "prefill_2x16_median_ms", "prefill_2x16_x_dense", "decode_tok_s",
-                    "decode_x_dense", "weights_MiB"):
+        for col in (
+            "prefill_1x16_min_ms",
+            "prefill_2x16_median_ms",
+            "prefill_2x16_x_dense",
+            "decode_tok_s",
+            "decode_x_dense",
+            "weights_MiB",
+        ):
             assert math.isfinite(float(r[col])), (r["variant"], col)
     assert int(rows[1]["layers"]) == 4 and int(rows[2]["replaced_blocks"]) == 2  # 0.3 x 6 blocks
     assert rows[3]["same_tokens_as_flexigpt"].endswith("/4")
@@ -144,12 +193,24 @@ def test_gpu_suite_parses():
 def test_gpu_suite_runs_in_cpu_smoke_mode(tmp_path):
     """Every command the GPU suite runs, on the CPU at the smallest shapes."""
     env = dict(os.environ, FLEXIGPT_SUITE_SMOKE="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    assert [line.split()[0] for line in summary] == ["build", "parity_kernels", "parity_fp32", "kernels_decode_smollm2",
-                                                      "kernels_prefill_smollm2", "model", "plot"]
+    assert [line.split()[0] for line in summary] == [
+        "build",
+        "parity_kernels",
+        "parity_fp32",
+        "kernels_decode_smollm2",
+        "kernels_prefill_smollm2",
+        "model",
+        "plot",
+    ]
     assert list(tmp_path.glob("kernels_*.csv")) and list(tmp_path.glob("model_*.csv"))
     assert list(tmp_path.glob("*.png"))
     for group in ("parity_kernels", "parity_fp32"):  # -m gpu selects the GPU tests

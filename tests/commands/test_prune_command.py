@@ -23,8 +23,15 @@ def one_thread():
 
 def tiny_llama(vocab=256, layers=6):
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -32,8 +39,20 @@ def test_run_prune_job_reports_and_saves(tmp_path):
     model = tiny_llama()
     g = torch.Generator().manual_seed(0)
     calib, held = torch.randint(0, 256, (8, 32), generator=g), torch.randint(0, 256, (4, 32), generator=g)
-    summary = run_prune_job(model, None, calib, held, ratio=0.34, rank=8, seq_len=32, num_samples=8,
-                            eval_chunks=4, out=str(tmp_path / "out"), local_fit="gamma", progress=False)
+    summary = run_prune_job(
+        model,
+        None,
+        calib,
+        held,
+        ratio=0.34,
+        rank=8,
+        seq_len=32,
+        num_samples=8,
+        eval_chunks=4,
+        out=str(tmp_path / "out"),
+        local_fit="gamma",
+        progress=False,
+    )
     rep = summary["report"]
     assert len(rep["pruned"]) == 2 and set(rep["base_map"]) == {str(b) for b in rep["pruned"]}
     assert set(summary["perplexity"]) == {"dense", "flexigpt", "drop"}
@@ -65,9 +84,28 @@ def test_prune_cli_end_to_end(tmp_path, capsys, default_model_and_tokenizer):
     text = " ".join(["The river flows past the old mill and the town grows around it."] * 40)
     (tmp_path / "calib.txt").write_text("\n".join([text] * 4))
     out = tmp_path / "pruned"
-    argv = ["prune", "--model", str(tmp_path / "model"), "--calib", str(tmp_path / "calib.txt"),
-            "--eval", str(tmp_path / "calib.txt"), "--ratio", "0.5", "--rank", "4", "--seq-len", "32",
-            "--num-samples", "4", "--eval-chunks", "2", "--out", str(out), "--json"]
+    argv = [
+        "prune",
+        "--model",
+        str(tmp_path / "model"),
+        "--calib",
+        str(tmp_path / "calib.txt"),
+        "--eval",
+        str(tmp_path / "calib.txt"),
+        "--ratio",
+        "0.5",
+        "--rank",
+        "4",
+        "--seq-len",
+        "32",
+        "--num-samples",
+        "4",
+        "--eval-chunks",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["report"]["method"] == "flexigpt" and len(summary["report"]["pruned"]) == 2

@@ -81,8 +81,9 @@ def test_pruning_twice_is_refused_and_leaves_the_model_as_it_was(method):
 
 
 def test_numpy_scalars_are_accepted_and_stored_as_floats():
-    model, _ = prune(tiny_model(), None, blocks=[1], rank=4, scale=np.float32(0.5),
-                     gamma_init=np.float64(0.02), progress=False)
+    model, _ = prune(
+        tiny_model(), None, blocks=[1], rank=4, scale=np.float32(0.5), gamma_init=np.float64(0.02), progress=False
+    )
     assert type(model.flexigpt_meta["scale"]) is float and model.flexigpt_meta["scale"] == 0.5
     assert type(model.flexigpt_meta["gamma_init"]) is float
 
@@ -120,6 +121,7 @@ def test_extend_refuses_a_pruned_model():
 
 # --- calibration sources ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("source", ["", "   ", "\n\t"])
 def test_an_empty_source_string_never_reads_the_current_folder(source, word_tokenizer, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -129,8 +131,7 @@ def test_an_empty_source_string_never_reads_the_current_folder(source, word_toke
     model = tiny_model()
     before = _snapshot(model)
     with pytest.raises(ValueError, match="source: empty calibration source"):
-        prune(model, source, tokenizer=word_tokenizer, blocks=[1], rank=4, seq_len=8, num_samples=2,
-              progress=False)
+        prune(model, source, tokenizer=word_tokenizer, blocks=[1], rank=4, seq_len=8, num_samples=2, progress=False)
     _assert_untouched(model, before)
 
 

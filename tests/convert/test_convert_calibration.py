@@ -151,9 +151,9 @@ def fake_hub(monkeypatch):
     def load_dataset(name, config=None, *, split=None, streaming=False):
         calls.append((name, config, split, streaming))
         if split == "validation" and name == "no-val":
-            raise ValueError('Unknown split "validation". Should be one of [\'train\'].')
+            raise ValueError("Unknown split \"validation\". Should be one of ['train'].")
         if split == "bogus":
-            raise ValueError('Unknown split "bogus". Should be one of [\'train\'].')
+            raise ValueError("Unknown split \"bogus\". Should be one of ['train'].")
         streams.append(_FakeStream([{"text": d} for d in DOCS]))
         return streams[-1]
 

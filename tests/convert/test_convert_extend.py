@@ -19,8 +19,7 @@ from flexigpt_kernels.convert.replacement import replacement_blocks
 from flexigpt_kernels.nn import OutputNorm, SharedLoRALinear
 from tests.eval.helpers import byte_tokenizer, tiny_model
 
-IDS = torch.tensor([[5, 17, 99, 3, 200, 42, 42, 7, 130, 64, 1, 250],
-                    [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]])
+IDS = torch.tensor([[5, 17, 99, 3, 200, 42, 42, 7, 130, 64, 1, 250], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]])
 
 
 def _logits(model, ids=IDS):
@@ -99,8 +98,9 @@ def test_extend_structure(pattern):
     assert {int(k): v for k, v in meta["base_map"].items()} == report.base_map
     # repeats add adapters and gammas only: 4 new blocks x (7 adapters + 2 gammas)
     repeat = layers[min(report.base_map)]
-    per_block = sum(4 * (m.in_features + m.out_features) for m in repeat.modules()
-                    if isinstance(m, SharedLoRALinear)) + 2 * 32
+    per_block = (
+        sum(4 * (m.in_features + m.out_features) for m in repeat.modules() if isinstance(m, SharedLoRALinear)) + 2 * 32
+    )
     norms = sum(p.numel() for n, p in repeat.named_parameters() if "layernorm" in n)
     assert report.params_after - report.params_before == 4 * (per_block + norms)
     assert report.adapter_params == 4 * per_block
@@ -125,8 +125,9 @@ def test_without_output_norm_a_repeat_applies_its_block_again():
     dup = copy.deepcopy(model)
     extend(model, range(1, 3), pattern="block", repeats=2, rank=4, output_norm=False)
     layers = decoder_layers(dup)
-    plain = [layers[i] if k == 0 else copy.deepcopy(layers[i]) for i, k in
-             [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]]
+    plain = [
+        layers[i] if k == 0 else copy.deepcopy(layers[i]) for i, k in [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]
+    ]
     for pos, block in enumerate(plain):
         block.self_attn.layer_idx = pos
     dup.model.layers = nn.ModuleList(plain)
@@ -148,8 +149,10 @@ def test_small_gamma_stays_close_to_the_original(model_type):
         ext = copy.deepcopy(model)
         extend(ext, range(1, 3), pattern="block", repeats=2, rank=4, gamma_init=gamma)
         moves = []
-        hooks = [b.register_forward_hook(lambda m, a, out: moves.append((out - a[0]).norm(dim=-1).max().item()))
-                 for b in replacement_blocks(ext).values()]
+        hooks = [
+            b.register_forward_hook(lambda m, a, out: moves.append((out - a[0]).norm(dim=-1).max().item()))  # noqa: B023
+            for b in replacement_blocks(ext).values()
+        ]
         out = _logits(ext)
         for h in hooks:
             h.remove()
@@ -233,8 +236,28 @@ def test_cli_extend(tmp_path, capsys):
     text = tmp_path / "heldout.txt"
     text.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(40)))
     out = tmp_path / "ext"
-    status = main(["extend", str(src), "--layers", "1:3", "--pattern", "sequential", "--repeats", "2",
-                   "--rank", "4", "--data", str(text), "--seq-len", "32", "--eval-chunks", "4", "--out", str(out)])
+    status = main(
+        [
+            "extend",
+            str(src),
+            "--layers",
+            "1:3",
+            "--pattern",
+            "sequential",
+            "--repeats",
+            "2",
+            "--rank",
+            "4",
+            "--data",
+            str(text),
+            "--seq-len",
+            "32",
+            "--eval-chunks",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr().out
     assert "4 -> 6 blocks" in printed and "held-out perplexity" in printed

@@ -18,8 +18,15 @@ from flexigpt_kernels.nn import OutputNorm, SharedLoRALinear
 
 VOCAB = 128
 _TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-               intermediate_size=96, max_position_embeddings=64, **_TOKENS)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=96,
+    max_position_embeddings=64,
+    **_TOKENS,
+)
 _ALTERNATING = ["sliding_attention", "full_attention"] * 2
 
 CONFIGS = {
@@ -28,14 +35,23 @@ CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, **_COMMON),
     "qwen3": lambda: transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **_COMMON),
     # sliding_window < prompt + new tokens, so the sliding layers' cache actually slides
-    "gemma2": lambda: transformers.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=6,
-                                                layer_types=_ALTERNATING, **_COMMON),
-    "gemma3": lambda: transformers.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, sliding_window=6,
-                                                    layer_types=_ALTERNATING, **_COMMON),
+    "gemma2": lambda: transformers.Gemma2Config(
+        num_key_value_heads=2, head_dim=16, sliding_window=6, layer_types=_ALTERNATING, **_COMMON
+    ),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        num_key_value_heads=2, head_dim=16, sliding_window=6, layer_types=_ALTERNATING, **_COMMON
+    ),
     "phi3": lambda: transformers.Phi3Config(num_key_value_heads=2, **_COMMON),
-    "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4,
-                                          num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64,
-                                          max_position_embeddings=64, **_TOKENS),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        ffn_dim=96,
+        word_embed_proj_dim=64,
+        max_position_embeddings=64,
+        **_TOKENS,
+    ),
 }
 
 
@@ -58,7 +74,7 @@ def _inputs(seed: int = 1, shape=(2, 7)) -> torch.Tensor:
     return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _converted(family: str):
     """(model, report, params before) for `family`, pruned once per session; do not modify."""
     model = _tiny_model(family)
@@ -70,8 +86,14 @@ def _converted(family: str):
 
 def _greedy(model, ids, use_cache):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                              use_cache=use_cache, pad_token_id=0)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=0,
+        )
 
 
 def test_table_and_tests_cover_the_same_families():
@@ -104,11 +126,15 @@ def test_conversion_runs_and_shares_weights(family):
 def test_stored_parameters_fall_by_weights_minus_adapters(family):
     model, report, before = _converted(family)
     layers = decoder_layers(model)
-    released = sum(layers[i].get_submodule(n).weight.numel()
-                   for i in report.base_map for n in FAMILIES[family].linears)
-    added = sum(p.numel() for i in report.base_map for m in layers[i].modules()
-                if isinstance(m, (SharedLoRALinear, OutputNorm))
-                for n, p in m.named_parameters(recurse=False) if n != "bias")
+    released = sum(layers[i].get_submodule(n).weight.numel() for i in report.base_map for n in FAMILIES[family].linears)
+    added = sum(
+        p.numel()
+        for i in report.base_map
+        for m in layers[i].modules()
+        if isinstance(m, (SharedLoRALinear, OutputNorm))
+        for n, p in m.named_parameters(recurse=False)
+        if n != "bias"
+    )
     assert added > 0
     assert report.params_before == before
     assert report.params_after == stored_parameters(model) == before - released + added

@@ -15,8 +15,14 @@ from flexigpt_kernels.convert import (
 from .conftest import TINY_CONFIGS, tiny_model
 
 EXPECTED_FAMILY = {
-    "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-    "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "opt": "opt",
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+    "opt": "opt",
 }
 
 
@@ -72,10 +78,17 @@ def test_multimodal_gemma3_finds_the_text_decoder():
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     text = dict(TINY_CONFIGS["gemma3_text"], num_hidden_layers=2, vocab_size=300)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                          image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=299,
+        boi_token_index=297,
+        eoi_token_index=298,
+    )
     model = Gemma3ForConditionalGeneration(config)
     assert family_of(model).name == "gemma3"
     assert decoder_layers(model) is model.model.language_model.layers

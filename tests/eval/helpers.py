@@ -22,15 +22,32 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, bos_token=EOS)
 
 
-def tiny_model(model_type: str = "llama", *, layers: int = 4, hidden: int = 32, vocab: int = 257,
-               seed: int = 0, embed_std: float = 1.0, **overrides):
+def tiny_model(
+    model_type: str = "llama",
+    *,
+    layers: int = 4,
+    hidden: int = 32,
+    vocab: int = 257,
+    seed: int = 0,
+    embed_std: float = 1.0,
+    **overrides,
+):
     """A random tiny causal LM of `model_type` in fp32 eval mode. Embeddings get std
     `embed_std` (HF's init uses 0.02, far below a trained model's residual-stream scale)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              eos_token_id=vocab - 1, bos_token_id=vocab - 1, pad_token_id=None)
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=vocab - 1,
+        bos_token_id=vocab - 1,
+        pad_token_id=None,
+    )
     if model_type in ("gemma2", "gemma3_text"):
         kw.update(head_dim=hidden // 4, sliding_window=8, query_pre_attn_scalar=hidden // 4)
     if model_type == "qwen3":

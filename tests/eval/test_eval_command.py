@@ -40,9 +40,12 @@ def test_eval_reports_baseline_and_model(extended_checkpoint, capsys):
     try:
         import lm_eval  # noqa: F401
 
-        (text.parent / "tiny_mc.jsonl").write_text("".join(
-            json.dumps({"question": f"{i}+{i}?", "choices": [str(2 * i), str(i)], "answer": 0}) + "\n"
-            for i in range(4)))
+        (text.parent / "tiny_mc.jsonl").write_text(
+            "".join(
+                json.dumps({"question": f"{i}+{i}?", "choices": [str(2 * i), str(i)], "answer": 0}) + "\n"
+                for i in range(4)
+            )
+        )
         (text.parent / "tiny_mc.yaml").write_text(TASK_YAML)
         tasks = ["--tasks", str(text.parent / "tiny_mc.yaml")]
     except ImportError:

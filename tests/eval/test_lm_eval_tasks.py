@@ -32,8 +32,10 @@ metric_list:
 @pytest.fixture
 def task_file(tmp_path):
     """A multiple-choice task of 8 questions, data beside the YAML (relative data_files)."""
-    rows = [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), "no"], "answer": i % 3}
-            for i in range(8)]
+    rows = [
+        {"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), "no"], "answer": i % 3}
+        for i in range(8)
+    ]
     (tmp_path / "tiny_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = tmp_path / "tiny_mc.yaml"
     path.write_text(TASK_YAML)

@@ -29,13 +29,9 @@ class BigramStub(nn.Module):
 
 def test_matches_hand_computed_cross_entropy():
     # vocabulary {0, 1, 2}; P(next | prev) rows sum to 1
-    table = torch.tensor([[0.5, 0.25, 0.25],
-                          [0.1, 0.8, 0.1],
-                          [1 / 3, 1 / 3, 1 / 3]])
+    table = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]])
     stub = BigramStub(table)
-    tokens = torch.tensor([[0, 1, 1, 2],
-                           [2, 0, 0, 1],
-                           [1, 1, 1, 1]])
+    tokens = torch.tensor([[0, 1, 1, 2], [2, 0, 0, 1], [1, 1, 1, 1]])
     # predicted pairs (prev -> next) per window; the first token of each window is not predicted
     pairs = [(0, 1), (1, 1), (1, 2), (2, 0), (0, 0), (0, 1), (1, 1), (1, 1), (1, 1)]
     by_hand = math.exp(-sum(math.log(table[a, b].item()) for a, b in pairs) / len(pairs))
@@ -57,8 +53,7 @@ def test_tiny_model_matches_direct_computation():
     """Texts -> EOS-joined stream -> windows; compared with a per-window loop over the model."""
     model = tiny_model("llama")
     tok = byte_tokenizer()
-    texts = ["The first document is short.", "A second one follows it, a bit longer than the first.",
-             "Third."]
+    texts = ["The first document is short.", "A second one follows it, a bit longer than the first.", "Third."]
     stream = []
     for t in texts:
         if stream:
@@ -68,7 +63,7 @@ def test_tiny_model_matches_direct_computation():
     nll, count = 0.0, 0
     with torch.no_grad():
         for w in range(n):
-            ids = torch.tensor(stream[w * seq_len:(w + 1) * seq_len])[None]
+            ids = torch.tensor(stream[w * seq_len : (w + 1) * seq_len])[None]
             logp = model(input_ids=ids).logits[0].log_softmax(-1)
             for t in range(seq_len - 1):
                 nll -= logp[t, ids[0, t + 1]].item()
@@ -78,7 +73,8 @@ def test_tiny_model_matches_direct_computation():
     assert got == pytest.approx(direct, rel=1e-5)
     # num_chunks=None: every whole window of the stream
     assert perplexity(model, tok, texts, seq_len=seq_len, num_chunks=None, progress=False) == pytest.approx(
-        direct, rel=1e-5)
+        direct, rel=1e-5
+    )
     assert model.training is False
 
 

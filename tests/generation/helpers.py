@@ -7,8 +7,17 @@ import torch
 VOCAB = 96
 
 
-def tiny_model(family: str, *, layers: int = 6, vocab: int = VOCAB, blocks=(2, 4), seed: int = 0,
-               gamma: float | None = None, sliding_window: int | None = None, **overrides):
+def tiny_model(
+    family: str,
+    *,
+    layers: int = 6,
+    vocab: int = VOCAB,
+    blocks=(2, 4),
+    seed: int = 0,
+    gamma: float | None = None,
+    sliding_window: int | None = None,
+    **overrides,
+):
     """A tiny random causal LM of `family`, pruned FlexiGPT-style at `blocks` (rank 8).
 
     initializer_range 0.1 (not HF's 0.02) gives peaked next-token distributions, so greedy
@@ -23,9 +32,16 @@ def tiny_model(family: str, *, layers: int = 6, vocab: int = VOCAB, blocks=(2, 4
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[family]
-    kwargs = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=0.1)
+    kwargs = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+    )
     if family == "mistral":
         kwargs["sliding_window"] = sliding_window
     kwargs.update(overrides)
@@ -51,7 +67,9 @@ def set_gamma(model, value: float) -> None:
 def hf_greedy(model, ids, max_new_tokens):
     """Hugging Face's own greedy generate() (the reference output). Like ours, it stops at the
     model's generation_config.eos_token_id."""
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                          do_sample=False, pad_token_id=0)
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+    )
+
 
 PROMPT = [[5, 17, 42, 8, 91, 33]]

@@ -34,8 +34,9 @@ def test_replacement_block_traces_as_one_graph(model):
     positions = torch.arange(IDS.shape[1]).unsqueeze(0)
     rotary = model.model.rotary_emb(hidden, position_ids=positions)
     with torch.no_grad():
-        count, reasons = _graph_breaks(block, hidden, attention_mask=None, position_ids=positions,
-                                       position_embeddings=rotary)
+        count, reasons = _graph_breaks(
+            block, hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary
+        )
     assert count == 0, reasons
 
 

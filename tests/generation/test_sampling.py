@@ -47,8 +47,7 @@ def test_acceptance_rule_reproduces_target():
     """speculative_accept alone, synthetic p and q over 6 tokens: the first emitted token is
     distributed as p_0 although drafts come from a very different q_0."""
     g = torch.Generator().manual_seed(1)
-    p = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.1, 0.1, 0.1, 0.5],
-                      [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]])
+    p = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.1, 0.1, 0.1, 0.5], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]])
     q = torch.tensor([[0.05, 0.05, 0.1, 0.2, 0.3, 0.3], [1 / 6] * 6])
     n = 2000
     firsts = torch.empty(n, dtype=torch.long)
@@ -91,9 +90,18 @@ def test_first_token_follows_full_model(temperature, top_p):
     firsts = torch.empty(n, dtype=torch.long)
     drafted = accepted = 0
     for s in range(n):
-        out, stats = generate(model, prompt, max_new_tokens=2, draft_tokens=1, do_sample=True,
-                              temperature=temperature, top_p=top_p, generator=g, eos_token_id=[],
-                              return_stats=True)
+        out, stats = generate(
+            model,
+            prompt,
+            max_new_tokens=2,
+            draft_tokens=1,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            generator=g,
+            eos_token_id=[],
+            return_stats=True,
+        )
         firsts[s] = out[0, 1]
         drafted += stats.drafted
         accepted += stats.accepted
@@ -106,9 +114,24 @@ def test_first_token_follows_full_model(temperature, top_p):
 
 def test_sampling_is_reproducible_with_a_generator(prompt):
     model = tiny_model("qwen2", gamma=0.1)
-    runs = [generate(model, prompt, max_new_tokens=10, do_sample=True, temperature=0.9,
-                     generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [
+        generate(
+            model,
+            prompt,
+            max_new_tokens=10,
+            do_sample=True,
+            temperature=0.9,
+            generator=torch.Generator().manual_seed(7),
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
-    plain = generate(model, prompt, max_new_tokens=10, do_sample=True, self_speculative=False,
-                     generator=torch.Generator().manual_seed(7))
+    plain = generate(
+        model,
+        prompt,
+        max_new_tokens=10,
+        do_sample=True,
+        self_speculative=False,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert plain.shape == runs[0].shape

@@ -86,8 +86,14 @@ def test_eos_stops_like_hf(prompt):
     model = tiny_model("llama", gamma=0.1)
     free = generate(model, prompt, max_new_tokens=12, eos_token_id=[])
     eos = int(free[0, prompt.shape[1] + 5])  # a token the greedy output produces
-    ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                         eos_token_id=eos, pad_token_id=0)
+    ref = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
     out = generate(model, prompt, max_new_tokens=12, eos_token_id=eos)
     assert torch.equal(out, ref)
     assert int(out[0, -1]) == eos and out.shape[1] <= prompt.shape[1] + 6
@@ -167,8 +173,7 @@ def test_static_cache_gives_the_same_output(family, prompt):
     model = tiny_model(family, gamma=0.1)
     ref = hf_greedy(model, prompt, 14)
     for k in (1, 4):
-        out, stats = generate(model, prompt, max_new_tokens=14, draft_tokens=k, static_cache=True,
-                              return_stats=True)
+        out, stats = generate(model, prompt, max_new_tokens=14, draft_tokens=k, static_cache=True, return_stats=True)
         assert torch.equal(out, ref), k
         assert 0 < stats.acceptance_rate < 1
     assert torch.equal(generate(model, prompt, max_new_tokens=14, self_speculative=False, static_cache=True), ref)

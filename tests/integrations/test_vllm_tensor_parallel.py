@@ -7,8 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexigpt_kernels.integrations.vllm.tensor_parallel import (column_parallel_forward, row_parallel_finish,
-                                                                row_parallel_partial, shard)
+from flexigpt_kernels.integrations.vllm.tensor_parallel import (
+    column_parallel_forward,
+    row_parallel_finish,
+    row_parallel_partial,
+    shard,
+)
 from flexigpt_kernels.ops.reference import shared_lora_linear_reference
 
 
@@ -28,8 +32,9 @@ def tensors(m=3, k=24, n=36, r=5, seed=0):
 def test_column_parallel_shards_concatenate_to_the_full_output(world):
     x, w, a, b, bias, _, _ = tensors()
     full = shared_lora_linear_reference(x, w, a, b, 0.7, bias)
-    parts = [column_parallel_forward(x, shard(w, 0, rank, world), a, b, 0.7, bias, rank, world)
-             for rank in range(world)]
+    parts = [
+        column_parallel_forward(x, shard(w, 0, rank, world), a, b, 0.7, bias, rank, world) for rank in range(world)
+    ]
     torch.testing.assert_close(torch.cat(parts, dim=-1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -39,8 +44,10 @@ def test_row_parallel_partials_sum_to_the_full_output(world, with_norm):
     x, w, a, b, bias, gamma, residual = tensors()
     norm = gamma if with_norm else None
     full = shared_lora_linear_reference(x, w, a, b, 1.3, bias, norm_weight=norm, eps=1e-5, residual=residual)
-    partials = [row_parallel_partial(shard(x, 1, rank, world), shard(w, 1, rank, world), a, b, 1.3, rank, world)
-                for rank in range(world)]
+    partials = [
+        row_parallel_partial(shard(x, 1, rank, world), shard(w, 1, rank, world), a, b, 1.3, rank, world)
+        for rank in range(world)
+    ]
     reduced = torch.stack(partials).sum(0)  # what the all-reduce does
     torch.testing.assert_close(row_parallel_finish(reduced, bias, norm, 1e-5, residual), full, rtol=1e-5, atol=1e-5)
 

@@ -25,9 +25,19 @@ def one_thread():
 
 
 def llama_config(**overrides) -> transformers.LlamaConfig:
-    kw = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
-              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     kw.update(overrides)
     return transformers.LlamaConfig(**kw)
 
@@ -41,8 +51,9 @@ def tiny_model(config=None) -> torch.nn.Module:
 def converted(*, method="flexigpt", blocks=(1, 2), rank=4, output_norm=True, config=None, perturb=True):
     """A tiny pruned model; with perturb, gammas and adapters are randomised so that every
     stored tensor of a replacement block matters for the logits."""
-    model, _ = prune(tiny_model(config), None, blocks=list(blocks), method=method, rank=rank,
-                     output_norm=output_norm, progress=False)
+    model, _ = prune(
+        tiny_model(config), None, blocks=list(blocks), method=method, rank=rank, output_norm=output_norm, progress=False
+    )
     if perturb and method == "flexigpt":
         gen = torch.Generator().manual_seed(5)
         for name, p in model.named_parameters():
@@ -61,10 +72,11 @@ def logits(model, ids) -> torch.Tensor:
 
 
 def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )

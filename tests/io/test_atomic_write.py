@@ -44,6 +44,7 @@ def model():
 
 # --- what overwrite may replace ---------------------------------------------------------------
 
+
 def test_overwrite_refuses_the_current_directory(model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "thesis.tex").write_text("my only copy")
@@ -105,6 +106,7 @@ def test_overwrite_replaces_our_own_folder(tmp_path):
 
 
 # --- failures injected at every step ----------------------------------------------------------
+
 
 class _FailAt:
     """Wraps a function: the n-th call of any wrapped function (counted together) raises; with
@@ -170,6 +172,7 @@ def test_a_failure_while_writing_keeps_the_old_checkpoint(tmp_path):
 
 
 # --- SIGKILL at every step --------------------------------------------------------------------
+
 
 def _killed_save(out, n, exchange: bool) -> bool:
     """Run the overwriting save in a forked process that SIGKILLs itself just before its n-th

@@ -43,8 +43,13 @@ def _stored(directory) -> dict[str, tuple]:
 
 def test_files_written(saved):
     names = set(os.listdir(saved))
-    assert {"model.safetensors", "config.json", FLEXIGPT_CONFIG_NAME, "generation_config.json",
-            "tokenizer.json"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        FLEXIGPT_CONFIG_NAME,
+        "generation_config.json",
+        "tokenizer.json",
+    } <= names
     assert not [n for n in os.listdir(saved.parent) if ".tmp-" in n]  # the temp dir was renamed
     config = json.loads((saved / "config.json").read_text())
     # the serving name (registered by the vLLM plugin); the Hugging Face class stays in flexigpt.json
@@ -96,8 +101,9 @@ def test_load_gives_identical_logits_and_structure(model, saved):
 
 def test_save_of_loaded_model_round_trips(saved, tmp_path):
     again = save_pretrained(from_pretrained(saved), tmp_path / "again")
-    assert json.loads((again / FLEXIGPT_CONFIG_NAME).read_text()) == \
-        json.loads((saved / FLEXIGPT_CONFIG_NAME).read_text())
+    assert json.loads((again / FLEXIGPT_CONFIG_NAME).read_text()) == json.loads(
+        (saved / FLEXIGPT_CONFIG_NAME).read_text()
+    )
 
 
 def test_tokenizer_round_trip(saved):

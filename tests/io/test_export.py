@@ -47,8 +47,9 @@ def test_export_from_model_loads_with_stock_transformers(model, tmp_path):
     # the merged weight: W_base + s B A
     shared = model.model.layers[1].self_attn.q_proj
     assert isinstance(shared, SharedLoRALinear)
-    torch.testing.assert_close(stock.model.layers[1].self_attn.q_proj.weight,
-                               shared.weight + shared.scale * shared.lora_b @ shared.lora_a)
+    torch.testing.assert_close(
+        stock.model.layers[1].self_attn.q_proj.weight, shared.weight + shared.scale * shared.lora_b @ shared.lora_a
+    )
 
 
 def test_export_from_directory_untied_with_biases(tmp_path):
@@ -60,8 +61,7 @@ def test_export_from_directory_untied_with_biases(tmp_path):
     stock = _stock(out)
     ids = inputs(seed=3)
     torch.testing.assert_close(logits(stock, ids), logits(model, ids), atol=1e-5, rtol=0)
-    torch.testing.assert_close(stock.model.layers[1].self_attn.q_proj.bias,
-                               model.model.layers[1].self_attn.q_proj.bias)
+    torch.testing.assert_close(stock.model.layers[1].self_attn.q_proj.bias, model.model.layers[1].self_attn.q_proj.bias)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
 
 

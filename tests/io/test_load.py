@@ -100,9 +100,14 @@ def test_resolve_data(tmp_path, offline):
     (tmp_path / "empty.txt").write_text(" \n")
     (tmp_path / "t.csv").write_text("a\n")
     (tmp_path / "none").mkdir()
-    cases = [("", ValueError, "empty"), ("/nonexistent/x.txt", FileNotFoundError, "does not exist"),
-             (str(tmp_path / "empty.txt"), ValueError, "no text"), (str(tmp_path / "t.csv"), ValueError, ".csv"),
-             (str(tmp_path / "none"), ValueError, "no .json"), ("org/data", FileNotFoundError, "offline")]
+    cases = [
+        ("", ValueError, "empty"),
+        ("/nonexistent/x.txt", FileNotFoundError, "does not exist"),
+        (str(tmp_path / "empty.txt"), ValueError, "no text"),
+        (str(tmp_path / "t.csv"), ValueError, ".csv"),
+        (str(tmp_path / "none"), ValueError, "no .json"),
+        ("org/data", FileNotFoundError, "offline"),
+    ]
     for source, kind, words in cases:
         with pytest.raises(kind, match=words) as exc:
             resolve_data(source, what="calib")

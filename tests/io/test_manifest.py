@@ -45,12 +45,14 @@ def _edited(saved, tmp_path, edit):
 def _set(key, value):
     def edit(record):
         record[key] = value
+
     return edit
 
 
 def _set_base(pos, value):
     def edit(record):
         record["base_map"][pos] = value
+
     return edit
 
 
@@ -61,20 +63,25 @@ def _shared(field, value):
             del first[field]
         else:
             first[field] = value
+
     return edit
 
 
 def _delete(key):
     def edit(record):
         del record[key]
+
     return edit
 
 
 BAD = {
     # aliases: only the architecture's own tie (lm_head <- embed_tokens) is allowed
-    "alias-two-layers": (lambda r: r["aliases"].update(
-        {"model.layers.0.self_attn.q_proj.weight": "model.layers.0.self_attn.o_proj.weight"}),
-        r"aliases\['model.layers.0.self_attn.q_proj.weight'\].*does not tie"),
+    "alias-two-layers": (
+        lambda r: r["aliases"].update(
+            {"model.layers.0.self_attn.q_proj.weight": "model.layers.0.self_attn.o_proj.weight"}
+        ),
+        r"aliases\['model.layers.0.self_attn.q_proj.weight'\].*does not tie",
+    ),
     "alias-not-a-string": (lambda r: r["aliases"].update({"lm_head.weight": 3}), r"aliases\['lm_head.weight'\]"),
     # base_map values: non-negative ints inside the model, no floats, no bools
     "base-float": (_set_base("1", 3.7), r"base_map\['1'\]: expected integer"),
@@ -100,10 +107,14 @@ BAD = {
     "shared-own-bias-missing": (_shared("own_bias", KeyError), r"own_bias: missing"),
     "shared-unknown-field": (_shared("code", "import os"), r"\['code'\]: unknown field"),
     "shared-scale-nan": (_shared("scale", math.nan), r"\.scale: must be a finite number"),
-    "eps-inf": (lambda r: r["output_norms"].update({next(iter(r["output_norms"])): math.inf}),
-                r"output_norms.*must be a finite number"),
-    "eps-negative": (lambda r: r["output_norms"].update({next(iter(r["output_norms"])): -1e-5}),
-                     r"output_norms.*must be > 0"),
+    "eps-inf": (
+        lambda r: r["output_norms"].update({next(iter(r["output_norms"])): math.inf}),
+        r"output_norms.*must be a finite number",
+    ),
+    "eps-negative": (
+        lambda r: r["output_norms"].update({next(iter(r["output_norms"])): -1e-5}),
+        r"output_norms.*must be > 0",
+    ),
     "method-unknown": (_set("method", "magic"), "method: expected one of"),
     "architectures-not-a-name": (_set("architectures", ["os.system"]), r"architectures\[0\]"),
 }
@@ -150,8 +161,12 @@ def test_a_tensor_of_the_wrong_shape_is_a_value_error(saved, tmp_path):
 
 
 def test_every_method_writes_a_manifest_the_schema_accepts(tmp_path):
-    models = {"flexigpt": converted(), "drop": converted(method="drop"), "extend": extend(tiny_model(), "1:3")[0],
-              "none": tiny_model()}
+    models = {
+        "flexigpt": converted(),
+        "drop": converted(method="drop"),
+        "extend": extend(tiny_model(), "1:3")[0],
+        "none": tiny_model(),
+    }
     for name, model in models.items():
         out = save_pretrained(model, tmp_path / name)
         record = read_flexigpt_config(out)

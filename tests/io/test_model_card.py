@@ -15,8 +15,8 @@ from flexigpt_kernels.convert.prune import stored_parameters
 from flexigpt_kernels.io import from_pretrained, save_pretrained
 from flexigpt_kernels.io.model_card import add_healing, pruned_source_parameters, set_card_info
 from flexigpt_kernels.prune_job import run_prune_job
-
-from tests.eval.helpers import byte_tokenizer, tiny_model as family_tiny_model
+from tests.eval.helpers import byte_tokenizer
+from tests.eval.helpers import tiny_model as family_tiny_model
 
 from .helpers import converted, one_thread, tiny_model, tiny_tokenizer
 from .test_remote_code import family_model
@@ -48,16 +48,28 @@ def test_card_metadata_and_facts(tmp_path):
     groups = {}
     for k, v in sorted(base_map.items()):
         groups.setdefault(v, []).append(k)
-    for row in (f"| source model | {SOURCE} |", "| method | flexigpt |", "| decoder blocks | 4 (2 pruned) |",
-                "| pruned blocks | 1, 2 |", "| adapter rank | 4 |",
-                f"| stored parameters | {stored_parameters(model):,} "
-                f"({100 * stored_parameters(model) / stored_parameters(tiny_model()):.1f}% of the source's "
-                f"{stored_parameters(tiny_model()):,}) |",
-                "| dense | 10.00 |", "| flexigpt | 12.50 |", "| drop | 20.25 |", "40 windows of 256 tokens"):
+    for row in (
+        f"| source model | {SOURCE} |",
+        "| method | flexigpt |",
+        "| decoder blocks | 4 (2 pruned) |",
+        "| pruned blocks | 1, 2 |",
+        "| adapter rank | 4 |",
+        f"| stored parameters | {stored_parameters(model):,} "
+        f"({100 * stored_parameters(model) / stored_parameters(tiny_model()):.1f}% of the source's "
+        f"{stored_parameters(tiny_model()):,}) |",
+        "| dense | 10.00 |",
+        "| flexigpt | 12.50 |",
+        "| drop | 20.25 |",
+        "40 windows of 256 tokens",
+    ):
         assert row in text, row
     assert all(f"{'/'.join(ks)} -> {b}" in text for b, ks in groups.items())
-    for line in ('fk.from_pretrained("my-pruned")', 'from_pretrained("my-pruned", trust_remote_code=True)',
-                 'LLM(model="my-pruned")', f"flexigpt_kernels {fk.__version__}"):
+    for line in (
+        'fk.from_pretrained("my-pruned")',
+        'from_pretrained("my-pruned", trust_remote_code=True)',
+        'LLM(model="my-pruned")',
+        f"flexigpt_kernels {fk.__version__}",
+    ):
         assert line in text, line
     assert "## Healing" not in text
 
@@ -76,14 +88,24 @@ def test_card_round_trips_and_records_healing(tmp_path):
     loaded = from_pretrained(first)
     assert loaded.flexigpt_card == json.loads((first / "flexigpt.json").read_text())["card"]
     assert loaded.flexigpt_card["perplexity"] == PPL
-    report = {"steps": 3, "tokens_seen": 192, "trainable": "adapters", "trainable_params": 1234, "lr": 0.01,
-              "losses": [2.0, 1.75, 1.5], "eval_perplexities": [[0, 30.0], [3, 25.5]], "data": "train.txt"}
+    report = {
+        "steps": 3,
+        "tokens_seen": 192,
+        "trainable": "adapters",
+        "trainable_params": 1234,
+        "lr": 0.01,
+        "losses": [2.0, 1.75, 1.5],
+        "eval_perplexities": [[0, 30.0], [3, 25.5]],
+        "data": "train.txt",
+    }
     add_healing(loaded, report)
     healed = save_pretrained(loaded, tmp_path / "b")
     _, text = _card(healed)
     assert "## Perplexity when it was made (before healing)" in text and "| flexigpt | 12.50 |" in text
-    assert "| 1 | train.txt | - | 3 | 192 | adapters | 1,234 | 0.01 | 2.0000 -> 1.5000 | step 0: 30.00, step 3: 25.50 |" \
+    assert (
+        "| 1 | train.txt | - | 3 | 192 | adapters | 1,234 | 0.01 | 2.0000 -> 1.5000 | step 0: 30.00, step 3: 25.50 |"
         in text
+    )
     add_healing(loaded, {**report, "losses": [float("nan")], "eval_perplexities": [[0, float("inf")]]})  # diverged
     diverged = save_pretrained(loaded, tmp_path / "diverged")
     assert "| 2 | train.txt | - | 3 | 192 | adapters | 1,234 | 0.01 | - -> - | step 0: - |" in _card(diverged)[1]
@@ -113,8 +135,19 @@ def test_prune_job_and_heal_command_fill_the_card(tmp_path, capsys):
     model = family_tiny_model("llama", layers=4, hidden=32)
     dense_params = stored_parameters(model)
     pruned = tmp_path / "pruned"
-    summary = run_prune_job(model, byte_tokenizer(), texts[:8], texts[8:], blocks=[1, 2], rank=4, out=str(pruned),
-                            seq_len=32, num_samples=4, eval_chunks=2, progress=False)
+    summary = run_prune_job(
+        model,
+        byte_tokenizer(),
+        texts[:8],
+        texts[8:],
+        blocks=[1, 2],
+        rank=4,
+        out=str(pruned),
+        seq_len=32,
+        num_samples=4,
+        eval_chunks=2,
+        progress=False,
+    )
     _, text = _card(pruned)
     for k, v in summary["perplexity"].items():
         assert f"| {k} | {v:.2f} |" in text
@@ -122,8 +155,28 @@ def test_prune_job_and_heal_command_fill_the_card(tmp_path, capsys):
     train = tmp_path / "train.txt"
     train.write_text("\n".join(texts * 4) + "\n")
     healed = tmp_path / "healed"
-    assert main(["heal", str(pruned), "--data", str(train), "--out", str(healed), "--steps", "2", "--seq-len", "32",
-                 "--batch-size", "2", "--trainable", "adapters", "--json"]) == 0
+    assert (
+        main(
+            [
+                "heal",
+                str(pruned),
+                "--data",
+                str(train),
+                "--out",
+                str(healed),
+                "--steps",
+                "2",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "2",
+                "--trainable",
+                "adapters",
+                "--json",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     _, text = _card(healed)
     assert "## Healing (`flexigpt heal`)" in text and f"| 1 | {train} | - | 2 | 128 | adapters |" in text

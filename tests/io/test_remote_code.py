@@ -22,7 +22,6 @@ from flexigpt_kernels.io import FLEXIGPT_CONFIG_NAME, from_pretrained, load_toke
 from flexigpt_kernels.io.checkpoint import serving_architecture
 from flexigpt_kernels.io.remote_code import CONFIG_CLASSES, REMOTE_CODE_FILES
 from flexigpt_kernels.ops.reference import reference_forward
-
 from tests.eval.helpers import byte_tokenizer, tiny_model
 
 from .helpers import one_thread
@@ -84,8 +83,15 @@ def test_custom_classes_cover_the_family_table():
     assert modeling.fused_shared_lora_linear is not None  # flexigpt_kernels is importable here
 
 
-@pytest.mark.parametrize("rank,bias,norm,dtype", [(1, False, False, torch.float32), (3, True, True, torch.float32),
-                                                   (5, True, False, torch.float16), (2, False, True, torch.float16)])
+@pytest.mark.parametrize(
+    "rank,bias,norm,dtype",
+    [
+        (1, False, False, torch.float32),
+        (3, True, True, torch.float32),
+        (5, True, False, torch.float16),
+        (2, False, True, torch.float16),
+    ],
+)
 def test_plain_replacement_linear_is_the_spec(rank, bias, norm, dtype):
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(2, 3, 19, generator=gen).to(dtype)
@@ -104,8 +110,10 @@ def test_config_json_names_its_own_model_type(tmp_path):
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "flexigpt_qwen2"
     assert config["architectures"] == ["FlexiGPTQwen2ForCausalLM"]
-    assert config["auto_map"] == {"AutoConfig": "configuration_flexigpt.FlexiGPTQwen2Config",
-                                  "AutoModelForCausalLM": "modeling_flexigpt.FlexiGPTQwen2ForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_flexigpt.FlexiGPTQwen2Config",
+        "AutoModelForCausalLM": "modeling_flexigpt.FlexiGPTQwen2ForCausalLM",
+    }
     record = json.loads((path / FLEXIGPT_CONFIG_NAME).read_text())
     spec = config["flexigpt"]
     assert spec["shared"] == record["shared"] and spec["output_norms"] == record["output_norms"]

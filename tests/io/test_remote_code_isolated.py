@@ -28,7 +28,7 @@ from flexigpt_kernels.io import from_pretrained
 
 from .test_remote_code import FAMILY_TYPES, ids, save_family
 
-CHILD = r'''
+CHILD = r"""
 import importlib.util, json, sys
 assert importlib.util.find_spec("flexigpt_kernels") is None, "flexigpt_kernels is importable in the child"
 import torch, transformers
@@ -53,7 +53,7 @@ for name, path in spec["checkpoints"].items():
                      "fused": sys.modules[type(model).__module__].fused_shared_lora_linear is not None}
 save_file(tensors, spec["tensors"])
 json.dump(summary, open(spec["summary"], "w"))
-'''
+"""
 
 TASK_YAML = """\
 task: tiny_mc_remote
@@ -79,17 +79,28 @@ def clean_python(tmp_path_factory) -> Path:
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
     (Path(purelib) / "parent_site_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python
 
 
 def child_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp / "hf_modules"), HF_DATASETS_CACHE=str(tmp / "datasets"),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_MODULES_CACHE=str(tmp / "hf_modules"),
+        HF_DATASETS_CACHE=str(tmp / "datasets"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
@@ -104,12 +115,22 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.slow
 def test_stock_transformers_without_the_package(clean_python, checkpoints, tmp_path):
     x = ids(batch=2, length=7)
-    spec = {"checkpoints": {k: str(v) for k, v in checkpoints.items()}, "ids": x.tolist(),
-            "tensors": str(tmp_path / "out.safetensors"), "summary": str(tmp_path / "summary.json")}
+    spec = {
+        "checkpoints": {k: str(v) for k, v in checkpoints.items()},
+        "ids": x.tolist(),
+        "tensors": str(tmp_path / "out.safetensors"),
+        "summary": str(tmp_path / "summary.json"),
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "child.py").write_text(CHILD)
-    run = subprocess.run([str(clean_python), str(tmp_path / "child.py"), str(tmp_path / "spec.json")], cwd=tmp_path,
-                         env=child_env(tmp_path), capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [str(clean_python), str(tmp_path / "child.py"), str(tmp_path / "spec.json")],
+        cwd=tmp_path,
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     from safetensors.torch import load_file
 
@@ -123,26 +144,46 @@ def test_stock_transformers_without_the_package(clean_python, checkpoints, tmp_p
         ours = from_pretrained(path)
         with torch.no_grad():
             want = ours(x).logits
-            tokens = ours.generate(x[:1], attention_mask=torch.ones_like(x[:1]), max_new_tokens=8, do_sample=False,
-                                   pad_token_id=256)
+            tokens = ours.generate(
+                x[:1], attention_mask=torch.ones_like(x[:1]), max_new_tokens=8, do_sample=False, pad_token_id=256
+            )
         torch.testing.assert_close(got[name + ".logits"], want, rtol=1e-5, atol=1e-5, msg=name)
         assert torch.equal(got[name + ".tokens"], tokens), name
 
 
 @pytest.mark.slow
 def test_lm_eval_cli_without_the_package_scores_as_flexigpt_eval(clean_python, checkpoints, tmp_path, capsys):
-    rows = [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), "no"], "answer": i % 3}
-            for i in range(12)]
+    rows = [
+        {"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), "no"], "answer": i % 3}
+        for i in range(12)
+    ]
     data = tmp_path / "tiny_mc_remote.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = tmp_path / "tiny_mc_remote.yaml"
     task.write_text(TASK_YAML.format(data=data))
     path = checkpoints["llama"]
     run = subprocess.run(
-        [str(clean_python), "-m", "lm_eval", "--model", "hf",
-         "--model_args", f"pretrained={path},trust_remote_code=True,dtype=float32",
-         "--tasks", str(task), "--batch_size", "4", "--output_path", str(tmp_path / "lm_eval_out")],
-        cwd=tmp_path, env=child_env(tmp_path), capture_output=True, text=True, timeout=600)
+        [
+            str(clean_python),
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={path},trust_remote_code=True,dtype=float32",
+            "--tasks",
+            str(task),
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(tmp_path / "lm_eval_out"),
+        ],
+        cwd=tmp_path,
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     results = sorted((tmp_path / "lm_eval_out").rglob("results_*.json"))
     assert results, run.stdout[-2000:]
@@ -151,8 +192,24 @@ def test_lm_eval_cli_without_the_package_scores_as_flexigpt_eval(clean_python, c
     from flexigpt_kernels.cli import main
 
     capsys.readouterr()
-    assert main(["eval", str(path), "--data", "none", "--tasks", str(task), "--baseline", "none",
-                 "--task-batch-size", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(path),
+                "--data",
+                "none",
+                "--tasks",
+                str(task),
+                "--baseline",
+                "none",
+                "--task-batch-size",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"]["tasks"]["tiny_mc_remote"]
     assert theirs["acc,none"] == ours["acc"] and theirs["acc_norm,none"] == ours["acc_norm"]
     assert ours["num_samples"] == 12

@@ -34,8 +34,12 @@ def test_formula(eps):
 def test_residual_add():
     norm = OutputNorm(N, init=0.7)
     y, residual = torch.randn(4, N), torch.randn(4, N)
-    assert_close_scaled(norm(y, residual=residual), residual.double() + formula(y, norm.weight, norm.eps),
-                        TOL[torch.float32], "output + residual")
+    assert_close_scaled(
+        norm(y, residual=residual),
+        residual.double() + formula(y, norm.weight, norm.eps),
+        TOL[torch.float32],
+        "output + residual",
+    )
     assert torch.equal(norm(y, residual), residual + norm(y))
 
 
@@ -54,15 +58,18 @@ def test_init_float_default_and_tensor():
     assert list(norm.state_dict()) == ["weight"]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"hidden_size": 0}, "hidden_size must be >= 1, got 0"),
-    ({"hidden_size": -3}, "hidden_size must be >= 1, got -3"),
-    ({"hidden_size": N, "eps": 0.0}, "eps must be positive, got 0.0"),
-    ({"hidden_size": N, "eps": -1e-6}, "eps must be positive"),
-    ({"hidden_size": N, "eps": float("nan")}, "eps must be positive, got nan"),
-    ({"hidden_size": N, "init": torch.ones(N + 1)}, r"init must be a float or a tensor \[10\], got shape \(11,\)"),
-    ({"hidden_size": N, "init": torch.ones(1, N)}, r"got shape \(1, 10\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"hidden_size": 0}, "hidden_size must be >= 1, got 0"),
+        ({"hidden_size": -3}, "hidden_size must be >= 1, got -3"),
+        ({"hidden_size": N, "eps": 0.0}, "eps must be positive, got 0.0"),
+        ({"hidden_size": N, "eps": -1e-6}, "eps must be positive"),
+        ({"hidden_size": N, "eps": float("nan")}, "eps must be positive, got nan"),
+        ({"hidden_size": N, "init": torch.ones(N + 1)}, r"init must be a float or a tensor \[10\], got shape \(11,\)"),
+        ({"hidden_size": N, "init": torch.ones(1, N)}, r"got shape \(1, 10\)"),
+    ],
+)
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OutputNorm(**kwargs)

@@ -38,6 +38,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- sharing ---------------------------------------------------------------------------
 
+
 def test_holds_the_base_tensors_themselves():
     base = linear(0)
     layer = SharedLoRALinear(base, 4)
@@ -98,13 +99,16 @@ def test_default_init_equals_the_base():
         assert_close_scaled(layer(x), base(x), 1e-6, "output")
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"rank": 0}, "rank must be an int >= 1"),
-    ({"rank": 19}, r"rank 19 exceeds min\(in_features, out_features\) = min\(24, 18\)"),
-    ({"rank": 2.0}, "rank must be an int"),
-    ({"rank": 2, "output_norm": OutputNorm(OUT + 1)}, "output_norm has size 19 but base.out_features is 18"),
-    ({"rank": 2, "bias": torch.zeros(OUT + 1)}, r"bias must be \[18\], got shape \(19,\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"rank": 0}, "rank must be an int >= 1"),
+        ({"rank": 19}, r"rank 19 exceeds min\(in_features, out_features\) = min\(24, 18\)"),
+        ({"rank": 2.0}, "rank must be an int"),
+        ({"rank": 2, "output_norm": OutputNorm(OUT + 1)}, "output_norm has size 19 but base.out_features is 18"),
+        ({"rank": 2, "bias": torch.zeros(OUT + 1)}, r"bias must be \[18\], got shape \(19,\)"),
+    ],
+)
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SharedLoRALinear(linear(0), **kwargs)
@@ -116,6 +120,7 @@ def test_base_must_be_a_linear():
 
 
 # --- from_difference -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rank", [1, 3, 7])
 @pytest.mark.parametrize("scale", [1.0, 0.25, -2.0])
@@ -149,10 +154,13 @@ def test_from_difference_keeps_the_target_bias():
     assert no_bias.bias is None
 
 
-@pytest.mark.parametrize("rank,match", [
-    (0, "rank must be an int >= 1"),
-    (19, r"rank 19 exceeds min\(in_features, out_features\) = min\(24, 18\)"),
-])
+@pytest.mark.parametrize(
+    "rank,match",
+    [
+        (0, "rank must be an int >= 1"),
+        (19, r"rank 19 exceeds min\(in_features, out_features\) = min\(24, 18\)"),
+    ],
+)
 def test_from_difference_rank_errors(rank, match):
     with pytest.raises(ValueError, match=match):
         SharedLoRALinear.from_difference(linear(1), linear(0), rank)
@@ -169,10 +177,17 @@ def test_from_difference_shape_and_scale_errors():
 
 # --- forward ---------------------------------------------------------------------------
 
+
 def _layer(norm: bool, own_bias: bool = True, rank: int = 4, scale: float = 0.5) -> SharedLoRALinear:
     target, base = linear(1), linear(0)
-    layer = SharedLoRALinear.from_difference(target, base, rank, scale=scale, keep_target_bias=own_bias,
-                                             output_norm=OutputNorm(OUT, init=torch.rand(OUT) + 0.5) if norm else None)
+    layer = SharedLoRALinear.from_difference(
+        target,
+        base,
+        rank,
+        scale=scale,
+        keep_target_bias=own_bias,
+        output_norm=OutputNorm(OUT, init=torch.rand(OUT) + 0.5) if norm else None,
+    )
     return layer
 
 
@@ -187,8 +202,9 @@ def test_forward_is_linear_with_the_merged_weight(norm, own_bias):
         expected = F.layer_norm(expected, (OUT,), weight=gamma, bias=None, eps=layer.output_norm.eps)
     with use_backend("reference"), torch.no_grad():
         assert_close_scaled(layer(x), expected, TOL[torch.float32], "output")
-        assert_close_scaled(layer(x, residual=residual), residual.double() + expected, TOL[torch.float32],
-                            "output + residual")
+        assert_close_scaled(
+            layer(x, residual=residual), residual.double() + expected, TOL[torch.float32], "output + residual"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -250,6 +266,7 @@ def test_fp16_input_with_fp32_parameters(backend):
 
 
 # --- the inference path ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("norm", [False, True])
 def test_inference_forward_is_one_op_call_without_casts_or_environment_reads(monkeypatch, norm):

@@ -15,8 +15,7 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float
     assert err <= tol * scale, f"{what}: max abs error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
-def make_operands(lead, k, n, r, dtype, *, bias=True, norm=True, residual=True, weight_grad=True,
-                  device="cpu", seed=0):
+def make_operands(lead, k, n, r, dtype, *, bias=True, norm=True, residual=True, weight_grad=True, device="cpu", seed=0):
     """Well-scaled random operands (outputs of order 1) that all require grad."""
     g = torch.Generator().manual_seed(seed)
 
@@ -25,19 +24,29 @@ def make_operands(lead, k, n, r, dtype, *, bias=True, norm=True, residual=True, 
 
     ops = {
         "x": rnd(*lead, k).requires_grad_(),
-        "weight": rnd(n, k, std=k ** -0.5).requires_grad_(weight_grad),
-        "lora_a": rnd(r, k, std=k ** -0.5).requires_grad_(),
-        "lora_b": rnd(n, r, std=r ** -0.5).requires_grad_(),
+        "weight": rnd(n, k, std=k**-0.5).requires_grad_(weight_grad),
+        "lora_a": rnd(r, k, std=k**-0.5).requires_grad_(),
+        "lora_b": rnd(n, r, std=r**-0.5).requires_grad_(),
         "bias": rnd(n).requires_grad_() if bias else None,
-        "norm_weight": (torch.rand(n, generator=g) + 0.5).to(device=device, dtype=dtype).requires_grad_() if norm else None,
+        "norm_weight": (torch.rand(n, generator=g) + 0.5).to(device=device, dtype=dtype).requires_grad_()
+        if norm
+        else None,
         "residual": rnd(*lead, n).requires_grad_() if residual else None,
     }
     return ops
 
 
 def call(fn, ops, scale=0.7):
-    return fn(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], scale, ops["bias"],
-              norm_weight=ops["norm_weight"], residual=ops["residual"])
+    return fn(
+        ops["x"],
+        ops["weight"],
+        ops["lora_a"],
+        ops["lora_b"],
+        scale,
+        ops["bias"],
+        norm_weight=ops["norm_weight"],
+        residual=ops["residual"],
+    )
 
 
 def grads_of(fn, ops, grad_out, scale=0.7):

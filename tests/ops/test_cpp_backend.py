@@ -33,10 +33,8 @@ needs_ext = pytest.mark.skipif(
 pytestmark = needs_ext
 
 # (leading dims of x, K, N, rank): M = 1, 3, 257; K and N not multiples of 16; rank 1; 3-D x.
-SHAPES = [((1,), 100, 120, 1), ((3,), 70, 90, 5), ((257,), 48, 80, 64), ((2, 3), 123, 123, 16),
-          ((4,), 33, 17, 3)]
-FLAGS = [(False, False, False), (True, False, False), (False, True, False), (True, True, True),
-         (False, False, True)]
+SHAPES = [((1,), 100, 120, 1), ((3,), 70, 90, 5), ((257,), 48, 80, 64), ((2, 3), 123, 123, 16), ((4,), 33, 17, 3)]
+FLAGS = [(False, False, False), (True, False, False), (False, True, False), (True, True, True), (False, False, True)]
 FLAG_IDS = ["plain", "bias", "norm", "all", "residual"]
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -77,7 +75,9 @@ def _check(lead, k, n, r, dtype, bias, norm, residual, *, x_layout="contiguous",
         wide = torch.randn(*lead, 2 * k, generator=torch.Generator().manual_seed(5)).to(dtype)
         ops["x"] = wide[..., ::2].detach().requires_grad_()
     elif x_layout == "transposed":  # x [M, K] as a view of a [K, M] buffer
-        ops["x"] = torch.randn(k, *lead, generator=torch.Generator().manual_seed(5)).to(dtype).t().detach().requires_grad_()
+        ops["x"] = (
+            torch.randn(k, *lead, generator=torch.Generator().manual_seed(5)).to(dtype).t().detach().requires_grad_()
+        )
         if residual:
             ops["residual"] = torch.randn(n, *lead).to(dtype).t().detach().requires_grad_()
         if bias:  # every other element
@@ -114,16 +114,31 @@ def test_direct_forward_outputs_follow_the_contract(dtype, norm, residual):
     """Shapes and dtypes of (out, shrink, y_pre, mean, rstd); no output aliases another or an
     input; save_for_backward only decides whether y_pre is kept."""
     m, k, n, r = 6, 40, 24, 3
-    ops = {name: (t.detach() if t is not None else None)
-           for name, t in make_operands((m,), k, n, r, dtype, norm=norm, residual=residual).items()}
-    args = (ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.5, ops["bias"], ops["norm_weight"], 1e-5,
-            ops["residual"])
+    ops = {
+        name: (t.detach() if t is not None else None)
+        for name, t in make_operands((m,), k, n, r, dtype, norm=norm, residual=residual).items()
+    }
+    args = (
+        ops["x"],
+        ops["weight"],
+        ops["lora_a"],
+        ops["lora_b"],
+        0.5,
+        ops["bias"],
+        ops["norm_weight"],
+        1e-5,
+        ops["residual"],
+    )
     saved = _C.forward(*args, True)
     unsaved = _C.forward(*args, False)
-    ref = shared_lora_linear_reference(ops["x"].double(), *(t.double() if t is not None else None for t in (
-        ops["weight"], ops["lora_a"], ops["lora_b"])), 0.5, ops["bias"].double(),
+    ref = shared_lora_linear_reference(
+        ops["x"].double(),
+        *(t.double() if t is not None else None for t in (ops["weight"], ops["lora_a"], ops["lora_b"])),
+        0.5,
+        ops["bias"].double(),
         norm_weight=ops["norm_weight"].double() if norm else None,
-        residual=ops["residual"].double() if residual else None)
+        residual=ops["residual"].double() if residual else None,
+    )
     for res in (saved, unsaved):
         out, shrink, y_pre, mean, rstd = res
         assert out.shape == (m, n) and out.dtype == dtype
@@ -142,9 +157,13 @@ def test_direct_forward_outputs_follow_the_contract(dtype, norm, residual):
 def test_float16_and_float64_fall_back_to_the_reference():
     for dtype in (torch.float16, torch.float64):
         ops = make_operands((3,), 20, 12, 2, dtype)
-        expected = shared_lora_linear_reference(*(ops[k] for k in ("x", "weight", "lora_a", "lora_b")), 0.7,
-                                                ops["bias"], norm_weight=ops["norm_weight"],
-                                                residual=ops["residual"])
+        expected = shared_lora_linear_reference(
+            *(ops[k] for k in ("x", "weight", "lora_a", "lora_b")),
+            0.7,
+            ops["bias"],
+            norm_weight=ops["norm_weight"],
+            residual=ops["residual"],
+        )
         with use_backend("cpp"):
             out, grads = grads_of(shared_lora_linear, ops, torch.ones(3, 12, dtype=dtype))
         torch.testing.assert_close(out, expected)
@@ -161,8 +180,18 @@ def test_selection_reaches_the_cpp_kernel_without_python(monkeypatch):
     """With cpp selected, a CPU call never enters the Python backends; with reference selected,
     or after FLEXIGPT_BACKEND changed, it does (once, for the new value)."""
     ops = {k: (v.detach() if v is not None else None) for k, v in make_operands((4,), 16, 8, 2, torch.float32).items()}
-    args = (ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.7, ops["bias"], ops["norm_weight"], 1e-5,
-            ops["residual"], False)
+    args = (
+        ops["x"],
+        ops["weight"],
+        ops["lora_a"],
+        ops["lora_b"],
+        0.7,
+        ops["bias"],
+        ops["norm_weight"],
+        1e-5,
+        ops["residual"],
+        False,
+    )
     seen = []
     real = backends.for_call
     monkeypatch.setattr(backends, "for_call", lambda x: seen.append(1) or real(x))
@@ -185,13 +214,22 @@ def test_selection_reaches_the_cpp_kernel_without_python(monkeypatch):
 
 # ---- the binding's argument checks -------------------------------------------------------------
 
+
 def _args(**over):
     m, k, n, r = 4, 16, 8, 2
     g = torch.Generator().manual_seed(0)
-    args = dict(x=torch.randn(m, k, generator=g), weight=torch.randn(n, k, generator=g),
-                lora_a=torch.randn(r, k, generator=g), lora_b=torch.randn(n, r, generator=g), scale=1.0,
-                bias=torch.randn(n, generator=g), norm_weight=torch.rand(n, generator=g) + 0.5, eps=1e-5,
-                residual=torch.randn(m, n, generator=g), save_for_backward=True)
+    args = dict(
+        x=torch.randn(m, k, generator=g),
+        weight=torch.randn(n, k, generator=g),
+        lora_a=torch.randn(r, k, generator=g),
+        lora_b=torch.randn(n, r, generator=g),
+        scale=1.0,
+        bias=torch.randn(n, generator=g),
+        norm_weight=torch.rand(n, generator=g) + 0.5,
+        eps=1e-5,
+        residual=torch.randn(m, n, generator=g),
+        save_for_backward=True,
+    )
     args.update(over)
     return args
 
@@ -206,10 +244,20 @@ BAD_FORWARD = [
     ("norm-dtype", dict(norm_weight=torch.ones(8, dtype=torch.bfloat16)), TypeError, r"norm_weight has dtype BFloat16"),
     ("residual-shape", dict(residual=torch.randn(4, 9)), ValueError, r"residual must be \[M, N\] = \[4, 8\]"),
     ("x-int", dict(x=torch.ones(4, 16, dtype=torch.int32)), TypeError, r"x has dtype Int; supported"),
-    ("K-zero", dict(x=torch.randn(4, 0), weight=torch.randn(8, 0), lora_a=torch.randn(2, 0)), ValueError,
-     r"K must be >= 1"),
-    ("N-zero", dict(weight=torch.randn(0, 16), lora_b=torch.randn(0, 2), bias=None, norm_weight=None,
-                    residual=torch.randn(4, 0)), ValueError, r"N >= 1 output features"),
+    (
+        "K-zero",
+        dict(x=torch.randn(4, 0), weight=torch.randn(8, 0), lora_a=torch.randn(2, 0)),
+        ValueError,
+        r"K must be >= 1",
+    ),
+    (
+        "N-zero",
+        dict(
+            weight=torch.randn(0, 16), lora_b=torch.randn(0, 2), bias=None, norm_weight=None, residual=torch.randn(4, 0)
+        ),
+        ValueError,
+        r"N >= 1 output features",
+    ),
     ("scale", dict(scale=float("nan")), ValueError, r"scale must be a finite float"),
     ("x-device", dict(x=torch.empty(4, 16, device="meta")), TypeError, r"weight is on cpu but x is on meta"),
     ("weight-device", dict(weight=torch.empty(8, 16, device="meta")), TypeError, r"weight is on meta but x is on cpu"),
@@ -233,9 +281,20 @@ def test_registered_op_reports_the_binding_error():
 def test_binding_rejects_bad_backward_arguments():
     a = _args()
     out, shrink, y_pre, mean, rstd = _C.forward(**a)
-    common = dict(grad_out=torch.randn_like(out), x=a["x"], weight=a["weight"], lora_a=a["lora_a"],
-                  lora_b=a["lora_b"], scale=1.0, norm_weight=a["norm_weight"], shrink=shrink, y_pre=y_pre,
-                  mean=mean, rstd=rstd, needs_weight_grad=True)
+    common = dict(
+        grad_out=torch.randn_like(out),
+        x=a["x"],
+        weight=a["weight"],
+        lora_a=a["lora_a"],
+        lora_b=a["lora_b"],
+        scale=1.0,
+        norm_weight=a["norm_weight"],
+        shrink=shrink,
+        y_pre=y_pre,
+        mean=mean,
+        rstd=rstd,
+        needs_weight_grad=True,
+    )
     assert len(_C.backward(**common)) == 6
     cases = [
         (dict(y_pre=torch.empty(0)), ValueError, r"y_pre must be \[M, N\]"),
@@ -251,12 +310,17 @@ def test_binding_rejects_bad_backward_arguments():
 
 # ---- CUDA decode kernel ---------------------------------------------------------------------------
 
+
 def test_cuda_kernel_compiles_with_nvcc():
     """What CI can check of the CUDA kernel: nvcc compiles it for sm_90a (no GPU needed)."""
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         pytest.skip("nvcc not found: the CUDA kernel compile check needs the CUDA toolkit")
-    proc = subprocess.run([sys.executable, str(ROOT / "csrc" / "check_cuda_compile.py"), "--archs", "9.0a",
-                           "--kernel-only"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "csrc" / "check_cuda_compile.py"), "--archs", "9.0a", "--kernel-only"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -272,17 +336,33 @@ CUDA_DECODE = pytest.mark.skipif(
 @pytest.mark.parametrize("m,k,n,r", [(1, 576, 1536, 32), (3, 64, 123, 1), (16, 4096, 4096, 256), (8, 136, 8195, 5)])
 @pytest.mark.parametrize("bias,norm,residual", FLAGS, ids=FLAG_IDS)
 def test_cuda_decode_kernel_matches_reference(dtype, m, k, n, r, bias, norm, residual):
-    ops = {key: (v.detach() if v is not None else None)
-           for key, v in make_operands((m,), k, n, r, dtype, bias=bias, norm=norm, residual=residual,
-                                       device="cuda").items()}
+    ops = {
+        key: (v.detach() if v is not None else None)
+        for key, v in make_operands(
+            (m,), k, n, r, dtype, bias=bias, norm=norm, residual=residual, device="cuda"
+        ).items()
+    }
     assert cuda_backend.decode_applies(ops["x"], ops["weight"], ops["lora_a"])
     for save in (True, False):
-        res = cuda_backend.forward(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.7, ops["bias"],
-                                  ops["norm_weight"], 1e-5, ops["residual"], save)
-        ref = shared_lora_linear_reference(*(ops[key].double() for key in ("x", "weight", "lora_a", "lora_b")), 0.7,
-                                           ops["bias"].double() if bias else None,
-                                           norm_weight=ops["norm_weight"].double() if norm else None,
-                                           residual=ops["residual"].double() if residual else None)
+        res = cuda_backend.forward(
+            ops["x"],
+            ops["weight"],
+            ops["lora_a"],
+            ops["lora_b"],
+            0.7,
+            ops["bias"],
+            ops["norm_weight"],
+            1e-5,
+            ops["residual"],
+            save,
+        )
+        ref = shared_lora_linear_reference(
+            *(ops[key].double() for key in ("x", "weight", "lora_a", "lora_b")),
+            0.7,
+            ops["bias"].double() if bias else None,
+            norm_weight=ops["norm_weight"].double() if norm else None,
+            residual=ops["residual"].double() if residual else None,
+        )
         assert_close_scaled(res.out, ref, TOL[dtype], "out")
         assert_close_scaled(res.shrink, ops["x"].double() @ ops["lora_a"].double().t(), TOL[dtype], "shrink")
         assert res.y_pre.shape == ((m, n) if norm and save else (0,))
@@ -291,8 +371,10 @@ def test_cuda_decode_kernel_matches_reference(dtype, m, k, n, r, bias, norm, res
 
 # ---- norm statistics at the ends of the fp32 range ------------------------------------------------
 
-@pytest.mark.parametrize("backend,magnitude", [("cpp", 1e19), ("cpp", 1e-19), ("cpp", 1e36),
-                                               ("reference", 1e19), ("reference", 1e-19)])
+
+@pytest.mark.parametrize(
+    "backend,magnitude", [("cpp", 1e19), ("cpp", 1e-19), ("cpp", 1e36), ("reference", 1e19), ("reference", 1e-19)]
+)
 def test_norm_of_huge_and_tiny_outputs_matches_fp64(backend, magnitude):
     """Outputs near 1e19 square past fp32's range (a plain sum of squared deviations overflows
     and the norm would return zeros); the C++ kernel rescales that row. Compared with an fp64
@@ -301,7 +383,7 @@ def test_norm_of_huge_and_tiny_outputs_matches_fp64(backend, magnitude):
     m, k, n = 3, 16, 576
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g)
-    weight = torch.randn(n, k, generator=g) * (magnitude / k ** 0.5)  # outputs ~ magnitude
+    weight = torch.randn(n, k, generator=g) * (magnitude / k**0.5)  # outputs ~ magnitude
     lora_a, lora_b = torch.randn(2, k, generator=g), torch.zeros(n, 2)
     gamma = torch.rand(n, generator=g) + 0.5
     with use_backend(backend), torch.no_grad():
@@ -322,7 +404,7 @@ def test_cuda_decode_norm_of_huge_and_tiny_bf16_outputs_matches_fp64(magnitude):
     m, k, n = 3, 64, 1000  # 125 tiles of 8 columns per row
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
-    weight = (torch.randn(n, k, generator=g) * (magnitude / k ** 0.5)).to("cuda", torch.bfloat16)
+    weight = (torch.randn(n, k, generator=g) * (magnitude / k**0.5)).to("cuda", torch.bfloat16)
     lora_a = torch.randn(2, k, generator=g).to("cuda", torch.bfloat16)
     lora_b = torch.zeros(n, 2, device="cuda", dtype=torch.bfloat16)
     gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", torch.bfloat16)

@@ -22,9 +22,9 @@ def _operands(magnitude: float, dtype: torch.dtype, m: int = 3, k: int = 16, n: 
     g = torch.Generator().manual_seed(1)
     ops = {
         "x": torch.randn(m, k, generator=g),
-        "weight": torch.randn(n, k, generator=g) * (magnitude / k ** 0.5),
-        "lora_a": torch.randn(r, k, generator=g) / k ** 0.5,
-        "lora_b": torch.randn(n, r, generator=g) * (magnitude / r ** 0.5),
+        "weight": torch.randn(n, k, generator=g) * (magnitude / k**0.5),
+        "lora_a": torch.randn(r, k, generator=g) / k**0.5,
+        "lora_b": torch.randn(n, r, generator=g) * (magnitude / r**0.5),
         "bias": torch.randn(n, generator=g) * magnitude,
         "norm_weight": torch.rand(n, generator=g) + 0.5,
     }
@@ -63,8 +63,10 @@ def _check(backend, magnitude, dtype, tol):
         _assert_close_to_peak(got_grads[name], want_grads[name], tol, f"{backend} {magnitude:g} grad {name}")
 
 
-@pytest.mark.parametrize("backend,magnitude", [("triton", 1e19), ("triton", 1e-19), ("triton", 1e36),
-                                               ("reference", 1e19), ("reference", 1e-19)])
+@pytest.mark.parametrize(
+    "backend,magnitude",
+    [("triton", 1e19), ("triton", 1e-19), ("triton", 1e36), ("reference", 1e19), ("reference", 1e-19)],
+)
 def test_fp32_norm_at_huge_and_tiny_outputs_matches_fp64(backend, magnitude):
     _check(backend, magnitude, torch.float32, 1e-4)
 

@@ -21,13 +21,24 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 
 
 def _fwd_args(ops, save, scale=0.7, eps=1e-5):
-    return (ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], scale, ops["bias"], ops["norm_weight"], eps,
-            ops["residual"], save)
+    return (
+        ops["x"],
+        ops["weight"],
+        ops["lora_a"],
+        ops["lora_b"],
+        scale,
+        ops["bias"],
+        ops["norm_weight"],
+        eps,
+        ops["residual"],
+        save,
+    )
 
 
 def _operands(bias, norm, residual, grad, weight_grad=True, dtype=torch.float32):
-    ops = make_operands((5,), 24, 20, 3, dtype, bias=bias, norm=norm, residual=residual,
-                        weight_grad=weight_grad and grad)
+    ops = make_operands(
+        (5,), 24, 20, 3, dtype, bias=bias, norm=norm, residual=residual, weight_grad=weight_grad and grad
+    )
     if not grad:
         ops = {k: (v.detach() if v is not None else None) for k, v in ops.items()}
     return ops
@@ -45,8 +56,11 @@ FWD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("bias,norm,residual,save,grad,weight_grad", FWD_CASES,
-                         ids=["plain-nograd", "bias", "norm-frozenW", "all", "all-nosave", "residual-nosave"])
+@pytest.mark.parametrize(
+    "bias,norm,residual,save,grad,weight_grad",
+    FWD_CASES,
+    ids=["plain-nograd", "bias", "norm-frozenW", "all", "all-nosave", "residual-nosave"],
+)
 def test_opcheck_forward_reference(bias, norm, residual, save, grad, weight_grad):
     ops = _operands(bias, norm, residual, grad, weight_grad)
     with use_backend("reference"):
@@ -60,8 +74,9 @@ def test_opcheck_forward_triton_interpreter():
 
 
 @pytest.mark.skipif(not library.NATIVE_CPU, reason="the C++ extension is not built (FLEXIGPT_SKIP_CPU_BUILD)")
-@pytest.mark.parametrize("bias,norm,residual,save,grad,weight_grad", FWD_CASES[:4],
-                         ids=["plain-nograd", "bias", "norm-frozenW", "all"])
+@pytest.mark.parametrize(
+    "bias,norm,residual,save,grad,weight_grad", FWD_CASES[:4], ids=["plain-nograd", "bias", "norm-frozenW", "all"]
+)
 def test_opcheck_forward_cpp(bias, norm, residual, save, grad, weight_grad):
     """The op declared in C++ with its C++ CPU kernel, and fake/autograd registered from Python."""
     ops = _operands(bias, norm, residual, grad, weight_grad)
@@ -78,8 +93,23 @@ def test_opcheck_backward(backend, norm, needs_weight_grad):
     with use_backend(backend):
         _, shrink, y_pre, mean, rstd = FWD(*_fwd_args(ops, True))
         grad_out = torch.randn(5, 20)
-        torch.library.opcheck(BWD, (grad_out, ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.7,
-                                    ops["norm_weight"], shrink, y_pre, mean, rstd, needs_weight_grad))
+        torch.library.opcheck(
+            BWD,
+            (
+                grad_out,
+                ops["x"],
+                ops["weight"],
+                ops["lora_a"],
+                ops["lora_b"],
+                0.7,
+                ops["norm_weight"],
+                shrink,
+                y_pre,
+                mean,
+                rstd,
+                needs_weight_grad,
+            ),
+        )
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
@@ -102,8 +132,7 @@ def test_op_called_without_saving_still_differentiates(backend):
 
 def _fn(x, weight, lora_a, lora_b, scale, bias, *, norm_weight=None, residual=None):
     """Something around the op, so the compiled graph holds more than the op alone."""
-    y = shared_lora_linear(x * 2.0, weight, lora_a, lora_b, scale, bias, norm_weight=norm_weight,
-                           residual=residual)
+    y = shared_lora_linear(x * 2.0, weight, lora_a, lora_b, scale, bias, norm_weight=norm_weight, residual=residual)
     return torch.tanh(y)
 
 

@@ -37,7 +37,9 @@ def test_matches_reference_forward_and_grads(backend, dtype, lead, k, n, r, bias
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("lead,k,n,r", SHAPES + [((8,), 4096, 4096, 256), ((512,), 576, 1536, 32)], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "lead,k,n,r", SHAPES + [((8,), 4096, 4096, 256), ((512,), 576, 1536, 32)], ids=lambda v: str(v)
+)
 @pytest.mark.parametrize("bias,norm,residual", FLAGS, ids=["plain", "bias", "norm", "all", "residual"])
 def test_matches_reference_on_gpu(backend, dtype, lead, k, n, r, bias, norm, residual):
     _check(backend, lead, k, n, r, dtype, bias, norm, residual, device="cuda")
@@ -56,11 +58,16 @@ def test_norm_statistics_survive_a_large_mean(backend):
     ops = make_operands((40,), 64, 300, 4, torch.float32, bias=True, norm=True, residual=False)
     with torch.no_grad():
         ops["bias"].add_(1000.0)
-    expected = shared_lora_linear_reference(*[as_double(ops)[k] for k in ("x", "weight", "lora_a", "lora_b")], 0.7,
-                                            as_double(ops)["bias"], norm_weight=as_double(ops)["norm_weight"])
+    expected = shared_lora_linear_reference(
+        *[as_double(ops)[k] for k in ("x", "weight", "lora_a", "lora_b")],
+        0.7,
+        as_double(ops)["bias"],
+        norm_weight=as_double(ops)["norm_weight"],
+    )
     with use_backend(backend), torch.no_grad():
-        out = shared_lora_linear(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.7, ops["bias"],
-                                 norm_weight=ops["norm_weight"])
+        out = shared_lora_linear(
+            ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.7, ops["bias"], norm_weight=ops["norm_weight"]
+        )
     assert_close_scaled(out, expected, 1e-3, "normalized output")
 
 
@@ -73,9 +80,12 @@ def test_triton_small_tiles_merge_statistics_across_tiles():
     ops = make_operands((33,), 40, 100, 3, torch.float32)
     args = [ops[k].detach() for k in ("x", "weight", "lora_a", "lora_b")]
     cfg = TileConfig(block_m=16, block_n=16, block_k=16, group_m=2)
-    got = triton_backend.forward(*args, 0.7, ops["bias"].detach(), ops["norm_weight"].detach(), 1e-5,
-                                 ops["residual"].detach(), True, config=cfg)
-    want = reference_forward(*args, 0.7, ops["bias"].detach(), ops["norm_weight"].detach(), 1e-5, ops["residual"].detach())
+    got = triton_backend.forward(
+        *args, 0.7, ops["bias"].detach(), ops["norm_weight"].detach(), 1e-5, ops["residual"].detach(), True, config=cfg
+    )
+    want = reference_forward(
+        *args, 0.7, ops["bias"].detach(), ops["norm_weight"].detach(), 1e-5, ops["residual"].detach()
+    )
     for name in ("out", "shrink", "y_pre", "mean", "rstd"):
         assert_close_scaled(getattr(got, name), getattr(want, name), 1e-4, name)
 
@@ -84,11 +94,11 @@ def test_triton_small_tiles_merge_statistics_across_tiles():
 def test_non_contiguous_inputs(backend):
     """x, weight and the adapters as transposed / strided views; results equal the contiguous ones."""
     base = make_operands((6,), 40, 24, 4, torch.float32, residual=True)
-    x_t = base["x"].detach().t().contiguous().t().requires_grad_()       # [M, K] with strides (1, M)
+    x_t = base["x"].detach().t().contiguous().t().requires_grad_()  # [M, K] with strides (1, M)
     w_t = base["weight"].detach().t().contiguous().t().requires_grad_()  # [N, K] with strides (1, N)
     a_big = torch.zeros(4, 80)
     a_big[:, ::2] = base["lora_a"].detach()
-    a_strided = a_big[:, ::2].requires_grad_()                           # [r, K] with stride 2
+    a_strided = a_big[:, ::2].requires_grad_()  # [r, K] with stride 2
     res_t = base["residual"].detach().t().contiguous().t().requires_grad_()
     assert not x_t.is_contiguous() and not w_t.is_contiguous() and not a_strided.is_contiguous()
     ops = dict(base, x=x_t, weight=w_t, lora_a=a_strided, residual=res_t)
@@ -110,6 +120,7 @@ def test_shared_weight_gradient_sums_over_users(backend):
     g1, g2 = torch.randn(5, 20), torch.randn(5, 20)
     with use_backend(backend):
         from .helpers import call
+
         out = (call(shared_lora_linear, first) * g1).sum() + (call(shared_lora_linear, second) * g2).sum()
         (gw,) = torch.autograd.grad(out, [first["weight"]])
     _, e1 = grads_of(shared_lora_linear_reference, as_double(first), g1.double())
@@ -125,8 +136,16 @@ def test_frozen_weight_gets_no_gradient_and_inference_saves_nothing(backend):
         out, grads = grads_of(shared_lora_linear, ops, torch.ones(4, 12))
         assert "weight" not in grads and ops["weight"].grad is None
         with torch.no_grad():
-            again = shared_lora_linear(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.7, ops["bias"],
-                                       norm_weight=ops["norm_weight"], residual=ops["residual"])
+            again = shared_lora_linear(
+                ops["x"],
+                ops["weight"],
+                ops["lora_a"],
+                ops["lora_b"],
+                0.7,
+                ops["bias"],
+                norm_weight=ops["norm_weight"],
+                residual=ops["residual"],
+            )
     assert torch.equal(out.detach(), again)
 
 
@@ -146,7 +165,8 @@ def test_backend_selection(monkeypatch):
         backends.resolve(cpu, torch.float32)
     monkeypatch.setenv("FLEXIGPT_BACKEND", "auto")
     assert backends.resolve(torch.device("cuda"), torch.float16) == (
-        "cuda" if backends.available_backends()["cuda"] else "triton")
+        "cuda" if backends.available_backends()["cuda"] else "triton"
+    )
     with use_backend("cpp"), pytest.raises(RuntimeError, match="'cuda'"):
         backends.resolve(torch.device("cuda"), torch.float16)  # cpp is the CPU kernel
     with use_backend("cuda"), pytest.raises(RuntimeError, match="CPU tensors"):
@@ -163,12 +183,28 @@ def test_autocast_casts_inputs_once_and_keeps_backend_math(backend, grad):
     to the autocast dtype) and matches the reference on the bf16-cast inputs."""
     ops = make_operands((5,), 24, 20, 3, torch.float32)
     with use_backend(backend), torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = shared_lora_linear(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.7, ops["bias"],
-                                 norm_weight=ops["norm_weight"], residual=ops["residual"])
+        out = shared_lora_linear(
+            ops["x"],
+            ops["weight"],
+            ops["lora_a"],
+            ops["lora_b"],
+            0.7,
+            ops["bias"],
+            norm_weight=ops["norm_weight"],
+            residual=ops["residual"],
+        )
     assert out.dtype == torch.bfloat16
     cast = {k: v.detach().to(torch.bfloat16).double() if v is not None else None for k, v in ops.items()}
-    expected = shared_lora_linear_reference(cast["x"], cast["weight"], cast["lora_a"], cast["lora_b"], 0.7,
-                                            cast["bias"], norm_weight=cast["norm_weight"], residual=cast["residual"])
+    expected = shared_lora_linear_reference(
+        cast["x"],
+        cast["weight"],
+        cast["lora_a"],
+        cast["lora_b"],
+        0.7,
+        cast["bias"],
+        norm_weight=cast["norm_weight"],
+        residual=cast["residual"],
+    )
     assert_close_scaled(out, expected, TOL[torch.bfloat16], "autocast output")
     if grad:
         out.float().sum().backward()

@@ -37,15 +37,21 @@ def test_decode_large_rank_runs_a_separate_shrink_then_the_gemm():
 def test_prefill_forward_and_backward_launches():
     got = _names(aot_specs.Case("fp16", 100, 64, 48, 8, norm=True, residual=True))
     assert got == [
-        ("fwd", GEMM, LORA_NONE), ("fwd", GEMM, LORA_PRECOMPUTED), ("fwd", FINISH, None),
-        ("bwd", ROWS, None), ("bwd", COLUMNS, None),
-        ("bwd", GEMM, LORA_NONE), ("bwd", GEMM, LORA_PRECOMPUTED),  # grad_x: shrink dy @ B, then the GEMM
-        ("bwd", GEMM, LORA_NONE), ("bwd", GEMM, LORA_NONE), ("bwd", GEMM, LORA_NONE),  # grad_A, grad_B, grad_W
+        ("fwd", GEMM, LORA_NONE),
+        ("fwd", GEMM, LORA_PRECOMPUTED),
+        ("fwd", FINISH, None),
+        ("bwd", ROWS, None),
+        ("bwd", COLUMNS, None),
+        ("bwd", GEMM, LORA_NONE),
+        ("bwd", GEMM, LORA_PRECOMPUTED),  # grad_x: shrink dy @ B, then the GEMM
+        ("bwd", GEMM, LORA_NONE),
+        ("bwd", GEMM, LORA_NONE),
+        ("bwd", GEMM, LORA_NONE),  # grad_A, grad_B, grad_W
     ]
 
 
 def test_residual_without_norm_is_in_the_gemm_epilogue():
-    (phase, ln), = aot_specs.record(aot_specs.Case("bf16", 4, 64, 32, 8, bias=False, residual=True, backward=False))
+    ((phase, ln),) = aot_specs.record(aot_specs.Case("bf16", 4, 64, 32, 8, bias=False, residual=True, backward=False))
     assert ln.kwargs["HAS_RESIDUAL"] and not ln.kwargs["STATS"]
 
 
@@ -61,10 +67,12 @@ def test_specialisations_of_the_quick_matrix():
     both fp32 precisions, and every shared-memory estimate fits the smallest limit."""
     from triton.backends.compiler import GPUTarget
 
-    cases = [aot_specs.Case("bf16", 1, 128, 128, 16, backward=False),
-             aot_specs.Case("bf16", 1, 128, 128, 256, backward=False),
-             aot_specs.Case("tf32", 80, 128, 128, 16, norm=True),
-             aot_specs.Case("fp32", 1, 128, 128, 1024, norm=True, backward=False)]
+    cases = [
+        aot_specs.Case("bf16", 1, 128, 128, 16, backward=False),
+        aot_specs.Case("bf16", 1, 128, 128, 256, backward=False),
+        aot_specs.Case("tf32", 80, 128, 128, 16, norm=True),
+        aot_specs.Case("fp32", 1, 128, 128, 1024, norm=True, backward=False),
+    ]
     specs = aot_specs.collect(cases, GPUTarget("cuda", 90, 32))
     assert {s.name for s in specs} == {GEMM, FINISH, ROWS, COLUMNS}
     gemms = [s for s in specs if s.name == GEMM]
@@ -85,17 +93,24 @@ def test_specialisations_of_the_quick_matrix():
 def aot_specs_config(kwargs):
     from flexigpt_kernels.ops.triton.configs import TileConfig
 
-    return TileConfig(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["GROUP_M"],
-                      kwargs["num_warps"], kwargs["num_stages"])
+    return TileConfig(
+        kwargs["BLOCK_M"],
+        kwargs["BLOCK_N"],
+        kwargs["BLOCK_K"],
+        kwargs["GROUP_M"],
+        kwargs["num_warps"],
+        kwargs["num_stages"],
+    )
 
 
 def test_binder_specialises_like_a_gpu_launch():
     """M = 1 and unit strides become constants; 16-divisible sizes get the divisibility hint."""
     from triton.backends.compiler import GPUTarget
 
-    (_, ln), = aot_specs.record(aot_specs.Case("bf16", 1, 256, 128, 16, backward=False))
-    signature, constexprs, attrs, options = aot_specs.specialise(ln.kernel, ln.args, ln.kwargs,
-                                                                 GPUTarget("cuda", 80, 32))
+    ((_, ln),) = aot_specs.record(aot_specs.Case("bf16", 1, 256, 128, 16, backward=False))
+    signature, constexprs, attrs, options = aot_specs.specialise(
+        ln.kernel, ln.args, ln.kwargs, GPUTarget("cuda", 80, 32)
+    )
     names = aot_specs.jit_of(ln.kernel).arg_names
     assert signature["x_ptr"] == "*bf16" and signature["M"] == "constexpr" and signature["N"] == "i32"
     assert constexprs[(names.index("M"),)] == 1
@@ -110,8 +125,7 @@ def test_occupancy_bound():
 
 
 def test_problem_rules():
-    row = aot_check.Row("k", "decode", "sm_80", shared=SMEM_LIMIT[80] + 1, registers=64, spills=8,
-                        default_regime=True)
+    row = aot_check.Row("k", "decode", "sm_80", shared=SMEM_LIMIT[80] + 1, registers=64, spills=8, default_regime=True)
     assert len(row.problems()) == 2
     row.default_regime = False
     assert row.problems() == [f"shared memory {SMEM_LIMIT[80] + 1} > {SMEM_LIMIT[80]} bytes"]

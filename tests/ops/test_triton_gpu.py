@@ -12,8 +12,15 @@ from flexigpt_kernels import shared_lora_linear, shared_lora_linear_reference, u
 from .helpers import TOL, as_double, assert_close_scaled, grads_of, make_operands
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-SHAPES = [((1,), 100, 120, 1), ((3,), 70, 90, 5), ((257,), 48, 80, 64), ((2, 3), 123, 123, 16),
-          ((8,), 4096, 4096, 256), ((512,), 576, 1536, 32), ((1,), 512, 256, 1024)]
+SHAPES = [
+    ((1,), 100, 120, 1),
+    ((3,), 70, 90, 5),
+    ((257,), 48, 80, 64),
+    ((2, 3), 123, 123, 16),
+    ((8,), 4096, 4096, 256),
+    ((512,), 576, 1536, 32),
+    ((1,), 512, 256, 1024),
+]
 FLAGS = [(False, False, False), (True, True, True), (False, False, True)]
 PRECISION_TOL = {"ieee": TOL[torch.float32], "tf32": TOL[torch.float16]}
 

@@ -26,6 +26,7 @@ def restore_precision():
 
 # --- shared memory and the decode choice -----------------------------------------------------
 
+
 def test_fit_config_steps_down_stages_then_k():
     cfg = configs.TileConfig(16, 64, 64, num_stages=4)
     est = configs.smem_estimate(cfg, 4, fused_r=1024)  # fp32, the old rank-1024 fused tile
@@ -59,8 +60,9 @@ def test_fp32_rank_1024_decode_gets_tiles_that_fit():
     for ln in seen:
         if ln.name == "_linear_lora_kernel":
             k = ln.kwargs
-            cfg = configs.TileConfig(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["GROUP_M"], k["num_warps"],
-                                     k["num_stages"])
+            cfg = configs.TileConfig(
+                k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["GROUP_M"], k["num_warps"], k["num_stages"]
+            )
             assert configs.smem_estimate(cfg, 4) <= configs.SMEM_LIMIT[80]
 
 
@@ -84,8 +86,11 @@ def test_k_split_needs_a_partial_buffer():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("lead,k,n,r,norm", [((3,), 600, 70, 96, True), ((2,), 520, 40, 65, False),
-                                              ((300,), 40, 24, 4, True)], ids=["decode-r96", "decode-r65", "rows300"])
+@pytest.mark.parametrize(
+    "lead,k,n,r,norm",
+    [((3,), 600, 70, 96, True), ((2,), 520, 40, 65, False), ((300,), 40, 24, 4, True)],
+    ids=["decode-r96", "decode-r65", "rows300"],
+)
 def test_separate_shrink_and_column_reduction_match_reference(dtype, lead, k, n, r, norm):
     """Decode above rank 64 (split-K shrink + precomputed GEMM) and a 300-row backward whose
     dgamma/dbias reduce over 10 row slices, forward and every gradient."""
@@ -103,11 +108,12 @@ def test_column_slices():
 
 # --- fp32 precision ----------------------------------------------------------------------------
 
+
 def test_fp32_precision_follows_the_new_api_and_never_reads_allow_tf32(restore_precision):
     assert launch.ieee_f32(torch.float32)  # default: IEEE
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     with pytest.raises(RuntimeError):
-        torch.backends.cuda.matmul.allow_tf32  # what the old code read: raises once the new API was used
+        _ = torch.backends.cuda.matmul.allow_tf32  # what the old code read: raises once the new API was used
     assert not launch.ieee_f32(torch.float32)
     assert launch.ieee_f32(torch.float64) is False and not launch.ieee_f32(torch.float16)
     x, w = torch.randn(2, 16), torch.randn(8, 16)
@@ -126,6 +132,7 @@ def test_fp32_forward_runs_after_the_new_api_was_set(restore_precision):
 
 
 # --- device guard ------------------------------------------------------------------------------
+
 
 def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
     entered = []
@@ -170,10 +177,21 @@ def test_every_launch_goes_through_the_guard_with_the_first_tensor_device(monkey
 
 # --- torch.library ------------------------------------------------------------------------------
 
+
 def _op_args(m=3, norm=True):
     ops = make_operands((m,), 32, 24, 4, torch.float32, residual=True)
-    return (ops["x"].detach(), ops["weight"].detach(), ops["lora_a"].detach(), ops["lora_b"].detach(), 0.5,
-            ops["bias"].detach(), ops["norm_weight"].detach() if norm else None, 1e-5, ops["residual"].detach(), True)
+    return (
+        ops["x"].detach(),
+        ops["weight"].detach(),
+        ops["lora_a"].detach(),
+        ops["lora_b"].detach(),
+        0.5,
+        ops["bias"].detach(),
+        ops["norm_weight"].detach() if norm else None,
+        1e-5,
+        ops["residual"].detach(),
+        True,
+    )
 
 
 def test_ops_are_registered_and_pass_opcheck():
@@ -184,8 +202,9 @@ def test_ops_are_registered_and_pass_opcheck():
     saved = tuple(out[1:])
     g = torch.randn_like(out[0])
     bwd_args = (g, *args[:5], args[6], *saved, True)
-    torch.library.opcheck(torch.ops.flexigpt.triton_lora_bwd.default, bwd_args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.flexigpt.triton_lora_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_torch_compile_fullgraph_traces_the_triton_path():

@@ -15,13 +15,31 @@ from tests.train.helpers import SEQ, tiny_pruned, token_data  # noqa: E402
 out = sys.argv[1]
 accelerator = Accelerator(cpu=True)
 model = tiny_pruned()
-report = heal(model, token_data(64), steps=4, lr=1e-2, seq_len=SEQ, batch_size=1, grad_accum=2,
-              eval_data=token_data(5, seed=2), eval_chunks=5, progress=False, accelerator=accelerator)
+report = heal(
+    model,
+    token_data(64),
+    steps=4,
+    lr=1e-2,
+    seq_len=SEQ,
+    batch_size=1,
+    grad_accum=2,
+    eval_data=token_data(5, seed=2),
+    eval_chunks=5,
+    progress=False,
+    accelerator=accelerator,
+)
 # the shared base weight is still one tensor inside the DDP-wrapped model
 shared = [m for m in model.modules() if type(m).__name__ == "SharedLoRALinear"]
 assert all(m.weight is m.base.weight for m in shared)
 if accelerator.is_main_process:
-    torch.save({"losses": report.losses, "eval": report.eval_perplexities, "world_size": report.world_size,
-                "tokens": report.tokens_seen,
-                "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}, out)
+    torch.save(
+        {
+            "losses": report.losses,
+            "eval": report.eval_perplexities,
+            "world_size": report.world_size,
+            "tokens": report.tokens_seen,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        },
+        out,
+    )
 accelerator.wait_for_everyone()

@@ -29,8 +29,18 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = tiny_pruned(blocks=(1, 3))
 groups = sharing_groups(model)
-kwargs = dict(steps=4, lr=1e-2, seq_len=SEQ, batch_size=1, grad_accum=2, eval_data=token_data(5, seed=2),
-              eval_chunks=5, progress=False, fsdp=True, trainable="adapters")
+kwargs = dict(
+    steps=4,
+    lr=1e-2,
+    seq_len=SEQ,
+    batch_size=1,
+    grad_accum=2,
+    eval_data=token_data(5, seed=2),
+    eval_chunks=5,
+    progress=False,
+    fsdp=True,
+    trainable="adapters",
+)
 if mode == "kill":
     heal_module = importlib.import_module("flexigpt_kernels.train.heal")  # the package exports heal() by this name
     real_save = heal_module.save_checkpoint
@@ -57,7 +67,17 @@ if mode == "full":
         save_pretrained(plain, out + ".plain")
 dist.barrier()
 if rank == 0:
-    torch.save({"losses": report.losses, "eval": report.eval_perplexities, "world_size": report.world_size,
-                "tokens": report.tokens_seen, "params": params, "groups": groups, "peak": trace.peak,
-                "resumed_from": report.resumed_from}, out)
+    torch.save(
+        {
+            "losses": report.losses,
+            "eval": report.eval_perplexities,
+            "world_size": report.world_size,
+            "tokens": report.tokens_seen,
+            "params": params,
+            "groups": groups,
+            "peak": trace.peak,
+            "resumed_from": report.resumed_from,
+        },
+        out,
+    )
 dist.destroy_process_group()

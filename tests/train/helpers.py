@@ -11,9 +11,18 @@ def tiny_llama(seed: int = 0, layers: int = 4, vocab: int = VOCAB):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, eos_token_id=vocab - 1, bos_token_id=vocab - 1, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        eos_token_id=vocab - 1,
+        bos_token_id=vocab - 1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config).float().eval()
     return model
 

@@ -66,8 +66,17 @@ def test_heal_resume_from_a_hostile_folder_fails_clearly(tmp_path):
     marker = tmp_path / "pwned"
     _hostile_checkpoint(tmp_path / "ckpt", marker)
     with pytest.raises(ValueError, match=r"state\.pt: refusing to load"):
-        heal(tiny_pruned(), token_data(16), steps=2, lr=1e-2, seq_len=SEQ, batch_size=2,
-             checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
+        heal(
+            tiny_pruned(),
+            token_data(16),
+            steps=2,
+            lr=1e-2,
+            seq_len=SEQ,
+            batch_size=2,
+            checkpoint_dir=tmp_path / "ckpt",
+            resume=True,
+            progress=False,
+        )
     assert not marker.exists()
 
 
@@ -120,8 +129,10 @@ def test_rng_files_of_earlier_versions_still_load(tmp_path):
     (step / COMPLETE).write_text("{}")
     torch.save(_PLAIN_STATE, step / STATE)
     np.random.seed(5)
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-               step / "rng-rank0.pt")
+    torch.save(
+        {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        step / "rng-rank0.pt",
+    )
     expected = np.random.rand()
     _, rng = load_checkpoint(step)
     set_rng_state(rng)
@@ -130,7 +141,9 @@ def test_rng_files_of_earlier_versions_still_load(tmp_path):
 
 def _trained(extra: bool = False):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), *([torch.nn.Linear(2, 2)] if extra else []))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), *([torch.nn.Linear(2, 2)] if extra else [])
+    )
     model[0].weight.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model(torch.randn(2, 3)).sum().backward()
@@ -150,7 +163,9 @@ def test_sharded_state_round_trips_and_a_missing_tensor_is_a_value_error(tmp_pat
     assert not torch.equal(fresh[1].weight, model[1].weight)
     load_shards(tmp_path, fresh, fresh_opt)
     torch.testing.assert_close(fresh[1].weight, model[1].weight)
-    torch.testing.assert_close(fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    torch.testing.assert_close(
+        fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+    )
 
     bigger, bigger_opt = _trained(extra=True)
     with pytest.raises(ValueError, match=r"dcp lacks trainable tensors \['2.bias', '2.weight'\]"):
@@ -164,5 +179,7 @@ def test_sharded_state_round_trips_and_a_missing_tensor_is_a_value_error(tmp_pat
 def test_resuming_with_another_adapter_rank_is_a_value_error(tmp_path):
     kwargs = dict(steps=2, lr=1e-2, seq_len=SEQ, batch_size=2, checkpoint_dir=tmp_path / "ckpt", progress=False)
     heal(tiny_pruned(rank=4), token_data(16), **kwargs)
-    with pytest.raises(ValueError, match=r"resume: .*step-00000002 holds tensors of other shapes.*lora_a \(4, 64\) vs \(2, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"resume: .*step-00000002 holds tensors of other shapes.*lora_a \(4, 64\) vs \(2, 64\)"
+    ):
         heal(tiny_pruned(rank=2), token_data(16), resume=True, **kwargs)

@@ -1,5 +1,5 @@
-"""Two CPU processes (torchrun + accelerate's Accelerator(cpu=True): DDP over gloo) on the same global batch reach the same
-losses and parameters as one process."""
+"""Two CPU processes (torchrun + accelerate's Accelerator(cpu=True): DDP over gloo) on the same global
+batch reach the same losses and parameters as one process."""
 
 from __future__ import annotations
 
@@ -28,25 +28,54 @@ def free_port() -> int:
 def test_two_processes_match_one_process(tmp_path):
     pytest.importorskip("accelerate")
     out = tmp_path / "ddp.pt"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     # `accelerate launch --cpu` starts a single process unless MPI is set up; torchrun starts
     # two, and Accelerator(cpu=True) in each joins them with gloo (DistributedType.MULTI_CPU)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests/train/ddp_worker.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "tests/train/ddp_worker.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = torch.load(out, weights_only=False)
     assert ddp["world_size"] == 2
 
     model = tiny_pruned()
-    one = heal(model, token_data(64), steps=4, lr=1e-2, seq_len=SEQ, batch_size=4,
-               eval_data=token_data(5, seed=2), eval_chunks=5, progress=False)
+    one = heal(
+        model,
+        token_data(64),
+        steps=4,
+        lr=1e-2,
+        seq_len=SEQ,
+        batch_size=4,
+        eval_data=token_data(5, seed=2),
+        eval_chunks=5,
+        progress=False,
+    )
     assert ddp["tokens"] == one.tokens_seen
     torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.tensor([p for _, p in ddp["eval"]]),
-                               torch.tensor([p for _, p in one.eval_perplexities]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([p for _, p in ddp["eval"]]),
+        torch.tensor([p for _, p in one.eval_perplexities]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     trained = dict(model.named_parameters())
     assert set(ddp["params"]) == {n for n, p in trained.items() if p.requires_grad}
     for name, value in ddp["params"].items():

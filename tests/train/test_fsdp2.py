@@ -21,16 +21,41 @@ from .helpers import SEQ, tiny_pruned, token_data
 from .test_distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-KWARGS = dict(steps=4, lr=1e-2, seq_len=SEQ, batch_size=2, grad_accum=2, eval_data=token_data(5, seed=2),
-              eval_chunks=5, progress=False, trainable="adapters")
+KWARGS = dict(
+    steps=4,
+    lr=1e-2,
+    seq_len=SEQ,
+    batch_size=2,
+    grad_accum=2,
+    eval_data=token_data(5, seed=2),
+    eval_chunks=5,
+    progress=False,
+    trainable="adapters",
+)
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests/train/fsdp2_worker.py"), *args]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "tests/train/fsdp2_worker.py"),
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -67,8 +92,12 @@ def test_two_fsdp2_processes_match_one_process(tmp_path, one_process):
     got = torch.load(out, weights_only=True)
     assert got["world_size"] == 2 and got["tokens"] == one.tokens_seen
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.tensor([p for _, p in got["eval"]]),
-                               torch.tensor([p for _, p in one.eval_perplexities]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([p for _, p in got["eval"]]),
+        torch.tensor([p for _, p in one.eval_perplexities]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert_same_params(got["params"], model)
     # group-wrapped, a process never holds every parameter at once
     stored = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -101,8 +130,13 @@ def test_killed_fsdp2_run_resumes_on_two_processes_and_on_one(tmp_path, one_proc
 
     # the same sharded checkpoint resumed by one process without torch.distributed
     single = tiny_pruned(blocks=(1, 3))
-    report = heal(single, token_data(64), checkpoint_dir=str(tmp_path / "ck1"), resume=str(
-        Path(ckdir) / "step-00000002"), **KWARGS)
+    report = heal(
+        single,
+        token_data(64),
+        checkpoint_dir=str(tmp_path / "ck1"),
+        resume=str(Path(ckdir) / "step-00000002"),
+        **KWARGS,
+    )
     assert report.resumed_from == 2
     torch.testing.assert_close(torch.tensor(report.losses), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
     assert_same_params({n: p.detach() for n, p in single.named_parameters() if p.requires_grad}, model)
@@ -122,13 +156,48 @@ def test_heal_cli_with_fsdp_under_torchrun_saves_what_one_process_saves(tmp_path
     train.write_text("the cat sat on the mat and the dog sat on the log\n" * 40)
     src = tmp_path / "pruned"
     save_pretrained(tiny_pruned(vocab=257), src, byte_tokenizer())
-    common = ["heal", str(src), "--data", str(train), "--steps", "2", "--lr", "1e-2", "--seq-len", "32",
-              "--lora-rank", "2", "--json"]  # default trainable set: adapters + LoRA on kept blocks (merged)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "flexigpt_kernels.cli",
-           *common, "--batch-size", "1", "--out", str(tmp_path / "sharded"), "--fsdp"]
+    common = [
+        "heal",
+        str(src),
+        "--data",
+        str(train),
+        "--steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--seq-len",
+        "32",
+        "--lora-rank",
+        "2",
+        "--json",
+    ]  # default trainable set: adapters + LoRA on kept blocks (merged)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "flexigpt_kernels.cli",
+        *common,
+        "--batch-size",
+        "1",
+        "--out",
+        str(tmp_path / "sharded"),
+        "--fsdp",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "single")]) == 0
@@ -138,7 +207,7 @@ def test_heal_cli_with_fsdp_under_torchrun_saves_what_one_process_saves(tmp_path
     # zero into a step of up to lr x (g / eps): 1e-3 bounds that at lr 1e-2, while a wrong gather
     # or merge moves a tensor by O(1)
     for name in single:
-        torch.testing.assert_close(sharded[name], single[name], rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")  # noqa: B023
 
 
 def test_heal_cli_fsdp_outside_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch):
@@ -151,8 +220,6 @@ def test_heal_cli_fsdp_outside_torchrun_is_a_one_line_error(tmp_path, capsys, mo
     train.write_text("some text to train on\n" * 10)
     src = tmp_path / "pruned"
     save_pretrained(tiny_pruned(vocab=257), src, byte_tokenizer())
-    assert main(["heal", str(src), "--data", str(train), "--steps", "1", "--out", str(tmp_path / "o"),
-                 "--fsdp"]) == 2
+    assert main(["heal", str(src), "--data", str(train), "--steps", "1", "--out", str(tmp_path / "o"), "--fsdp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "start the command with torchrun" in err[0]
-

@@ -13,8 +13,11 @@ from flexigpt_kernels.nn import SharedLoRALinear
 
 from .helpers import byte_tokenizer, tiny_pruned
 
-TEXT = ["the cat sat on the mat and the dog sat on the log", "a stitch in time saves nine, said the tailor",
-        "rain in spain falls mainly on the plain"]
+TEXT = [
+    "the cat sat on the mat and the dog sat on the log",
+    "a stitch in time saves nine, said the tailor",
+    "rain in spain falls mainly on the plain",
+]
 
 
 @pytest.fixture()
@@ -30,9 +33,27 @@ def test_heal_cli_trains_and_saves(tmp_path, files, capsys, method, trainable):
     train, held = files
     src, out = tmp_path / "pruned", tmp_path / "healed"
     save_pretrained(tiny_pruned(method, vocab=257), src, byte_tokenizer())
-    argv = ["heal", str(src), "--data", str(train), "--out", str(out), "--steps", "3", "--lr", "1e-2",
-            "--seq-len", "32", "--batch-size", "2", "--eval-data", str(held), "--eval-chunks", "2",
-            "--json"]
+    argv = [
+        "heal",
+        str(src),
+        "--data",
+        str(train),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-data",
+        str(held),
+        "--eval-chunks",
+        "2",
+        "--json",
+    ]
     if trainable is not None:
         argv += ["--trainable", trainable]
     if trainable == "lora_kept":
@@ -43,7 +64,9 @@ def test_heal_cli_trains_and_saves(tmp_path, files, capsys, method, trainable):
     assert [s for s, _ in summary["eval_perplexities"]] == [0, 3]
     assert json.loads((out / "heal_report.json").read_text())["trainable"] == (trainable or "adapters+lora_kept")
     before, after = from_pretrained(src), from_pretrained(out)
-    changed = [n for (n, p), (_, q) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(p, q)]
+    changed = [
+        n for (n, p), (_, q) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(p, q)
+    ]
     assert changed
     if trainable is None:  # the default hybrid: LoRA merged into the kept blocks, replacements compensated
         assert summary["lora_layers_merged"] == 14

@@ -23,8 +23,6 @@ unsharded op for several world sizes.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -39,14 +37,24 @@ def shard(t: Tensor, dim: int, rank: int, world: int) -> Tensor:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
     size = t.shape[dim]
     if size % world:
-        raise ValueError(f"tensor parallelism: dimension {dim} of size {size} does not split evenly over "
-                         f"{world} ranks (shape {tuple(t.shape)})")
+        raise ValueError(
+            f"tensor parallelism: dimension {dim} of size {size} does not split evenly over "
+            f"{world} ranks (shape {tuple(t.shape)})"
+        )
     step = size // world
     return t.narrow(dim, rank * step, step)
 
 
-def column_parallel_forward(x: Tensor, weight_shard: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-                            bias: Optional[Tensor], rank: int, world: int) -> Tensor:
+def column_parallel_forward(
+    x: Tensor,
+    weight_shard: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    rank: int,
+    world: int,
+) -> Tensor:
     """Rank `rank`'s output columns of a column-parallel replacement linear.
     x [..., K], weight_shard [N/world, K] (the base's shard), lora_a [r, K] whole, lora_b [N, r]
     whole (sharded here by rows), bias [N] or None -> [..., N/world]."""
@@ -55,8 +63,9 @@ def column_parallel_forward(x: Tensor, weight_shard: Tensor, lora_a: Tensor, lor
     return shared_lora_linear_reference(x, weight_shard, lora_a, b_shard, scale, bias_shard)
 
 
-def row_parallel_partial(x_shard: Tensor, weight_shard: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-                         rank: int, world: int) -> Tensor:
+def row_parallel_partial(
+    x_shard: Tensor, weight_shard: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, rank: int, world: int
+) -> Tensor:
     """Rank `rank`'s partial sum of a row-parallel replacement linear (no bias, no norm).
     x_shard [..., K/world], weight_shard [N, K/world], lora_a [r, K] whole (sharded here by
     columns), lora_b [N, r] whole -> [..., N]; the all-reduce over ranks sums the partials."""
@@ -64,8 +73,9 @@ def row_parallel_partial(x_shard: Tensor, weight_shard: Tensor, lora_a: Tensor, 
     return shared_lora_linear_reference(x_shard, weight_shard, a_shard, lora_b, scale, None)
 
 
-def row_parallel_finish(reduced: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor], eps: float,
-                        residual: Optional[Tensor]) -> Tensor:
+def row_parallel_finish(
+    reduced: Tensor, bias: Tensor | None, norm_weight: Tensor | None, eps: float, residual: Tensor | None
+) -> Tensor:
     """After the all-reduce: y = norm(reduced + bias) [+ residual], every rank the same.
     This is the op's epilogue on a given pre-activation (a zero-rank, zero-weight call)."""
     y = reduced.float()

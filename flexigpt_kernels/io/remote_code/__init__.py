@@ -18,8 +18,15 @@ from typing import Any
 
 from .configuration_flexigpt import CONFIG_CLASSES, PREFIX, flexigpt_model_type
 
-__all__ = ["CONFIG_CLASSES", "REMOTE_CODE_FILES", "auto_map", "copy_remote_code", "flexigpt_model_type",
-           "hf_config_dict", "write_custom_model"]
+__all__ = [
+    "CONFIG_CLASSES",
+    "REMOTE_CODE_FILES",
+    "auto_map",
+    "copy_remote_code",
+    "flexigpt_model_type",
+    "hf_config_dict",
+    "write_custom_model",
+]
 
 #: the files copied into a checkpoint, as named in config.json's auto_map
 REMOTE_CODE_FILES = ("configuration_flexigpt.py", "modeling_flexigpt.py")
@@ -31,8 +38,10 @@ def auto_map(hf_model_type: str, model_class: str) -> dict[str, str] | None:
     config_class = CONFIG_CLASSES.get(hf_model_type)
     if config_class is None:
         return None
-    return {"AutoConfig": f"configuration_flexigpt.{config_class.__name__}",
-            "AutoModelForCausalLM": f"modeling_flexigpt.{model_class}"}
+    return {
+        "AutoConfig": f"configuration_flexigpt.{config_class.__name__}",
+        "AutoModelForCausalLM": f"modeling_flexigpt.{model_class}",
+    }
 
 
 def copy_remote_code(directory: Path) -> None:

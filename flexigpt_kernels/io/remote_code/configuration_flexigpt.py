@@ -36,15 +36,21 @@ PREFIX = "flexigpt_"
 
 
 def flexigpt_model_type(base_model_type: str) -> str:
-    """"llama" -> "flexigpt_llama": the model_type of a FlexiGPT checkpoint of that family."""
+    """ "llama" -> "flexigpt_llama": the model_type of a FlexiGPT checkpoint of that family."""
     return PREFIX + base_model_type
 
 
 def _flexigpt_config(hf_config: type) -> type:
     """FlexiGPT<HF config class>: the family's configuration under FlexiGPT's model_type."""
-    return type(f"FlexiGPT{hf_config.__name__}", (hf_config,), {
-        "model_type": flexigpt_model_type(hf_config.model_type), "base_model_type": hf_config.model_type,
-        "__module__": __name__})
+    return type(
+        f"FlexiGPT{hf_config.__name__}",
+        (hf_config,),
+        {
+            "model_type": flexigpt_model_type(hf_config.model_type),
+            "base_model_type": hf_config.model_type,
+            "__module__": __name__,
+        },
+    )
 
 
 FlexiGPTLlamaConfig = _flexigpt_config(LlamaConfig)
@@ -59,6 +65,14 @@ FlexiGPTOPTConfig = _flexigpt_config(OPTConfig)
 #: source model_type -> its FlexiGPT configuration class
 CONFIG_CLASSES = {
     c.base_model_type: c
-    for c in (FlexiGPTLlamaConfig, FlexiGPTMistralConfig, FlexiGPTQwen2Config, FlexiGPTQwen3Config,
-              FlexiGPTGemma2Config, FlexiGPTGemma3TextConfig, FlexiGPTPhi3Config, FlexiGPTOPTConfig)
+    for c in (
+        FlexiGPTLlamaConfig,
+        FlexiGPTMistralConfig,
+        FlexiGPTQwen2Config,
+        FlexiGPTQwen3Config,
+        FlexiGPTGemma2Config,
+        FlexiGPTGemma3TextConfig,
+        FlexiGPTPhi3Config,
+        FlexiGPTOPTConfig,
+    )
 }

@@ -17,8 +17,6 @@ The stored tensors are exactly those of flexigpt_kernels' checkpoint: a replacem
 ``lora_a``, ``lora_b`` and an own ``bias``; an output norm owns ``weight`` (gamma).
 """
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -90,8 +88,7 @@ class SharedLinear(nn.Module):
     The base nn.Linear is held by reference, not registered: its weight is stored once, by
     the block that owns it."""
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float, own_bias: bool,
-                 output_norm: Optional[OutputNorm] = None):
+    def __init__(self, base: nn.Linear, rank: int, scale: float, own_bias: bool, output_norm: OutputNorm | None = None):
         super().__init__()
         object.__setattr__(self, "_base", base)
         w = base.weight
@@ -109,8 +106,14 @@ class SharedLinear(nn.Module):
         dt = x.dtype
         bias = self.bias if self.bias is not None else self._base.bias
         norm = self.output_norm
-        args = (x, self.weight.to(dt), self.lora_a.to(dt), self.lora_b.to(dt), self.scale,
-                None if bias is None else bias.to(dt))
+        args = (
+            x,
+            self.weight.to(dt),
+            self.lora_a.to(dt),
+            self.lora_b.to(dt),
+            self.scale,
+            None if bias is None else bias.to(dt),
+        )
         kwargs = dict(norm_weight=None if norm is None else norm.weight.to(dt), eps=1e-5 if norm is None else norm.eps)
         if fused_shared_lora_linear is not None:
             return fused_shared_lora_linear(*args, **kwargs)
@@ -135,8 +138,12 @@ def build_replacement_blocks(model: nn.Module, spec: dict) -> None:
             raise ValueError(f"config.flexigpt: {name}'s base {s['base']} is not a linear layer of the model")
         norm = None
         if s.get("output_norm"):
-            norm = OutputNorm(base.out_features, output_norms.pop(f"{name}.output_norm"),
-                              device=base.weight.device, dtype=base.weight.dtype)
+            norm = OutputNorm(
+                base.out_features,
+                output_norms.pop(f"{name}.output_norm"),
+                device=base.weight.device,
+                dtype=base.weight.dtype,
+            )
         _set(model, name, SharedLinear(base, int(s["rank"]), float(s["scale"]), bool(s["own_bias"]), norm))
     for name, eps in output_norms.items():  # after the architecture's own sub-layer norm
         parent = name.removesuffix(".output_norm")
@@ -154,8 +161,11 @@ def _flexigpt_model(hf_model: type, config_class: type) -> type:
         hf_model.__init__(self, config)
         build_replacement_blocks(self, config.flexigpt)
 
-    return type(f"FlexiGPT{hf_model.__name__}", (hf_model,), {
-        "config_class": config_class, "__init__": __init__, "__module__": __name__})
+    return type(
+        f"FlexiGPT{hf_model.__name__}",
+        (hf_model,),
+        {"config_class": config_class, "__init__": __init__, "__module__": __name__},
+    )
 
 
 FlexiGPTLlamaForCausalLM = _flexigpt_model(LlamaForCausalLM, FlexiGPTLlamaConfig)

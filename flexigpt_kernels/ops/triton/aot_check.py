@@ -90,8 +90,9 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     match = re.search(r"REG:(\d+) STACK:(\d+)", text)
     if not match:
         raise RuntimeError(f"cuobjdump printed no resource usage: {text[:200]}")
@@ -107,9 +108,20 @@ def _spill_bytes(ptx: str, arch: int) -> int:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        proc = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
-                               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(d, "k.o")],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [
+                get_ptxas(arch).path,
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={sm_arch_from_capability(arch)}",
+                src,
+                "-o",
+                os.path.join(d, "k.o"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stdout + proc.stderr)
     return sum(int(a) + int(b) for a, b in found)
 
@@ -127,8 +139,9 @@ def _compile(job: tuple) -> tuple:
 
     fn = jit_of(getattr(importlib.import_module(module), name))
     try:
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                                options=options)
+        kernel = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
+        )
         regs, stack = _resources(kernel.asm["cubin"])
         spills = _spill_bytes(kernel.asm["ptx"], arch) if stack else 0
         return kernel.metadata.shared, regs, spills, kernel.metadata.num_warps, ""
@@ -147,13 +160,14 @@ def compile_all(cases, jobs: int) -> list[Row]:
         for spec in collect(cases, target):
             signature, constexprs, attrs, options = specialise(spec.kernel, spec.args, spec.kwargs, target)
             work.append((spec.kernel.fn.__module__, spec.name, arch, signature, constexprs, attrs, options.__dict__))
-            rows.append(Row(spec.name, spec.label, "sm_90a" if arch == 90 else "sm_80",
-                            default_regime=spec.case.default_regime))
-    print(f"{len(work)} specialisations to compile ({len(work) // len(ARCHS)} per target), {jobs} jobs",
-          flush=True)
+            rows.append(
+                Row(spec.name, spec.label, "sm_90a" if arch == 90 else "sm_80", default_regime=spec.case.default_regime)
+            )
+    print(f"{len(work)} specialisations to compile ({len(work) // len(ARCHS)} per target), {jobs} jobs", flush=True)
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        for i, (row, (shared, regs, stack, warps, error), (_, _, arch, *_rest)) in enumerate(zip(
-                rows, pool.map(_compile, work), work)):
+        for i, (row, (shared, regs, stack, warps, error), (_, _, arch, *_rest)) in enumerate(
+            zip(rows, pool.map(_compile, work), work)
+        ):
             row.shared, row.registers, row.spills, row.num_warps, row.error = shared, regs, stack, warps, error
             if not error:
                 row.occupancy = occupancy(arch, regs, shared, warps)
@@ -173,15 +187,27 @@ def cuda_rows() -> list[Row]:
     if not (shutil.which("nvcc") or os.environ.get("CUDA_HOME")):
         print("(nvcc not found: CUDA decode kernel table skipped)")
         return []
-    proc = subprocess.run([sys.executable, str(script), "--kernel-only", "--resources", "--archs", "8.0"],
-                          capture_output=True, text=True)  # sm_80 and sm_90a (the script adds 9.0a)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--kernel-only", "--resources", "--archs", "8.0"], capture_output=True, text=True
+    )  # sm_80 and sm_90a (the script adds 9.0a)
     rows = []
     for line in proc.stdout.splitlines():
         if line.startswith("resource "):  # resource KERNEL TARGET REGS SPILL_BYTES SHARED
             _, kernel, target, regs, spills, shared = line.split()
             arch = int(re.sub(r"\D", "", target)[:2])
-            rows.append(Row(kernel, "cuda decode fp16/bf16", target, int(shared), int(regs), int(spills), 4,
-                            occupancy(arch, int(regs), int(shared), 4), default_regime=True))
+            rows.append(
+                Row(
+                    kernel,
+                    "cuda decode fp16/bf16",
+                    target,
+                    int(shared),
+                    int(regs),
+                    int(spills),
+                    4,
+                    occupancy(arch, int(regs), int(shared), 4),
+                    default_regime=True,
+                )
+            )
     if proc.returncode != 0:
         rows.append(Row("csrc/cuda", "cuda decode", "nvcc", error=(proc.stderr or proc.stdout).strip()[-300:]))
     return rows
@@ -197,16 +223,29 @@ def write(rows: list[Row], out: Path) -> Path:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for r in rows:
-            w.writerow([r.kernel, r.regime, r.target, r.shared, r.registers, r.spills, f"{r.occupancy:.2f}",
-                        r.num_warps, "; ".join(r.problems()) or "ok"])
+            w.writerow(
+                [
+                    r.kernel,
+                    r.regime,
+                    r.target,
+                    r.shared,
+                    r.registers,
+                    r.spills,
+                    f"{r.occupancy:.2f}",
+                    r.num_warps,
+                    "; ".join(r.problems()) or "ok",
+                ]
+            )
     return path
 
 
 def print_table(rows: list[Row]) -> None:
     print(f"{'kernel':34} {'regime':38} {'target':7} {'shared':>7} {'regs':>5} {'spill':>5} {'occ':>5}  status")
     for r in rows:
-        print(f"{r.kernel:34} {r.regime:38} {r.target:7} {r.shared:7d} {r.registers:5d} {r.spills:5d} "
-              f"{r.occupancy:5.2f}  {'; '.join(r.problems()) or 'ok'}")
+        print(
+            f"{r.kernel:34} {r.regime:38} {r.target:7} {r.shared:7d} {r.registers:5d} {r.spills:5d} "
+            f"{r.occupancy:5.2f}  {'; '.join(r.problems()) or 'ok'}"
+        )
 
 
 def main(argv=None) -> int:
@@ -231,8 +270,10 @@ def main(argv=None) -> int:
     path = write(rows, args.out)
     bad = [r for r in rows if r.problems()]
     worst = {t: max((r.shared for r in rows if r.target == t), default=0) for t in ("sm_80", "sm_90a")}
-    print(f"\n{len(rows)} kernel/target rows, {len(bad)} failing; largest shared memory {worst}; "
-          f"{time.time() - start:.0f} s with {args.jobs} jobs; CSV: {path}")
+    print(
+        f"\n{len(rows)} kernel/target rows, {len(bad)} failing; largest shared memory {worst}; "
+        f"{time.time() - start:.0f} s with {args.jobs} jobs; CSV: {path}"
+    )
     return 1 if bad else 0
 
 

@@ -13,8 +13,8 @@ ahead-of-time compile list is the launchers' list and cannot drift from the code
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -77,16 +77,23 @@ def default_cases(full: bool = False) -> list[Case]:
     ranks 64/1024 (1024: the tile that used to overflow shared memory) and TF32 at rank 64, at
     M = 1 and 512 with the norm (fp32 also without). Full: every dtype, rank 16..1024, M, flags."""
     shape = dict(n=1024, k=1024)
-    plain, every_flag, no_norm_res = dict(bias=True), dict(bias=True, norm=True, residual=True), dict(bias=False,
-                                                                                                    residual=True)
+    plain, every_flag, no_norm_res = (
+        dict(bias=True),
+        dict(bias=True, norm=True, residual=True),
+        dict(bias=False, residual=True),
+    )
     if full:
-        plan = [(d, (16, 64, 256, 1024), (1, 8, 512), (plain, every_flag, no_norm_res))
-                for d in ("bf16", "fp16", "fp32", "tf32")]
+        plan = [
+            (d, (16, 64, 256, 1024), (1, 8, 512), (plain, every_flag, no_norm_res))
+            for d in ("bf16", "fp16", "fp32", "tf32")
+        ]
     else:
-        plan = [("bf16", (16, 64, 256), (1, 8, 512), (plain, every_flag, no_norm_res)),
-                ("fp16", (64, 256), (1, 512), (every_flag,)),
-                ("fp32", (64, 1024), (1, 512), (every_flag, plain)),
-                ("tf32", (64,), (1, 512), (every_flag,))]
+        plan = [
+            ("bf16", (16, 64, 256), (1, 8, 512), (plain, every_flag, no_norm_res)),
+            ("fp16", (64, 256), (1, 512), (every_flag,)),
+            ("fp32", (64, 1024), (1, 512), (every_flag, plain)),
+            ("tf32", (64,), (1, 512), (every_flag,)),
+        ]
     cases = []
     for dtype, ranks, ms, flag_sets in plan:
         for r, m, f in itertools.product(ranks, ms, flag_sets):
@@ -98,8 +105,12 @@ def _tensors(case: Case):
     dtype = DTYPES[case.dtype]
     t = lambda *s: torch.empty(*s, dtype=dtype)  # noqa: E731  (values never matter: nothing runs)
     return dict(
-        x=t(case.m, case.k), weight=t(case.n, case.k), lora_a=t(case.r, case.k), lora_b=t(case.n, case.r),
-        bias=t(case.n) if case.bias else None, norm_weight=t(case.n) if case.norm else None,
+        x=t(case.m, case.k),
+        weight=t(case.n, case.k),
+        lora_a=t(case.r, case.k),
+        lora_b=t(case.n, case.r),
+        bias=t(case.n) if case.bias else None,
+        norm_weight=t(case.n) if case.norm else None,
         residual=t(case.m, case.n) if case.residual else None,
     )
 
@@ -113,13 +124,32 @@ def record(case: Case) -> list[tuple[str, launch_mod.Launch]]:
     torch.backends.cuda.matmul.fp32_precision = "tf32" if case.dtype == "tf32" else "ieee"
     try:
         with launch_mod.recording() as fwd_launches:
-            saved = backend.forward(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], 0.5, ops["bias"],
-                                    ops["norm_weight"], 1e-5, ops["residual"], case.backward)
+            saved = backend.forward(
+                ops["x"],
+                ops["weight"],
+                ops["lora_a"],
+                ops["lora_b"],
+                0.5,
+                ops["bias"],
+                ops["norm_weight"],
+                1e-5,
+                ops["residual"],
+                case.backward,
+            )
         bwd_launches: list = []
         if case.backward:
             with launch_mod.recording() as bwd_launches:
-                backend.backward(torch.empty_like(saved.out), ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"],
-                                 0.5, ops["norm_weight"], saved, True)
+                backend.backward(
+                    torch.empty_like(saved.out),
+                    ops["x"],
+                    ops["weight"],
+                    ops["lora_a"],
+                    ops["lora_b"],
+                    0.5,
+                    ops["norm_weight"],
+                    saved,
+                    True,
+                )
     finally:
         torch.backends.cuda.matmul.fp32_precision = precision
     return [("fwd", x) for x in fwd_launches] + [("bwd", x) for x in bwd_launches]
@@ -165,8 +195,15 @@ def specialise(kernel, args: Sequence, kwargs: dict, target):
 
 
 def spec_key(name: str, signature, constexprs, attrs, options) -> str:
-    return repr((name, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items()),
-                 sorted(options.__dict__.items())))
+    return repr(
+        (
+            name,
+            sorted(signature.items()),
+            sorted(constexprs.items()),
+            sorted(attrs.items()),
+            sorted(options.__dict__.items()),
+        )
+    )
 
 
 def collect(cases: Iterable[Case], target) -> list[Spec]:

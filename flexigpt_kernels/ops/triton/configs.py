@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -60,8 +60,14 @@ def decode_config(dtype: torch.dtype) -> TileConfig:
     """Decode tiles: 16 rows, 64 columns, long K steps (weight-read bound); fp32 K steps of 32
     (an IEEE fp32 dot runs on FMA units from registers: 64-wide steps took 255 registers and
     spilled with the fused shrink)."""
-    return TileConfig(block_m=16, block_n=64, block_k=32 if _wide(dtype) else 128, group_m=1,
-                      num_warps=8 if _wide(dtype) else 4, num_stages=4)
+    return TileConfig(
+        block_m=16,
+        block_n=64,
+        block_k=32 if _wide(dtype) else 128,
+        group_m=1,
+        num_warps=8 if _wide(dtype) else 4,
+        num_stages=4,
+    )
 
 
 #: prefill candidates, the first being the default (no measurement on the CPU or while tracing)
@@ -112,19 +118,19 @@ def smem_estimate(cfg: TileConfig, elsize: int, fused_r: int = 0) -> int:
     return cfg.num_stages * per_stage * elsize
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_smem_limit(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT[80]))
 
 
-def smem_limit(device: Optional[torch.device]) -> int:
+def smem_limit(device: torch.device | None) -> int:
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         return _device_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
     return SMEM_LIMIT[80]
 
 
-def fit_config(cfg: TileConfig, elsize: int, limit: int, fused_r: int = 0) -> Optional[TileConfig]:
+def fit_config(cfg: TileConfig, elsize: int, limit: int, fused_r: int = 0) -> TileConfig | None:
     """`cfg` with fewer stages, then a shorter K step, until the estimate fits; None if even
     2 stages of a 16-wide K step do not."""
     while smem_estimate(cfg, elsize, fused_r) > limit:
@@ -144,15 +150,20 @@ def autotune_enabled() -> bool:
     return os.environ.get("FLEXIGPT_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
 
 
-def tuned(key: tuple, candidates: Sequence[TileConfig], run: Callable[[TileConfig], None],
-          device: torch.device) -> TileConfig:
+def tuned(
+    key: tuple, candidates: Sequence[TileConfig], run: Callable[[TileConfig], None], device: torch.device
+) -> TileConfig:
     """The fastest of `candidates` for `key`, measured once per process with triton's do_bench
     (on a CUDA device, outside graph capture, unless FLEXIGPT_TRITON_AUTOTUNE=0); otherwise
     the first. `run(cfg)` launches the kernel with that config."""
     if key in _TUNED:
         return _TUNED[key]
-    if (len(candidates) == 1 or device.type != "cuda" or not autotune_enabled()
-            or torch.cuda.is_current_stream_capturing()):
+    if (
+        len(candidates) == 1
+        or device.type != "cuda"
+        or not autotune_enabled()
+        or torch.cuda.is_current_stream_capturing()
+    ):
         return candidates[0]
     from triton.testing import do_bench
 

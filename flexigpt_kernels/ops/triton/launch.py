@@ -20,8 +20,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +40,7 @@ def ieee_f32(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64) and not fp32_uses_tf32()
 
 
-def kernel_device(args) -> Optional[torch.device]:
+def kernel_device(args) -> torch.device | None:
     """The device of the first tensor argument (the one the launch must run on)."""
     for a in args:
         if isinstance(a, Tensor):
@@ -47,7 +48,7 @@ def kernel_device(args) -> Optional[torch.device]:
     return None
 
 
-def device_guard(device: Optional[torch.device]):
+def device_guard(device: torch.device | None):
     """`torch.cuda.device(device)` for a CUDA device, else a no-op context."""
     if device is not None and device.type == "cuda":
         return torch.cuda.device(device)
@@ -58,8 +59,10 @@ def _is_fake(args) -> bool:
     from torch._subclasses.fake_tensor import is_fake
     from torch._subclasses.functional_tensor import FunctionalTensor
 
-    return any(isinstance(a, Tensor) and (a.device.type == "meta" or isinstance(a, FunctionalTensor) or is_fake(a))
-               for a in args)
+    return any(
+        isinstance(a, Tensor) and (a.device.type == "meta" or isinstance(a, FunctionalTensor) or is_fake(a))
+        for a in args
+    )
 
 
 def _is_interpreted(kernel) -> bool:
@@ -85,7 +88,7 @@ class Launch:
         return getattr(fn, "__name__", repr(fn))
 
 
-_recorder: Optional[list] = None
+_recorder: list | None = None
 
 
 @contextlib.contextmanager

@@ -22,8 +22,6 @@ program ever needs a whole row.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -36,8 +34,10 @@ from .configs import (  # noqa: F401  (re-exported: the names the backend and te
     LORA_NONE,
     LORA_PRECOMPUTED,
     TileConfig,
-    block_r as _block_r,
     default_config,
+)
+from .configs import (
+    block_r as _block_r,
 )
 from .launch import ieee_f32, launch
 from .row_norm import pow2_scale
@@ -45,15 +45,49 @@ from .row_norm import pow2_scale
 
 @triton.jit
 def _linear_lora_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, pmean_ptr, pstd_ptr, res_ptr,
-    M, N, K, R, scale, K_SPLIT,
-    stride_xm, stride_xk, stride_wn, stride_wk,
-    stride_ar, stride_ak, stride_bn, stride_br,
-    stride_sm, stride_sr, stride_ym, stride_yn, stride_ys, stride_rm, stride_rn,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LORA_MODE: tl.constexpr, STORE_SHRINK: tl.constexpr,
-    STATS: tl.constexpr, IEEE_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_RC: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
+    s_ptr,
+    y_ptr,
+    pmean_ptr,
+    pstd_ptr,
+    res_ptr,
+    M,
+    N,
+    K,
+    R,
+    scale,
+    K_SPLIT,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_sm,
+    stride_sr,
+    stride_ym,
+    stride_yn,
+    stride_ys,
+    stride_rm,
+    stride_rn,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    LORA_MODE: tl.constexpr,
+    STORE_SHRINK: tl.constexpr,
+    STATS: tl.constexpr,
+    IEEE_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_RC: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row tiles sweep the N tiles together (L2 reuse of w).
     pid = tl.program_id(0)
@@ -87,10 +121,16 @@ def _linear_lora_kernel(
         for r0 in range(0, tl.cdiv(R, BLOCK_RC)):
             rr = r0 * BLOCK_RC + offs_rc
             mask_rc = rr < R
-            s = tl.load(s_ptr + offs_m[:, None] * stride_sm + rr[None, :] * stride_sr,
-                        mask=mask_m[:, None] & mask_rc[None, :], other=0.0)
-            bt = tl.load(b_ptr + rr[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                         mask=mask_rc[:, None] & mask_n[None, :], other=0.0)
+            s = tl.load(
+                s_ptr + offs_m[:, None] * stride_sm + rr[None, :] * stride_sr,
+                mask=mask_m[:, None] & mask_rc[None, :],
+                other=0.0,
+            )
+            bt = tl.load(
+                b_ptr + rr[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                mask=mask_rc[:, None] & mask_n[None, :],
+                other=0.0,
+            )
             if IEEE_F32:
                 acc = tl.dot(s.to(bt.dtype), bt, acc, input_precision="ieee")
             else:
@@ -102,25 +142,37 @@ def _linear_lora_kernel(
     for k0 in range(0, tl.cdiv(k_len, BLOCK_K)):
         kk = k_start + k0 * BLOCK_K + offs_k
         mask_k = kk < k_start + k_len
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
         if IEEE_F32:
             acc = tl.dot(x, wt, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, wt, acc)
         if LORA_MODE == 1:
-            at = tl.load(a_ptr + kk[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            at = tl.load(
+                a_ptr + kk[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )
             if IEEE_F32:
                 s_acc = tl.dot(x, at, s_acc, input_precision="ieee")
             else:
                 s_acc = tl.dot(x, at, s_acc)
 
     if LORA_MODE == 1:
-        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        bt = tl.load(
+            b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+            mask=mask_r[:, None] & mask_n[None, :],
+            other=0.0,
+        )
         s_cast = s_acc.to(bt.dtype)
         if IEEE_F32:
             acc += tl.dot(s_cast, bt, input_precision="ieee") * scale
@@ -129,8 +181,11 @@ def _linear_lora_kernel(
         if STORE_SHRINK:
             # Every N tile computed the same shrink; the first one stores it for the backward.
             if pid_n == 0:
-                tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                         s_cast.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+                tl.store(
+                    s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    s_cast.to(s_ptr.dtype.element_ty),
+                    mask=mask_m[:, None] & mask_r[None, :],
+                )
 
     if LORA_MODE == 0:
         acc = acc * scale  # the weight gradients' adapter scale, folded (1.0 otherwise)
@@ -155,12 +210,18 @@ def _linear_lora_kernel(
 
     if HAS_RESIDUAL:
         # residual without the norm, in the epilogue (one rounding, no separate pass)
-        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
-                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        res = tl.load(
+            res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+            mask=mask_m[:, None] & mask_n[None, :],
+            other=0.0,
+        )
         acc += res.to(tl.float32)
 
-    tl.store(y_ptr + pid_k.to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        y_ptr + pid_k.to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
 def linear_lora(
@@ -168,15 +229,15 @@ def linear_lora(
     weight: Tensor,
     *,
     out: Tensor,
-    bias: Optional[Tensor] = None,
-    lora_a: Optional[Tensor] = None,
-    lora_b: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    lora_a: Tensor | None = None,
+    lora_b: Tensor | None = None,
     scale: float = 1.0,
-    shrink: Optional[Tensor] = None,
+    shrink: Tensor | None = None,
     mode: int = LORA_NONE,
-    partial_stats: Optional[tuple[Tensor, Tensor]] = None,
-    residual: Optional[Tensor] = None,
-    config: Optional[TileConfig] = None,
+    partial_stats: tuple[Tensor, Tensor] | None = None,
+    residual: Tensor | None = None,
+    config: TileConfig | None = None,
     k_split: int = 1,
 ) -> Tensor:
     """Launch the kernel: out[M, N] = x[M, K] @ weight[N, K].T (+ bias) (+ LoRA per `mode`)
@@ -196,11 +257,13 @@ def linear_lora(
     if k_split > 1 and (mode != LORA_NONE or bias is not None or residual is not None or partial_stats is not None):
         raise ValueError("linear_lora: k_split > 1 is for plain GEMMs only")
     cfg = config or default_config(m, x.dtype, r)
-    fitted = configs.fit_config(cfg, x.element_size(), configs.smem_limit(x.device),
-                                configs.block_r(r) if mode == LORA_FUSED else 0)
+    fitted = configs.fit_config(
+        cfg, x.element_size(), configs.smem_limit(x.device), configs.block_r(r) if mode == LORA_FUSED else 0
+    )
     if fitted is None:
-        raise ValueError(f"linear_lora: no tile of {cfg} fits in shared memory at rank {r} ({x.dtype}); "
-                         "use the precomputed shrink")
+        raise ValueError(
+            f"linear_lora: no tile of {cfg} fits in shared memory at rank {r} ({x.dtype}); use the precomputed shrink"
+        )
     cfg = fitted
     dummy = out  # placeholder pointer for absent operands (never dereferenced)
     a = lora_a if lora_a is not None else dummy
@@ -209,27 +272,61 @@ def linear_lora(
     res = residual if residual is not None else dummy
     pmean, pstd = partial_stats if partial_stats is not None else (dummy, dummy)
     if k_split > 1 and (out.dim() != 3 or out.shape[0] != k_split or out.dtype != torch.float32):
-        raise ValueError(f"linear_lora: k_split={k_split} needs an fp32 out of shape [k_split, M, N], "
-                         f"got {tuple(out.shape)} {out.dtype}")
+        raise ValueError(
+            f"linear_lora: k_split={k_split} needs an fp32 out of shape [k_split, M, N], "
+            f"got {tuple(out.shape)} {out.dtype}"
+        )
     # slices of whole 64-element steps (aligned loads); trailing empty slices store zeros
     k_len = triton.cdiv(triton.cdiv(k, k_split), 64) * 64 if k_split > 1 else k
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k_split)
     launch(
-        _linear_lora_kernel, grid,
-        x, weight, bias if bias is not None else dummy, a, b, s, out, pmean, pstd, res,
-        m, n, k, r, float(scale), k_len,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        a.stride(0) if lora_a is not None else 0, a.stride(1) if lora_a is not None else 0,
-        b.stride(0) if lora_b is not None else 0, b.stride(1) if lora_b is not None else 0,
-        s.stride(0) if shrink is not None else 0, s.stride(1) if shrink is not None else 0,
-        out.stride(-2), out.stride(-1), out.stride(0) if k_split > 1 else 0,
-        res.stride(0) if residual is not None else 0, res.stride(1) if residual is not None else 0,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, LORA_MODE=mode,
+        _linear_lora_kernel,
+        grid,
+        x,
+        weight,
+        bias if bias is not None else dummy,
+        a,
+        b,
+        s,
+        out,
+        pmean,
+        pstd,
+        res,
+        m,
+        n,
+        k,
+        r,
+        float(scale),
+        k_len,
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        a.stride(0) if lora_a is not None else 0,
+        a.stride(1) if lora_a is not None else 0,
+        b.stride(0) if lora_b is not None else 0,
+        b.stride(1) if lora_b is not None else 0,
+        s.stride(0) if shrink is not None else 0,
+        s.stride(1) if shrink is not None else 0,
+        out.stride(-2),
+        out.stride(-1),
+        out.stride(0) if k_split > 1 else 0,
+        res.stride(0) if residual is not None else 0,
+        res.stride(1) if residual is not None else 0,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        LORA_MODE=mode,
         STORE_SHRINK=shrink is not None and mode == LORA_FUSED,
-        STATS=partial_stats is not None, IEEE_F32=ieee_f32(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=_block_r(r), BLOCK_RC=min(64, _block_r(r)), GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STATS=partial_stats is not None,
+        IEEE_F32=ieee_f32(x.dtype),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        BLOCK_R=_block_r(r),
+        BLOCK_RC=min(64, _block_r(r)),
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out
 

@@ -21,8 +21,6 @@ All launches go through launch.py (device guard, tracing, recording).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -60,9 +58,24 @@ def _tile_stats(pmean_ptr, pstd_ptr, row, t0, N, T, TILE_N: tl.constexpr, BLOCK_
 
 @triton.jit
 def _norm_finish_kernel(
-    y_ptr, out_ptr, gamma_ptr, res_ptr, pmean_ptr, pstd_ptr, mean_ptr, rstd_ptr,
-    N, T, eps, stride_ym, stride_om, stride_rm,
-    TILE_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr,
+    y_ptr,
+    out_ptr,
+    gamma_ptr,
+    res_ptr,
+    pmean_ptr,
+    pstd_ptr,
+    mean_ptr,
+    rstd_ptr,
+    N,
+    T,
+    eps,
+    stride_ym,
+    stride_om,
+    stride_rm,
+    TILE_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     # 1. the row mean: a running convex combination of the chunks' count-weighted means
@@ -104,8 +117,17 @@ def _norm_finish_kernel(
 
 @triton.jit
 def _norm_backward_rows_kernel(
-    g_ptr, y_ptr, gamma_ptr, mean_ptr, rstd_ptr, dy_ptr, c_ptr,
-    N, stride_gm, stride_ym, stride_dm,
+    g_ptr,
+    y_ptr,
+    gamma_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dy_ptr,
+    c_ptr,
+    N,
+    stride_gm,
+    stride_ym,
+    stride_dm,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -140,9 +162,21 @@ def _norm_backward_rows_kernel(
 
 @triton.jit
 def _norm_backward_columns_kernel(
-    g_ptr, y_ptr, gamma_ptr, mean_ptr, rstd_ptr, c_ptr, dgamma_ptr, dbias_ptr,
-    M, N, ROWS, stride_gm, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    g_ptr,
+    y_ptr,
+    gamma_ptr,
+    mean_ptr,
+    rstd_ptr,
+    c_ptr,
+    dgamma_ptr,
+    dbias_ptr,
+    M,
+    N,
+    ROWS,
+    stride_gm,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Partial column sums over rows [pid1 * ROWS, (pid1 + 1) * ROWS): row pid1 of the
     [slices, N] fp32 outputs."""
@@ -182,7 +216,7 @@ def norm_finish(
     tile_n: int,
     norm_weight: Tensor,
     eps: float,
-    residual: Optional[Tensor],
+    residual: Tensor | None,
     out: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """out = norm_weight * (y_pre - mean) * rstd (+ residual); returns (mean, rstd) [M] fp32.
@@ -193,11 +227,27 @@ def norm_finish(
     rstd = torch.empty_like(mean)
     res = residual if residual is not None else y_pre
     launch(
-        _norm_finish_kernel, (m,),
-        y_pre, out, norm_weight, res, partial_mean, partial_std, mean, rstd,
-        n, t, float(eps), y_pre.stride(0), out.stride(0), res.stride(0),
-        TILE_N=tile_n, HAS_RESIDUAL=residual is not None,
-        BLOCK_T=min(256, triton.next_power_of_2(t)), BLOCK=_chunk(n), num_warps=4,
+        _norm_finish_kernel,
+        (m,),
+        y_pre,
+        out,
+        norm_weight,
+        res,
+        partial_mean,
+        partial_std,
+        mean,
+        rstd,
+        n,
+        t,
+        float(eps),
+        y_pre.stride(0),
+        out.stride(0),
+        res.stride(0),
+        TILE_N=tile_n,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_T=min(256, triton.next_power_of_2(t)),
+        BLOCK=_chunk(n),
+        num_warps=4,
     )
     return mean, rstd
 
@@ -220,16 +270,43 @@ def norm_backward(
     dy = torch.empty((m, n), device=y_pre.device, dtype=dy_dtype)
     c = torch.empty((m, 2), device=y_pre.device, dtype=torch.float32)
     launch(
-        _norm_backward_rows_kernel, (m,),
-        grad_out, y_pre, norm_weight, mean, rstd, dy, c,
-        n, grad_out.stride(0), y_pre.stride(0), dy.stride(0), BLOCK=_chunk(n), num_warps=4,
+        _norm_backward_rows_kernel,
+        (m,),
+        grad_out,
+        y_pre,
+        norm_weight,
+        mean,
+        rstd,
+        dy,
+        c,
+        n,
+        grad_out.stride(0),
+        y_pre.stride(0),
+        dy.stride(0),
+        BLOCK=_chunk(n),
+        num_warps=4,
     )
     block_n = min(128, triton.next_power_of_2(n))
     slices, rows = column_slices(m, n, block_n)
     partial = torch.empty((2, slices, n), device=y_pre.device, dtype=torch.float32)
     launch(
-        _norm_backward_columns_kernel, (triton.cdiv(n, block_n), slices),
-        grad_out, y_pre, norm_weight, mean, rstd, c, partial[0], partial[1], m, n, rows,
-        grad_out.stride(0), y_pre.stride(0), BLOCK_M=COLUMN_BLOCK_M, BLOCK_N=block_n, num_warps=4,
+        _norm_backward_columns_kernel,
+        (triton.cdiv(n, block_n), slices),
+        grad_out,
+        y_pre,
+        norm_weight,
+        mean,
+        rstd,
+        c,
+        partial[0],
+        partial[1],
+        m,
+        n,
+        rows,
+        grad_out.stride(0),
+        y_pre.stride(0),
+        BLOCK_M=COLUMN_BLOCK_M,
+        BLOCK_N=block_n,
+        num_warps=4,
     )
     return dy, partial[0].sum(0), partial[1].sum(0)

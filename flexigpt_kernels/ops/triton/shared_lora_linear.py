@@ -17,8 +17,6 @@ kernel cannot be traced).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 from torch import Tensor
@@ -26,7 +24,8 @@ from torch import Tensor
 from ..reference import ForwardResult
 from . import configs
 from .launch import _is_fake
-from .linear_lora import LORA_FUSED, LORA_PRECOMPUTED, TileConfig, linear_lora, shrink as shrink_launch
+from .linear_lora import LORA_FUSED, LORA_PRECOMPUTED, TileConfig, linear_lora
+from .linear_lora import shrink as shrink_launch
 from .row_norm import norm_backward, norm_finish
 
 
@@ -34,12 +33,13 @@ def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
+def _vector(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.stride(0) == 1 else t.contiguous()
 
 
-def _gemm_config(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, shrink: Tensor, stats: bool,
-                 config: Optional[TileConfig]) -> TileConfig:
+def _gemm_config(
+    x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, shrink: Tensor, stats: bool, config: TileConfig | None
+) -> TileConfig:
     """The given config, the decode tile, or the prefill tile measured fastest for this shape."""
     m, k = x.shape
     if config is not None:
@@ -56,16 +56,33 @@ def _gemm_config(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, shri
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         tiles = triton.cdiv(n, cfg.block_n)
         part = (torch.empty((m, tiles), device=x.device, dtype=torch.float32),) * 2 if stats else None
-        linear_lora(x, weight, out=out, lora_a=lora_a, lora_b=lora_b, shrink=shrink, mode=LORA_PRECOMPUTED,
-                    partial_stats=part, config=cfg)
+        linear_lora(
+            x,
+            weight,
+            out=out,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            shrink=shrink,
+            mode=LORA_PRECOMPUTED,
+            partial_stats=part,
+            config=cfg,
+        )
 
     return configs.tuned(key, candidates, run, x.device)
 
 
 def _fused_linear_lora(
-    x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, bias: Optional[Tensor],
-    out: Tensor, stats: bool = False, residual: Optional[Tensor] = None, config: Optional[TileConfig] = None,
-) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]], TileConfig]:
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    out: Tensor,
+    stats: bool = False,
+    residual: Tensor | None = None,
+    config: TileConfig | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None, TileConfig]:
     """out = x @ weight.T + bias + scale (x @ lora_a.T) @ lora_b.T (+ residual); returns the
     shrink [M, r] (x's dtype), the partial statistics (when `stats`) and the tile config used.
     Decode at small rank fuses the shrink into the GEMM; otherwise a split-K shrink runs first."""
@@ -83,31 +100,54 @@ def _fused_linear_lora(
     partial = None
     if stats:
         tiles = triton.cdiv(weight.shape[0], cfg.block_n)
-        partial = (torch.empty((m, tiles), device=x.device, dtype=torch.float32),
-                   torch.empty((m, tiles), device=x.device, dtype=torch.float32))
-    linear_lora(x, weight, out=out, bias=bias, lora_a=lora_a, lora_b=lora_b, scale=scale, shrink=shrink,
-                mode=LORA_FUSED if fused else LORA_PRECOMPUTED, partial_stats=partial, residual=residual,
-                config=cfg)
+        partial = (
+            torch.empty((m, tiles), device=x.device, dtype=torch.float32),
+            torch.empty((m, tiles), device=x.device, dtype=torch.float32),
+        )
+    linear_lora(
+        x,
+        weight,
+        out=out,
+        bias=bias,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        scale=scale,
+        shrink=shrink,
+        mode=LORA_FUSED if fused else LORA_PRECOMPUTED,
+        partial_stats=partial,
+        residual=residual,
+        config=cfg,
+    )
     return shrink, partial, cfg
 
 
 def _forward_impl(
-    x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-    bias: Optional[Tensor], norm_weight: Optional[Tensor], eps: float, residual2d: Optional[Tensor],
-    save_for_backward: bool, config: Optional[TileConfig] = None,
+    x2d: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    norm_weight: Tensor | None,
+    eps: float,
+    residual2d: Tensor | None,
+    save_for_backward: bool,
+    config: TileConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     m, _ = x2d.shape
     n = weight.shape[0]
     bias, norm_weight = _vector(bias), _vector(norm_weight)  # the kernels index them with unit stride
     if norm_weight is None:
         out = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
-        shrink, _, _ = _fused_linear_lora(x2d, weight, lora_a, lora_b, scale, bias, out, residual=residual2d,
-                                          config=config)
+        shrink, _, _ = _fused_linear_lora(
+            x2d, weight, lora_a, lora_b, scale, bias, out, residual=residual2d, config=config
+        )
         no_stats = x2d.new_empty((0,), dtype=torch.float32)
         return out, shrink, x2d.new_empty((0,)), no_stats, no_stats.clone()
     y_pre = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
-    shrink, partial, cfg = _fused_linear_lora(x2d, weight, lora_a, lora_b, scale, bias, y_pre, stats=True,
-                                              config=config)
+    shrink, partial, cfg = _fused_linear_lora(
+        x2d, weight, lora_a, lora_b, scale, bias, y_pre, stats=True, config=config
+    )
     # Without a backward to feed, the finish overwrites y_pre in place (each element is
     # read and written by the same program).
     out = torch.empty_like(y_pre) if save_for_backward else y_pre
@@ -117,9 +157,19 @@ def _forward_impl(
 
 
 def _backward_impl(
-    grad_out: Tensor, x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-    norm_weight: Optional[Tensor], shrink: Tensor, y_pre: Tensor, mean: Tensor, rstd: Tensor,
-    needs_weight_grad: bool, config: Optional[TileConfig] = None,
+    grad_out: Tensor,
+    x2d: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    norm_weight: Tensor | None,
+    shrink: Tensor,
+    y_pre: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    needs_weight_grad: bool,
+    config: TileConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     m, k = x2d.shape
     n = weight.shape[0]
@@ -135,10 +185,8 @@ def _backward_impl(
     # grad_x = dy @ W + scale (dy @ B) @ A: the forward op on transposed operands.
     dy_b, _, _ = _fused_linear_lora(dy, weight.t(), lora_b.t(), lora_a.t(), scale, None, grad_x, config=config)
     r = lora_a.shape[0]
-    grad_a = linear_lora(dy_b.t(), x2d.t(), out=torch.empty((r, k), device=x2d.device, dtype=x2d.dtype),
-                         scale=scale)
-    grad_b = linear_lora(dy.t(), shrink.t(), out=torch.empty((n, r), device=x2d.device, dtype=x2d.dtype),
-                         scale=scale)
+    grad_a = linear_lora(dy_b.t(), x2d.t(), out=torch.empty((r, k), device=x2d.device, dtype=x2d.dtype), scale=scale)
+    grad_b = linear_lora(dy.t(), shrink.t(), out=torch.empty((n, r), device=x2d.device, dtype=x2d.dtype), scale=scale)
     grad_weight = x2d.new_empty((0,))
     if needs_weight_grad:
         grad_weight = linear_lora(dy.t(), x2d.t(), out=torch.empty((n, k), device=x2d.device, dtype=x2d.dtype))
@@ -151,24 +199,47 @@ def _register():
     from .linear_lora import _linear_lora_kernel
 
     if _is_interpreted(_linear_lora_kernel):
+
         def as_op(name, fn):
             op = torch.library.custom_op(name, fn, mutates_args=())
             op.register_fake(fn)  # interpreted launches are skipped on fake tensors: shapes only
             return op
     else:
+
         def as_op(name, fn):
             return torch.library.triton_op(name, fn, mutates_args=())
 
-    def fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, bias: Optional[Tensor],
-            norm_weight: Optional[Tensor], eps: float, residual: Optional[Tensor], save_for_backward: bool,
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def fwd(
+        x: Tensor,
+        weight: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scale: float,
+        bias: Tensor | None,
+        norm_weight: Tensor | None,
+        eps: float,
+        residual: Tensor | None,
+        save_for_backward: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return _forward_impl(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward)
 
-    def bwd(grad_out: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-            norm_weight: Optional[Tensor], shrink: Tensor, y_pre: Tensor, mean: Tensor, rstd: Tensor,
-            needs_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return _backward_impl(grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd,
-                              needs_weight_grad)
+    def bwd(
+        grad_out: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scale: float,
+        norm_weight: Tensor | None,
+        shrink: Tensor,
+        y_pre: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        needs_weight_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _backward_impl(
+            grad_out, x, weight, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd, needs_weight_grad
+        )
 
     return as_op("flexigpt::triton_lora_fwd", fwd), as_op("flexigpt::triton_lora_bwd", bwd)
 
@@ -177,28 +248,69 @@ triton_lora_fwd, triton_lora_bwd = _register()
 
 
 def forward(
-    x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-    bias: Optional[Tensor], norm_weight: Optional[Tensor], eps: float, residual2d: Optional[Tensor],
-    save_for_backward: bool, config: Optional[TileConfig] = None,
+    x2d: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    norm_weight: Tensor | None,
+    eps: float,
+    residual2d: Tensor | None,
+    save_for_backward: bool,
+    config: TileConfig | None = None,
 ) -> ForwardResult:
     if config is not None:
-        return ForwardResult(*_forward_impl(x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual2d,
-                                            save_for_backward, config))
-    return ForwardResult(*triton_lora_fwd(x2d, weight, lora_a, lora_b, float(scale), bias, norm_weight, float(eps),
-                                          residual2d, bool(save_for_backward)))
+        return ForwardResult(
+            *_forward_impl(
+                x2d, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual2d, save_for_backward, config
+            )
+        )
+    return ForwardResult(
+        *triton_lora_fwd(
+            x2d,
+            weight,
+            lora_a,
+            lora_b,
+            float(scale),
+            bias,
+            norm_weight,
+            float(eps),
+            residual2d,
+            bool(save_for_backward),
+        )
+    )
 
 
 def backward(
-    grad_out: Tensor, x2d: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-    norm_weight: Optional[Tensor], saved: ForwardResult, needs_weight_grad: bool,
-    config: Optional[TileConfig] = None,
+    grad_out: Tensor,
+    x2d: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    norm_weight: Tensor | None,
+    saved: ForwardResult,
+    needs_weight_grad: bool,
+    config: TileConfig | None = None,
 ):
     """Returns (grad_x, grad_weight | None, grad_a, grad_b, grad_bias (fp32), grad_norm_weight | None)."""
-    args = (grad_out, x2d, weight, lora_a, lora_b, scale, norm_weight, saved.shrink, saved.y_pre, saved.mean,
-            saved.rstd, needs_weight_grad)
+    args = (
+        grad_out,
+        x2d,
+        weight,
+        lora_a,
+        lora_b,
+        scale,
+        norm_weight,
+        saved.shrink,
+        saved.y_pre,
+        saved.mean,
+        saved.rstd,
+        needs_weight_grad,
+    )
     if config is not None:
         gx, gw, ga, gb, gbias, gnorm = _backward_impl(*args, config=config)
     else:
         gx, gw, ga, gb, gbias, gnorm = triton_lora_bwd(*args[:5], float(scale), *args[6:11], bool(needs_weight_grad))
-    return (gx, gw if needs_weight_grad else None, ga, gb, gbias,
-            gnorm if norm_weight is not None else None)
+    return (gx, gw if needs_weight_grad else None, ga, gb, gbias, gnorm if norm_weight is not None else None)

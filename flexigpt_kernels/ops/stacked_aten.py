@@ -53,12 +53,20 @@ def forward(x2d: Tensor, weight: Tensor, a_cat: Tensor, lora_bs: Sequence[Tensor
     x, w, a = _cast(x2d, ct), _cast(weight, ct), _cast(a_cat, ct)
     out = F.linear(x, w, _cast(bias, ct))
     shrink = torch.mm(x, a.t())
+    add_expands(out, shrink, [_cast(b, ct) for b in lora_bs], scales)
+    return out.to(x2d.dtype), shrink.to(x2d.dtype)
+
+
+def add_expands(out: Tensor, shrink: Tensor, lora_bs: Sequence[Tensor], scales: Sequence[float]) -> Tensor:
+    """In place: out[:, c_i:c_i+n_i] += scales[i] * shrink[:, o_i:o_i+r_i] @ lora_bs[i].T for
+    consecutive column blocks c_i of out and o_i of shrink; returns out. Also the epilogue of
+    a stacked projection whose base product out came from another GEMM (the vLLM layer)."""
     col = off = 0
     for b, s in zip(lora_bs, scales):
         n, r = b.shape
-        out[:, col:col + n].addmm_(shrink[:, off:off + r], _cast(b, ct).t(), alpha=s)
+        out[:, col:col + n].addmm_(shrink[:, off:off + r], b.t(), alpha=s)
         col, off = col + n, off + r
-    return out.to(x2d.dtype), shrink.to(x2d.dtype)
+    return out
 
 
 def backward(grad_out: Tensor, x2d: Tensor, weight: Tensor, a_cat: Tensor, lora_bs: Sequence[Tensor],

@@ -49,6 +49,16 @@ def run(fn, ops, grad_out):
     return out, dict(zip(named, torch.autograd.grad(out, list(named.values()), grad_out)))
 
 
+def assert_output_and_grads(out, grads, expected, expected_grads, dtype):
+    """Output and every gradient in `dtype`, within its tolerance of the fp64 reference's."""
+    assert out.dtype == dtype
+    assert_close_scaled(out, expected, TOL[dtype], "output")
+    assert set(grads) == set(expected_grads)
+    for name, g in grads.items():
+        assert g.dtype == dtype, name
+        assert_close_scaled(g, expected_grads[name], TOL[dtype], f"grad {name}")
+
+
 def as_double(ops):
     def d(t):
         return t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
@@ -67,12 +77,7 @@ def test_matches_reference_forward_and_grads(backend, dtype, lead, k, widths, ra
     expected, expected_grads = run(shared_lora_linear_stacked_reference, as_double(ops), grad_out.double())
     with use_backend(backend):
         out, grads = run(shared_lora_linear_stacked, ops, grad_out)
-    assert out.dtype == dtype
-    assert_close_scaled(out, expected, TOL[dtype], "output")
-    assert set(grads) == set(expected_grads)
-    for name, g in grads.items():
-        assert g.dtype == dtype, name
-        assert_close_scaled(g, expected_grads[name], TOL[dtype], f"grad {name}")
+    assert_output_and_grads(out, grads, expected, expected_grads, dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])

@@ -11,7 +11,8 @@ import torch
 from flexigpt_kernels import shared_lora_linear, shared_lora_linear_epilogue, use_backend
 from flexigpt_kernels.ops.reference import shared_lora_linear_epilogue_reference
 
-from .helpers import TOL, assert_close_scaled, make_operands
+from .helpers import assert_close_scaled, make_operands
+from .test_stacked import assert_output_and_grads
 
 SHAPES = [((1,), 100, 120, 1), ((3,), 70, 90, 5), ((2, 3), 33, 47, 16)]
 FLAGS = [(False, False, False), (True, False, False), (False, True, False), (True, True, True)]
@@ -45,12 +46,7 @@ def test_matches_reference_forward_and_grads(backend, dtype, lead, k, n, r, bias
     expected, expected_grads = run(shared_lora_linear_epilogue_reference, double, grad_out.double())
     with use_backend(backend):
         out, grads = run(shared_lora_linear_epilogue, ops, grad_out)
-    assert out.dtype == dtype
-    assert_close_scaled(out, expected, TOL[dtype], "output")
-    assert set(grads) == set(expected_grads)
-    for name, g in grads.items():
-        assert g.dtype == dtype, name
-        assert_close_scaled(g, expected_grads[name], TOL[dtype], f"grad {name}")
+    assert_output_and_grads(out, grads, expected, expected_grads, dtype)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])

@@ -129,16 +129,21 @@ def test_opcheck(backend):
                                     nograd["scales"], None))
 
 
-def test_compiles_fullgraph_forward_and_backward():
-    ops = operands((6,), 16, (10, 6), (2, 3), torch.float32)
+def assert_compiled_fullgraph_matches(fn, runner, ops, grad_out):
+    """torch.compile(fn, fullgraph=True) traces the op (no graph break) and gives the eager
+    output and gradients; runner(fn, ops, grad_out) -> (output, {name: grad})."""
     torch._dynamo.reset()
-    compiled = torch.compile(shared_lora_linear_stacked, fullgraph=True, backend="aot_eager")
-    grad_out = torch.randn(6, 16)
-    got, got_grads = run(compiled, ops, grad_out)
-    want, want_grads = run(shared_lora_linear_stacked, ops, grad_out)
+    got, got_grads = runner(torch.compile(fn, fullgraph=True, backend="aot_eager"), ops, grad_out)
+    want, want_grads = runner(fn, ops, grad_out)
     assert_close_scaled(got, want, 1e-5, "compiled output")
+    assert set(got_grads) == set(want_grads)
     for name in want_grads:
         assert_close_scaled(got_grads[name], want_grads[name], 1e-5, f"compiled grad {name}")
+
+
+def test_compiles_fullgraph_forward_and_backward():
+    ops = operands((6,), 16, (10, 6), (2, 3), torch.float32)
+    assert_compiled_fullgraph_matches(shared_lora_linear_stacked, run, ops, torch.randn(6, 16))
 
 
 def _bad(**changes):

@@ -12,7 +12,7 @@ from flexigpt_kernels import shared_lora_linear, shared_lora_linear_epilogue, us
 from flexigpt_kernels.ops.reference import shared_lora_linear_epilogue_reference
 
 from .helpers import assert_close_scaled, make_operands
-from .test_stacked import assert_output_and_grads
+from .test_stacked import assert_compiled_fullgraph_matches, assert_output_and_grads
 
 SHAPES = [((1,), 100, 120, 1), ((3,), 70, 90, 5), ((2, 3), 33, 47, 16)]
 FLAGS = [(False, False, False), (True, False, False), (False, True, False), (True, True, True)]
@@ -71,14 +71,7 @@ def test_opcheck(bias, norm, residual, save):
 
 def test_compiles_fullgraph_forward_and_backward():
     ops = operands((6,), 16, 12, 2, torch.float32, True, True, True)
-    torch._dynamo.reset()
-    compiled = torch.compile(shared_lora_linear_epilogue, fullgraph=True, backend="aot_eager")
-    grad_out = torch.randn(6, 12)
-    got, got_grads = run(compiled, ops, grad_out)
-    want, want_grads = run(shared_lora_linear_epilogue, ops, grad_out)
-    assert_close_scaled(got, want, 1e-5, "compiled output")
-    for name in want_grads:
-        assert_close_scaled(got_grads[name], want_grads[name], 1e-5, f"compiled grad {name}")
+    assert_compiled_fullgraph_matches(shared_lora_linear_epilogue, run, ops, torch.randn(6, 12))
 
 
 @pytest.mark.parametrize("changes,error,match", [

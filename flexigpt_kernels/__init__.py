@@ -11,6 +11,8 @@ import importlib
 
 from .nn import OutputNorm, SharedLoRALinear
 from .ops import shared_lora_linear, shared_lora_linear_reference, use_backend
+from .ops.epilogue import shared_lora_linear_epilogue
+from .ops.stacked import shared_lora_linear_stacked
 
 __version__ = "0.1.0"
 
@@ -47,4 +49,4 @@ def __dir__():
 
 
 __all__ = ["OutputNorm", "SharedLoRALinear", "shared_lora_linear", "shared_lora_linear_reference",
-           "use_backend", "__version__", *_LAZY]
+           "shared_lora_linear_epilogue", "shared_lora_linear_stacked", "use_backend", "__version__", *_LAZY]

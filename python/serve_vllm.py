@@ -12,8 +12,11 @@ is: the shared weights once, each replacement block's adapters and output norms,
 --bench measures vLLM's greedy decoding throughput (tokens/s; batch 1 and 8 prompts, 64 new
 tokens each, fp32, eager) for the dense SmolLM2, the dense export of a FlexiGPT model converted
 without output norms (export_dense refuses output norms), the same FlexiGPT model served
-natively, and the default FlexiGPT model (with output norms) served natively, plus the weight
-bytes of each checkpoint and, for the native models, the bytes vLLM holds.
+natively, and the default FlexiGPT model (with output norms) served natively with each way of
+getting the shared base product (FLEXIGPT_VLLM_BASE_GEMM: "engine", the base layer's own GEMM,
+the default; "op", our op on the plain weight), plus the weight bytes of each checkpoint and,
+for the native models, the bytes vLLM holds, and each row's tokens/s relative to the dense
+model's in the same run.
 """
 
 from __future__ import annotations
@@ -82,11 +85,21 @@ def checkpoint_bytes(path) -> int:
         return sum(f.get_tensor(k).nbytes for k in f.keys())
 
 
-def throughput(path, new_tokens: int, dtype: str, native: bool) -> dict:
+def throughput(path, new_tokens: int, dtype: str, native: bool, base_gemm: str = "engine") -> dict:
     """tokens/s of greedy decoding at batch 1 and 8 (best of 2 runs after a warm-up)."""
     from vllm import SamplingParams
 
-    engine = llm(path, dtype)
+    from flexigpt_kernels.integrations.vllm.layers import BASE_GEMM_ENV
+
+    previous = os.environ.get(BASE_GEMM_ENV)
+    os.environ[BASE_GEMM_ENV] = base_gemm  # read by the engine process when it builds the model
+    try:
+        engine = llm(path, dtype)
+    finally:
+        if previous is None:
+            del os.environ[BASE_GEMM_ENV]
+        else:
+            os.environ[BASE_GEMM_ENV] = previous
     try:
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         engine.generate(PROMPTS[:2], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
@@ -126,13 +139,18 @@ def bench(args) -> list[dict]:
     fk.export_dense(work / "flexigpt_no_norm", work / "dense_export")
     del plain
     rows = []
-    for name, directory, native in (
-        ("dense SmolLM2-135M (stock vLLM Llama)", "dense", False),
-        (f"dense export of FlexiGPT {args.ratio} without output norms (stock vLLM Llama)", "dense_export", False),
-        (f"FlexiGPT {args.ratio} without output norms, native", "flexigpt_no_norm", True),
-        (f"FlexiGPT {args.ratio} with output norms (default), native", "flexigpt", True),
+    for name, directory, native, base_gemm in (
+        ("dense SmolLM2-135M (stock vLLM Llama)", "dense", False, "engine"),
+        (f"dense export of FlexiGPT {args.ratio} without output norms (stock vLLM Llama)", "dense_export", False,
+         "engine"),
+        (f"FlexiGPT {args.ratio} without output norms, native", "flexigpt_no_norm", True, "engine"),
+        (f"FlexiGPT {args.ratio} with output norms (default), native", "flexigpt", True, "engine"),
+        (f"FlexiGPT {args.ratio} with output norms (default), native, base_gemm=op", "flexigpt", True, "op"),
     ):
-        row = {"model": name, **throughput(work / directory, args.new_tokens, args.dtype, native)}
+        row = {"model": name, **throughput(work / directory, args.new_tokens, args.dtype, native, base_gemm)}
+        for batch in (1, 8):
+            row[f"x_dense_batch{batch}"] = round(row[f"tok_s_batch{batch}"] / rows[0][f"tok_s_batch{batch}"], 3) \
+                if rows else 1.0
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -141,19 +159,31 @@ def bench(args) -> list[dict]:
 def write_results(rows: list[dict], out: str, args) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["model", "tok_s_batch1", "tok_s_batch8", "checkpoint_MB", "held_by_vllm_MB"]
+    fields = ["model", "tok_s_batch1", "tok_s_batch8", "x_dense_batch1", "x_dense_batch8", "checkpoint_MB",
+              "held_by_vllm_MB", "loadavg_before", "loadavg_after"]
     with open(out / "vllm_cpu.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# vLLM (vllm-cpu 0.32.0) greedy throughput, SmolLM2-135M, {args.dtype}, eager",
              "", f"`python python/serve_vllm.py --bench --out {out}`: {args.new_tokens} new tokens per prompt, "
-             "batch 1 and 8 prompts, best of 2 runs after a warm-up.", "",
-             "| model | tok/s batch 1 | tok/s batch 8 | checkpoint MB | held by vLLM MB |", "|---|---:|---:|---:|---:|"]
+             "batch 1 and 8 prompts, best of 2 runs after a warm-up; x dense: tok/s over the dense row's. "
+             f"Load average (1, 5, 15 min) before the run: {rows[0]['loadavg_before']}, after: "
+             f"{rows[0]['loadavg_after']}.", "",
+             "| model | tok/s batch 1 | tok/s batch 8 | x dense batch 1 | x dense batch 8 | checkpoint MB "
+             "| held by vLLM MB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['tok_s_batch1']} | {r['tok_s_batch8']} | {r['checkpoint_MB']} | "
-                     f"{r.get('held_by_vllm_MB', '')} |")
+        lines.append(f"| {r['model']} | {r['tok_s_batch1']} | {r['tok_s_batch8']} | {r['x_dense_batch1']} | "
+                     f"{r['x_dense_batch8']} | {r['checkpoint_MB']} | {r.get('held_by_vllm_MB', '')} |")
     (out / "vllm_cpu.md").write_text("\n".join(lines) + "\n")
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages (how busy the machine was: numbers are relative)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def main(argv=None) -> None:
@@ -162,7 +192,11 @@ def main(argv=None) -> None:
     # and refuses to start when other processes hold more than 8% of it
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.bench:
+        before = loadavg()
         rows = bench(args)
+        after = loadavg()
+        for row in rows:
+            row.update(loadavg_before=before, loadavg_after=after)
         if args.out:
             write_results(rows, args.out, args)
         return

@@ -83,3 +83,22 @@ def test_tiny_weights_held_equal_the_checkpoint(tiny_dir, tiny_llm, tmp_path):
     # stores every block in full
     dense = fk.export_dense(pruned_tiny(output_norm=False), tmp_path / "dense")
     assert checkpoint_bytes(dense) > stored
+
+
+def test_tiny_engine_base_gemm_packs_every_linear_and_op_base_gemm_matches_too(tiny_dir, tiny_llm, monkeypatch):
+    """base_gemm="engine" (the default, tiny_llm): the base linears stay packed as in the stock
+    model (vLLM's oneDNN handle gives the replacement blocks their base product).
+    FLEXIGPT_VLLM_BASE_GEMM=op: our ops read the shared weight tensors, so exactly the base
+    blocks' 4 linears each stay unpacked; the tokens, log-probabilities and bytes are the same."""
+    (engine_held,) = tiny_llm.apply_model(held_weights)
+    bases = set(json.loads((tiny_dir / "flexigpt.json").read_text())["base_map"].values())
+    assert bases and engine_held["packed_linears"] >= 4 * (6 - len(TINY_BLOCKS))
+    monkeypatch.setenv("FLEXIGPT_VLLM_BASE_GEMM", "op")
+    hf_tokens, hf_logits = hf_greedy(fk.from_pretrained(tiny_dir), TINY_PROMPTS, NEW_TOKENS)
+    with running_llm(tiny_dir, skip_tokenizer_init=True) as llm:
+        tokens, logprobs = vllm_greedy(llm, TINY_PROMPTS, NEW_TOKENS, logprobs=1)
+        (op_held,) = llm.apply_model(held_weights)
+    assert tokens == hf_tokens
+    assert_logprobs_match(tokens, logprobs, hf_logits)
+    assert op_held["bytes"] == engine_held["bytes"] == checkpoint_bytes(tiny_dir)
+    assert op_held["packed_linears"] == engine_held["packed_linears"] - 4 * len(bases)

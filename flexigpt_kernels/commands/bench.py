@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
     k.add_argument("--no-plot", action="store_true", help="do not draw the PNGs after the run")
     k.add_argument("--no-check", action="store_true", help="skip the cross-provider output check")
+    k.add_argument("--no-stacked", action="store_true",
+                   help="skip the multi-slice group (stacked op vs one call per part, bench/stacked.py)")
 
     m = sub.add_parser("model", help="end to end: dense vs drop vs our pruned model vs the same weights unfused",
                        description="Prefill latency, decode tokens/s and peak memory of the dense model, the "
@@ -161,6 +163,7 @@ def _kernels(args) -> int:
     if not rows:
         print("no results (every group failed)", file=sys.stderr)
         return 1
+    stacked = "" if args.no_stacked or args.shape else _stacked_group(args, device, dtype, budget, csv_path)
     md = out / f"kernels_{device_slug(device)}.md"
     first = rows[0]
     md.write_text(
@@ -169,7 +172,7 @@ def _kernels(args) -> int:
         f"commit {first['commit']}, OMP_WAIT_POLICY={first['omp_wait_policy']}, timer: {first['timer']}.\n"
         "Times: min / median over rounds (us). Ratios: from the minima / from the medians. "
         "Formulas: benchmarks/README.md.\n\n" + summary_table(rows, markdown=True) + "\n\n"
-        "Targets (minima):\n\n" + "\n".join(f"    {t}" for t in targets_report(rows)) + "\n")
+        "Targets (minima):\n\n" + "\n".join(f"    {t}" for t in targets_report(rows)) + "\n" + stacked)
     print()
     print(summary_table(rows))
     print()
@@ -184,6 +187,18 @@ def _kernels(args) -> int:
         except ImportError:
             print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
     return 0
+
+
+def _stacked_group(args, device, dtype, budget, csv_path) -> str:
+    """Time the multi-slice op beside one call per part; append its rows; a markdown block."""
+    from ..bench.results import append_csv
+    from ..bench.stacked import format_rows, run_stacked
+
+    rows = run_stacked(device=device, dtype=dtype, ms=args.m or (1, 512), budget_s=budget)
+    append_csv(csv_path, rows)
+    print(format_rows(rows))
+    return ("\nMulti-slice op (min / median us, ratios to one call per part and to dense):\n\n"
+            + "\n".join(f"    {line}" for line in format_rows(rows).splitlines()) + "\n")
 
 
 def _model(args) -> int:

@@ -151,3 +151,61 @@ def unfused_peft_style(
     if residual is not None:
         y = residual + y
     return y
+
+
+# --- multi-slice (stacked) form and epilogue form: specifications --------------------------
+
+
+def shared_lora_linear_stacked_reference(
+    x: Tensor,
+    weight: Tensor,
+    lora_as,
+    lora_bs,
+    scales,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """Spec of the multi-slice op, in fp32, differentiable through plain autograd.
+
+        x [..., K]  weight [N, K] (parts stacked by rows)  lora_as[i] [r_i, K]  lora_bs[i] [n_i, r_i]
+        sum n_i = N, part i owns output columns c_i .. c_i + n_i (c_i = n_0 + ... + n_{i-1})
+        y = x @ weight.T + bias ;  y[..., c_i : c_i + n_i] += scales[i] * (x @ lora_as[i].T) @ lora_bs[i].T
+    Returns [..., N] in x's dtype.
+    """
+    xf = x.float()
+    y = xf @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    deltas = [s * ((xf @ a.float().t()) @ b.float().t()) for a, b, s in zip(lora_as, lora_bs, scales)]
+    return (y + torch.cat(deltas, dim=-1)).to(x.dtype)
+
+
+def shared_lora_linear_epilogue_reference(
+    y0: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float = 1.0,
+    bias: Optional[Tensor] = None,
+    *,
+    norm_weight: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """Spec of the epilogue op (the single op with its base product y0 = x @ W.T supplied),
+    in fp32, differentiable through plain autograd.
+
+        y0 [..., N]  x [..., K]  lora_a [r, K]  lora_b [N, r]  bias, norm_weight [N]  residual [..., N]
+        y = y0 + bias + scale * (x @ lora_a.T) @ lora_b.T
+        y = norm_weight * (y - mean(y)) * rsqrt(var(y) + eps)   (if norm_weight; last dim)
+        y = residual + y                                        (if residual)
+    Returns [..., N] in y0's dtype.
+    """
+    y = y0.float() + scale * ((x.float() @ lora_a.float().t()) @ lora_b.float().t())
+    if bias is not None:
+        y = y + bias.float()
+    if norm_weight is not None:
+        var, mean = torch.var_mean(y, dim=-1, correction=0, keepdim=True)
+        y = (y - mean) * torch.rsqrt(var + eps) * norm_weight.float()
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(y0.dtype)

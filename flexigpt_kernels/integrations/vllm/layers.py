@@ -2,22 +2,40 @@
 
 vLLM stacks projections that read the same input into one weight: ``qkv_proj`` holds
 [W_q; W_k; W_v] and ``gate_up_proj`` holds [W_gate; W_up] (rows concatenated). A replacement
-block's stacked projection therefore owns no weight: it computes, for each part p of the
-base block's stacked linear (rows start_p .. start_p + n_p),
+block's stacked projection owns no weight: for the P parts of the base block's stacked linear
+(part i owns output columns c_i .. c_i + n_i) it computes, in one output buffer,
 
-    y_p = x @ W_base[start_p : start_p + n_p].T + b_p + s_p * (x @ A_p.T) @ B_p.T
+    y = x @ W_base.T + b ;  y[:, c_i:c_i+n_i] += s_i * (x @ A_i.T) @ B_i.T
+    y = gamma * LayerNorm_noBias(y)             (o_proj / down_proj with an output norm)
 
-with the checkpoint's own adapter (A_p [r_p, K], B_p [n_p, r_p]) and bias (its own, else the
-base's slice), and concatenates the parts. ``W_base[rows]`` is a view of the base linear's
-weight: the same memory, no copy. ``o_proj`` and ``down_proj`` are one part each and fuse the
-output norm (gamma * LayerNorm_noBias) into the same op call. Every part is one call of
-``torch.ops.flexigpt.shared_lora_linear_fwd``: the adapters stay as stored (no zero-padded
-block-diagonal B, so the weights held equal the checkpoint's bytes), and the base rows are
-read once per step as in the stacked GEMM.
+with the checkpoint's own adapters (A_i [r_i, K], B_i [n_i, r_i], s_i) and bias (its own, else
+the base's). One call per projection, like the stock block's one GEMM, in either of two ways
+(``base_gemm``, the environment variable FLEXIGPT_VLLM_BASE_GEMM, default "engine"):
+
+- "engine": the base product comes from the base layer's own GEMM,
+  ``base.quant_method.apply(base, x, bias)`` (on the CPU vLLM's packed oneDNN handle, the same
+  one the base block runs; on a GPU whatever GEMM, or quantized GEMM, vLLM chose for it); the
+  adapters are added onto it in place: one shrink GEMM over the parts' concatenated A, one
+  ``addmm_`` expand per part into its columns (ops.stacked_aten.add_expands), or, with an
+  output norm, ``shared_lora_linear_epilogue`` (delta, bias and norm in one call). The base
+  weight stays in whatever form the engine keeps it, which is how a quantized base would
+  serve these blocks.
+- "op": ``shared_lora_linear_stacked`` (q;k;v and gate;up) and ``shared_lora_linear`` (o, down,
+  output norm fused) read the base weight tensor themselves; on the CPU the base linears must
+  then keep a plain weight (``_cpu_skip_gemm_dispatch``, see model.py) and lose oneDNN packing.
+
+The parts' A are held as row views of one [sum r_i, K] buffer (so the shrink reads them as one
+matrix, no copy per call) and B, biases, gamma as stored: the bytes held are the checkpoint's.
+
+Tensor parallelism (not supported yet, see model.py): a column-parallel base shards each
+part's rows; a replacement part would shard B_i and its bias the same way and keep A whole; a
+row-parallel base (o / down) shards K: A would be sharded by columns and the shrink
+all-reduced before the expand, and the output norm needs the full row after the all-reduce.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,9 +43,24 @@ import torch
 from torch import Tensor, nn
 
 from ...nn import OutputNorm
-# torch.ops.flexigpt.* is registered by importing flexigpt_kernels (its ops subpackage)
+from ...ops import shared_lora_linear
+from ...ops.epilogue import shared_lora_linear_epilogue
+from ...ops.stacked import shared_lora_linear_stacked
+from ...ops.stacked_aten import add_expands, concat_rows
 
-__all__ = ["AdapterSpec", "FlexiGPTSharedLinear"]
+__all__ = ["AdapterSpec", "BASE_GEMMS", "FlexiGPTSharedLinear", "base_gemm_from_env"]
+
+#: how a replacement part gets its base product (module doc)
+BASE_GEMMS = ("engine", "op")
+BASE_GEMM_ENV = "FLEXIGPT_VLLM_BASE_GEMM"
+
+
+def base_gemm_from_env() -> str:
+    """FLEXIGPT_VLLM_BASE_GEMM (default "engine"), checked."""
+    value = os.environ.get(BASE_GEMM_ENV, "engine").strip().lower() or "engine"
+    if value not in BASE_GEMMS:
+        raise ValueError(f"{BASE_GEMM_ENV}={value!r}: choose one of {', '.join(BASE_GEMMS)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -42,14 +75,14 @@ class AdapterSpec:
 
 
 class _Adapter(nn.Module):
-    """lora_a [r, K], lora_b [N, r] and an own bias [N] when the checkpoint has one."""
+    """lora_a [r, K] (a row view of the layer's A buffer), lora_b [N, r] and an own bias [N]
+    when the checkpoint has one."""
 
-    def __init__(self, in_features: int, out_features: int, spec: AdapterSpec, dtype: torch.dtype,
-                 device: Optional[torch.device]):
+    def __init__(self, lora_a: Tensor, out_features: int, spec: AdapterSpec):
         super().__init__()
-        kw = dict(dtype=dtype, device=device)
+        kw = dict(dtype=lora_a.dtype, device=lora_a.device)
         self.scale = float(spec.scale)
-        self.lora_a = nn.Parameter(torch.empty(spec.rank, in_features, **kw), requires_grad=False)
+        self.lora_a = nn.Parameter(lora_a, requires_grad=False)
         self.lora_b = nn.Parameter(torch.empty(out_features, spec.rank, **kw), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if spec.own_bias else None
 
@@ -59,7 +92,8 @@ class FlexiGPTSharedLinear(nn.Module):
     (output, None) as vLLM's linear layers do. `base` is held by reference, not registered:
     its weight belongs to the base block and appears once in the model's parameters."""
 
-    def __init__(self, base: nn.Module, parts: list[AdapterSpec], *, norm_eps: Optional[float] = None):
+    def __init__(self, base: nn.Module, parts: list[AdapterSpec], *, norm_eps: Optional[float] = None,
+                 base_gemm: str = "engine"):
         super().__init__()
         sizes = list(base.output_partition_sizes)
         if len(sizes) != len(parts):
@@ -67,17 +101,21 @@ class FlexiGPTSharedLinear(nn.Module):
                              f"{[p.name for p in parts]}")
         if norm_eps is not None and len(parts) != 1:
             raise ValueError("an output norm follows a single projection (o_proj / down_proj)")
+        if base_gemm not in BASE_GEMMS:
+            raise ValueError(f"base_gemm={base_gemm!r}: choose one of {', '.join(BASE_GEMMS)}")
         weight = base.weight
         object.__setattr__(self, "_base", base)  # a reference, not a submodule
+        self.base_gemm = base_gemm
         self.in_features = weight.shape[1]
         self.out_features = sum(sizes)
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        self._rows = [(start, size) for start, size in zip(starts, sizes)]
-        self.adapters = nn.ModuleDict({
-            p.name: _Adapter(self.in_features, size, p, weight.dtype, weight.device) for p, size in zip(parts, sizes)
-        })
-        self.output_norm = (OutputNorm(self.out_features, 1.0, norm_eps, device=weight.device, dtype=weight.dtype)
-                            if norm_eps is not None else None)
+        kw = dict(dtype=weight.dtype, device=weight.device)
+        # every part's A is a row view of this one buffer (module doc); not a parameter itself
+        self._lora_a = torch.empty(sum(p.rank for p in parts), self.in_features, **kw)
+        views = self._lora_a.split([p.rank for p in parts])
+        self.adapters = nn.ModuleDict({p.name: _Adapter(a, size, p) for p, a, size in zip(parts, views, sizes)})
+        self._starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._own_bias = [p.own_bias for p in parts]
+        self.output_norm = OutputNorm(self.out_features, 1.0, norm_eps, **kw) if norm_eps is not None else None
         if self.output_norm is not None:
             self.output_norm.weight.requires_grad_(False)
 
@@ -96,23 +134,58 @@ class FlexiGPTSharedLinear(nn.Module):
             out[f"{prefix}{next(iter(self.adapters))}.output_norm.weight"] = self.output_norm.weight
         return out
 
+    # -- per-call pieces ---------------------------------------------------------------------
+
+    def _part_biases(self) -> list[Optional[Tensor]]:
+        """Each part's bias: its own, else the base's rows (None without either)."""
+        base_bias = getattr(self._base, "bias", None)
+        out = []
+        for (adapter, own), start in zip(zip(self.adapters.values(), self._own_bias), self._starts):
+            size = adapter.lora_b.shape[0]
+            out.append(adapter.bias if own else (base_bias[start:start + size] if base_bias is not None else None))
+        return out
+
+    def _stacked_bias(self) -> Optional[Tensor]:
+        biases = self._part_biases()
+        if all(b is None for b in biases):
+            return None
+        return torch.cat([b if b is not None else self._lora_a.new_zeros(a.lora_b.shape[0])
+                          for b, a in zip(biases, self.adapters.values())]).to(self._lora_a.dtype)
+
+    def _forward_engine(self, x: Tensor) -> Tensor:
+        base, adapters = self._base, list(self.adapters.values())
+        own = any(self._own_bias)
+        # the base bias rides in the engine's GEMM unless a part has its own
+        y0 = base.quant_method.apply(base, x, None if own else getattr(base, "bias", None))
+        if self.output_norm is not None:
+            a = adapters[0]
+            return shared_lora_linear_epilogue(y0, x, a.lora_a, a.lora_b, a.scale, a.bias if own else None,
+                                               norm_weight=self.output_norm.weight, eps=self.output_norm.eps)
+        shrink = torch.mm(x, concat_rows([a.lora_a for a in adapters]).t())  # reads the A buffer in place
+        add_expands(y0, shrink, [a.lora_b for a in adapters], [a.scale for a in adapters])
+        if own:
+            for b, start in zip(self._part_biases(), self._starts):
+                if b is not None:
+                    y0[:, start:start + b.shape[0]] += b
+        return y0
+
+    def _forward_op(self, x: Tensor) -> Tensor:
+        adapters = list(self.adapters.values())
+        if len(adapters) == 1:
+            a, norm = adapters[0], self.output_norm
+            return shared_lora_linear(x, self._base.weight, a.lora_a, a.lora_b, a.scale, self._part_biases()[0],
+                                      norm_weight=norm.weight if norm is not None else None,
+                                      eps=norm.eps if norm is not None else 1e-5)
+        return shared_lora_linear_stacked(x, self._base.weight, [a.lora_a for a in adapters],
+                                          [a.lora_b for a in adapters], [a.scale for a in adapters],
+                                          self._stacked_bias())
+
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        weight, base_bias = self._base.weight, getattr(self._base, "bias", None)
-        norm = self.output_norm
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        outs = []
-        for (start, size), adapter in zip(self._rows, self.adapters.values()):
-            bias = adapter.bias
-            if bias is None and base_bias is not None:
-                bias = base_bias[start:start + size]
-            outs.append(torch.ops.flexigpt.shared_lora_linear_fwd(
-                x, weight[start:start + size], adapter.lora_a, adapter.lora_b, adapter.scale, bias,
-                norm.weight if norm is not None else None, norm.eps if norm is not None else 1e-5, None, False,
-            )[0])
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        out = self._forward_engine(x) if self.base_gemm == "engine" else self._forward_op(x)
         return out.reshape(*lead, out.shape[-1]), None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"parts={list(self.adapters)}, shares={type(self._base).__name__}")
+                f"parts={list(self.adapters)}, shares={type(self._base).__name__}, base_gemm={self.base_gemm}")

@@ -8,9 +8,9 @@ changed after construction:
 - a kept block is exactly vLLM's block;
 - a replacement block keeps its own attention layer (its own KV cache: it has its own layer
   index) and its own input / post-attention RMSNorms, and its four linear layers become
-  :class:`FlexiGPTSharedLinear` on the base block's linear layers: the base block's weight
-  tensors (row views of the stacked weight, the same memory) plus the block's own adapters,
-  own biases and output norms, computed by ``torch.ops.flexigpt.shared_lora_linear_fwd``.
+  :class:`FlexiGPTSharedLinear` on the base block's linear layers: one call per projection
+  (q;k;v and gate;up stacked, o and down with the output norm), the base product from the
+  base layer's own GEMM (``quant_method.apply``) or from our op (layers.py, ``base_gemm``).
 
 Weight loading: vLLM's iterator over model.safetensors is filtered: the replacement blocks'
 tensors (``...q_proj.lora_a``, ``...o_proj.output_norm.weight``, own biases) are copied into
@@ -19,10 +19,11 @@ stacks q/k/v and gate/up of the kept blocks). The checkpoint holds no weight for
 block's projections, so nothing is copied or merged.
 
 On the CPU, vLLM repacks each linear weight into an opaque oneDNN handle after loading and
-frees the tensor; a shared weight must stay a plain tensor that two blocks read, so the
-linears that serve as a base keep their weights (``_cpu_skip_gemm_dispatch``, the flag vLLM
-itself uses for the same purpose) and run ``torch.nn.functional.linear``; every other linear
-is packed as in the stock model.
+frees the tensor. With ``base_gemm="engine"`` (the default, FLEXIGPT_VLLM_BASE_GEMM) every
+linear is packed as in the stock model and a replacement block runs its base's packed GEMM
+through ``quant_method.apply``; with ``base_gemm="op"`` our op reads the shared weight tensor,
+so the linears that serve as a base keep it (``_cpu_skip_gemm_dispatch``, the flag vLLM itself
+uses for the same purpose) and run ``torch.nn.functional.linear``.
 
 Not supported (raises NotImplementedError): tensor or pipeline parallelism > 1 (a replacement
 block's base may sit in another shard or stage), quantization, vLLM's own LoRA adapters.
@@ -43,7 +44,7 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from ...io.checkpoint import FLEXIGPT_CONFIG_NAME, read_manifest
-from .layers import AdapterSpec, FlexiGPTSharedLinear
+from .layers import AdapterSpec, FlexiGPTSharedLinear, base_gemm_from_env
 
 __all__ = ["FlexiGPTLlamaForCausalLM", "FlexiGPTMistralForCausalLM", "FlexiGPTQwen2ForCausalLM", "held_weights"]
 
@@ -99,6 +100,7 @@ class FlexiGPTMixin:
         layers = self.model.layers
         shared, norms = record.get("shared", {}), record.get("output_norms", {})
         base_map = {int(i): int(j) for i, j in record.get("base_map", {}).items()}
+        base_gemm = base_gemm_from_env()
         for i, j in sorted(base_map.items()):
             if i in base_map.values() or not (0 <= i < len(layers) and 0 <= j < len(layers)):
                 raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: base_map {i} -> {j} does not fit a model of "
@@ -115,8 +117,9 @@ class FlexiGPTMixin:
                     specs.append(AdapterSpec(name, int(spec["rank"]), float(spec["scale"]), bool(spec["own_bias"])))
                 eps = norms.get(f"{ckpt}{names[0]}.output_norm")
                 base = base_block.get_submodule(stack)
-                base._cpu_skip_gemm_dispatch = True  # a shared weight stays a plain tensor (module doc)
-                linear = FlexiGPTSharedLinear(base, specs, norm_eps=eps)
+                if base_gemm == "op":
+                    base._cpu_skip_gemm_dispatch = True  # our op reads the weight tensor (module doc)
+                linear = FlexiGPTSharedLinear(base, specs, norm_eps=eps, base_gemm=base_gemm)
                 parent, _, attr = stack.rpartition(".")
                 setattr(block.get_submodule(parent), attr, linear)  # the block's own linear is released
                 self._flexigpt_tensors.update(linear.checkpoint_tensors(ckpt))
@@ -171,9 +174,9 @@ def held_weights(model: nn.Module) -> dict[str, int]:
         if p.numel() == 0:
             continue
         key = p.untyped_storage().data_ptr()
-        if key not in storages:
+        if key not in storages:  # parameters that are views of one buffer count it once
             storages[key] = p.untyped_storage().nbytes()
-            numel += p.numel()
+            numel += storages[key] // p.element_size()
     packed = [m for m in model.modules() if isinstance(m, LinearBase) and m.weight.numel() == 0]
     packed_numel = sum(sum(m.output_partition_sizes) * m.input_size_per_partition for m in packed)
     packed_bytes = sum(sum(m.output_partition_sizes) * m.input_size_per_partition * m.weight.element_size()

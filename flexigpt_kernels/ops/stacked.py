@@ -1,0 +1,147 @@
+"""shared_lora_linear_stacked: the shared-weight op for a projection that stacks P parts read
+from the same input (vLLM's qkv_proj = q; k; v and gate_up_proj = gate; up), in one call.
+
+    x [..., K]  weight [N, K] (the parts' rows stacked)  lora_as[i] [r_i, K]  lora_bs[i] [n_i, r_i]
+    scales[i]  bias [N]      sum n_i = N; part i owns output columns c_i .. c_i + n_i
+    y = x @ weight.T + bias ;  y[..., c_i : c_i + n_i] += scales[i] * (x @ lora_as[i].T) @ lora_bs[i].T
+
+One base GEMM over the stacked weight, one shrink GEMM over the parts' concatenated A (all
+ranks at once), each part's expand written into its own column slice of the one output
+(stacked_aten.py; the Triton backend's launches are listed in stacked_triton.py).
+
+Registered with torch.library as `flexigpt::shared_lora_linear_stacked_fwd` (returns the output
+and the shrink [M, sum r_i] the backward needs) and `flexigpt::shared_lora_linear_stacked_bwd`,
+with fake implementations, so torch.compile traces it without graph breaks and autograd works
+on every backend. Backends (FLEXIGPT_BACKEND / use_backend, resolved as for the single op):
+reference -> fp32 ATen composition; cpp on the CPU -> ATen GEMMs in the input dtype (float32,
+bfloat16; other dtypes take the reference); triton, and anything on CUDA -> stacked_triton.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends, stacked_aten
+from .shared_lora_linear import _no_autocast
+from .stacked_validation import check_stacked_args
+
+_CPU_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _triton():
+    from . import stacked_triton
+
+    return stacked_triton
+
+
+def implementation(device: torch.device, dtype: torch.dtype):
+    """(module with forward/backward, upcast flag) for tensors on `device` in `dtype`."""
+    name = backends.resolve(device, dtype)
+    if name == "triton" or (name == "cpp" and device.type == "cuda"):
+        return _triton(), False
+    if name == "cpp" and dtype in _CPU_NATIVE_DTYPES:
+        return stacked_aten, False
+    return stacked_aten, True
+
+
+def _impl(x: Tensor):
+    if x.shape[0] == 0:
+        return stacked_aten, True
+    return implementation(x.device, x.dtype)
+
+
+@torch.library.custom_op("flexigpt::shared_lora_linear_stacked_fwd", mutates_args=())
+def _fwd_op(x: Tensor, weight: Tensor, lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor],
+            scales: Sequence[float], bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """x [M, K] (2-D) -> (out [M, N], shrink [M, sum r_i]) in x's dtype."""
+    impl, upcast = _impl(x)
+    with _no_autocast(x):
+        return impl.forward(x, weight, stacked_aten.concat_rows(lora_as), lora_bs, scales, bias, upcast)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, weight, lora_as, lora_bs, scales, bias):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], sum(a.shape[0] for a in lora_as)))
+
+
+@torch.library.custom_op("flexigpt::shared_lora_linear_stacked_bwd", mutates_args=())
+def _bwd_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor],
+            scales: Sequence[float], shrink: Tensor, needs_weight_grad: bool
+            ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor]:
+    """Returns (grad_x, grad_weight or (0,), grad of the concatenated A [sum r_i, K],
+    [grad_B_i], grad_bias [N] fp32)."""
+    impl, upcast = _impl(x)
+    with _no_autocast(x):
+        gx, gw, ga, gbs, gbias = impl.backward(grad_out, x, weight, stacked_aten.concat_rows(lora_as), lora_bs,
+                                               scales, shrink, needs_weight_grad, upcast)
+    return (gx.to(x.dtype), gw.to(weight.dtype) if gw is not None else x.new_empty((0,)),
+            ga.to(x.dtype), [g.to(b.dtype) for g, b in zip(gbs, lora_bs)], gbias.float())
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, x, weight, lora_as, lora_bs, scales, shrink, needs_weight_grad):
+    return (x.new_empty(x.shape),
+            weight.new_empty(weight.shape) if needs_weight_grad else x.new_empty((0,)),
+            x.new_empty((sum(a.shape[0] for a in lora_as), x.shape[1])),
+            [torch.empty_like(b) for b in lora_bs],
+            x.new_empty((weight.shape[0],), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_as, lora_bs, scales, bias = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.parts = len(lora_as)
+    ctx.save_for_backward(x, weight, output[1], *lora_as, *lora_bs)
+    ctx.scales = list(scales)
+    ctx.ranks = [a.shape[0] for a in lora_as]
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad_out, _grad_shrink):
+    x, weight, shrink, *ab = ctx.saved_tensors
+    lora_as, lora_bs = ab[:ctx.parts], ab[ctx.parts:]
+    needs = ctx.needs_input_grad
+    gx, gw, ga, gbs, gbias = torch.ops.flexigpt.shared_lora_linear_stacked_bwd(
+        grad_out, x, weight, lora_as, lora_bs, ctx.scales, shrink, needs[1])
+    return (gx if needs[0] else None, gw if needs[1] else None,
+            list(ga.split(ctx.ranks, 0)) if needs[2] else None, list(gbs) if needs[3] else None,
+            None, gbias.to(ctx.bias_dtype) if needs[5] else None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def shared_lora_linear_stacked(
+    x: Tensor,
+    weight: Tensor,
+    lora_as: Sequence[Tensor],
+    lora_bs: Sequence[Tensor],
+    scales: Sequence[float],
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """y = x @ weight.T + bias; y[..., c_i:c_i+n_i] += scales[i] * (x @ lora_as[i].T) @ lora_bs[i].T
+
+    Shapes: x [..., K], weight [N, K] (P parts stacked by rows, widths n_i = lora_bs[i].shape[0],
+    sum n_i = N), lora_as[i] [r_i, K] (r_i >= 1: a part of rank 0 is an error), lora_bs[i]
+    [n_i, r_i], scales: P floats, bias [N] or None; every tensor shares x's dtype and device.
+    Returns [..., N] in x's dtype. Differentiable in x, weight (when it requires grad), every
+    A_i and B_i, and bias. When the A_i are consecutive row blocks of one buffer (views of one
+    [sum r_i, K] tensor) the shrink reads them in place; otherwise they are concatenated.
+    """
+    check_stacked_args(x, weight, lora_as, lora_bs, scales, bias)
+    lead, n = x.shape[:-1], weight.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])
+    lora_as, lora_bs, scales = list(lora_as), list(lora_bs), [float(s) for s in scales]
+    tensors = (x, weight, bias, *lora_as, *lora_bs)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not needs_grad and x2d.shape[0] > 0 and not torch.compiler.is_compiling():
+        # inference: no autograd, no tracing, so skip the dispatcher round trip
+        impl, upcast = implementation(x.device, x.dtype)
+        with _no_autocast(x):
+            out = impl.forward(x2d, weight, stacked_aten.concat_rows(lora_as), lora_bs, scales, bias, upcast)[0]
+        return out.reshape(*lead, n)
+    out = torch.ops.flexigpt.shared_lora_linear_stacked_fwd(x2d, weight, lora_as, lora_bs, scales, bias)[0]
+    return out.reshape(*lead, n)

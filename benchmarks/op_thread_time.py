@@ -12,6 +12,7 @@ stable enough to compare two versions run one after the other. Complements
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -45,26 +46,11 @@ def main(label: str) -> None:
         for s in shapes.quick_grid():
             for variant in ("linear", "norm+res"):
                 o = Operands(s, variant == "norm+res", False, torch.device("cpu"), torch.float32)
+                kw = {"norm_weight": o.norm_weight, "residual": o.residual}
                 fns = {
-                    "op": lambda: fk.shared_lora_linear(
-                        o.x,
-                        o.weight,
-                        o.lora_a,
-                        o.lora_b,
-                        1.0,
-                        norm_weight=o.norm_weight,
-                        residual=o.residual,  # noqa: B023
-                    ),
-                    "unfused": lambda: unfused_peft_style(
-                        o.x,
-                        o.weight,
-                        o.lora_a,
-                        o.lora_b,
-                        1.0,
-                        norm_weight=o.norm_weight,
-                        residual=o.residual,  # noqa: B023
-                    ),
-                    "dense": lambda: torch.nn.functional.linear(o.x, o.weight),  # noqa: B023
+                    "op": functools.partial(fk.shared_lora_linear, o.x, o.weight, o.lora_a, o.lora_b, 1.0, **kw),
+                    "unfused": functools.partial(unfused_peft_style, o.x, o.weight, o.lora_a, o.lora_b, 1.0, **kw),
+                    "dense": functools.partial(torch.nn.functional.linear, o.x, o.weight),
                 }
                 ts = {k: float("inf") for k in fns}
                 for _ in range(3):  # interleaved

@@ -28,16 +28,25 @@ import tempfile
 import time
 from pathlib import Path
 
-PROMPTS = ["The history of the Roman Empire", "Photosynthesis is the process by which",
-           "The capital of France is", "In mathematics, a prime number",
-           "Once upon a time, in a small village,", "The theory of relativity states that",
-           "Water boils at", "The best way to learn a language is"]
+PROMPTS = [
+    "The history of the Roman Empire",
+    "Photosynthesis is the process by which",
+    "The capital of France is",
+    "In mathematics, a prime number",
+    "Once upon a time, in a small village,",
+    "The theory of relativity states that",
+    "Water boils at",
+    "The best way to learn a language is",
+]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="a directory written by flexigpt_kernels.save_pretrained "
-                   "(default: prune the embedded SmolLM2-135M into a temporary directory)")
+    p.add_argument(
+        "--checkpoint",
+        help="a directory written by flexigpt_kernels.save_pretrained "
+        "(default: prune the embedded SmolLM2-135M into a temporary directory)",
+    )
     p.add_argument("--ratio", type=float, default=0.3, help="pruning ratio for the default model")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32", help="vLLM dtype (float32, bfloat16 on CPUs with AVX512-BF16)")
@@ -55,9 +64,17 @@ def prune_default(ratio: float, *, output_norm: bool = True, blocks=None):
     from flexigpt_kernels.assets import default_texts, load_default_model
 
     model, tokenizer = load_default_model()
-    model, report = fk.prune(model, default_texts(), tokenizer=tokenizer, ratio=ratio, blocks=blocks,
-                             num_samples=8, output_norm=output_norm, local_fit="gamma" if output_norm else None,
-                             progress=False)
+    model, report = fk.prune(
+        model,
+        default_texts(),
+        tokenizer=tokenizer,
+        ratio=ratio,
+        blocks=blocks,
+        num_samples=8,
+        output_norm=output_norm,
+        local_fit="gamma" if output_norm else None,
+        progress=False,
+    )
     return model, tokenizer, report
 
 
@@ -141,16 +158,21 @@ def bench(args) -> list[dict]:
     rows = []
     for name, directory, native, base_gemm in (
         ("dense SmolLM2-135M (stock vLLM Llama)", "dense", False, "engine"),
-        (f"dense export of FlexiGPT {args.ratio} without output norms (stock vLLM Llama)", "dense_export", False,
-         "engine"),
+        (
+            f"dense export of FlexiGPT {args.ratio} without output norms (stock vLLM Llama)",
+            "dense_export",
+            False,
+            "engine",
+        ),
         (f"FlexiGPT {args.ratio} without output norms, native", "flexigpt_no_norm", True, "engine"),
         (f"FlexiGPT {args.ratio} with output norms (default), native", "flexigpt", True, "engine"),
         (f"FlexiGPT {args.ratio} with output norms (default), native, base_gemm=op", "flexigpt", True, "op"),
     ):
         row = {"model": name, **throughput(work / directory, args.new_tokens, args.dtype, native, base_gemm)}
         for batch in (1, 8):
-            row[f"x_dense_batch{batch}"] = round(row[f"tok_s_batch{batch}"] / rows[0][f"tok_s_batch{batch}"], 3) \
-                if rows else 1.0
+            row[f"x_dense_batch{batch}"] = (
+                round(row[f"tok_s_batch{batch}"] / rows[0][f"tok_s_batch{batch}"], 3) if rows else 1.0
+            )
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -159,22 +181,38 @@ def bench(args) -> list[dict]:
 def write_results(rows: list[dict], out: str, args) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["model", "tok_s_batch1", "tok_s_batch8", "x_dense_batch1", "x_dense_batch8", "checkpoint_MB",
-              "held_by_vllm_MB", "loadavg_before", "loadavg_after"]
+    fields = [
+        "model",
+        "tok_s_batch1",
+        "tok_s_batch8",
+        "x_dense_batch1",
+        "x_dense_batch8",
+        "checkpoint_MB",
+        "held_by_vllm_MB",
+        "loadavg_before",
+        "loadavg_after",
+    ]
     with open(out / "vllm_cpu.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# vLLM (vllm-cpu 0.32.0) greedy throughput, SmolLM2-135M, {args.dtype}, eager",
-             "", f"`python python/serve_vllm.py --bench --out {out}`: {args.new_tokens} new tokens per prompt, "
-             "batch 1 and 8 prompts, best of 2 runs after a warm-up; x dense: tok/s over the dense row's. "
-             f"Load average (1, 5, 15 min) before the run: {rows[0]['loadavg_before']}, after: "
-             f"{rows[0]['loadavg_after']}.", "",
-             "| model | tok/s batch 1 | tok/s batch 8 | x dense batch 1 | x dense batch 8 | checkpoint MB "
-             "| held by vLLM MB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# vLLM (vllm-cpu 0.32.0) greedy throughput, SmolLM2-135M, {args.dtype}, eager",
+        "",
+        f"`python python/serve_vllm.py --bench --out {out}`: {args.new_tokens} new tokens per prompt, "
+        "batch 1 and 8 prompts, best of 2 runs after a warm-up; x dense: tok/s over the dense row's. "
+        f"Load average (1, 5, 15 min) before the run: {rows[0]['loadavg_before']}, after: "
+        f"{rows[0]['loadavg_after']}.",
+        "",
+        "| model | tok/s batch 1 | tok/s batch 8 | x dense batch 1 | x dense batch 8 | checkpoint MB "
+        "| held by vLLM MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['tok_s_batch1']} | {r['tok_s_batch8']} | {r['x_dense_batch1']} | "
-                     f"{r['x_dense_batch8']} | {r['checkpoint_MB']} | {r.get('held_by_vllm_MB', '')} |")
+        lines.append(
+            f"| {r['model']} | {r['tok_s_batch1']} | {r['tok_s_batch8']} | {r['x_dense_batch1']} | "
+            f"{r['x_dense_batch8']} | {r['checkpoint_MB']} | {r.get('held_by_vllm_MB', '')} |"
+        )
     (out / "vllm_cpu.md").write_text("\n".join(lines) + "\n")
 
 

@@ -14,8 +14,17 @@ import flexigpt_kernels as fk
 from flexigpt_kernels.integrations.vllm import SUPPORTED_ARCHITECTURES
 from flexigpt_kernels.integrations.vllm.model import held_weights
 
-from .helpers import (NEW_TOKENS, TINY_BLOCKS, assert_logprobs_match, checkpoint_bytes, hf_greedy, pruned_tiny,
-                      running_llm, vllm_greedy)
+from .helpers import (
+    NEW_TOKENS,
+    TINY_BLOCKS,
+    assert_logprobs_match,
+    checkpoint_bytes,
+    hf_greedy,
+    pruned_tiny,
+    running_llm,
+    vllm_greedy,
+)
+
 
 def test_importing_the_package_does_not_import_vllm():
     code = "import sys, flexigpt_kernels as fk; fk.save_pretrained; assert 'vllm' not in sys.modules"

@@ -13,7 +13,7 @@ grid (variant "stacked", mode "fwd", N = sum of the part widths, r = the per-par
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,15 @@ def _operands(k, widths, r, m, device, dtype, seed=0):
     def rnd(*shape, std=1.0):
         return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
 
-    weight = rnd(sum(widths), k, std=k ** -0.5)
-    lora_a = rnd(r * len(widths), k, std=k ** -0.5)  # the parts' A as row views of one buffer
-    return dict(x=rnd(m, k), weight=weight, lora_as=list(lora_a.split(r)),
-                lora_bs=[rnd(n, r, std=r ** -0.5) for n in widths], scales=[1.0] * len(widths))
+    weight = rnd(sum(widths), k, std=k**-0.5)
+    lora_a = rnd(r * len(widths), k, std=k**-0.5)  # the parts' A as row views of one buffer
+    return dict(
+        x=rnd(m, k),
+        weight=weight,
+        lora_as=list(lora_a.split(r)),
+        lora_bs=[rnd(n, r, std=r**-0.5) for n in widths],
+        scales=[1.0] * len(widths),
+    )
 
 
 def _callables(o: dict, backend: str) -> dict:
@@ -51,7 +56,7 @@ def _callables(o: dict, backend: str) -> dict:
             outs, start = [], 0
             for a, b, s in zip(o["lora_as"], o["lora_bs"], o["scales"]):
                 n = b.shape[0]
-                outs.append(shared_lora_linear(o["x"], o["weight"][start:start + n], a, b, s))
+                outs.append(shared_lora_linear(o["x"], o["weight"][start : start + n], a, b, s))
                 start += n
             return torch.cat(outs, -1)
 
@@ -62,8 +67,14 @@ def _callables(o: dict, backend: str) -> dict:
     return {"stacked-op": stacked, "per-part-op": per_part, "dense": dense}
 
 
-def run_stacked(*, device: torch.device, dtype: Optional[torch.dtype] = None, ms: Sequence[int] = (1, 512),
-                budget_s: float = 0.5, backend: Optional[str] = None) -> list[dict]:
+def run_stacked(
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    ms: Sequence[int] = (1, 512),
+    budget_s: float = 0.5,
+    backend: str | None = None,
+) -> list[dict]:
     """Time the providers side by side for every (stack, M); returns the rows."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     backend = backend or ("triton" if device.type == "cuda" else "cpp")
@@ -84,15 +95,30 @@ def run_stacked(*, device: torch.device, dtype: Optional[torch.dtype] = None, ms
             else:
                 timings = time_cpu_interleaved(fns, budget_s)
             for p, t in timings.items():
-                rows.append({**meta, "timer": t.timer, "model": "smollm2", "layer": layer, "M": m, "K": k,
-                             "N": sum(widths), "r": r, "parts": len(widths), "variant": "stacked", "mode": "fwd",
-                             "provider": f"{p}-{backend}" if p != "dense" else p,
-                             "min_us": t.min_s * 1e6, "median_us": t.median_s * 1e6, "rounds": t.rounds,
-                             "calls_per_round": t.calls_per_round,
-                             "x_dense": t.median_s / timings["dense"].median_s,
-                             "x_dense_min": t.min_s / timings["dense"].min_s,
-                             "x_per_part": t.median_s / timings["per-part-op"].median_s,
-                             "x_per_part_min": t.min_s / timings["per-part-op"].min_s})
+                rows.append(
+                    {
+                        **meta,
+                        "timer": t.timer,
+                        "model": "smollm2",
+                        "layer": layer,
+                        "M": m,
+                        "K": k,
+                        "N": sum(widths),
+                        "r": r,
+                        "parts": len(widths),
+                        "variant": "stacked",
+                        "mode": "fwd",
+                        "provider": f"{p}-{backend}" if p != "dense" else p,
+                        "min_us": t.min_s * 1e6,
+                        "median_us": t.median_s * 1e6,
+                        "rounds": t.rounds,
+                        "calls_per_round": t.calls_per_round,
+                        "x_dense": t.median_s / timings["dense"].median_s,
+                        "x_dense_min": t.min_s / timings["dense"].min_s,
+                        "x_per_part": t.median_s / timings["per-part-op"].median_s,
+                        "x_per_part_min": t.min_s / timings["per-part-op"].min_s,
+                    }
+                )
     return rows
 
 
@@ -100,7 +126,9 @@ def format_rows(rows: Sequence[dict]) -> str:
     """One line per (stack, M, provider): min / median us and the ratios to per-part and dense."""
     lines = []
     for r in rows:
-        lines.append(f"{r['layer']:>8} M={r['M']:<4} {r['provider']:<20} {r['min_us']:9.1f} / {r['median_us']:9.1f} us"
-                     f"  x per-part {r['x_per_part_min']:.2f} / {r['x_per_part']:.2f}"
-                     f"  x dense {r['x_dense_min']:.2f} / {r['x_dense']:.2f}")
+        lines.append(
+            f"{r['layer']:>8} M={r['M']:<4} {r['provider']:<20} {r['min_us']:9.1f} / {r['median_us']:9.1f} us"
+            f"  x per-part {r['x_per_part_min']:.2f} / {r['x_per_part']:.2f}"
+            f"  x dense {r['x_dense_min']:.2f} / {r['x_dense']:.2f}"
+        )
     return "\n".join(lines)

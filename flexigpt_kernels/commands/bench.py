@@ -15,10 +15,18 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from ..cli import UsageError
-from ._common import fraction, listing, non_negative_float, nonempty, out_dir, positive_float, positive_int, rank, \
-    user_input
+from ._common import (
+    fraction,
+    listing,
+    non_negative_float,
+    nonempty,
+    out_dir,
+    positive_float,
+    positive_int,
+    rank,
+    user_input,
+)
 
 _csv_list = listing(str)
 _int_list = listing(positive_int)
@@ -44,25 +52,45 @@ def _csv_file(text: str) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
 
-    k = sub.add_parser("kernels", help="time the fused op against the unfused path, dense and the floor",
-                       description="Time shared_lora_linear per backend against the PEFT-style unfused "
-                                   "composition, dense F.linear and the floor, over a shape grid.")
-    k.add_argument("--quick", action="store_true",
-                   help="reduced grid: SmolLM2 widths, M in {1, 512} (about a minute on 2 CPU cores)")
+    k = sub.add_parser(
+        "kernels",
+        help="time the fused op against the unfused path, dense and the floor",
+        description="Time shared_lora_linear per backend against the PEFT-style unfused "
+        "composition, dense F.linear and the floor, over a shape grid.",
+    )
+    k.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced grid: SmolLM2 widths, M in {1, 512} (about a minute on 2 CPU cores)",
+    )
     k.add_argument("--out", type=out_dir, help="results folder (default: benchmarks/results)")
     k.add_argument("--device", default=None, type=nonempty, help="cpu or cuda (default: cuda when available)")
-    k.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, float32 on the CPU")
+    k.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, float32 on the CPU"
+    )
     k.add_argument("--models", type=_csv_list, help="width families, e.g. llama2-7b,smollm2")
     k.add_argument("--m", type=_int_list, help="rows M, e.g. 1,8,32,512")
-    k.add_argument("--shape", action="append", default=[], metavar="MxKxNxR", type=_shape,
-                   help="a custom shape instead of the grid (repeatable), e.g. 1x4096x4096x256")
-    k.add_argument("--variants", type=listing(str, choices=("linear", "norm+res"), unique=True),
-                   help="linear,norm+res (default both)")
-    k.add_argument("--modes", type=listing(str, choices=("fwd", "fwd+bwd"), unique=True),
-                   help="fwd,fwd+bwd (default both)")
-    k.add_argument("--providers", type=_csv_list,
-                   help="op-<backend>,unfused-peft,dense (default: every available backend of ours, unfused, dense)")
+    k.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="MxKxNxR",
+        type=_shape,
+        help="a custom shape instead of the grid (repeatable), e.g. 1x4096x4096x256",
+    )
+    k.add_argument(
+        "--variants",
+        type=listing(str, choices=("linear", "norm+res"), unique=True),
+        help="linear,norm+res (default both)",
+    )
+    k.add_argument(
+        "--modes", type=listing(str, choices=("fwd", "fwd+bwd"), unique=True), help="fwd,fwd+bwd (default both)"
+    )
+    k.add_argument(
+        "--providers",
+        type=_csv_list,
+        help="op-<backend>,unfused-peft,dense (default: every available backend of ours, unfused, dense)",
+    )
     k.add_argument("--budget", type=positive_float, help="CPU: seconds per shape group (default 0.5 quick, 1.5 full)")
     k.add_argument("--rep-ms", type=positive_float, default=100, help="CUDA: do_bench rep per provider (ms)")
     k.add_argument("--warmup-ms", type=non_negative_float, default=25, help="CUDA: do_bench warmup per provider (ms)")
@@ -70,30 +98,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
     k.add_argument("--no-plot", action="store_true", help="do not draw the PNGs after the run")
     k.add_argument("--no-check", action="store_true", help="skip the cross-provider output check")
-    k.add_argument("--no-stacked", action="store_true",
-                   help="skip the multi-slice group (stacked op vs one call per part, bench/stacked.py)")
+    k.add_argument(
+        "--no-stacked",
+        action="store_true",
+        help="skip the multi-slice group (stacked op vs one call per part, bench/stacked.py)",
+    )
 
-    m = sub.add_parser("model", help="end to end: dense vs drop vs our pruned model vs the same weights unfused",
-                       description="Prefill latency, decode tokens/s and peak memory of the dense model, the "
-                                   "drop baseline, the FlexiGPT-pruned model on our ops and the same pruned "
-                                   "weights composed PEFT-style from plain torch ops.")
-    m.add_argument("model", nargs="?", default=None, type=nonempty,
-                   help="local directory of a dense Hugging Face causal LM (default: the embedded SmolLM2-135M)")
-    m.add_argument("--random", choices=["llama2-7b", "tiny"],
-                   help="instead of a checkpoint: a Llama model of that shape with random weights")
+    m = sub.add_parser(
+        "model",
+        help="end to end: dense vs drop vs our pruned model vs the same weights unfused",
+        description="Prefill latency, decode tokens/s and peak memory of the dense model, the "
+        "drop baseline, the FlexiGPT-pruned model on our ops and the same pruned "
+        "weights composed PEFT-style from plain torch ops.",
+    )
+    m.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        type=nonempty,
+        help="local directory of a dense Hugging Face causal LM (default: the embedded SmolLM2-135M)",
+    )
+    m.add_argument(
+        "--random",
+        choices=["llama2-7b", "tiny"],
+        help="instead of a checkpoint: a Llama model of that shape with random weights",
+    )
     m.add_argument("--quick", action="store_true", help="1x512 prefill and 32 new tokens only")
     m.add_argument("--out", type=out_dir, help="results folder (default: benchmarks/results)")
     m.add_argument("--device", default=None, type=nonempty, help="cpu or cuda (default: cuda when available)")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, float32 on the CPU")
+    m.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, float32 on the CPU"
+    )
     m.add_argument("--ratio", type=fraction, default=0.3, help="fraction of blocks to prune (default 0.3)")
-    m.add_argument("--blocks", type=listing(int, unique=True), help="explicit blocks to prune (else chosen by Block Influence)")
+    m.add_argument(
+        "--blocks", type=listing(int, unique=True), help="explicit blocks to prune (else chosen by Block Influence)"
+    )
     m.add_argument("--rank", type=rank, help="adapter rank (default: prune()'s, hidden/16)")
-    m.add_argument("--bases", choices=["distance", "nearest"],
-                   help="how pruned blocks pick their base: prune()'s low-rank distance (default) or the "
-                        "nearest kept block (--quick's default: same shapes, same timing, no SVD search)")
-    m.add_argument("--calib-samples", type=positive_int, default=8,
-                   help="calibration chunks of 256 tokens for choosing the blocks (default 8)")
+    m.add_argument(
+        "--bases",
+        choices=["distance", "nearest"],
+        help="how pruned blocks pick their base: prune()'s low-rank distance (default) or the "
+        "nearest kept block (--quick's default: same shapes, same timing, no SVD search)",
+    )
+    m.add_argument(
+        "--calib-samples",
+        type=positive_int,
+        default=8,
+        help="calibration chunks of 256 tokens for choosing the blocks (default 8)",
+    )
     m.add_argument("--seq-len", type=positive_int, default=512, help="prompt length (default 512)")
     m.add_argument("--batches", type=_int_list, help="prefill batch sizes (default 1,8; quick: 1)")
     m.add_argument("--new-tokens", type=positive_int, help="greedy decode steps (default 128; quick: 32)")
@@ -144,8 +196,10 @@ def _kernels(args) -> int:
 
     device, dtype, out = _setup(args)
     if device.type == "cuda" and backends.triton_interpreter_enabled():
-        print("warning: TRITON_INTERPRET is set: Triton kernels run in the interpreter; unset it to time them",
-              file=sys.stderr)
+        print(
+            "warning: TRITON_INTERPRET is set: Triton kernels run in the interpreter; unset it to time them",
+            file=sys.stderr,
+        )
     if args.shape:
         shapes = [S.parse_shape(t) for t in args.shape]
     elif args.quick and not (args.models or args.m):
@@ -153,13 +207,25 @@ def _kernels(args) -> int:
     else:
         shapes = S.grid(models=args.models or tuple(S.WIDTHS), ms=args.m or (S.DECODE_M + S.PREFILL_M))
     budget = args.budget if args.budget is not None else (0.5 if args.quick or args.shape else 1.5)
-    print(f"bench kernels on {device} ({'quick, ' if args.quick else ''}{len(shapes)} shapes), "
-          f"torch {__import__('torch').__version__}, triton {triton_version()}")
+    print(
+        f"bench kernels on {device} ({'quick, ' if args.quick else ''}{len(shapes)} shapes), "
+        f"torch {__import__('torch').__version__}, triton {triton_version()}"
+    )
     csv_path = out / f"kernels_{device_slug(device)}.csv"
-    rows = run_kernels(shapes, device=device, dtype=dtype, providers=args.providers,
-                       variants=args.variants or S.VARIANTS, modes=args.modes or S.MODES, budget_s=budget,
-                       warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cuda_graphs=args.cuda_graphs,
-                       check=not args.no_check, on_rows=lambda group: append_csv(csv_path, group))
+    rows = run_kernels(
+        shapes,
+        device=device,
+        dtype=dtype,
+        providers=args.providers,
+        variants=args.variants or S.VARIANTS,
+        modes=args.modes or S.MODES,
+        budget_s=budget,
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms,
+        cuda_graphs=args.cuda_graphs,
+        check=not args.no_check,
+        on_rows=lambda group: append_csv(csv_path, group),
+    )
     if not rows:
         print("no results (every group failed)", file=sys.stderr)
         return 1
@@ -172,7 +238,8 @@ def _kernels(args) -> int:
         f"commit {first['commit']}, OMP_WAIT_POLICY={first['omp_wait_policy']}, timer: {first['timer']}.\n"
         "Times: min / median over rounds (us). Ratios: from the minima / from the medians. "
         "Formulas: benchmarks/README.md.\n\n" + summary_table(rows, markdown=True) + "\n\n"
-        "Targets (minima):\n\n" + "\n".join(f"    {t}" for t in targets_report(rows)) + "\n" + stacked)
+        "Targets (minima):\n\n" + "\n".join(f"    {t}" for t in targets_report(rows)) + "\n" + stacked
+    )
     print()
     print(summary_table(rows))
     print()
@@ -197,8 +264,11 @@ def _stacked_group(args, device, dtype, budget, csv_path) -> str:
     rows = run_stacked(device=device, dtype=dtype, ms=args.m or (1, 512), budget_s=budget)
     append_csv(csv_path, rows)
     print(format_rows(rows))
-    return ("\nMulti-slice op (min / median us, ratios to one call per part and to dense):\n\n"
-            + "\n".join(f"    {line}" for line in format_rows(rows).splitlines()) + "\n")
+    return (
+        "\nMulti-slice op (min / median us, ratios to one call per part and to dense):\n\n"
+        + "\n".join(f"    {line}" for line in format_rows(rows).splitlines())
+        + "\n"
+    )
 
 
 def _model(args) -> int:
@@ -206,10 +276,21 @@ def _model(args) -> int:
 
     if args.model is not None and args.random is not None:
         raise UsageError("--random: give either a model or --random, not both")
-    cfg = ModelBenchConfig(model=args.model, random=args.random, quick=args.quick, ratio=args.ratio,
-                           blocks=args.blocks, rank=args.rank, bases=args.bases, calib_samples=args.calib_samples,
-                           seq_len=args.seq_len, batches=tuple(args.batches) if args.batches else None,
-                           new_tokens=args.new_tokens, rounds=args.rounds, variants=args.variants)
+    cfg = ModelBenchConfig(
+        model=args.model,
+        random=args.random,
+        quick=args.quick,
+        ratio=args.ratio,
+        blocks=args.blocks,
+        rank=args.rank,
+        bases=args.bases,
+        calib_samples=args.calib_samples,
+        seq_len=args.seq_len,
+        batches=tuple(args.batches) if args.batches else None,
+        new_tokens=args.new_tokens,
+        rounds=args.rounds,
+        variants=args.variants,
+    )
     if args.model is not None:
         with user_input("MODEL"):  # fail on a bad path before anything is timed
             from ..io.load import locate_model

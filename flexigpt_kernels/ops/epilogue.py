@@ -19,8 +19,6 @@ the base GEMM, which is the engine's.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -41,14 +39,26 @@ def upcast_for(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @torch.library.custom_op("flexigpt::shared_lora_linear_epilogue_fwd", mutates_args=())
-def _fwd_op(y0: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, bias: Optional[Tensor],
-            norm_weight: Optional[Tensor], eps: float, residual: Optional[Tensor], save_for_backward: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _fwd_op(
+    y0: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    norm_weight: Tensor | None,
+    eps: float,
+    residual: Tensor | None,
+    save_for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y0 [M, N], x [M, K] -> (out [M, N], shrink [M, r], y_pre [M, N] or (0,), mean [M] or (0,), rstd)."""
     upcast = y0.shape[0] == 0 or upcast_for(y0.device, y0.dtype)
     with _no_autocast(y0):
-        return tuple(epilogue_aten.forward(y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual,
-                                           save_for_backward, upcast))
+        return tuple(
+            epilogue_aten.forward(
+                y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward, upcast
+            )
+        )
 
 
 @_fwd_op.register_fake
@@ -56,34 +66,59 @@ def _fwd_fake(y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual, sa
     m, n = y0.shape
     has_norm = norm_weight is not None
     stats = (m,) if has_norm else (0,)
-    return (y0.new_empty((m, n)), y0.new_empty((m, lora_a.shape[0])),
-            y0.new_empty((m, n) if has_norm and save_for_backward else (0,)),
-            y0.new_empty(stats, dtype=torch.float32), y0.new_empty(stats, dtype=torch.float32))
+    return (
+        y0.new_empty((m, n)),
+        y0.new_empty((m, lora_a.shape[0])),
+        y0.new_empty((m, n) if has_norm and save_for_backward else (0,)),
+        y0.new_empty(stats, dtype=torch.float32),
+        y0.new_empty(stats, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("flexigpt::shared_lora_linear_epilogue_bwd", mutates_args=())
-def _bwd_op(grad_out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-            norm_weight: Optional[Tensor], shrink: Tensor, y_pre: Tensor, mean: Tensor, rstd: Tensor
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd_op(
+    grad_out: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    norm_weight: Tensor | None,
+    shrink: Tensor,
+    y_pre: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_y0, grad_x, grad_a, grad_b, grad_bias [N] fp32, grad_norm_weight [N] fp32 or (0,))."""
     upcast = x.shape[0] == 0 or upcast_for(x.device, x.dtype)
     saved = ForwardResult(x.new_empty((0,)), shrink, y_pre, mean, rstd)
     with _no_autocast(x):
-        gy0, gx, ga, gb, gbias, gnorm = epilogue_aten.backward(grad_out, x, lora_a, lora_b, scale, norm_weight,
-                                                               saved, upcast)
+        gy0, gx, ga, gb, gbias, gnorm = epilogue_aten.backward(
+            grad_out, x, lora_a, lora_b, scale, norm_weight, saved, upcast
+        )
     gy0 = gy0.to(grad_out.dtype)
     if gy0.data_ptr() == grad_out.data_ptr():
         gy0 = gy0.clone()  # an op's output must not alias its input
-    return (gy0, gx.to(x.dtype), ga.to(lora_a.dtype), gb.to(lora_b.dtype), gbias.float(),
-            gnorm.float() if gnorm is not None else x.new_empty((0,), dtype=torch.float32))
+    return (
+        gy0,
+        gx.to(x.dtype),
+        ga.to(lora_a.dtype),
+        gb.to(lora_b.dtype),
+        gbias.float(),
+        gnorm.float() if gnorm is not None else x.new_empty((0,), dtype=torch.float32),
+    )
 
 
 @_bwd_op.register_fake
 def _bwd_fake(grad_out, x, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd):
     n = grad_out.shape[1]
-    return (grad_out.new_empty(grad_out.shape), x.new_empty(x.shape), torch.empty_like(lora_a),
-            torch.empty_like(lora_b), x.new_empty((n,), dtype=torch.float32),
-            x.new_empty((n,) if norm_weight is not None else (0,), dtype=torch.float32))
+    return (
+        grad_out.new_empty(grad_out.shape),
+        x.new_empty(x.shape),
+        torch.empty_like(lora_a),
+        torch.empty_like(lora_b),
+        x.new_empty((n,), dtype=torch.float32),
+        x.new_empty((n,) if norm_weight is not None else (0,), dtype=torch.float32),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -92,8 +127,18 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(shrink, y_pre, mean, rstd)
     # Called directly with save_for_backward=False, the op did not keep y_pre: recompute it.
     ctx.recompute = norm_weight is not None and not save_for_backward
-    ctx.save_for_backward(x, lora_a, lora_b, norm_weight, shrink, y_pre, mean, rstd,
-                          y0 if ctx.recompute else None, bias if ctx.recompute else None)
+    ctx.save_for_backward(
+        x,
+        lora_a,
+        lora_b,
+        norm_weight,
+        shrink,
+        y_pre,
+        mean,
+        rstd,
+        y0 if ctx.recompute else None,
+        bias if ctx.recompute else None,
+    )
     ctx.scale, ctx.eps = scale, eps
     ctx.dtypes = [t.dtype if t is not None else None for t in (y0, bias, residual)]
 
@@ -103,14 +148,24 @@ def _backward(ctx, grad_out, *_unused):
     needs = ctx.needs_input_grad
     if ctx.recompute:
         y_pre = torch.ops.flexigpt.shared_lora_linear_epilogue_fwd(
-            y0, x, lora_a, lora_b, ctx.scale, bias, norm_weight, ctx.eps, None, True)[2]
+            y0, x, lora_a, lora_b, ctx.scale, bias, norm_weight, ctx.eps, None, True
+        )[2]
     gy0, gx, ga, gb, gbias, gnorm = torch.ops.flexigpt.shared_lora_linear_epilogue_bwd(
-        grad_out, x, lora_a, lora_b, ctx.scale, norm_weight, shrink, y_pre, mean, rstd)
+        grad_out, x, lora_a, lora_b, ctx.scale, norm_weight, shrink, y_pre, mean, rstd
+    )
     y0_dtype, bias_dtype, residual_dtype = ctx.dtypes
-    return (gy0.to(y0_dtype) if needs[0] else None, gx if needs[1] else None, ga if needs[2] else None,
-            gb if needs[3] else None, None, gbias.to(bias_dtype) if needs[5] else None,
-            gnorm.to(norm_weight.dtype) if needs[6] else None, None,
-            grad_out.to(residual_dtype) if needs[8] else None, None)
+    return (
+        gy0.to(y0_dtype) if needs[0] else None,
+        gx if needs[1] else None,
+        ga if needs[2] else None,
+        gb if needs[3] else None,
+        None,
+        gbias.to(bias_dtype) if needs[5] else None,
+        gnorm.to(norm_weight.dtype) if needs[6] else None,
+        None,
+        grad_out.to(residual_dtype) if needs[8] else None,
+        None,
+    )
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -122,11 +177,11 @@ def shared_lora_linear_epilogue(
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float = 1.0,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     *,
-    norm_weight: Optional[Tensor] = None,
+    norm_weight: Tensor | None = None,
     eps: float = 1e-5,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """y = [residual +] [gamma * LayerNorm_noBias](y0 + bias + scale (x @ lora_a.T) @ lora_b.T)
 
@@ -144,9 +199,21 @@ def shared_lora_linear_epilogue(
     if not needs_grad and y2d.shape[0] > 0 and not torch.compiler.is_compiling():
         # inference: no autograd, no tracing, so skip the dispatcher round trip
         with _no_autocast(y0):
-            out = epilogue_aten.forward(y2d, x2d, lora_a, lora_b, float(scale), bias, norm_weight, float(eps),
-                                        res2d, False, upcast_for(y0.device, y0.dtype)).out
+            out = epilogue_aten.forward(
+                y2d,
+                x2d,
+                lora_a,
+                lora_b,
+                float(scale),
+                bias,
+                norm_weight,
+                float(eps),
+                res2d,
+                False,
+                upcast_for(y0.device, y0.dtype),
+            ).out
         return out.reshape(*lead, n)
     out = torch.ops.flexigpt.shared_lora_linear_epilogue_fwd(
-        y2d, x2d, lora_a, lora_b, float(scale), bias, norm_weight, float(eps), res2d, needs_grad)[0]
+        y2d, x2d, lora_a, lora_b, float(scale), bias, norm_weight, float(eps), res2d, needs_grad
+    )[0]
     return out.reshape(*lead, n)

@@ -14,17 +14,25 @@ Backward (g [M, N]; dy = g without a norm, else
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from .reference import ForwardResult
 
 
-def forward(y0: Tensor, x2d: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, bias: Optional[Tensor],
-            norm_weight: Optional[Tensor], eps: float, residual2d: Optional[Tensor], save_for_backward: bool,
-            upcast: bool = False) -> ForwardResult:
+def forward(
+    y0: Tensor,
+    x2d: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    norm_weight: Tensor | None,
+    eps: float,
+    residual2d: Tensor | None,
+    save_for_backward: bool,
+    upcast: bool = False,
+) -> ForwardResult:
     """ForwardResult(out [M, N] in y0's dtype, shrink [M, r], y_pre [M, N] | (0,), mean, rstd [M] fp32 | (0,))."""
     dt = y0.dtype
     ct = torch.float32 if upcast else dt
@@ -46,8 +54,16 @@ def forward(y0: Tensor, x2d: Tensor, lora_a: Tensor, lora_b: Tensor, scale: floa
     return ForwardResult(y.to(dt), shrink.to(dt), y_pre, mean, rstd)
 
 
-def backward(grad_out: Tensor, x2d: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-             norm_weight: Optional[Tensor], saved: ForwardResult, upcast: bool = False):
+def backward(
+    grad_out: Tensor,
+    x2d: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    norm_weight: Tensor | None,
+    saved: ForwardResult,
+    upcast: bool = False,
+):
     """(grad_y0, grad_x, grad_a, grad_b, grad_bias fp32, grad_norm_weight fp32 | None), in the
     compute dtype (the caller casts)."""
     ct = torch.float32 if upcast else x2d.dtype
@@ -58,8 +74,7 @@ def backward(grad_out: Tensor, x2d: Tensor, lora_a: Tensor, lora_b: Tensor, scal
         xhat = (saved.y_pre.float() - saved.mean[:, None]) * saved.rstd[:, None]
         grad_norm = (g * xhat).sum(0)
         gg = g * norm_weight.float()
-        dy = (saved.rstd[:, None] * (gg - gg.mean(-1, keepdim=True)
-                                     - xhat * (gg * xhat).mean(-1, keepdim=True))).to(ct)
+        dy = (saved.rstd[:, None] * (gg - gg.mean(-1, keepdim=True) - xhat * (gg * xhat).mean(-1, keepdim=True))).to(ct)
     else:
         dy = grad_out.to(ct)
     t = torch.mm(dy, lora_b.to(ct)).mul_(scale)

@@ -14,7 +14,7 @@ Tests and benchmarks import this module as the ground truth; the backends must m
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,10 +46,10 @@ def reference_forward(
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float,
-    bias: Optional[Tensor],
-    norm_weight: Optional[Tensor],
+    bias: Tensor | None,
+    norm_weight: Tensor | None,
     eps: float,
-    residual2d: Optional[Tensor],
+    residual2d: Tensor | None,
 ) -> ForwardResult:
     """Forward on flattened x [M, K]; returns the output and the saved intermediates."""
     xf = x2d.float()
@@ -74,10 +74,10 @@ def reference_backward(
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float,
-    norm_weight: Optional[Tensor],
+    norm_weight: Tensor | None,
     saved: ForwardResult,
     needs_weight_grad: bool,
-) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of the op from the saved intermediates, in fp32.
 
     With g = grad_out [M, N] and, when the norm is present, xhat = (y_pre - mean) * rstd:
@@ -94,9 +94,7 @@ def reference_backward(
         xhat = (saved.y_pre.float() - saved.mean[:, None]) * saved.rstd[:, None]
         grad_norm_weight = (g * xhat).sum(0)
         gg = g * norm_weight.float()
-        dy = saved.rstd[:, None] * (
-            gg - gg.mean(-1, keepdim=True) - xhat * (gg * xhat).mean(-1, keepdim=True)
-        )
+        dy = saved.rstd[:, None] * (gg - gg.mean(-1, keepdim=True) - xhat * (gg * xhat).mean(-1, keepdim=True))
     else:
         dy = g
     xf = x2d.float()
@@ -115,11 +113,11 @@ def shared_lora_linear_reference(
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float = 1.0,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     *,
-    norm_weight: Optional[Tensor] = None,
+    norm_weight: Tensor | None = None,
     eps: float = 1e-5,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """The op's specification, differentiable through plain autograd. Shapes as in the module doc."""
     lead = x.shape[:-1]
@@ -136,11 +134,11 @@ def unfused_peft_style(
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float = 1.0,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     *,
-    norm_weight: Optional[Tensor] = None,
+    norm_weight: Tensor | None = None,
     eps: float = 1e-5,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """What a user writes without this package (PEFT's LoRA + a separate LayerNorm), in x's
     dtype: base matmul, shrink, expand, add, layer norm, residual add. The benchmarks' baseline."""
@@ -162,7 +160,7 @@ def shared_lora_linear_stacked_reference(
     lora_as,
     lora_bs,
     scales,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Spec of the multi-slice op, in fp32, differentiable through plain autograd.
 
@@ -185,11 +183,11 @@ def shared_lora_linear_epilogue_reference(
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float = 1.0,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     *,
-    norm_weight: Optional[Tensor] = None,
+    norm_weight: Tensor | None = None,
     eps: float = 1e-5,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Spec of the epilogue op (the single op with its base product y0 = x @ W.T supplied),
     in fp32, differentiable through plain autograd.

@@ -19,7 +19,7 @@ bfloat16; other dtypes take the reference); triton, and anything on CUDA -> stac
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -54,8 +54,14 @@ def _impl(x: Tensor):
 
 
 @torch.library.custom_op("flexigpt::shared_lora_linear_stacked_fwd", mutates_args=())
-def _fwd_op(x: Tensor, weight: Tensor, lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor],
-            scales: Sequence[float], bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _fwd_op(
+    x: Tensor,
+    weight: Tensor,
+    lora_as: Sequence[Tensor],
+    lora_bs: Sequence[Tensor],
+    scales: Sequence[float],
+    bias: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     """x [M, K] (2-D) -> (out [M, N], shrink [M, sum r_i]) in x's dtype."""
     impl, upcast = _impl(x)
     with _no_autocast(x):
@@ -68,26 +74,41 @@ def _fwd_fake(x, weight, lora_as, lora_bs, scales, bias):
 
 
 @torch.library.custom_op("flexigpt::shared_lora_linear_stacked_bwd", mutates_args=())
-def _bwd_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor],
-            scales: Sequence[float], shrink: Tensor, needs_weight_grad: bool
-            ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor]:
+def _bwd_op(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_as: Sequence[Tensor],
+    lora_bs: Sequence[Tensor],
+    scales: Sequence[float],
+    shrink: Tensor,
+    needs_weight_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor]:
     """Returns (grad_x, grad_weight or (0,), grad of the concatenated A [sum r_i, K],
     [grad_B_i], grad_bias [N] fp32)."""
     impl, upcast = _impl(x)
     with _no_autocast(x):
-        gx, gw, ga, gbs, gbias = impl.backward(grad_out, x, weight, stacked_aten.concat_rows(lora_as), lora_bs,
-                                               scales, shrink, needs_weight_grad, upcast)
-    return (gx.to(x.dtype), gw.to(weight.dtype) if gw is not None else x.new_empty((0,)),
-            ga.to(x.dtype), [g.to(b.dtype) for g, b in zip(gbs, lora_bs)], gbias.float())
+        gx, gw, ga, gbs, gbias = impl.backward(
+            grad_out, x, weight, stacked_aten.concat_rows(lora_as), lora_bs, scales, shrink, needs_weight_grad, upcast
+        )
+    return (
+        gx.to(x.dtype),
+        gw.to(weight.dtype) if gw is not None else x.new_empty((0,)),
+        ga.to(x.dtype),
+        [g.to(b.dtype) for g, b in zip(gbs, lora_bs)],
+        gbias.float(),
+    )
 
 
 @_bwd_op.register_fake
 def _bwd_fake(grad_out, x, weight, lora_as, lora_bs, scales, shrink, needs_weight_grad):
-    return (x.new_empty(x.shape),
-            weight.new_empty(weight.shape) if needs_weight_grad else x.new_empty((0,)),
-            x.new_empty((sum(a.shape[0] for a in lora_as), x.shape[1])),
-            [torch.empty_like(b) for b in lora_bs],
-            x.new_empty((weight.shape[0],), dtype=torch.float32))
+    return (
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape) if needs_weight_grad else x.new_empty((0,)),
+        x.new_empty((sum(a.shape[0] for a in lora_as), x.shape[1])),
+        [torch.empty_like(b) for b in lora_bs],
+        x.new_empty((weight.shape[0],), dtype=torch.float32),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -102,13 +123,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_shrink):
     x, weight, shrink, *ab = ctx.saved_tensors
-    lora_as, lora_bs = ab[:ctx.parts], ab[ctx.parts:]
+    lora_as, lora_bs = ab[: ctx.parts], ab[ctx.parts :]
     needs = ctx.needs_input_grad
     gx, gw, ga, gbs, gbias = torch.ops.flexigpt.shared_lora_linear_stacked_bwd(
-        grad_out, x, weight, lora_as, lora_bs, ctx.scales, shrink, needs[1])
-    return (gx if needs[0] else None, gw if needs[1] else None,
-            list(ga.split(ctx.ranks, 0)) if needs[2] else None, list(gbs) if needs[3] else None,
-            None, gbias.to(ctx.bias_dtype) if needs[5] else None)
+        grad_out, x, weight, lora_as, lora_bs, ctx.scales, shrink, needs[1]
+    )
+    return (
+        gx if needs[0] else None,
+        gw if needs[1] else None,
+        list(ga.split(ctx.ranks, 0)) if needs[2] else None,
+        list(gbs) if needs[3] else None,
+        None,
+        gbias.to(ctx.bias_dtype) if needs[5] else None,
+    )
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -120,7 +147,7 @@ def shared_lora_linear_stacked(
     lora_as: Sequence[Tensor],
     lora_bs: Sequence[Tensor],
     scales: Sequence[float],
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """y = x @ weight.T + bias; y[..., c_i:c_i+n_i] += scales[i] * (x @ lora_as[i].T) @ lora_bs[i].T
 

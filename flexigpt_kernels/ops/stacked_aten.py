@@ -18,7 +18,7 @@ Backward (dy [M, N], t_i = scales[i] dy_i @ B_i, t = [t_0 | t_1 | ...] [M, R]):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,19 +35,30 @@ def concat_rows(parts: Sequence[Tensor]) -> Tensor:
     storage = first.untyped_storage().data_ptr()
     offset = first.storage_offset()
     for p in parts:
-        if (p.stride(1) != 1 and k > 1) or (p.shape[0] > 1 and p.stride(0) != k) \
-                or p.storage_offset() != offset or p.untyped_storage().data_ptr() != storage:
+        if (
+            (p.stride(1) != 1 and k > 1)
+            or (p.shape[0] > 1 and p.stride(0) != k)
+            or p.storage_offset() != offset
+            or p.untyped_storage().data_ptr() != storage
+        ):
             return torch.cat(list(parts), 0)
         offset += p.shape[0] * k
     return first.as_strided((sum(p.shape[0] for p in parts), k), (k, 1))
 
 
-def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t if t is None or dtype is None else t.to(dtype)
 
 
-def forward(x2d: Tensor, weight: Tensor, a_cat: Tensor, lora_bs: Sequence[Tensor], scales: Sequence[float],
-            bias: Optional[Tensor], upcast: bool = False) -> tuple[Tensor, Tensor]:
+def forward(
+    x2d: Tensor,
+    weight: Tensor,
+    a_cat: Tensor,
+    lora_bs: Sequence[Tensor],
+    scales: Sequence[float],
+    bias: Tensor | None,
+    upcast: bool = False,
+) -> tuple[Tensor, Tensor]:
     """(out [M, N], shrink [M, R]), both in x's dtype."""
     ct = torch.float32 if upcast else None
     x, w, a = _cast(x2d, ct), _cast(weight, ct), _cast(a_cat, ct)
@@ -64,13 +75,22 @@ def add_expands(out: Tensor, shrink: Tensor, lora_bs: Sequence[Tensor], scales: 
     col = off = 0
     for b, s in zip(lora_bs, scales):
         n, r = b.shape
-        out[:, col:col + n].addmm_(shrink[:, off:off + r], b.t(), alpha=s)
+        out[:, col : col + n].addmm_(shrink[:, off : off + r], b.t(), alpha=s)
         col, off = col + n, off + r
     return out
 
 
-def backward(grad_out: Tensor, x2d: Tensor, weight: Tensor, a_cat: Tensor, lora_bs: Sequence[Tensor],
-             scales: Sequence[float], shrink: Tensor, needs_weight_grad: bool, upcast: bool = False):
+def backward(
+    grad_out: Tensor,
+    x2d: Tensor,
+    weight: Tensor,
+    a_cat: Tensor,
+    lora_bs: Sequence[Tensor],
+    scales: Sequence[float],
+    shrink: Tensor,
+    needs_weight_grad: bool,
+    upcast: bool = False,
+):
     """(grad_x, grad_weight | None, grad_a_cat [R, K], [grad_B_i], grad_bias fp32), in the
     compute dtype (the caller casts)."""
     ct = torch.float32 if upcast else x2d.dtype
@@ -79,9 +99,9 @@ def backward(grad_out: Tensor, x2d: Tensor, weight: Tensor, a_cat: Tensor, lora_
     col = off = 0
     for b, s in zip(lora_bs, scales):
         n, r = b.shape
-        g_i = g[:, col:col + n]
+        g_i = g[:, col : col + n]
         ts.append(torch.mm(g_i, b.to(ct)).mul_(s))
-        grad_bs.append(torch.mm(g_i.t(), s_all[:, off:off + r]).mul_(s))
+        grad_bs.append(torch.mm(g_i.t(), s_all[:, off : off + r]).mul_(s))
         col, off = col + n, off + r
     t = ts[0] if len(ts) == 1 else torch.cat(ts, 1)
     grad_x = torch.mm(g, weight.to(ct)).addmm_(t, a_cat.to(ct))

@@ -14,7 +14,7 @@ the scalings and grad_bias are torch ops.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -22,12 +22,19 @@ from torch import Tensor
 from .triton.linear_lora import FUSED_SHRINK_MAX_M, LORA_FUSED, LORA_PRECOMPUTED, linear_lora
 
 
-def _slice(t: Optional[Tensor], start: int, size: int) -> Optional[Tensor]:
-    return None if t is None else t[start:start + size]
+def _slice(t: Tensor | None, start: int, size: int) -> Tensor | None:
+    return None if t is None else t[start : start + size]
 
 
-def forward(x2d: Tensor, weight: Tensor, a_cat: Tensor, lora_bs: Sequence[Tensor], scales: Sequence[float],
-            bias: Optional[Tensor], upcast: bool = False) -> tuple[Tensor, Tensor]:
+def forward(
+    x2d: Tensor,
+    weight: Tensor,
+    a_cat: Tensor,
+    lora_bs: Sequence[Tensor],
+    scales: Sequence[float],
+    bias: Tensor | None,
+    upcast: bool = False,
+) -> tuple[Tensor, Tensor]:
     m = x2d.shape[0]
     out = torch.empty((m, weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
     shrink = torch.empty((m, a_cat.shape[0]), device=x2d.device, dtype=x2d.dtype)
@@ -38,15 +45,32 @@ def forward(x2d: Tensor, weight: Tensor, a_cat: Tensor, lora_bs: Sequence[Tensor
     col = off = 0
     for b, s in zip(lora_bs, scales):
         n, r = b.shape
-        linear_lora(x2d, weight[col:col + n], out=out[:, col:col + n], bias=_slice(bias, col, n),
-                    lora_a=a_cat[off:off + r], lora_b=b, scale=s, shrink=shrink[:, off:off + r],
-                    mode=LORA_FUSED if fused else LORA_PRECOMPUTED)
+        linear_lora(
+            x2d,
+            weight[col : col + n],
+            out=out[:, col : col + n],
+            bias=_slice(bias, col, n),
+            lora_a=a_cat[off : off + r],
+            lora_b=b,
+            scale=s,
+            shrink=shrink[:, off : off + r],
+            mode=LORA_FUSED if fused else LORA_PRECOMPUTED,
+        )
         col, off = col + n, off + r
     return out, shrink
 
 
-def backward(grad_out: Tensor, x2d: Tensor, weight: Tensor, a_cat: Tensor, lora_bs: Sequence[Tensor],
-             scales: Sequence[float], shrink: Tensor, needs_weight_grad: bool, upcast: bool = False):
+def backward(
+    grad_out: Tensor,
+    x2d: Tensor,
+    weight: Tensor,
+    a_cat: Tensor,
+    lora_bs: Sequence[Tensor],
+    scales: Sequence[float],
+    shrink: Tensor,
+    needs_weight_grad: bool,
+    upcast: bool = False,
+):
     m, k = x2d.shape
     g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     g = g.to(x2d.dtype)
@@ -56,14 +80,15 @@ def backward(grad_out: Tensor, x2d: Tensor, weight: Tensor, a_cat: Tensor, lora_
     col = off = 0
     for b, s in zip(lora_bs, scales):
         n, r = b.shape
-        g_i = g[:, col:col + n]
-        linear_lora(g_i, b.t(), out=t[:, off:off + r])
-        t[:, off:off + r].mul_(s)
-        grad_bs.append(linear_lora(g_i.t(), shrink[:, off:off + r].t(), out=torch.empty((n, r), **new)).mul_(s))
+        g_i = g[:, col : col + n]
+        linear_lora(g_i, b.t(), out=t[:, off : off + r])
+        t[:, off : off + r].mul_(s)
+        grad_bs.append(linear_lora(g_i.t(), shrink[:, off : off + r].t(), out=torch.empty((n, r), **new)).mul_(s))
         col, off = col + n, off + r
     # grad_x = dy @ W + t @ a_cat: the kernel's precomputed-shrink mode on transposed operands
-    grad_x = linear_lora(g, weight.t(), out=torch.empty((m, k), **new), lora_b=a_cat.t(), shrink=t,
-                         mode=LORA_PRECOMPUTED)
+    grad_x = linear_lora(
+        g, weight.t(), out=torch.empty((m, k), **new), lora_b=a_cat.t(), shrink=t, mode=LORA_PRECOMPUTED
+    )
     grad_a = linear_lora(t.t(), x2d.t(), out=torch.empty(tuple(a_cat.shape), **new))
     grad_w = linear_lora(g.t(), x2d.t(), out=torch.empty(tuple(weight.shape), **new)) if needs_weight_grad else None
     return grad_x, grad_w, grad_a, grad_bs, g.sum(0, dtype=torch.float32)

@@ -16,8 +16,12 @@ from .helpers import TOL, assert_close_scaled
 
 # (leading dims of x, K, part widths, part ranks): M = 1 / 3 / 70 (past the fused-shrink
 # limit of the Triton path), 3-D x, widths and K not multiples of 16, rank 1, one part.
-SHAPES = [((1,), 100, (40, 24, 24), (1, 3, 5)), ((3,), 70, (90, 17), (4, 1)),
-          ((2, 3), 33, (31,), (2,)), ((70,), 48, (64, 36, 20), (8, 16, 2))]
+SHAPES = [
+    ((1,), 100, (40, 24, 24), (1, 3, 5)),
+    ((3,), 70, (90, 17), (4, 1)),
+    ((2, 3), 33, (31,), (2,)),
+    ((70,), 48, (64, 36, 20), (8, 16, 2)),
+]
 SCALES = (0.7, -1.3, 2.0)
 FWD = torch.ops.flexigpt.shared_lora_linear_stacked_fwd.default
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -30,10 +34,14 @@ def operands(lead, k, widths, ranks, dtype, *, bias=True, weight_grad=True, seed
         return (torch.randn(*shape, generator=g) * std).to(dtype).requires_grad_()
 
     n = sum(widths)
-    return {"x": rnd(*lead, k), "weight": rnd(n, k, std=k ** -0.5).requires_grad_(weight_grad),
-            "lora_as": [rnd(r, k, std=k ** -0.5) for r in ranks],
-            "lora_bs": [rnd(w, r, std=r ** -0.5) for w, r in zip(widths, ranks)],
-            "scales": list(SCALES[:len(ranks)]), "bias": rnd(n) if bias else None}
+    return {
+        "x": rnd(*lead, k),
+        "weight": rnd(n, k, std=k**-0.5).requires_grad_(weight_grad),
+        "lora_as": [rnd(r, k, std=k**-0.5) for r in ranks],
+        "lora_bs": [rnd(w, r, std=r**-0.5) for w, r in zip(widths, ranks)],
+        "scales": list(SCALES[: len(ranks)]),
+        "bias": rnd(n) if bias else None,
+    }
 
 
 def leaves(ops):
@@ -63,8 +71,14 @@ def as_double(ops):
     def d(t):
         return t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
 
-    return {k: ([d(t) for t in v] if isinstance(v, list) and k != "scales" else
-                (d(v) if isinstance(v, torch.Tensor) or v is None else v)) for k, v in ops.items()}
+    return {
+        k: (
+            [d(t) for t in v]
+            if isinstance(v, list) and k != "scales"
+            else (d(v) if isinstance(v, torch.Tensor) or v is None else v)
+        )
+        for k, v in ops.items()
+    }
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
@@ -85,25 +99,30 @@ def test_equals_one_single_op_call_per_part(backend):
     """The stacked call is the per-part single op with the weight's row blocks, concatenated."""
     ops = operands((5,), 37, (23, 9, 9), (3, 1, 2), torch.float32)
     with use_backend(backend), torch.no_grad():
-        got = shared_lora_linear_stacked(ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"],
-                                         ops["bias"])
+        got = shared_lora_linear_stacked(
+            ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"], ops["bias"]
+        )
         parts, col = [], 0
         for a, b, s in zip(ops["lora_as"], ops["lora_bs"], ops["scales"]):
             n = b.shape[0]
-            parts.append(shared_lora_linear(ops["x"], ops["weight"][col:col + n], a, b, s, ops["bias"][col:col + n]))
+            parts.append(
+                shared_lora_linear(ops["x"], ops["weight"][col : col + n], a, b, s, ops["bias"][col : col + n])
+            )
             col += n
     assert_close_scaled(got, torch.cat(parts, -1), 1e-5, "stacked vs per part")
 
 
 def test_frozen_weight_gets_no_gradient_and_inference_path_matches():
     ops = operands((4,), 20, (8, 8), (2, 2), torch.float32, weight_grad=False)
-    out = shared_lora_linear_stacked(ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"],
-                                     ops["bias"])
+    out = shared_lora_linear_stacked(
+        ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"], ops["bias"]
+    )
     out.sum().backward()
     assert ops["weight"].grad is None and ops["lora_as"][1].grad is not None
     with torch.no_grad():  # the fast path that skips the dispatcher
-        again = shared_lora_linear_stacked(ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"],
-                                           ops["scales"], ops["bias"])
+        again = shared_lora_linear_stacked(
+            ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"], ops["bias"]
+        )
     assert torch.equal(out.detach(), again)
 
 
@@ -121,12 +140,20 @@ def test_concat_rows_reads_views_of_one_buffer_in_place():
 def test_opcheck(backend):
     ops = operands((5,), 24, (12, 6, 6), (3, 1, 2), torch.float32)
     with use_backend(backend):
-        torch.library.opcheck(FWD, (ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"],
-                                    ops["bias"]))
-        nograd = {k: ([t.detach() for t in v] if k in ("lora_as", "lora_bs") else
-                      (v.detach() if isinstance(v, torch.Tensor) else v)) for k, v in ops.items()}
-        torch.library.opcheck(FWD, (nograd["x"], nograd["weight"], nograd["lora_as"], nograd["lora_bs"],
-                                    nograd["scales"], None))
+        torch.library.opcheck(
+            FWD, (ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"], ops["bias"])
+        )
+        nograd = {
+            k: (
+                [t.detach() for t in v]
+                if k in ("lora_as", "lora_bs")
+                else (v.detach() if isinstance(v, torch.Tensor) else v)
+            )
+            for k, v in ops.items()
+        }
+        torch.library.opcheck(
+            FWD, (nograd["x"], nograd["weight"], nograd["lora_as"], nograd["lora_bs"], nograd["scales"], None)
+        )
 
 
 def assert_compiled_fullgraph_matches(fn, runner, ops, grad_out):
@@ -153,21 +180,26 @@ def _bad(**changes):
     return ops
 
 
-@pytest.mark.parametrize("changes,error,match", [
-    (dict(lora_as=[torch.randn(0, 8), torch.randn(1, 8)], lora_bs=[torch.randn(4, 0), torch.randn(3, 1)]),
-     ValueError, "part 0 has rank 0"),
-    (dict(lora_bs=[torch.randn(4, 2), torch.randn(2, 1)]), ValueError, r"widths \[4, 2\] .* sum to 6"),
-    (dict(lora_bs=[torch.randn(4, 3), torch.randn(3, 1)]), ValueError, r"lora_bs\[0\] must be"),
-    (dict(lora_as=[torch.randn(2, 9), torch.randn(1, 8)]), ValueError, r"lora_as\[0\] must be \[r_0, K\]"),
-    (dict(scales=[1.0]), ValueError, "one entry per part"),
-    (dict(scales=[1.0, float("nan")]), ValueError, r"scales\[1\] must be a finite float"),
-    (dict(bias=torch.randn(6)), ValueError, r"bias must be \[N\] = \[7\]"),
-    (dict(x=torch.randn(2, 9)), ValueError, "in_features K"),
-    (dict(lora_bs=[torch.randn(4, 2).double(), torch.randn(3, 1)]), TypeError, r"lora_bs\[0\] has dtype"),
-    (dict(lora_as=torch.randn(3, 8)), TypeError, "lora_as must be a list"),
-])
+@pytest.mark.parametrize(
+    "changes,error,match",
+    [
+        (
+            dict(lora_as=[torch.randn(0, 8), torch.randn(1, 8)], lora_bs=[torch.randn(4, 0), torch.randn(3, 1)]),
+            ValueError,
+            "part 0 has rank 0",
+        ),
+        (dict(lora_bs=[torch.randn(4, 2), torch.randn(2, 1)]), ValueError, r"widths \[4, 2\] .* sum to 6"),
+        (dict(lora_bs=[torch.randn(4, 3), torch.randn(3, 1)]), ValueError, r"lora_bs\[0\] must be"),
+        (dict(lora_as=[torch.randn(2, 9), torch.randn(1, 8)]), ValueError, r"lora_as\[0\] must be \[r_0, K\]"),
+        (dict(scales=[1.0]), ValueError, "one entry per part"),
+        (dict(scales=[1.0, float("nan")]), ValueError, r"scales\[1\] must be a finite float"),
+        (dict(bias=torch.randn(6)), ValueError, r"bias must be \[N\] = \[7\]"),
+        (dict(x=torch.randn(2, 9)), ValueError, "in_features K"),
+        (dict(lora_bs=[torch.randn(4, 2).double(), torch.randn(3, 1)]), TypeError, r"lora_bs\[0\] has dtype"),
+        (dict(lora_as=torch.randn(3, 8)), TypeError, "lora_as must be a list"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(changes, error, match):
     ops = _bad(**changes)
     with pytest.raises(error, match=match):
-        shared_lora_linear_stacked(ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"],
-                                   ops["bias"])
+        shared_lora_linear_stacked(ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"], ops["bias"])

@@ -29,8 +29,16 @@ def operands(lead, k, n, r, dtype, bias, norm, residual):
 
 
 def run(fn, ops, grad_out, scale=0.7):
-    out = fn(ops["y0"], ops["x"], ops["lora_a"], ops["lora_b"], scale, ops["bias"],
-             norm_weight=ops["norm_weight"], residual=ops["residual"])
+    out = fn(
+        ops["y0"],
+        ops["x"],
+        ops["lora_a"],
+        ops["lora_b"],
+        scale,
+        ops["bias"],
+        norm_weight=ops["norm_weight"],
+        residual=ops["residual"],
+    )
     names = [k for k in NAMES if ops[k] is not None and ops[k].requires_grad]
     return out, dict(zip(names, torch.autograd.grad(out, [ops[k] for k in names], grad_out)))
 
@@ -61,12 +69,26 @@ def test_equals_the_single_op_given_its_base_product(grad):
     assert_close_scaled(got, want, 1e-5, "epilogue vs single op")
 
 
-@pytest.mark.parametrize("bias,norm,residual,save", [(True, True, True, True), (True, True, False, False),
-                                                     (False, False, True, False)])
+@pytest.mark.parametrize(
+    "bias,norm,residual,save", [(True, True, True, True), (True, True, False, False), (False, False, True, False)]
+)
 def test_opcheck(bias, norm, residual, save):
     ops = operands((5,), 24, 20, 3, torch.float32, bias, norm, residual)
-    torch.library.opcheck(FWD, (ops["y0"], ops["x"], ops["lora_a"], ops["lora_b"], 0.7, ops["bias"],
-                                ops["norm_weight"], 1e-5, ops["residual"], save))
+    torch.library.opcheck(
+        FWD,
+        (
+            ops["y0"],
+            ops["x"],
+            ops["lora_a"],
+            ops["lora_b"],
+            0.7,
+            ops["bias"],
+            ops["norm_weight"],
+            1e-5,
+            ops["residual"],
+            save,
+        ),
+    )
 
 
 def test_compiles_fullgraph_forward_and_backward():
@@ -74,19 +96,37 @@ def test_compiles_fullgraph_forward_and_backward():
     assert_compiled_fullgraph_matches(shared_lora_linear_epilogue, run, ops, torch.randn(6, 12))
 
 
-@pytest.mark.parametrize("changes,error,match", [
-    (dict(y0=torch.randn(3, 6)), ValueError, "share their leading dimensions"),
-    (dict(lora_a=torch.randn(0, 8), lora_b=torch.randn(6, 0)), ValueError, "rank must be >= 1"),
-    (dict(lora_b=torch.randn(5, 2)), ValueError, r"lora_b must be \[N, r\] = \[6, 2\]"),
-    (dict(norm_weight=torch.randn(5)), ValueError, r"norm_weight must be \[N\] = \[6\]"),
-    (dict(residual=torch.randn(2, 5)), ValueError, "residual must have y0's shape"),
-    (dict(x=torch.randn(2, 8).double()), TypeError, "x has dtype"),
-    (dict(eps=0.0), ValueError, "eps must be a positive float"),
-])
+@pytest.mark.parametrize(
+    "changes,error,match",
+    [
+        (dict(y0=torch.randn(3, 6)), ValueError, "share their leading dimensions"),
+        (dict(lora_a=torch.randn(0, 8), lora_b=torch.randn(6, 0)), ValueError, "rank must be >= 1"),
+        (dict(lora_b=torch.randn(5, 2)), ValueError, r"lora_b must be \[N, r\] = \[6, 2\]"),
+        (dict(norm_weight=torch.randn(5)), ValueError, r"norm_weight must be \[N\] = \[6\]"),
+        (dict(residual=torch.randn(2, 5)), ValueError, "residual must have y0's shape"),
+        (dict(x=torch.randn(2, 8).double()), TypeError, "x has dtype"),
+        (dict(eps=0.0), ValueError, "eps must be a positive float"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(changes, error, match):
-    args = dict(y0=torch.randn(2, 6), x=torch.randn(2, 8), lora_a=torch.randn(2, 8), lora_b=torch.randn(6, 2),
-                norm_weight=None, residual=None, eps=1e-5)
+    args = dict(
+        y0=torch.randn(2, 6),
+        x=torch.randn(2, 8),
+        lora_a=torch.randn(2, 8),
+        lora_b=torch.randn(6, 2),
+        norm_weight=None,
+        residual=None,
+        eps=1e-5,
+    )
     args.update(changes)
     with pytest.raises(error, match=match):
-        shared_lora_linear_epilogue(args["y0"], args["x"], args["lora_a"], args["lora_b"], 1.0,
-                                    norm_weight=args["norm_weight"], eps=args["eps"], residual=args["residual"])
+        shared_lora_linear_epilogue(
+            args["y0"],
+            args["x"],
+            args["lora_a"],
+            args["lora_b"],
+            1.0,
+            norm_weight=args["norm_weight"],
+            eps=args["eps"],
+            residual=args["residual"],
+        )

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -92,13 +91,15 @@ class FlexiGPTSharedLinear(nn.Module):
     (output, None) as vLLM's linear layers do. `base` is held by reference, not registered:
     its weight belongs to the base block and appears once in the model's parameters."""
 
-    def __init__(self, base: nn.Module, parts: list[AdapterSpec], *, norm_eps: Optional[float] = None,
-                 base_gemm: str = "engine"):
+    def __init__(
+        self, base: nn.Module, parts: list[AdapterSpec], *, norm_eps: float | None = None, base_gemm: str = "engine"
+    ):
         super().__init__()
         sizes = list(base.output_partition_sizes)
         if len(sizes) != len(parts):
-            raise ValueError(f"{type(base).__name__} stacks {len(sizes)} projections, got adapters for "
-                             f"{[p.name for p in parts]}")
+            raise ValueError(
+                f"{type(base).__name__} stacks {len(sizes)} projections, got adapters for {[p.name for p in parts]}"
+            )
         if norm_eps is not None and len(parts) != 1:
             raise ValueError("an output norm follows a single projection (o_proj / down_proj)")
         if base_gemm not in BASE_GEMMS:
@@ -136,21 +137,25 @@ class FlexiGPTSharedLinear(nn.Module):
 
     # -- per-call pieces ---------------------------------------------------------------------
 
-    def _part_biases(self) -> list[Optional[Tensor]]:
+    def _part_biases(self) -> list[Tensor | None]:
         """Each part's bias: its own, else the base's rows (None without either)."""
         base_bias = getattr(self._base, "bias", None)
         out = []
         for (adapter, own), start in zip(zip(self.adapters.values(), self._own_bias), self._starts):
             size = adapter.lora_b.shape[0]
-            out.append(adapter.bias if own else (base_bias[start:start + size] if base_bias is not None else None))
+            out.append(adapter.bias if own else (base_bias[start : start + size] if base_bias is not None else None))
         return out
 
-    def _stacked_bias(self) -> Optional[Tensor]:
+    def _stacked_bias(self) -> Tensor | None:
         biases = self._part_biases()
         if all(b is None for b in biases):
             return None
-        return torch.cat([b if b is not None else self._lora_a.new_zeros(a.lora_b.shape[0])
-                          for b, a in zip(biases, self.adapters.values())]).to(self._lora_a.dtype)
+        return torch.cat(
+            [
+                b if b is not None else self._lora_a.new_zeros(a.lora_b.shape[0])
+                for b, a in zip(biases, self.adapters.values())
+            ]
+        ).to(self._lora_a.dtype)
 
     def _forward_engine(self, x: Tensor) -> Tensor:
         base, adapters = self._base, list(self.adapters.values())
@@ -159,26 +164,46 @@ class FlexiGPTSharedLinear(nn.Module):
         y0 = base.quant_method.apply(base, x, None if own else getattr(base, "bias", None))
         if self.output_norm is not None:
             a = adapters[0]
-            return shared_lora_linear_epilogue(y0, x, a.lora_a, a.lora_b, a.scale, a.bias if own else None,
-                                               norm_weight=self.output_norm.weight, eps=self.output_norm.eps)
+            return shared_lora_linear_epilogue(
+                y0,
+                x,
+                a.lora_a,
+                a.lora_b,
+                a.scale,
+                a.bias if own else None,
+                norm_weight=self.output_norm.weight,
+                eps=self.output_norm.eps,
+            )
         shrink = torch.mm(x, concat_rows([a.lora_a for a in adapters]).t())  # reads the A buffer in place
         add_expands(y0, shrink, [a.lora_b for a in adapters], [a.scale for a in adapters])
         if own:
             for b, start in zip(self._part_biases(), self._starts):
                 if b is not None:
-                    y0[:, start:start + b.shape[0]] += b
+                    y0[:, start : start + b.shape[0]] += b
         return y0
 
     def _forward_op(self, x: Tensor) -> Tensor:
         adapters = list(self.adapters.values())
         if len(adapters) == 1:
             a, norm = adapters[0], self.output_norm
-            return shared_lora_linear(x, self._base.weight, a.lora_a, a.lora_b, a.scale, self._part_biases()[0],
-                                      norm_weight=norm.weight if norm is not None else None,
-                                      eps=norm.eps if norm is not None else 1e-5)
-        return shared_lora_linear_stacked(x, self._base.weight, [a.lora_a for a in adapters],
-                                          [a.lora_b for a in adapters], [a.scale for a in adapters],
-                                          self._stacked_bias())
+            return shared_lora_linear(
+                x,
+                self._base.weight,
+                a.lora_a,
+                a.lora_b,
+                a.scale,
+                self._part_biases()[0],
+                norm_weight=norm.weight if norm is not None else None,
+                eps=norm.eps if norm is not None else 1e-5,
+            )
+        return shared_lora_linear_stacked(
+            x,
+            self._base.weight,
+            [a.lora_a for a in adapters],
+            [a.lora_b for a in adapters],
+            [a.scale for a in adapters],
+            self._stacked_bias(),
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
         lead = x.shape[:-1]
@@ -187,5 +212,7 @@ class FlexiGPTSharedLinear(nn.Module):
         return out.reshape(*lead, out.shape[-1]), None
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"parts={list(self.adapters)}, shares={type(self._base).__name__}, base_gemm={self.base_gemm}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"parts={list(self.adapters)}, shares={type(self._base).__name__}, base_gemm={self.base_gemm}"
+        )

@@ -31,8 +31,9 @@ block's base may sit in another shard or stage), quantization, vLLM's own LoRA a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,16 +69,20 @@ def read_record(model: str, revision: str | None = None) -> dict[str, Any]:
 
             path = Path(hf_hub_download(model, FLEXIGPT_CONFIG_NAME, revision=revision))
         except Exception as exc:  # noqa: BLE001 - any failure means: not a FlexiGPT checkpoint
-            raise FileNotFoundError(f"{model}: no {FLEXIGPT_CONFIG_NAME}; its config.json names a FlexiGPT "
-                                    f"architecture, but the sharing map is missing") from exc
+            raise FileNotFoundError(
+                f"{model}: no {FLEXIGPT_CONFIG_NAME}; its config.json names a FlexiGPT "
+                f"architecture, but the sharing map is missing"
+            ) from exc
     return read_manifest(path)
 
 
 def _check_supported(vllm_config: VllmConfig) -> None:
     if get_tensor_model_parallel_world_size() > 1 or get_pp_group().world_size > 1:
-        raise NotImplementedError("FlexiGPT models run in vLLM with tensor_parallel_size=1 and "
-                                  "pipeline_parallel_size=1 only (a replacement block reads its base "
-                                  "block's weights, which another rank or stage would hold)")
+        raise NotImplementedError(
+            "FlexiGPT models run in vLLM with tensor_parallel_size=1 and "
+            "pipeline_parallel_size=1 only (a replacement block reads its base "
+            "block's weights, which another rank or stage would hold)"
+        )
     if vllm_config.quant_config is not None:
         raise NotImplementedError("FlexiGPT models run in vLLM unquantized only")
     if vllm_config.lora_config is not None:
@@ -103,8 +108,10 @@ class FlexiGPTMixin:
         base_gemm = base_gemm_from_env()
         for i, j in sorted(base_map.items()):
             if i in base_map.values() or not (0 <= i < len(layers) and 0 <= j < len(layers)):
-                raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: base_map {i} -> {j} does not fit a model of "
-                                 f"{len(layers)} blocks whose replacement blocks own no weights")
+                raise ValueError(
+                    f"{FLEXIGPT_CONFIG_NAME}: base_map {i} -> {j} does not fit a model of "
+                    f"{len(layers)} blocks whose replacement blocks own no weights"
+                )
             block, base_block = layers[i], layers[j]
             for stack, sub, names in _STACKS:
                 ckpt = f"model.layers.{i}.{sub}"
@@ -112,8 +119,10 @@ class FlexiGPTMixin:
                 for name in names:
                     spec = shared.get(ckpt + name)
                     if spec is None:
-                        raise ValueError(f"{FLEXIGPT_CONFIG_NAME}: block {i} is a replacement block but "
-                                         f"{ckpt + name} is not among its shared linears")
+                        raise ValueError(
+                            f"{FLEXIGPT_CONFIG_NAME}: block {i} is a replacement block but "
+                            f"{ckpt + name} is not among its shared linears"
+                        )
                     specs.append(AdapterSpec(name, int(spec["rank"]), float(spec["scale"]), bool(spec["own_bias"])))
                 eps = norms.get(f"{ckpt}{names[0]}.output_norm")
                 base = base_block.get_submodule(stack)
@@ -135,8 +144,9 @@ class FlexiGPTMixin:
                     yield name, tensor
                     continue
                 if param.shape != tensor.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects "
-                                     f"{tuple(param.shape)}")
+                    raise ValueError(
+                        f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}"
+                    )
                 param.data.copy_(tensor)
                 loaded.add(names[id(param)])
 
@@ -179,10 +189,15 @@ def held_weights(model: nn.Module) -> dict[str, int]:
             numel += storages[key] // p.element_size()
     packed = [m for m in model.modules() if isinstance(m, LinearBase) and m.weight.numel() == 0]
     packed_numel = sum(sum(m.output_partition_sizes) * m.input_size_per_partition for m in packed)
-    packed_bytes = sum(sum(m.output_partition_sizes) * m.input_size_per_partition * m.weight.element_size()
-                       for m in packed)
+    packed_bytes = sum(
+        sum(m.output_partition_sizes) * m.input_size_per_partition * m.weight.element_size() for m in packed
+    )
     modules = {id(m) for m in model.modules()}
     shared = [m for m in model.modules() if isinstance(m, FlexiGPTSharedLinear)]
-    return {"bytes": sum(storages.values()) + packed_bytes, "numel": numel + packed_numel,
-            "packed_linears": len(packed), "replacement_linears": len(shared),
-            "sharing_base_modules": sum(id(m.base) in modules for m in shared)}
+    return {
+        "bytes": sum(storages.values()) + packed_bytes,
+        "numel": numel + packed_numel,
+        "packed_linears": len(packed),
+        "replacement_linears": len(shared),
+        "sharing_base_modules": sum(id(m.base) in modules for m in shared),
+    }

@@ -17,10 +17,13 @@ import torch
 from torch import nn
 
 from ..nn import DEFAULT_GAMMA_INIT
+from .adapter_init import activation_aware_adapters
 from .base_selection import choose_bases
 from .calibration import token_batches
+from .dense_records import record_dense_blocks
 from .families import family_of, num_layers
 from .importance import block_influence
+from .local_fit import DEFAULT_LOCAL_FIT, GAMMA_ONLY_LOCAL_FIT, LocalFit, fit_replacement_blocks
 from .replacement import convert_blocks, drop_blocks, resolve_rank
 from .selection import select_blocks
 
@@ -152,8 +155,6 @@ def prune(
         seconds["base_choice"] = sum(choice.seconds.values()) if choice.seconds else 0.0
         records = factors = factor_stats = None
         if fit_opts is not None:  # record the dense blocks before conversion releases them
-            from .local_fit import activation_aware_adapters, record_dense_blocks
-
             t = time.perf_counter()
             fit_tokens = tokens if fit_opts.num_samples is None else tokens[: fit_opts.num_samples]
             records = record_dense_blocks(model, fit_tokens, pruned, batch_size=batch_size,
@@ -169,8 +170,6 @@ def prune(
                        gamma_init=gamma_init, svd_init=svd_init)
         seconds["conversion"] = time.perf_counter() - t
         if fit_opts is not None:
-            from .local_fit import fit_replacement_blocks
-
             t = time.perf_counter()
             fit_report = fit_replacement_blocks(model, records, fit_opts, adapter_factors=factors,
                                                 adapter_stats=factor_stats, progress=progress)
@@ -206,8 +205,6 @@ def _local_fit_options(local_fit):
     """None (no local fit) or a LocalFit from None/False/True/"gamma"/"full"/LocalFit/dict."""
     if local_fit is None or local_fit is False:
         return None
-    from .local_fit import DEFAULT_LOCAL_FIT, GAMMA_ONLY_LOCAL_FIT, LocalFit
-
     if local_fit is True or local_fit == "full":
         return DEFAULT_LOCAL_FIT
     if local_fit == "gamma":

@@ -23,6 +23,7 @@ def _names(s: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..presets import RECIPE
     from ..train.params import TRAINABLE_SETS
 
     p.add_argument("model", metavar="DIR", help="pruned checkpoint (flexigpt prune --out) or a Hugging Face model folder")
@@ -41,11 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-lr-ratio", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="<= 0 disables clipping")
-    p.add_argument("--trainable", default="adapters,lora_kept",
+    p.add_argument("--trainable", default=",".join((RECIPE.trainable,) if isinstance(RECIPE.trainable, str)
+                                                    else RECIPE.trainable),
                    help=f"comma-separated sets from {', '.join(TRAINABLE_SETS)}; default adapters,lora_kept: the "
                         "replacement adapters and gammas plus LoRA on the kept blocks (issue 8's measured recipe; "
                         "'adapters' alone is the paper's set); a dropped model takes lora_kept")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for lora_kept (default 8)")
+    p.add_argument("--lora-rank", type=int, default=RECIPE.lora_rank,
+                   help=f"LoRA rank for lora_kept (default {RECIPE.lora_rank})")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument("--teacher", help="dense teacher for distillation: a model folder, or 'default' (embedded SmolLM2)")
     p.add_argument("--distill", type=_names, default=("kl",), help="with --teacher: kl, mse or kl,mse (default kl)")

@@ -10,6 +10,7 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser, *, require_out: bool = True) -> None:
+    from ..presets import RECIPE
     p.add_argument("--model", help="local directory or hub name of a causal LM (default: embedded SmolLM2-135M)")
     p.add_argument("--calib", help="calibration source: dataset name, .txt/.jsonl/.parquet file or folder "
                                    "(default: embedded gensim Wikipedia sample)")
@@ -21,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser, *, require_out: bool = True) -> No
                    help="adapter rank, int or fraction of hidden size (default 256/4096)")
     p.add_argument("--method", choices=["flexigpt", "drop"], default="flexigpt")
     p.add_argument("--gamma-init", type=float, help="initial output-norm gamma (default 1e-2)")
-    p.add_argument("--local-fit", choices=["none", "gamma", "full"], default="gamma",
+    p.add_argument("--local-fit", choices=["none", "gamma", "full"], default=RECIPE.local_fit or "none",
                    help="fit replacement blocks to the dense blocks on calibration tokens: 'gamma' "
                         "(default: per-channel least-squares gamma, seconds), 'full' (activation-aware "
                         "adapters + gamma + 40 gradient steps per block, minutes), 'none' (the paper's init)")

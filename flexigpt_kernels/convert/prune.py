@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..nn import DEFAULT_GAMMA_INIT
+from ..presets import RECIPE
 from .adapter_init import activation_aware_adapters
 from .base_selection import choose_bases
 from .calibration import token_batches
@@ -90,7 +91,7 @@ def prune(
     output_norm: bool = True,
     svd_init: bool = True,
     batch_size: int = 8,
-    local_fit=None,
+    local_fit="default",
     progress: bool = True,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place; returns (model, report).
@@ -106,8 +107,10 @@ def prune(
     method: "flexigpt" (replacement blocks) or "drop" (ShortGPT: remove the blocks).
     combine: how per-matrix distances form the block distance (see choose_bases).
     gamma_init, output_norm, scale, svd_init: the replacement block's knobs (METHOD.md 3).
-    local_fit: None/False (the paper's init), "gamma" (closed-form per-channel gamma on 8
-        recorded sequences: cheap, the CLI default), True or "full" (DEFAULT_LOCAL_FIT), a
+    local_fit: "default" (the RECIPE preset's, flexigpt_kernels/presets.py: "gamma" when
+        method="flexigpt" and calibration is given, else none), None/False (the paper's init;
+        presets.PAPER), "gamma" (closed-form per-channel gamma on 8 recorded sequences:
+        cheap), True or "full" (DEFAULT_LOCAL_FIT), a
         LocalFit or a dict of its fields: fit the replacement blocks to the dense blocks'
         recorded behaviour on the calibration tokens before returning (activation-aware
         adapters, closed-form gamma, optional gradient steps; see convert/local_fit.py).
@@ -115,6 +118,8 @@ def prune(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(local_fit, str) and local_fit == "default":
+        local_fit = RECIPE.local_fit if (method == "flexigpt" and calibration is not None) else None
     fit_opts = _local_fit_options(local_fit)
     if fit_opts is not None and method != "flexigpt":
         raise ValueError("local_fit applies to method='flexigpt' only")
@@ -202,7 +207,8 @@ def prune(
 
 
 def _local_fit_options(local_fit):
-    """None (no local fit) or a LocalFit from None/False/True/"gamma"/"full"/LocalFit/dict."""
+    """None (no local fit) or a LocalFit from None/False/True/"gamma"/"full"/LocalFit/dict
+    ("default" is resolved by prune())."""
     if local_fit is None or local_fit is False:
         return None
     if local_fit is True or local_fit == "full":

@@ -59,6 +59,7 @@ import torch
 from ..convert.local_fit import LocalFit
 from ..convert.prune import prune, stored_parameters
 from ..eval.perplexity import perplexity
+from ..presets import PAPER
 from .compare_report import COLUMNS, best_runs, format_table, read_rows, write_results
 from .data import load_blocks
 from .heal import heal
@@ -218,12 +219,13 @@ def compare_recovery(
 
     t = time.perf_counter()
     paper, prune_report = prune(copy.deepcopy(model), train_texts, tokenizer=tokenizer, ratio=ratio, rank=rank,
-                                seq_len=seq_len, num_samples=calib_samples, progress=progress)
+                                seq_len=seq_len, num_samples=calib_samples, progress=progress,
+                                **PAPER.prune_kwargs())
     prune_s = time.perf_counter() - t
     blocks = prune_report.pruned
     log(f"pruned blocks {blocks}, bases {prune_report.base_map}, adapter rank {prune_report.rank} "
         f"({prune_s:.0f} s)")
-    target = count_parameters(select_trainable(paper, "adapters"))
+    target = count_parameters(select_trainable(paper, PAPER.trainable))
     log(f"trainable-parameter budget: {target:,} (the paper's adapters + gammas at rank {prune_report.rank})")
 
     n_layers = len(_layers(model))
@@ -232,7 +234,7 @@ def compare_recovery(
     skipped: dict[str, str] = {}
     for method in methods:
         if method == "flexigpt_paper":
-            setups[method] = _Setup(paper, "adapters", None, f"paper: SVD adapters rank {prune_report.rank}, "
+            setups[method] = _Setup(paper, PAPER.trainable, PAPER.lora_rank, f"paper: SVD adapters rank {prune_report.rank}, "
                                     "gamma 1e-2; trains adapters + gamma", params=target, prep_s=prune_s,
                                     blocks=len(blocks), stored=stored_parameters(paper))
         elif method in ("shortgpt_lora", "shortgpt_lora_eqmem"):

@@ -156,6 +156,7 @@ def compare_recovery(
     distill: Optional[str] = None,
     param_tolerance: float = 0.05,
     done: Sequence[dict] = (),
+    dense_ppl: Optional[float] = None,
     model=None,
     tokenizer=None,
     train_texts=None,
@@ -172,8 +173,9 @@ def compare_recovery(
     KL to the dense model's logits while healing (one teacher forward per step). on_row(result
     so far) is called after every run (to save partial results). done: rows of an earlier,
     interrupted run with the same settings; a run whose (budget, method, lr, seed) is among
-    them is not repeated (its row is reused). model/tokenizer/texts default to the embedded
-    SmolLM2-135M and texts."""
+    them is not repeated (its row is reused). dense_ppl: the dense model's held-out perplexity
+    when already measured on the same text and settings (not measured again). model/tokenizer/
+    texts default to the embedded SmolLM2-135M and texts."""
     methods = tuple(methods)
     for m in methods:
         if m not in METHODS:
@@ -213,9 +215,10 @@ def compare_recovery(
     def ppl(m):
         return perplexity(m, None, heldout, seq_len=seq_len, num_chunks=None, progress=False)
 
-    t = time.perf_counter()
-    dense_ppl = ppl(model)
-    log(f"dense held-out perplexity {dense_ppl:.2f} ({time.perf_counter() - t:.0f} s)")
+    if dense_ppl is None:
+        t = time.perf_counter()
+        dense_ppl = ppl(model)
+        log(f"dense held-out perplexity {dense_ppl:.2f} ({time.perf_counter() - t:.0f} s)")
 
     t = time.perf_counter()
     paper, prune_report = prune(copy.deepcopy(model), train_texts, tokenizer=tokenizer, ratio=ratio, rank=rank,

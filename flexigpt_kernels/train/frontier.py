@@ -20,7 +20,8 @@ rewritten after every run so an interrupted sweep keeps what finished:
     <name>.png   perplexity vs stored parameters (matplotlib; skipped when it is missing)
 
 Resume: rows of an earlier sweep under the same name are reused when its settings match (a
-ValueError otherwise); a ratio whose runs are all there is not set up again.
+ValueError otherwise); a ratio whose runs are all there is not set up again. The dense model's
+perplexity is measured once per sweep.
 """
 
 from __future__ import annotations
@@ -103,9 +104,10 @@ def run_frontier(
             log(f"ratio {p}: every run is in {csv_path}; not repeated")
             continue
         log(f"ratio {p}: {', '.join(methods)}")
+        dense = [m["dense_ppl"] for m in meta["ratios"].values() if m.get("dense_ppl") is not None]
         result = compare_recovery(ratio=p, tokens=budgets, lrs=lrs, seeds=seeds, methods=methods, recipe=recipe,
-                                  done=done_rows[p], log=log, on_row=lambda partial, p=p: save(p, partial),
-                                  **compare_kwargs)
+                                  done=done_rows[p], dense_ppl=dense[0] if dense else None, log=log,
+                                  on_row=lambda partial, p=p: save(p, partial), **compare_kwargs)
         save(p, result)
     save()
     return {"rows": [r for p in sorted(results) for r in results[p]], "meta": meta}

@@ -122,6 +122,7 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     # 0.25 prunes one block: no ShortGPT model stores as much as FlexiGPT there
     assert not any(k[0] == 0.25 and k[1] == "shortgpt_lora_eqmem" for k in at)
     assert any("not measured at this ratio" in line for line in logs)
+    assert sum("dense held-out perplexity" in line for line in logs) == 1  # measured once per sweep
     summary = {e["run_ratio"]: e for e in frontier_summary(rows)}
     assert set(summary[0.5]["vs_equal_memory"]) == {0, 1} and not summary[0.25]["vs_equal_memory"]
     g = summary[0.5]["vs_same_blocks"][1]

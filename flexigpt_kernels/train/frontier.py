@@ -245,6 +245,7 @@ def plot_frontier(rows: Sequence[dict], path) -> Optional[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter
     except ImportError:
         return None
     style = {"drop": ("drop (no training)", "tab:gray", "x"),
@@ -277,6 +278,8 @@ def plot_frontier(rows: Sequence[dict], path) -> Optional[Path]:
         ax.axhline(dense["ppl_after"], color="black", linestyle="--", linewidth=0.8,
                    label=f"dense ({dense['ppl_after']:.1f})")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.0f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.0f"))
     ax.set_xlabel("stored parameters (M)")
     ax.set_ylabel("held-out perplexity after healing")
     ax.set_title(f"Quality per byte ({', '.join(f'{b:,}' for b in budgets)} tokens; labels: pruning ratio)",

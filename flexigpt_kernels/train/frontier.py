@@ -203,8 +203,9 @@ def format_frontier(result: dict) -> str:
         "at least as many parameters as FlexiGPT.",
         "",
         "| ratio | tokens | drop (no training) | ShortGPT + LoRA, same blocks (seeds) | FlexiGPT recipe (seeds) "
-        "| gain, same blocks | ShortGPT + LoRA, equal memory (seeds) | gain, equal memory | pick at equal memory |",
-        "|---:|---:|---:|---|---|---|---|---|---|",
+        "| gain, same blocks | pick, same blocks | ShortGPT + LoRA, equal memory (seeds) | gain, equal memory "
+        "| pick, equal memory |",
+        "|---:|---:|---:|---|---|---|---|---|---|---|",
     ]
 
     def pct(r):
@@ -226,7 +227,8 @@ def format_frontier(result: dict) -> str:
             return " / ".join(f"{v:+.1%}" for v in g.values()) if g else ""
 
         lines.append(f"| {e['run_ratio']:g} | {e['budget']:,} | {drop} | {cell('shortgpt_lora')} | "
-                     f"{cell('flexigpt')} | {gain(e['vs_same_blocks'])} | {cell('shortgpt_lora_eqmem')} | "
+                     f"{cell('flexigpt')} | {gain(e['vs_same_blocks'])} | "
+                     f"{_verdict(e['vs_same_blocks'], m.get('flexigpt', []))} | {cell('shortgpt_lora_eqmem')} | "
                      f"{gain(e['vs_equal_memory'])} | {_verdict(e['vs_equal_memory'], m.get('flexigpt', []))} |")
     for p in sorted({r["run_ratio"] for r in rows}):
         rmeta = meta.get("ratios", {}).get(str(p))

@@ -19,7 +19,8 @@ Protocol, one function (and `flexigpt compare`):
      whose parameter count is closest to the budget.
    - "shortgpt_lora_eqmem": the same at equal memory: drop only the k' lowest-Block-Influence
      blocks of the pruned ones, k' the largest count whose dropped model still stores at least
-     as many parameters as the "flexigpt" model (LoRA merged into the kept weights), so
+     as many parameters as the "flexigpt" model once healed and merged (its replacement
+     adapters grow by the LoRA rank where LoRA merges into a weight they share), so
      ShortGPT + LoRA never gets less memory than FlexiGPT; same trainable budget.
 
    Without training, "drop" (the pruned blocks removed) is reported as its own row whenever
@@ -63,7 +64,7 @@ from ..presets import PAPER
 from .compare_report import COLUMNS, best_runs, format_table, read_rows, write_results
 from .data import load_blocks
 from .heal import heal
-from .lora import lora_parameter_count
+from .lora import lora_parameter_count, merge_lora
 from .params import count_parameters, select_trainable
 
 __all__ = ["COLUMNS", "METHODS", "FlexiGPTRecipe", "matching_lora_rank", "equal_memory_blocks", "compare_recovery",
@@ -345,8 +346,20 @@ def _recipe_setup(model, recipe: FlexiGPTRecipe, blocks, paper_rank: int, target
     trainable = ("adapters", "lora_kept") if lora_rank else "adapters"
     fit_tokens = int((rep.local_fit or {}).get("fit_tokens", 0))
     return _Setup(flex, trainable, lora_rank, recipe.describe(adapter_rank, lora_rank), fit_tokens=fit_tokens,
-                  prep_s=prep_s, params=total, blocks=len(blocks), stored=stored_parameters(flex),
+                  prep_s=prep_s, params=total, blocks=len(blocks), stored=_merged_stored(flex, trainable, lora_rank),
                   gamma_lr=recipe.gamma_lr)
+
+
+def _merged_stored(model, trainable, lora_rank) -> int:
+    """Stored parameters of `model` once healed and saved: LoRA on the kept blocks merged into
+    their weights, where a replacement block shares such a weight its adapter grows by the LoRA
+    rank to stay exact (train.merge_lora). The values do not matter, only the shapes."""
+    if not lora_rank:
+        return stored_parameters(model)
+    m = copy.deepcopy(model)
+    select_trainable(m, trainable, lora_rank=lora_rank)
+    merge_lora(m)
+    return stored_parameters(m)
 
 
 def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:

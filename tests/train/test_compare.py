@@ -117,6 +117,17 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     flex, same, eq = (at[(0.5, m, 0)] for m in ("flexigpt", "shortgpt_lora", "shortgpt_lora_eqmem"))
     assert flex["blocks"] == same["blocks"] == 2 and eq["blocks"] == 1
     assert same["stored_params"] < flex["stored_params"] <= eq["stored_params"] < dense["stored_params"]
+    # FlexiGPT's storage is that of the saved model: LoRA merged, the shared bases' deltas absorbed
+    from flexigpt_kernels.convert.prune import prune, stored_parameters
+    from flexigpt_kernels.train import merge_lora, select_trainable
+
+    lora_rank = int(flex["options"].split("LoRA rank ")[1].split()[0])
+    merged, _ = prune(tiny_llama(vocab=257), None, blocks=result["meta"]["ratios"]["0.5"]["pruned"], rank=2,
+                      local_fit=None, progress=False)
+    plain = stored_parameters(merged)
+    select_trainable(merged, ("adapters", "lora_kept"), lora_rank=lora_rank)
+    merge_lora(merged)
+    assert flex["stored_params"] == stored_parameters(merged) > plain
     assert eq["trainable_params"] == pytest.approx(result["meta"]["ratios"]["0.5"]["budget_params"], rel=0.3)
     assert at[(0.5, "drop", None)]["ppl_after"] == same["ppl_init"] and at[(0.5, "drop", None)]["tokens"] == 0
     # 0.25 prunes one block: no ShortGPT model stores as much as FlexiGPT there

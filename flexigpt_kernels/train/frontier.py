@@ -166,13 +166,16 @@ def frontier_summary(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def _verdict(gains: dict, flex_runs: list[dict]) -> str:
+def _verdict(gains: dict, *runs: list[dict]) -> str:
     """FlexiGPT / ShortGPT + LoRA / level: a method wins when it is ahead on every seed and by
-    more than FlexiGPT's own seed-to-seed spread (relative); one seed gives a tentative call."""
+    more than the larger seed-to-seed spread (relative) of the two; one seed is tentative."""
     if not gains:
         return "not measured"
-    ppls = [r["ppl_after"] for r in flex_runs]
-    spread = (max(ppls) - min(ppls)) / statistics.mean(ppls) if len(ppls) > 1 else 0.0
+    spread = 0.0
+    for rs in runs:
+        ppls = [r["ppl_after"] for r in rs]
+        if len(ppls) > 1:
+            spread = max(spread, (max(ppls) - min(ppls)) / statistics.mean(ppls))
     lo, hi = min(gains.values()), max(gains.values())
     mean = statistics.mean(gains.values())
     tag = "" if len(gains) > 1 else " (one seed)"
@@ -228,8 +231,10 @@ def format_frontier(result: dict) -> str:
 
         lines.append(f"| {e['run_ratio']:g} | {e['budget']:,} | {drop} | {cell('shortgpt_lora')} | "
                      f"{cell('flexigpt')} | {gain(e['vs_same_blocks'])} | "
-                     f"{_verdict(e['vs_same_blocks'], m.get('flexigpt', []))} | {cell('shortgpt_lora_eqmem')} | "
-                     f"{gain(e['vs_equal_memory'])} | {_verdict(e['vs_equal_memory'], m.get('flexigpt', []))} |")
+                     f"{_verdict(e['vs_same_blocks'], m.get('flexigpt', []), m.get('shortgpt_lora', []))} | "
+                     f"{cell('shortgpt_lora_eqmem')} | "
+                     f"{gain(e['vs_equal_memory'])} | "
+                     f"{_verdict(e['vs_equal_memory'], m.get('flexigpt', []), m.get('shortgpt_lora_eqmem', []))} |")
     for p in sorted({r["run_ratio"] for r in rows}):
         rmeta = meta.get("ratios", {}).get(str(p))
         if rmeta:

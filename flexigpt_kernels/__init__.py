@@ -32,6 +32,9 @@ _LAZY = {
     "heal": "flexigpt_kernels.train",
     "generate": "flexigpt_kernels.generation",
     "GenerationStats": "flexigpt_kernels.generation",
+    "Preset": "flexigpt_kernels.presets",
+    "RECIPE": "flexigpt_kernels.presets",
+    "PAPER": "flexigpt_kernels.presets",
 }
 
 

@@ -36,12 +36,9 @@ import torch
 from flexigpt_kernels.assets import default_texts, load_default_model
 from flexigpt_kernels.convert.calibration import token_batches
 from flexigpt_kernels.convert.importance import block_influence
-from flexigpt_kernels.convert.local_fit import (
-    LocalFit,
-    activation_aware_adapters,
-    fit_replacement_blocks,
-    record_dense_blocks,
-)
+from flexigpt_kernels.convert.adapter_init import activation_aware_adapters
+from flexigpt_kernels.convert.dense_records import record_dense_blocks
+from flexigpt_kernels.convert.local_fit import LocalFit, fit_replacement_blocks
 from flexigpt_kernels.convert.prune import prune
 from flexigpt_kernels.convert.selection import select_blocks
 from flexigpt_kernels.eval.perplexity import perplexity

@@ -7,6 +7,7 @@ import argparse
 import time
 
 from ..cli import UsageError
+from ..presets import RECIPE
 from ._common import (
     DTYPES,
     check_out,
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser, *, require_out: bool = True) -> No
     p.add_argument(
         "--local-fit",
         choices=["none", "gamma", "full"],
-        default="gamma",
+        default=RECIPE.local_fit or "none",
         help="fit replacement blocks to the dense blocks on calibration tokens: 'gamma' "
         "(default: per-channel least-squares gamma, seconds), 'full' (activation-aware "
         "adapters + gamma + 40 gradient steps per block, minutes), 'none' (the paper's init)",

@@ -25,6 +25,7 @@ from ._common import check_out, finite_float, listing, non_negative_float, non_n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..presets import RECIPE
     from ..train.params import TRAINABLE_SETS
 
     p.add_argument("model", metavar="DIR", type=nonempty,
@@ -47,11 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     p.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="<= 0 disables clipping")
     p.add_argument("--trainable", type=listing(str, choices=TRAINABLE_SETS, unique=True),
-                   default=["adapters", "lora_kept"],
+                   default=[RECIPE.trainable] if isinstance(RECIPE.trainable, str) else list(RECIPE.trainable),
                    help=f"comma-separated sets from {', '.join(TRAINABLE_SETS)}; default adapters,lora_kept: the "
                         "replacement adapters and gammas plus LoRA on the kept blocks (the measured recipe; "
                         "'adapters' alone is the paper's set); a dropped model takes lora_kept")
-    p.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank for lora_kept (default 8)")
+    p.add_argument("--lora-rank", type=positive_int, default=RECIPE.lora_rank,
+                   help=f"LoRA rank for lora_kept (default {RECIPE.lora_rank})")
     p.add_argument("--lora-alpha", type=positive_float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument("--teacher", type=nonempty,
                    help="dense teacher for distillation: a model folder, or 'default' (embedded SmolLM2)")

@@ -26,16 +26,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .families import decoder_layers, family_of
-from .local_fit import (
+from .dense_records import (
     DenseRecords,
-    _batches,
-    _first_tensor,
-    _layer_dtype_device,
-    _run_block,
+    batches,
     contribution_name,
+    layer_dtype_device,
+    run_block,
     sublayer_output_norms,
 )
+from .families import decoder_layers, family_of
+from .importance import first_tensor
 
 __all__ = ["lsq_gamma", "lsq_scale"]
 
@@ -74,7 +74,7 @@ def lsq_gamma(
             layer = layers[b]
             if not hasattr(layer, "flexigpt_base"):
                 raise ValueError(f"block {b} is not a replacement block")
-            dt, dev = _layer_dtype_device(layer)
+            dt, dev = layer_dtype_device(layer)
             g_attn, g_mlp = sublayer_output_norms(layer, family)
             xs, ys, ts = records.inputs[b], records.outputs[b], records.attn[b]
             if rows is not None:
@@ -83,7 +83,7 @@ def lsq_gamma(
 
             def grab(key):
                 def hook(module, args, output):
-                    captured[key] = _first_tensor(output)
+                    captured[key] = first_tensor(output)
                 return hook
 
             h_a = layer.get_submodule(contribution_name(family, "attn")).register_forward_hook(grab("attn"))
@@ -94,9 +94,9 @@ def lsq_gamma(
                     num = torch.zeros(norm.hidden_size, dtype=torch.float64)
                     den = torch.zeros(norm.hidden_size, dtype=torch.float64)
                     count = 0
-                    for sl in _batches(xs.shape[0], batch_size):
+                    for sl in batches(xs.shape[0], batch_size):
                         x = xs[sl].to(dev, dt)
-                        out = _run_block(layer, records, b, x).float()
+                        out = run_block(layer, records, b, x).float()
                         n = captured[key].float()
                         if key == "attn":
                             t = ts[sl].to(dev, torch.float32)

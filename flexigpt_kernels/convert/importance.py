@@ -9,7 +9,7 @@ tensor or a tuple). Not from ``output_hidden_states``: its last entry is taken a
 norm, which inflates the last block's score.
 
 The model runs in its own dtype; cosines and sums are fp32 (accumulated in fp64). The forward
-stops right after the last block (a private exception raised by its hook), so the final norm
+stops right after the last block (StopForward, raised by its hook), so the final norm
 and the LM head are never computed.
 """
 
@@ -22,14 +22,15 @@ from tqdm.auto import tqdm
 
 from .families import decoder_layers, num_layers
 
-__all__ = ["block_influence"]
+__all__ = ["block_influence", "calibration_forward", "first_tensor", "StopForward"]
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the last block's hook: everything after it is not needed."""
 
 
-def _first_tensor(value):
+def first_tensor(value):
+    """A decoder layer's hidden-state output: the tensor itself, or the first item of a tuple."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
@@ -49,7 +50,7 @@ def calibration_forward(model: nn.Module, tokens: torch.Tensor, *, batch_size: i
     """Run `tokens` [n, seq] through `model` in eval mode, `batch_size` rows at a time with an
     all-ones attention mask, for the forward hooks the caller registered (their `handles` are
     removed here, and the model's mode restored, whatever happens). A hook may raise
-    _StopForward to skip the rest of the network for that batch."""
+    StopForward to skip the rest of the network for that batch."""
     was_training = model.training
     device = _model_device(model)
     try:
@@ -58,7 +59,7 @@ def calibration_forward(model: nn.Module, tokens: torch.Tensor, *, batch_size: i
             ids = tokens[start : start + batch_size].to(device)
             try:
                 model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         for h in handles:
@@ -98,12 +99,12 @@ def block_influence(
     def make_hook(i: int):
         def hook(module, args, kwargs, output):
             h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = _first_tensor(output)
+            h_out = first_tensor(output)
             cos = F.cosine_similarity(h_in.float(), h_out.float().view_as(h_in), dim=-1)
             cos_sum[i] += cos.sum(dtype=torch.float64).item()
             seen[i] += cos.numel()
             if i == n - 1:
-                raise _StopForward
+                raise StopForward
 
         return hook
 

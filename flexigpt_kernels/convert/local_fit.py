@@ -11,7 +11,8 @@ healing. Three steps, each optional, in this order:
    activations, ``min ||X (W_i - W_j - B A)^T||_F``, instead of the plain Frobenius norm (the
    SVD init). With C = X^T X / T + damping, C = L L^T: B A = rank_r(D L) L^-1, D = W_i - W_j.
    Needs the dense weights and input covariances, so it runs before conversion
-   (:func:`activation_aware_adapters`) and is copied in after (:func:`apply_adapters`).
+   (:func:`~.adapter_init.activation_aware_adapters`) and is copied in after
+   (:func:`~.adapter_init.apply_adapters`).
 2. ``gamma="lsq"`` (closed form): per channel, the least-squares output-norm gamma
    (:func:`flexigpt_kernels.convert.gamma_init.lsq_gamma`).
 3. ``steps > 0``: gradient fit of each replacement block's adapters, own biases and gammas,
@@ -23,15 +24,10 @@ forward pass), not on the input it will see in the pruned model, where earlier b
 replaced too. This keeps the blocks independent (any order, one at a time, parallelisable) and
 needs a single recording pass; the upstream mismatch is left to end-to-end healing.
 
-Recording (:func:`record_dense_blocks`) runs the dense model once over the calibration tokens
-with hooks on the blocks to be pruned and keeps, on the CPU, for each such block: its input
-[n, seq, hidden], its output, the attention sub-layer's residual contribution (for the
-closed-form gamma), the keyword arguments the model passed to the layer (position embeddings,
-mask, ...; captured once with a forward pre-hook, ``with_kwargs=True``) and, on request, the
-input covariance of each of its linears. Memory: 3 x blocks x n x seq x hidden values in
-``dtype`` (SmolLM2-135M, 9 blocks, 32 x 256 tokens, fp32: 0.5 GB) plus in^2 per distinct
-linear input when covariances are recorded. The fit and the closed forms then call each layer
-directly with the recorded kwargs, so nothing else of the model runs.
+Recording: :func:`~.dense_records.record_dense_blocks` (convert/dense_records.py) runs the
+dense model once over the calibration tokens and keeps each pruned block's input, output,
+attention contribution, layer kwargs and (on request) input covariances; the fit and the closed
+forms then call each layer directly on them, so nothing else of the model runs.
 
 Tokens: the fit sees only the recorded calibration tokens (n x seq), repeatedly; count those
 toward a recovery budget.
@@ -47,20 +43,34 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn import OutputNorm, SharedLoRALinear
-from .families import Family, decoder_layers, family_of, num_layers
-from .importance import _first_tensor, _StopForward, calibration_forward
+from .adapter_init import activation_aware_adapters, apply_adapters
+from .dense_records import (
+    DenseRecords,
+    block_errors,
+    contribution_name,
+    layer_dtype_device,
+    record_dense_blocks,
+    run_block,
+    sublayer_output_norms,
+)
+from .families import decoder_layers
+from .gamma_init import lsq_gamma
+from .replacement import replacement_blocks
 
+# the recording and the closed-form adapters live in their own modules; their names stay
+# importable from here
 __all__ = [
     "DenseRecords",
     "LocalFit",
     "DEFAULT_LOCAL_FIT",
+    "GAMMA_ONLY_LOCAL_FIT",
     "LocalFitReport",
     "record_dense_blocks",
     "activation_aware_adapters",
@@ -70,334 +80,6 @@ __all__ = [
     "contribution_name",
     "sublayer_output_norms",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# helpers shared with gamma_init
-# --------------------------------------------------------------------------------------------
-
-def contribution_name(family: Family, which: str) -> str:
-    """Name (inside a layer) of the module whose output is the sub-layer's residual
-    contribution: the architecture's post norm when it has one, else the output linear."""
-    if which == "attn":
-        return family.attn_out_norm or family.attn_out
-    if which == "mlp":
-        return family.mlp_out_norm or family.mlp_out
-    raise ValueError(f"which must be 'attn' or 'mlp', got {which!r}")
-
-
-def sublayer_output_norms(block: nn.Module, family: Family) -> tuple[OutputNorm, OutputNorm]:
-    """(attention OutputNorm, MLP OutputNorm) of a replacement block."""
-    norms = []
-    for which in ("attn", "mlp"):
-        mod = block.get_submodule(contribution_name(family, which))
-        norm = getattr(mod, "output_norm", None)
-        if not isinstance(norm, OutputNorm):
-            raise ValueError("replacement block has no output norm on its "
-                             f"{which} sub-layer (converted with output_norm=False?)")
-        norms.append(norm)
-    return norms[0], norms[1]
-
-
-def _to(obj, device=None, dtype=None, clone=False):
-    """Tensors (also inside tuples/lists/dicts) moved/cast; anything else returned as is."""
-    if isinstance(obj, Tensor):
-        t = obj.detach()
-        if device is not None or (dtype is not None and t.is_floating_point()):
-            t = t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
-        return t.clone() if clone else t
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device, dtype, clone) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device, dtype, clone) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device, dtype, clone) for k, v in obj.items()}
-    return obj
-
-
-def _rebatch(obj, recorded: int, n: int):
-    """Adapt tensors recorded for a batch of `recorded` rows to `n` rows. Calibration batches
-    carry an all-ones attention mask, so every row of a batch-dependent tensor is the same:
-    take row 0 and expand. Tensors with a leading 1 broadcast and stay as they are."""
-    if isinstance(obj, Tensor):
-        if recorded > 1 and obj.dim() >= 1 and obj.shape[0] == recorded and n != recorded:
-            return obj[:1].expand(n, *obj.shape[1:])
-        return obj
-    if isinstance(obj, tuple):
-        return tuple(_rebatch(o, recorded, n) for o in obj)
-    if isinstance(obj, list):
-        return [_rebatch(o, recorded, n) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _rebatch(v, recorded, n) for k, v in obj.items()}
-    return obj
-
-
-# --------------------------------------------------------------------------------------------
-# recording
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class DenseRecords:
-    """What the dense model's blocks-to-be-pruned computed on calibration tokens (CPU).
-
-    inputs/outputs/attn[i]: [n, seq, hidden] (attn: the attention sub-layer's residual
-    contribution); kwargs[i]: the layer's keyword arguments for a batch of `batch_size` rows;
-    cov[i][linear name]: X^T X (fp64, [in, in]) over `tokens` tokens (linears that read the same
-    input share one tensor)."""
-
-    blocks: list[int]
-    inputs: dict[int, Tensor]
-    outputs: dict[int, Tensor]
-    attn: dict[int, Tensor]
-    kwargs: dict[int, dict]
-    batch_size: int
-    cov: dict[int, dict[str, Tensor]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def num_sequences(self) -> int:
-        return next(iter(self.inputs.values())).shape[0] if self.inputs else 0
-
-    @property
-    def seq_len(self) -> int:
-        return next(iter(self.inputs.values())).shape[1] if self.inputs else 0
-
-    @property
-    def tokens(self) -> int:
-        """Calibration tokens recorded (what a fit on these records has seen)."""
-        return self.num_sequences * self.seq_len
-
-
-@torch.no_grad()
-def record_dense_blocks(
-    model: nn.Module,
-    tokens: Tensor,
-    blocks: Sequence[int],
-    *,
-    batch_size: int = 8,
-    dtype: torch.dtype = torch.float32,
-    attn: bool = True,
-    covariances: bool = False,
-    progress: bool = True,
-) -> DenseRecords:
-    """One forward pass of the (dense, unconverted) `model` over `tokens` [n, seq] with hooks on
-    `blocks`: see :class:`DenseRecords`. The forward stops after the last recorded block.
-
-    attn: also keep each block's attention contribution (needed by the closed-form gamma).
-    covariances: also accumulate each linear's input covariance (needed by
-    ``adapter_init="activation"``)."""
-    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
-        raise ValueError("tokens: expected a LongTensor [n, seq_len]")
-    blocks = sorted(set(int(b) for b in blocks))
-    if not blocks:
-        raise ValueError("blocks: nothing to record")
-    family = family_of(model)
-    n_layers = num_layers(model)
-    layers = list(decoder_layers(model))[:n_layers]
-    for b in blocks:
-        if not 0 <= b < n_layers:
-            raise ValueError(f"blocks: {b} is not a block index in [0, {n_layers})")
-        if hasattr(layers[b], "flexigpt_base"):
-            raise ValueError(f"block {b} is already a replacement block: record on the dense model")
-    t0 = time.perf_counter()
-    ins = {b: [] for b in blocks}
-    outs = {b: [] for b in blocks}
-    attns = {b: [] for b in blocks}
-    kwargs: dict[int, dict] = {}
-    cov: dict[int, dict[str, Tensor]] = {b: {} for b in blocks}
-    seen_input: dict[int, dict[int, tuple]] = {b: {} for b in blocks}  # id(x) -> first linear name, per call
-    last = blocks[-1]
-    handles = []
-
-    def pre_hook(b):
-        def hook(module, args, kw):
-            x = args[0] if args else kw["hidden_states"]
-            ins[b].append(x.detach().to("cpu", dtype))
-            if b not in kwargs:
-                kwargs[b] = _to({k: v for k, v in kw.items() if k != "hidden_states"}, "cpu", clone=True)
-            seen_input[b].clear()
-        return hook
-
-    def out_hook(b):
-        def hook(module, args, kw, output):
-            outs[b].append(_first_tensor(output).detach().to("cpu", dtype))
-            seen_input[b].clear()
-            if b == last:
-                raise _StopForward
-        return hook
-
-    def attn_hook(b):
-        def hook(module, args, output):
-            attns[b].append(_first_tensor(output).detach().to("cpu", dtype))
-        return hook
-
-    def cov_hook(b, name):
-        def hook(module, args):
-            x = args[0]
-            seen = seen_input[b].get(id(x))
-            if seen is not None and seen[0] is x:  # same input as an earlier linear of this call: share
-                cov[b][name] = cov[b][seen[1]]
-                return
-            seen_input[b][id(x)] = (x, name)  # holds x, so its id is not reused within the call
-            x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            c = (x2.T @ x2).to("cpu", torch.float64)
-            if name in cov[b]:
-                cov[b][name] += c
-            else:
-                cov[b][name] = c
-        return hook
-
-    for b in blocks:
-        layer = layers[b]
-        handles.append(layer.register_forward_pre_hook(pre_hook(b), with_kwargs=True))
-        handles.append(layer.register_forward_hook(out_hook(b), with_kwargs=True))
-        if attn:
-            handles.append(layer.get_submodule(contribution_name(family, "attn")).register_forward_hook(attn_hook(b)))
-        if covariances:
-            for name in family.linears:
-                handles.append(layer.get_submodule(name).register_forward_pre_hook(cov_hook(b, name)))
-    calibration_forward(model, tokens, batch_size=batch_size, desc="Recording dense blocks", progress=progress,
-                        handles=handles)
-    # a shared covariance accumulated once per call (aliases point at the same tensor)
-    return DenseRecords(
-        blocks=blocks,
-        inputs={b: torch.cat(ins[b]) for b in blocks},
-        outputs={b: torch.cat(outs[b]) for b in blocks},
-        attn={b: torch.cat(attns[b]) for b in blocks} if attn else {},
-        kwargs=kwargs,
-        batch_size=min(batch_size, tokens.shape[0]),
-        cov=cov if covariances else {},
-        seconds=time.perf_counter() - t0,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# running a recorded block
-# --------------------------------------------------------------------------------------------
-
-def _run_block(layer: nn.Module, records: DenseRecords, b: int, x: Tensor) -> Tensor:
-    kw = _rebatch(_to(records.kwargs[b], x.device), records.batch_size, x.shape[0])
-    return _first_tensor(layer(x, **kw))
-
-
-def _batches(n: int, batch_size: int):
-    for s in range(0, n, batch_size):
-        yield slice(s, min(n, s + batch_size))
-
-
-def _layer_dtype_device(layer: nn.Module):
-    for p in layer.parameters():
-        return p.dtype, p.device
-    return torch.float32, torch.device("cpu")
-
-
-@torch.no_grad()
-def block_errors(model: nn.Module, records: DenseRecords, *, rows: Optional[slice] = None,
-                 batch_size: int = 4) -> dict[int, float]:
-    """Relative error of each replacement block on recorded rows:
-    sum ||block(x) - y||^2 / sum ||y - x||^2  (1.0 = as bad as dropping the block)."""
-    layers = decoder_layers(model)
-    errs = {}
-    was_training = model.training
-    model.eval()
-    try:
-        for b in records.blocks:
-            layer = layers[b]
-            dt, dev = _layer_dtype_device(layer)
-            xs, ys = records.inputs[b], records.outputs[b]
-            if rows is not None:
-                xs, ys = xs[rows], ys[rows]
-            num = den = 0.0
-            for sl in _batches(xs.shape[0], batch_size):
-                x = xs[sl].to(dev, dt)
-                y = ys[sl].to(dev, torch.float32)
-                out = _run_block(layer, records, b, x).float()
-                num += (out - y).pow(2).sum().item()
-                den += (y - x.float()).pow(2).sum().item()
-            errs[b] = num / max(den, 1e-30)
-    finally:
-        model.train(was_training)
-    return errs
-
-
-# --------------------------------------------------------------------------------------------
-# activation-aware adapter initialisation (closed form)
-# --------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def activation_aware_adapters(
-    model: nn.Module,
-    records: DenseRecords,
-    base_map: dict[int, int],
-    *,
-    rank: int,
-    scale: float = 1.0,
-    damping: float = 1e-2,
-) -> tuple[dict[int, dict[str, tuple[Tensor, Tensor]]], dict[int, dict[str, dict[str, float]]]]:
-    """Adapters minimising the activation-weighted error, computed on the DENSE model (before
-    conversion: it needs each pruned block's own weights). Returns (factors, stats):
-    factors[i][linear] = (A [r, in], B [out, r]) with W_j + scale * B A ~ W_i on the recorded
-    inputs; stats[i][linear] = {"svd": e_svd, "activation": e_act}, the relative weighted error
-    ||(W_i - W_j - scale B A) L||^2 / ||(W_i - W_j) L||^2 of the plain SVD init and of this one.
-
-    damping: added to the covariance's diagonal, relative to its mean diagonal (keeps L^-1 tame
-    for directions the calibration tokens never excite)."""
-    if not records.cov:
-        raise ValueError("records hold no covariances: record_dense_blocks(..., covariances=True)")
-    family = family_of(model)
-    layers = decoder_layers(model)
-    factors: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
-    stats: dict[int, dict[str, dict[str, float]]] = {}
-    tokens = records.tokens
-    for i, j in sorted(base_map.items()):
-        factors[i], stats[i] = {}, {}
-        chol_cache: dict[int, Tensor] = {}
-        for name in family.linears:
-            wi = layers[i].get_submodule(name).weight
-            wj = layers[j].get_submodule(name).weight
-            if isinstance(layers[i].get_submodule(name), SharedLoRALinear):
-                raise ValueError(f"block {i} is already converted: compute the adapters on the dense model")
-            c = records.cov[i][name]
-            key = id(c)
-            if key not in chol_cache:
-                cm = c / tokens
-                cm = cm + damping * cm.diagonal().mean() * torch.eye(cm.shape[0], dtype=cm.dtype)
-                chol_cache[key] = torch.linalg.cholesky(cm)
-            L = chol_cache[key]
-            d = (wi.double() - wj.double()).cpu()
-            r = min(rank, d.shape[0], d.shape[1])
-            z = d @ L
-            u, s, vh = torch.linalg.svd(z, full_matrices=False)
-            a = torch.linalg.solve_triangular(L, vh[:r], upper=False, left=False)  # Vh_r L^-1: rows of A
-            root = (s[:r] / abs(scale)).sqrt()
-            sign = 1.0 if scale > 0 else -1.0
-            b_mat = sign * u[:, :r] * root
-            a_mat = root[:, None] * a
-            factors[i][name] = (a_mat.to(wi.dtype), b_mat.to(wi.dtype))
-            # diagnostics: weighted error of the plain SVD init vs this one
-            total = z.pow(2).sum().item()
-            e_act = s[r:].pow(2).sum().item() / max(total, 1e-300)
-            u2, s2, vh2 = torch.linalg.svd(d, full_matrices=False)
-            m_svd = (u2[:, :r] * s2[:r]) @ vh2[:r]
-            e_svd = ((d - m_svd) @ L).pow(2).sum().item() / max(total, 1e-300)
-            stats[i][name] = {"svd": e_svd, "activation": e_act}
-    return factors, stats
-
-
-@torch.no_grad()
-def apply_adapters(model: nn.Module, factors: dict[int, dict[str, tuple[Tensor, Tensor]]]) -> None:
-    """Copy (A, B) factors (from :func:`activation_aware_adapters`) into the converted model."""
-    layers = decoder_layers(model)
-    for i, per in factors.items():
-        for name, (a, b) in per.items():
-            mod = layers[i].get_submodule(name)
-            if not isinstance(mod, SharedLoRALinear):
-                raise ValueError(f"block {i} {name} is not a SharedLoRALinear (convert first)")
-            if mod.lora_a.shape != a.shape or mod.lora_b.shape != b.shape:
-                raise ValueError(f"block {i} {name}: adapter shapes {tuple(mod.lora_a.shape)}/"
-                                 f"{tuple(mod.lora_b.shape)} vs factors {tuple(a.shape)}/{tuple(b.shape)}")
-            mod.lora_a.copy_(a)
-            mod.lora_b.copy_(b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +228,7 @@ def _fit_block(layer: nn.Module, records: DenseRecords, b: int, rows: slice, opt
                progress: bool, gen: torch.Generator) -> list[float]:
     other, gammas = _fit_params(layer, opts.trainable)
     params = other + gammas
-    dt, dev = _layer_dtype_device(layer)
+    dt, dev = layer_dtype_device(layer)
     xs, ys = records.inputs[b][rows], records.outputs[b][rows]
     n = xs.shape[0]
     den = (ys.float() - xs.float()).pow(2).sum(-1).mean().item()  # mean ||delta||^2 per token
@@ -580,7 +262,7 @@ def _fit_block(layer: nn.Module, records: DenseRecords, b: int, rows: slice, opt
                 idx = torch.randperm(n, generator=gen)[:bs]
                 x = xs[idx].to(dev, dt)
                 y = ys[idx].to(dev, torch.float32)
-                out = _run_block(layer, records, b, x).float()
+                out = run_block(layer, records, b, x).float()
                 loss = (out - y).pow(2).sum(-1).mean() / max(den, 1e-30)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
@@ -611,9 +293,6 @@ def fit_replacement_blocks(
     adapter_factors: output of :func:`activation_aware_adapters` on the dense model; required
     when options.adapter_init == "activation" (prune(local_fit=...) computes it for you).
     Returns a :class:`LocalFitReport`; the model is left in its original train/eval mode."""
-    from .gamma_init import lsq_gamma
-    from .replacement import replacement_blocks
-
     opts = options or DEFAULT_LOCAL_FIT
     if overrides:
         opts = LocalFit(**{**asdict(opts), **overrides})

@@ -17,11 +17,15 @@ import torch
 from torch import nn
 
 from ..nn import DEFAULT_GAMMA_INIT
+from ..presets import RECIPE
+from .adapter_init import activation_aware_adapters
 from .arguments import check_bool, check_not_converted, finite_number, positive_int
 from .base_selection import COMBINE_MODES, choose_bases
 from .calibration import token_batches
+from .dense_records import record_dense_blocks
 from .families import family_of, num_layers
 from .importance import block_influence
+from .local_fit import DEFAULT_LOCAL_FIT, GAMMA_ONLY_LOCAL_FIT, LocalFit, fit_replacement_blocks
 from .replacement import convert_blocks, drop_blocks, resolve_rank
 from .selection import num_blocks_to_prune, select_blocks
 
@@ -93,7 +97,7 @@ def prune(
     output_norm: bool = True,
     svd_init: bool = True,
     batch_size: int = 8,
-    local_fit=None,
+    local_fit="default",
     progress: bool = True,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place; returns (model, report).
@@ -109,8 +113,10 @@ def prune(
     method: "flexigpt" (replacement blocks) or "drop" (ShortGPT: remove the blocks).
     combine: how per-matrix distances form the block distance (see choose_bases).
     gamma_init, output_norm, scale, svd_init: the replacement block's knobs (docs/method.md 4).
-    local_fit: None/False (the paper's init), "gamma" (closed-form per-channel gamma on 8
-        recorded sequences: cheap, the CLI default), True or "full" (DEFAULT_LOCAL_FIT), a
+    local_fit: "default" (the RECIPE preset's, flexigpt_kernels/presets.py: "gamma" when
+        method="flexigpt" and calibration is given, else none), None/False (the paper's init;
+        presets.PAPER), "gamma" (closed-form per-channel gamma on 8 recorded sequences:
+        cheap), True or "full" (DEFAULT_LOCAL_FIT), a
         LocalFit or a dict of its fields: fit the replacement blocks to the dense blocks'
         recorded behaviour on the calibration tokens before returning (activation-aware
         adapters, closed-form gamma, optional gradient steps; see convert/local_fit.py).
@@ -121,6 +127,8 @@ def prune(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(local_fit, str) and local_fit == "default":
+        local_fit = RECIPE.local_fit if (method == "flexigpt" and calibration is not None) else None
     fit_opts = _local_fit_options(local_fit)
     if fit_opts is not None and method != "flexigpt":
         raise ValueError("local_fit applies to method='flexigpt' only")
@@ -175,8 +183,6 @@ def prune(
         seconds["base_choice"] = sum(choice.seconds.values()) if choice.seconds else 0.0
         records = factors = factor_stats = None
         if fit_opts is not None:  # record the dense blocks before conversion releases them
-            from .local_fit import activation_aware_adapters, record_dense_blocks
-
             t = time.perf_counter()
             fit_tokens = tokens if fit_opts.num_samples is None else tokens[: fit_opts.num_samples]
             records = record_dense_blocks(model, fit_tokens, pruned, batch_size=batch_size,
@@ -192,8 +198,6 @@ def prune(
                        gamma_init=gamma_init, svd_init=svd_init)
         seconds["conversion"] = time.perf_counter() - t
         if fit_opts is not None:
-            from .local_fit import fit_replacement_blocks
-
             t = time.perf_counter()
             fit_report = fit_replacement_blocks(model, records, fit_opts, adapter_factors=factors,
                                                 adapter_stats=factor_stats, progress=progress)
@@ -226,11 +230,10 @@ def prune(
 
 
 def _local_fit_options(local_fit):
-    """None (no local fit) or a LocalFit from None/False/True/"gamma"/"full"/LocalFit/dict."""
+    """None (no local fit) or a LocalFit from None/False/True/"gamma"/"full"/LocalFit/dict
+    ("default" is resolved by prune())."""
     if local_fit is None or local_fit is False:
         return None
-    from .local_fit import DEFAULT_LOCAL_FIT, GAMMA_ONLY_LOCAL_FIT, LocalFit
-
     if local_fit is True or local_fit == "full":
         return DEFAULT_LOCAL_FIT
     if local_fit == "gamma":

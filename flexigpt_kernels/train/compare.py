@@ -17,6 +17,14 @@ Protocol, one function (and `flexigpt compare`):
      budget, LoRA on every kept block with the rest.
    - "shortgpt_lora": LoRA on every linear of every kept block of the dropped model, the rank
      whose parameter count is closest to the budget.
+   - "shortgpt_lora_eqmem": the same at equal memory: drop only the k' lowest-Block-Influence
+     blocks of the pruned ones, k' the largest count whose dropped model still stores at least
+     as many parameters as the "flexigpt" model once healed and merged (its replacement
+     adapters grow by the LoRA rank where LoRA merges into a weight they share), so
+     ShortGPT + LoRA never gets less memory than FlexiGPT; same trainable budget.
+
+   Without training, "drop" (the pruned blocks removed) is reported as its own row whenever
+   "shortgpt_lora" is measured (its perplexity at init).
 
 4. The same training tokens for every run (one tokenization, the same seeded block order) and
    the same token budget per row; tokens the block-local fit records count toward it (its run
@@ -27,7 +35,10 @@ Protocol, one function (and `flexigpt compare`):
    embedded news text; the training text is the embedded Wikipedia sample).
 6. Optionally (distill="kl") every method adds the KL to the dense model's logits.
 
-Rows: budget, method, options, lr, seed, trainable params, tokens, ppl at init and after, wall.
+Rows: budget, method, options, lr, seed, trainable params, tokens, ppl at init and after, wall,
+and the model's ratio, blocks removed or replaced and stored parameters (shared tensors once,
+LoRA merged into the kept weights). `done` rows (from an interrupted run with the same
+settings) are kept instead of re-run, so a run resumes at the next missing row.
 
 Cost on a CPU: one training step of 4 x 256 tokens on SmolLM2-135M takes ~3.5 s on 2 free
 cores (more for the FlexiGPT models, which run all 30 blocks, than for the dropped one), and a
@@ -38,30 +49,28 @@ GPU for a 1M-token budget.
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import platform
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 from ..convert.local_fit import LocalFit
-from ..convert.prune import prune
+from ..convert.prune import prune, stored_parameters
 from ..eval.perplexity import perplexity
+from ..presets import PAPER
+from .compare_report import COLUMNS, best_runs, format_table, read_rows, write_results
 from .data import load_blocks
 from .heal import heal
-from .lora import lora_parameter_count
+from .lora import lora_parameter_count, merge_lora
 from .params import count_parameters, select_trainable
 
-__all__ = ["COLUMNS", "METHODS", "FlexiGPTRecipe", "matching_lora_rank", "compare_recovery", "write_results",
-           "format_table"]
+__all__ = ["COLUMNS", "METHODS", "FlexiGPTRecipe", "matching_lora_rank", "equal_memory_blocks", "compare_recovery",
+           "best_runs", "read_rows", "write_results", "format_table"]
 
-METHODS = ("flexigpt", "flexigpt_paper", "shortgpt_lora")
-COLUMNS = ("budget", "method", "options", "lr", "seed", "trainable_params", "tokens", "ppl_init", "ppl_after",
-           "wall_s")
+METHODS = ("flexigpt", "flexigpt_paper", "shortgpt_lora", "shortgpt_lora_eqmem")
 
 
 @dataclass(frozen=True)
@@ -75,11 +84,13 @@ class FlexiGPTRecipe:
     adapter_share: the fraction of the trainable-parameter budget given to the replacement
         blocks' adapters (their rank is scaled by it); the rest goes to LoRA on every kept block.
         1.0 trains the adapters only (the paper's trainable set).
+    gamma_lr: the output-norm gammas' learning rate while healing (None: the run's lr).
     """
 
     local_fit: Optional[LocalFit] = field(default_factory=LocalFit)
     fit_samples: int = 16
     adapter_share: float = 0.5
+    gamma_lr: Optional[float] = None
 
     def __post_init__(self):
         if not 0.0 < self.adapter_share <= 1.0:
@@ -93,7 +104,8 @@ class FlexiGPTRecipe:
                f"{lf.adapter_init} adapters, gamma {lf.gamma or 'fixed'}, fit {lf.steps} steps/block on "
                f"{self.fit_samples} seq")
         lora = f" + LoRA rank {lora_rank} on kept blocks" if lora_rank else ""
-        return f"{fit}; adapters rank {adapter_rank}{lora}"
+        glr = f"; gamma lr {self.gamma_lr:g}" if self.gamma_lr is not None else ""
+        return f"{fit}; adapters rank {adapter_rank}{lora}{glr}"
 
 
 def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:
@@ -124,6 +136,9 @@ class _Setup:
     prep_s: float = 0.0
     params: int = 0
     ppl_init: Optional[float] = None
+    blocks: int = 0
+    stored: int = 0
+    gamma_lr: Optional[float] = None
 
 
 def compare_recovery(
@@ -137,10 +152,12 @@ def compare_recovery(
     batch_size: int = 4,
     eval_chunks: int = 40,
     calib_samples: int = 32,
-    methods: Iterable[str] = METHODS,
+    methods: Iterable[str] = METHODS[:3],
     recipe: Optional[FlexiGPTRecipe] = None,
     distill: Optional[str] = None,
     param_tolerance: float = 0.05,
+    done: Sequence[dict] = (),
+    dense_ppl: Optional[float] = None,
     model=None,
     tokenizer=None,
     train_texts=None,
@@ -155,8 +172,11 @@ def compare_recovery(
     seeds[1:]: each method again at its best lr per budget. recipe: the "flexigpt" method's
     (default FlexiGPTRecipe()). distill: None (next-token loss) or "kl": every method adds the
     KL to the dense model's logits while healing (one teacher forward per step). on_row(result
-    so far) is called after every run (to save partial results). model/tokenizer/texts default
-    to the embedded SmolLM2-135M and texts."""
+    so far) is called after every run (to save partial results). done: rows of an earlier,
+    interrupted run with the same settings; a run whose (budget, method, lr, seed) is among
+    them is not repeated (its row is reused). dense_ppl: the dense model's held-out perplexity
+    when already measured on the same text and settings (not measured again). model/tokenizer/
+    texts default to the embedded SmolLM2-135M and texts."""
     methods = tuple(methods)
     for m in methods:
         if m not in METHODS:
@@ -168,6 +188,10 @@ def compare_recovery(
         raise ValueError(f"distill must be None or 'kl', got {distill!r}")
     if not lrs or not seeds:
         raise ValueError("lrs and seeds must each hold at least one value")
+    if "shortgpt_lora_eqmem" in methods and "flexigpt" not in methods:
+        raise ValueError("method 'shortgpt_lora_eqmem' is sized against 'flexigpt': measure both")
+    methods = tuple(m for m in METHODS if m in methods)  # flexigpt first: the equal-memory baseline needs it
+    previous = {_run_key(r): r for r in done if r.get("method") not in ("dense", "drop")}
     recipe = recipe or FlexiGPTRecipe()
     t_all = time.perf_counter()
     if model is None:
@@ -192,30 +216,45 @@ def compare_recovery(
     def ppl(m):
         return perplexity(m, None, heldout, seq_len=seq_len, num_chunks=None, progress=False)
 
-    t = time.perf_counter()
-    dense_ppl = ppl(model)
-    log(f"dense held-out perplexity {dense_ppl:.2f} ({time.perf_counter() - t:.0f} s)")
+    if dense_ppl is None:
+        t = time.perf_counter()
+        dense_ppl = ppl(model)
+        log(f"dense held-out perplexity {dense_ppl:.2f} ({time.perf_counter() - t:.0f} s)")
 
     t = time.perf_counter()
     paper, prune_report = prune(copy.deepcopy(model), train_texts, tokenizer=tokenizer, ratio=ratio, rank=rank,
-                                seq_len=seq_len, num_samples=calib_samples, progress=progress)
+                                seq_len=seq_len, num_samples=calib_samples, progress=progress,
+                                **PAPER.prune_kwargs())
     prune_s = time.perf_counter() - t
     blocks = prune_report.pruned
     log(f"pruned blocks {blocks}, bases {prune_report.base_map}, adapter rank {prune_report.rank} "
         f"({prune_s:.0f} s)")
-    target = count_parameters(select_trainable(paper, "adapters"))
+    target = count_parameters(select_trainable(paper, PAPER.trainable))
     log(f"trainable-parameter budget: {target:,} (the paper's adapters + gammas at rank {prune_report.rank})")
 
+    n_layers = len(_layers(model))
+    dense_stored = stored_parameters(model)
     setups: dict[str, _Setup] = {}
+    skipped: dict[str, str] = {}
     for method in methods:
         if method == "flexigpt_paper":
-            setups[method] = _Setup(paper, "adapters", None, f"paper: SVD adapters rank {prune_report.rank}, "
-                                    "gamma 1e-2; trains adapters + gamma", params=target, prep_s=prune_s)
-        elif method == "shortgpt_lora":
-            drop, _ = prune(copy.deepcopy(model), None, blocks=blocks, method="drop", progress=False)
+            setups[method] = _Setup(paper, PAPER.trainable, PAPER.lora_rank, f"paper: SVD adapters rank {prune_report.rank}, "
+                                    "gamma 1e-2; trains adapters + gamma", params=target, prep_s=prune_s,
+                                    blocks=len(blocks), stored=stored_parameters(paper))
+        elif method in ("shortgpt_lora", "shortgpt_lora_eqmem"):
+            dropped = blocks
+            if method == "shortgpt_lora_eqmem":
+                try:
+                    dropped = equal_memory_blocks(model, blocks, prune_report.scores, setups["flexigpt"].stored)
+                except ValueError as e:
+                    log(f"{method}: not measured at this ratio: {e}")
+                    skipped[method] = str(e)
+                    continue
+            drop, _ = prune(copy.deepcopy(model), None, blocks=dropped, method="drop", local_fit=None, progress=False)
             lora_rank, n = matching_lora_rank(drop, target, tolerance=param_tolerance)
             setups[method] = _Setup(drop, "lora_kept", lora_rank,
-                                    f"drop + LoRA rank {lora_rank} on {len(_kept(drop))} kept blocks", params=n)
+                                    f"drop {len(dropped)} + LoRA rank {lora_rank} on {len(_kept(drop))} kept blocks",
+                                    params=n, blocks=len(dropped), stored=stored_parameters(drop))
         else:
             setups[method] = _recipe_setup(model, recipe, blocks, prune_report.rank, target, param_tolerance,
                                            train_texts=train_texts, tokenizer=tokenizer, seq_len=seq_len,
@@ -223,34 +262,47 @@ def compare_recovery(
         s = setups[method]
         s.ppl_init = ppl(s.model)
         log(f"{method}: {s.options}; {s.params:,} trainable ({(s.params - target) / target:+.1%}); "
-            f"held-out perplexity at init {s.ppl_init:.2f}")
+            f"{s.stored:,} stored ({s.stored / dense_stored:.1%}); held-out perplexity at init {s.ppl_init:.2f}")
 
     rows = [dict(budget=0, method="dense", options="no pruning", lr=None, seed=None, trainable_params=0, tokens=0,
-                 ppl_init=dense_ppl, ppl_after=dense_ppl, wall_s=0.0)]
+                 ppl_init=dense_ppl, ppl_after=dense_ppl, wall_s=0.0, ratio=0.0, blocks=0, stored_params=dense_stored)]
+    if "shortgpt_lora" in setups:
+        s = setups["shortgpt_lora"]
+        rows.append(dict(budget=0, method="drop", options=f"drop {s.blocks} blocks, no training", lr=None, seed=None,
+                         trainable_params=0, tokens=0, ppl_init=s.ppl_init, ppl_after=s.ppl_init, wall_s=0.0,
+                         ratio=s.blocks / n_layers, blocks=s.blocks, stored_params=s.stored))
     meta = dict(model=getattr(model.config, "_name_or_path", "") or "SmolLM2-135M-Instruct (embedded)",
                 ratio=ratio, pruned=blocks, base_map={str(k): v for k, v in prune_report.base_map.items()},
                 adapter_rank=prune_report.rank, budget_params=target, budgets=budgets, seq_len=seq_len,
                 batch_size=batch_size, eval_chunks=int(heldout.shape[0]), seeds=list(seeds), lrs=list(lrs),
-                dense_ppl=dense_ppl, prune_seconds=prune_s, recipe=_recipe_dict(recipe), distill=distill,
+                dense_ppl=dense_ppl, dense_stored_params=dense_stored, num_layers=n_layers,
+                prune_seconds=prune_s, recipe=_recipe_dict(recipe), distill=distill, skipped=skipped,
                 torch_threads=torch.get_num_threads(),
                 machine=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__)
     result = {"rows": rows, "meta": meta}
 
     def run(budget, method, lr, seed):
         s = setups[method]
+        shape = dict(ratio=s.blocks / n_layers, blocks=s.blocks, stored_params=s.stored)
+        if (budget, method, lr, seed) in previous:
+            row = {**previous[(budget, method, lr, seed)], **shape}
+            rows.append(row)
+            log(f"[{budget:,} tokens] {method} lr {lr:g} seed {seed}: done before, ppl {row['ppl_after']:.2f}")
+            return row
         steps = (budget - s.fit_tokens) // tokens_per_step
         if steps < 1:
             raise ValueError(f"budget {budget:,} tokens leaves no healing step after the {s.fit_tokens:,} "
                              f"tokens of the block-local fit; raise tokens or lower the recipe's fit_samples")
         m = copy.deepcopy(s.model)
         rep = heal(m, train_tokens[seed], steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
-                   trainable=s.trainable, lora_rank=s.lora_rank, teacher=model if distill else None,
-                   distill=(distill,) if distill else None, seed=seed, progress=progress)
+                   trainable=s.trainable, lora_rank=s.lora_rank, gamma_lr=s.gamma_lr,
+                   teacher=model if distill else None, distill=(distill,) if distill else None, seed=seed,
+                   progress=progress)
         after = ppl(m)
         row = dict(budget=budget, method=method, options=s.options + ("; + KL to the dense logits" if distill else ""),
                    lr=lr, seed=seed,
                    trainable_params=rep.trainable_params, tokens=s.fit_tokens + rep.tokens_seen,
-                   ppl_init=s.ppl_init, ppl_after=after, wall_s=s.prep_s + rep.seconds)
+                   ppl_init=s.ppl_init, ppl_after=after, wall_s=s.prep_s + rep.seconds, **shape)
         rows.append(row)
         log(f"[{budget:,} tokens] {method} lr {lr:g} seed {seed}: ppl {s.ppl_init:.2f} -> {after:.2f}, loss "
             f"{rep.losses[0]:.3f} -> {rep.losses[-1]:.3f}, {rep.seconds:.0f} s")
@@ -259,6 +311,7 @@ def compare_recovery(
             on_row(result)
         return row
 
+    methods = tuple(m for m in methods if m in setups)
     for budget in budgets:
         for method in methods:
             for lr in lrs:
@@ -293,73 +346,57 @@ def _recipe_setup(model, recipe: FlexiGPTRecipe, blocks, paper_rank: int, target
     trainable = ("adapters", "lora_kept") if lora_rank else "adapters"
     fit_tokens = int((rep.local_fit or {}).get("fit_tokens", 0))
     return _Setup(flex, trainable, lora_rank, recipe.describe(adapter_rank, lora_rank), fit_tokens=fit_tokens,
-                  prep_s=prep_s, params=total)
+                  prep_s=prep_s, params=total, blocks=len(blocks), stored=_merged_stored(flex, trainable, lora_rank),
+                  gamma_lr=recipe.gamma_lr)
+
+
+def _merged_stored(model, trainable, lora_rank) -> int:
+    """Stored parameters of `model` once healed and saved: LoRA on the kept blocks merged into
+    their weights, where a replacement block shares such a weight its adapter grows by the LoRA
+    rank to stay exact (train.merge_lora). The values do not matter, only the shapes."""
+    if not lora_rank:
+        return stored_parameters(model)
+    m = copy.deepcopy(model)
+    select_trainable(m, trainable, lora_rank=lora_rank)
+    merge_lora(m)
+    return stored_parameters(m)
 
 
 def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
     return dict(local_fit=None if recipe.local_fit is None else recipe.local_fit.to_dict(),
                 fit_samples=recipe.fit_samples,
-                adapter_share=recipe.adapter_share)
+                adapter_share=recipe.adapter_share, gamma_lr=recipe.gamma_lr)
+
+
+def equal_memory_blocks(model, blocks: Sequence[int], scores: Optional[Sequence[float]], stored: int) -> list[int]:
+    """The blocks ShortGPT drops to store at least `stored` parameters: the k' lowest-scoring of
+    `blocks` (Block Influence `scores`; None keeps the given order), k' the largest count whose
+    dropped `model` still stores >= `stored` (each block's own parameters leave with it).
+    ValueError when even dropping one block stores less."""
+    layers = _layers(model)
+    order = sorted(blocks, key=lambda b: (scores[b], b)) if scores is not None else list(blocks)
+    total = stored_parameters(model)
+    k = 0
+    for b in order:
+        after = total - sum(p.numel() for p in layers[b].parameters())
+        if after < stored:
+            break
+        total, k = after, k + 1
+    if k == 0:
+        raise ValueError(f"no ShortGPT model stores at least {stored:,} parameters: dropping one block leaves less")
+    return sorted(order[:k])
+
+
+def _run_key(r: dict) -> tuple:
+    return (int(r["budget"]), r["method"], None if r["lr"] in (None, "") else float(r["lr"]),
+            None if r["seed"] in (None, "") else int(r["seed"]))
+
+
+def _layers(model):
+    from ..convert.families import decoder_layers
+
+    return list(decoder_layers(model))
 
 
 def _kept(model):
-    from ..convert.families import decoder_layers
-
-    return [b for b in decoder_layers(model) if not hasattr(b, "flexigpt_base")]
-
-
-def _fmt(v, nd=2):
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def best_runs(rows: Sequence[dict]) -> dict[tuple[int, str], dict]:
-    """{(budget, method): the row with the lowest held-out perplexity after healing}."""
-    best: dict[tuple[int, str], dict] = {}
-    for r in rows:
-        key = (r["budget"], r["method"])
-        if r["method"] != "dense" and (key not in best or r["ppl_after"] < best[key]["ppl_after"]):
-            best[key] = r
-    return best
-
-
-def format_table(result: dict) -> str:
-    """A Markdown table of the rows, plus the run's settings and the best run per budget and method."""
-    meta, rows = result["meta"], result["rows"]
-    lines = [
-        f"Recovery at equal budget: {meta['model']}, ratio {meta['ratio']} (pruned blocks {meta['pruned']}), "
-        f"trainable-parameter budget {meta['budget_params']:,}, token budgets "
-        f"{', '.join(f'{b:,}' for b in meta['budgets'])} ({meta['batch_size']} x {meta['seq_len']} tokens per "
-        f"step), held-out perplexity on {meta['eval_chunks']} x {meta['seq_len']} tokens of unseen text. "
-        f"torch {meta['torch']}, {meta['torch_threads']} threads.",
-        "",
-        "| budget | method | options | lr | seed | trainable params | tokens | ppl at init | ppl after | wall s |",
-        "|---:|---|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lr = "" if r["lr"] is None else f"{r['lr']:g}"
-        lines.append(f"| {r['budget']:,} | {r['method']} | {r['options']} | {lr} | {_fmt(r['seed'])} | "
-                     f"{r['trainable_params']:,} | {r['tokens']:,} | {_fmt(r['ppl_init'])} | "
-                     f"{_fmt(r['ppl_after'])} | {_fmt(r['wall_s'], 0)} |")
-    best = best_runs(rows)
-    if best:
-        lines += ["", "Best per budget and method (lowest ppl after; seed of that row): " + "; ".join(
-            f"{b:,} tokens {m} {r['ppl_after']:.2f} (lr {r['lr']:g})" for (b, m), r in best.items())]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(result: dict, out_dir="benchmarks/results", name: str = "recovery_cpu") -> tuple[Path, Path]:
-    """Write <out_dir>/<name>.csv (one row per run) and <name>.md (format_table)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in result["rows"]:
-            w.writerow({k: r[k] for k in COLUMNS})
-    md_path.write_text(format_table(result))
-    return csv_path, md_path
+    return [b for b in _layers(model) if not hasattr(b, "flexigpt_base")]

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..eval.perplexity import perplexity
 from ..nn import OutputNorm
+from ..presets import RECIPE
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .data import TrainBlocks, load_blocks
 from .distill import Distiller, normalize_distill
@@ -146,8 +147,8 @@ def heal(
     distill=("kl",),
     kl_temperature: float = 1.0,
     lm_weight: float = 1.0,
-    trainable="adapters",
-    lora_rank: Optional[int] = None,
+    trainable=RECIPE.trainable,
+    lora_rank: Optional[int] = RECIPE.lora_rank,
     lora_alpha: Optional[float] = None,
     eval_data=None,
     eval_every: Optional[int] = None,
@@ -174,9 +175,12 @@ def heal(
         gamma_lr: a separate learning rate for the output-norm gammas (default: lr).
         teacher: the dense model; with it, `distill` adds "kl" (logits, temperature
             kl_temperature) and/or "mse" (replacement blocks' outputs); a dict gives weights.
-        trainable: "adapters" (default), "replacement_blocks", "lora_kept" (needs lora_rank;
+        trainable: "adapters", "replacement_blocks", "lora_kept" (needs lora_rank;
             lora_alpha defaults to the rank, i.e. scale 1), "all", a tuple of them, or a
-            callable(name, param) -> bool (see .params). Other parameters are frozen.
+            callable(name, param) -> bool (see .params). Other parameters are frozen. Default:
+            the RECIPE preset's ("adapters", "lora_kept") with lora_rank 8 (presets.py); the
+            paper's set is ``**presets.PAPER.heal_kwargs()`` (trainable="adapters"). A dropped
+            model (no replacement blocks) takes trainable="lora_kept".
         eval_data: held-out source; perplexity over `eval_chunks` chunks of seq_len tokens at
             step 0, every `eval_every` steps, and at the end.
         checkpoint_dir / checkpoint_every: save every N steps and at the end; resume=True

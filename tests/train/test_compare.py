@@ -4,6 +4,7 @@ further seed at each method's best lr, and the CSV / Markdown outputs."""
 
 from __future__ import annotations
 
+import copy
 import csv
 
 import pytest
@@ -26,10 +27,13 @@ def test_compare_recovery_on_a_tiny_model(tmp_path):
                               model=tiny_llama(vocab=257), tokenizer=byte_tokenizer(),
                               on_row=lambda r: saved.append(len(r["rows"])), **TINY)
     rows = result["rows"]
-    assert {r["method"] for r in rows} == {"dense", "flexigpt", "flexigpt_paper", "shortgpt_lora"}
-    runs = [r for r in rows if r["method"] != "dense"]
+    assert {r["method"] for r in rows} == {"dense", "drop", "flexigpt", "flexigpt_paper", "shortgpt_lora"}
+    runs = [r for r in rows if r["method"] not in ("dense", "drop")]
     # per budget: 3 methods x 2 lrs on seed 0, then 3 methods on seed 1 at their best lr
-    assert len(runs) == 2 * (3 * 2 + 3) and saved == list(range(2, 2 + len(runs)))
+    assert len(runs) == 2 * (3 * 2 + 3) and saved == list(range(3, 3 + len(runs)))
+    (drop,) = [r for r in rows if r["method"] == "drop"]
+    assert drop["tokens"] == 0 and drop["blocks"] == 2 and drop["ratio"] == 0.5
+    assert drop["ppl_after"] == next(r for r in runs if r["method"] == "shortgpt_lora")["ppl_init"]
     target = result["meta"]["budget_params"]
     for r in runs:
         assert abs(r["trainable_params"] - target) <= 0.05 * target, r
@@ -73,3 +77,77 @@ def test_recipe_without_local_fit_spends_the_whole_budget_on_healing_and_can_dis
     assert "KL to the dense logits" in run["options"] and result["meta"]["distill"] == "kl"
     with pytest.raises(ValueError, match="distill"):
         compare_recovery(distill="mse", model=tiny_llama(vocab=257), tokenizer=byte_tokenizer(), **TINY)
+
+
+def test_equal_memory_blocks_keeps_at_least_the_flexigpt_storage():
+    from flexigpt_kernels.convert.prune import prune, stored_parameters
+    from flexigpt_kernels.train.compare import equal_memory_blocks
+
+    model = tiny_llama(vocab=257)
+    flex, _ = prune(copy.deepcopy(model), None, blocks=[1, 2], rank=4, local_fit=None, progress=False)
+    stored = stored_parameters(flex)
+    scores = [0.9, 0.2, 0.1, 0.8]  # block 2 scores lowest: dropped first
+    chosen = equal_memory_blocks(model, [1, 2], scores, stored)
+    assert chosen == [2]
+    drop, _ = prune(copy.deepcopy(model), None, blocks=chosen, method="drop", progress=False)
+    assert stored_parameters(drop) >= stored
+    two, _ = prune(copy.deepcopy(model), None, blocks=[1, 2], method="drop", progress=False)
+    assert stored_parameters(two) < stored  # dropping one more would store less
+    with pytest.raises(ValueError, match="stores at least"):
+        equal_memory_blocks(model, [1], scores, stored_parameters(model))
+
+
+def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
+    from flexigpt_kernels.train.frontier import frontier_summary, read_frontier_rows, run_frontier
+
+    recipe = FlexiGPTRecipe(local_fit=LocalFit(steps=1), fit_samples=2, adapter_share=0.5)
+    kw = {k: v for k, v in TINY.items() if k != "ratio"}
+    logs = []
+    common = dict(tokens=2 * 2 * 32, lrs=(1e-2,), seeds=(0, 1), recipe=recipe, out_dir=tmp_path, name="fr",
+                  param_tolerance=0.3,  # LoRA ranks are coarse on a 64-wide model
+                  model=tiny_llama(vocab=257), tokenizer=byte_tokenizer())
+    result = run_frontier((0.25, 0.5), **common, **{**kw, "log": logs.append})
+    rows = result["rows"]
+    assert {r["run_ratio"] for r in rows} == {0.25, 0.5}
+    for r in rows:
+        assert r["stored_params"] > 0 and r["blocks"] is not None and r["ratio"] is not None
+    dense = next(r for r in rows if r["method"] == "dense")
+    at = {(r["run_ratio"], r["method"], r["seed"]): r for r in rows}
+    # 0.5 prunes 2 of 4 blocks; equal memory drops one, storing at least FlexiGPT's parameters
+    flex, same, eq = (at[(0.5, m, 0)] for m in ("flexigpt", "shortgpt_lora", "shortgpt_lora_eqmem"))
+    assert flex["blocks"] == same["blocks"] == 2 and eq["blocks"] == 1
+    assert same["stored_params"] < flex["stored_params"] <= eq["stored_params"] < dense["stored_params"]
+    # FlexiGPT's storage is that of the saved model: LoRA merged, the shared bases' deltas absorbed
+    from flexigpt_kernels.convert.prune import prune, stored_parameters
+    from flexigpt_kernels.train import merge_lora, select_trainable
+
+    lora_rank = int(flex["options"].split("LoRA rank ")[1].split()[0])
+    merged, _ = prune(tiny_llama(vocab=257), None, blocks=result["meta"]["ratios"]["0.5"]["pruned"], rank=2,
+                      local_fit=None, progress=False)
+    plain = stored_parameters(merged)
+    select_trainable(merged, ("adapters", "lora_kept"), lora_rank=lora_rank)
+    merge_lora(merged)
+    assert flex["stored_params"] == stored_parameters(merged) > plain
+    assert eq["trainable_params"] == pytest.approx(result["meta"]["ratios"]["0.5"]["budget_params"], rel=0.3)
+    assert at[(0.5, "drop", None)]["ppl_after"] == same["ppl_init"] and at[(0.5, "drop", None)]["tokens"] == 0
+    # 0.25 prunes one block: no ShortGPT model stores as much as FlexiGPT there
+    assert not any(k[0] == 0.25 and k[1] == "shortgpt_lora_eqmem" for k in at)
+    assert any("not measured at this ratio" in line for line in logs)
+    assert sum("dense held-out perplexity" in line for line in logs) == 1  # measured once per sweep
+    summary = {e["run_ratio"]: e for e in frontier_summary(rows)}
+    assert set(summary[0.5]["vs_equal_memory"]) == {0, 1} and not summary[0.25]["vs_equal_memory"]
+    g = summary[0.5]["vs_same_blocks"][1]
+    assert g == pytest.approx((at[(0.5, "shortgpt_lora", 1)]["ppl_after"] - at[(0.5, "flexigpt", 1)]["ppl_after"])
+                              / at[(0.5, "shortgpt_lora", 1)]["ppl_after"])
+    for ext in ("csv", "json", "md", "png"):
+        assert (tmp_path / f"fr.{ext}").stat().st_size > 0
+    md = (tmp_path / "fr.md").read_text()
+    assert "gain, equal memory" in md and "### ratio 0.5" in md
+    assert len(read_frontier_rows(tmp_path / "fr.csv")) == len(rows)
+    # resume: every run is there, nothing is set up or trained again
+    logs.clear()
+    again = run_frontier((0.25, 0.5), **common, **{**kw, "log": logs.append})
+    assert sum("not repeated" in line for line in logs) == 2
+    assert [r["ppl_after"] for r in again["rows"]] == pytest.approx([r["ppl_after"] for r in rows])
+    with pytest.raises(ValueError, match="other settings"):
+        run_frontier((0.5,), **common, **{**kw, "seq_len": 16})

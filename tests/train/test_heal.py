@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from flexigpt_kernels.nn import OutputNorm, SharedLoRALinear
+from flexigpt_kernels.presets import PAPER
 from flexigpt_kernels.train import LoRALinear, heal, merge_lora, select_trainable
 from flexigpt_kernels.train.schedule import WarmupCosine, warmup_steps
-
 from .helpers import SEQ, tiny_llama, tiny_pruned, token_data
 
 KW = dict(seq_len=SEQ, batch_size=4, progress=False)
@@ -26,7 +26,7 @@ def test_heal_lowers_heldout_perplexity_and_trains_only_adapters():
     model = tiny_pruned()
     before = snapshot(model)
     report = heal(model, token_data(64), steps=8, lr=1e-2, eval_data=token_data(16, seed=1), eval_chunks=8,
-                  eval_every=4, **KW)
+                  eval_every=4, **PAPER.heal_kwargs(), **KW)  # the paper's trainable set
     assert [s for s, _ in report.eval_perplexities] == [0, 4, 8]
     assert report.ppl_final < 0.9 * report.ppl_init
     assert report.losses[-1] < report.losses[0]
@@ -110,7 +110,7 @@ def test_gradients_flow_through_the_fused_op():
             return func(*args, **(kwargs or {}))
 
     with CountOps():
-        heal(tiny_pruned(), token_data(8), steps=1, lr=1e-2, **KW)
+        heal(tiny_pruned(), token_data(8), steps=1, lr=1e-2, **PAPER.heal_kwargs(), **KW)
     assert calls["bwd"] == 2 * 7  # every replacement linear's backward ran in the op
     assert calls["fwd"] >= 2 * 7
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flexigpt_kernels.train import heal
+from flexigpt_kernels.presets import PAPER
 from flexigpt_kernels.train.checkpoint import latest_checkpoint
 
 from .helpers import SEQ, tiny_pruned, token_data
@@ -17,7 +18,7 @@ ARGS = dict(steps=6, lr=1e-2, seq_len=SEQ, batch_size=2, grad_accum=2, warmup=2,
 
 @pytest.mark.parametrize("trainable", ["adapters", "lora_kept"])
 def test_resume_from_the_middle_equals_the_uninterrupted_run(tmp_path, trainable):
-    extra = {"trainable": trainable, "lora_rank": 2} if trainable == "lora_kept" else {}
+    extra = {"trainable": trainable, "lora_rank": 2} if trainable == "lora_kept" else PAPER.heal_kwargs()
     method = "drop" if trainable == "lora_kept" else "flexigpt"
     data, heldout = token_data(40), token_data(8, seed=3)
 

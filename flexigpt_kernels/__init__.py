@@ -51,5 +51,14 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = ["OutputNorm", "SharedLoRALinear", "shared_lora_linear", "shared_lora_linear_reference",
-           "shared_lora_linear_epilogue", "shared_lora_linear_stacked", "use_backend", "__version__", *_LAZY]
+__all__ = [
+    "OutputNorm",
+    "SharedLoRALinear",
+    "shared_lora_linear",
+    "shared_lora_linear_reference",
+    "shared_lora_linear_epilogue",
+    "shared_lora_linear_stacked",
+    "use_backend",
+    "__version__",
+    *_LAZY,
+]

@@ -24,7 +24,6 @@ Use::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 __all__ = ["Preset", "RECIPE", "PAPER", "PRESETS", "get_preset"]
 
@@ -36,9 +35,9 @@ class Preset:
     and the rank of LoRA on the kept blocks (None when the set has no "lora_kept")."""
 
     name: str
-    local_fit: Optional[str]
-    trainable: Union[str, tuple[str, ...]]
-    lora_rank: Optional[int]
+    local_fit: str | None
+    trainable: str | tuple[str, ...]
+    lora_rank: int | None
     description: str = ""
 
     def prune_kwargs(self) -> dict:
@@ -51,17 +50,23 @@ class Preset:
 
 
 RECIPE = Preset(
-    "recipe", local_fit="gamma", trainable=("adapters", "lora_kept"), lora_rank=8,
+    "recipe",
+    local_fit="gamma",
+    trainable=("adapters", "lora_kept"),
+    lora_rank=8,
     description="closed-form gamma at prune; adapters + gammas + LoRA rank 8 on the kept blocks at heal",
 )
 PAPER = Preset(
-    "paper", local_fit=None, trainable="adapters", lora_rank=None,
+    "paper",
+    local_fit=None,
+    trainable="adapters",
+    lora_rank=None,
     description="SVD adapters and gamma 1e-2 at prune; adapters + gammas at heal",
 )
 PRESETS = {p.name: p for p in (RECIPE, PAPER)}
 
 
-def get_preset(name: Union[str, Preset]) -> Preset:
+def get_preset(name: str | Preset) -> Preset:
     """The preset called `name` ("recipe" or "paper"); a Preset is returned as is."""
     if isinstance(name, Preset):
         return name

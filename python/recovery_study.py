@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from flexigpt_kernels.assets import default_texts, load_default_model
-from flexigpt_kernels.convert.calibration import token_batches
-from flexigpt_kernels.convert.importance import block_influence
 from flexigpt_kernels.convert.adapter_init import activation_aware_adapters
+from flexigpt_kernels.convert.calibration import token_batches
 from flexigpt_kernels.convert.dense_records import record_dense_blocks
+from flexigpt_kernels.convert.importance import block_influence
 from flexigpt_kernels.convert.local_fit import LocalFit, fit_replacement_blocks
 from flexigpt_kernels.convert.prune import prune
 from flexigpt_kernels.convert.selection import select_blocks
@@ -70,8 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--fit-samples", type=int, default=None,
-                   help="record / fit on the first N calibration sequences (default: all)")
+    p.add_argument(
+        "--fit-samples", type=int, default=None, help="record / fit on the first N calibration sequences (default: all)"
+    )
     p.add_argument("--eval-chunks", type=int, default=16)
     p.add_argument("--variants", default=",".join(["drop", *INIT_VARIANTS]))
     p.add_argument("--fit-steps", type=int, default=60)
@@ -117,8 +118,18 @@ def main(argv=None) -> int:
     dense_ppl = cached.get(key, {}).get("dense_ppl") or ppl(model)
     eval_s = time.perf_counter() - t
     log(f"dense ppl {dense_ppl:.2f} ({eval_s:.0f} s)")
-    rows.append(dict(method="dense", options="no pruning", trainable=0, tokens=0, ppl_init=dense_ppl,
-                     ppl_after=None, wall_s=0.0, block_err=None))
+    rows.append(
+        dict(
+            method="dense",
+            options="no pruning",
+            trainable=0,
+            tokens=0,
+            ppl_init=dense_ppl,
+            ppl_after=None,
+            wall_s=0.0,
+            block_err=None,
+        )
+    )
 
     t = time.perf_counter()
     scores = cached.get(key, {}).get("scores")
@@ -134,20 +145,40 @@ def main(argv=None) -> int:
     rec_s = time.perf_counter() - t
     flex0, rep = prune(copy.deepcopy(model), None, blocks=pruned, rank=args.rank, progress=False)
     t = time.perf_counter()
-    factors, fstats = (activation_aware_adapters(model, records, rep.base_map, rank=args.rank) if need_act
-                       else (None, {}))
+    factors, fstats = (
+        activation_aware_adapters(model, records, rep.base_map, rank=args.rank) if need_act else (None, {})
+    )
     act_s = time.perf_counter() - t
     records.cov = {}
     log(f"pruned {pruned} bases {rep.base_map}; BI {bi_s:.0f} s, record {rec_s:.0f} s, act. adapters {act_s:.0f} s")
-    meta.update(model="SmolLM2-135M-Instruct (embedded, fp32)", ratio=args.ratio, rank=args.rank, pruned=pruned,
-                base_map={str(k): v for k, v in rep.base_map.items()}, calib_tokens=records.tokens,
-                eval_chunks=int(heldout.shape[0]), seq_len=S, threads=args.threads, dense_ppl=dense_ppl,
-                eval_seconds=eval_s, record_seconds=rec_s, bi_seconds=bi_s, act_adapter_seconds=act_s,
-                torch=torch.__version__, machine=platform.machine(),
-                adapter_weighted_err={k: {"svd": sum(s["svd"] for s in v.values()) / len(v),
-                                          "activation": sum(s["activation"] for s in v.values()) / len(v)}
-                                      for k, v in fstats.items()},
-                fit_steps=args.fit_steps, fit_batch=args.fit_batch, fit_lr=args.fit_lr)
+    meta.update(
+        model="SmolLM2-135M-Instruct (embedded, fp32)",
+        ratio=args.ratio,
+        rank=args.rank,
+        pruned=pruned,
+        base_map={str(k): v for k, v in rep.base_map.items()},
+        calib_tokens=records.tokens,
+        eval_chunks=int(heldout.shape[0]),
+        seq_len=S,
+        threads=args.threads,
+        dense_ppl=dense_ppl,
+        eval_seconds=eval_s,
+        record_seconds=rec_s,
+        bi_seconds=bi_s,
+        act_adapter_seconds=act_s,
+        torch=torch.__version__,
+        machine=platform.machine(),
+        adapter_weighted_err={
+            k: {
+                "svd": sum(s["svd"] for s in v.values()) / len(v),
+                "activation": sum(s["activation"] for s in v.values()) / len(v),
+            }
+            for k, v in fstats.items()
+        },
+        fit_steps=args.fit_steps,
+        fit_batch=args.fit_batch,
+        fit_lr=args.fit_lr,
+    )
     target = count_parameters(select_trainable(copy.deepcopy(flex0), "adapters"))
     models = {}
     for name in wanted:
@@ -165,11 +196,12 @@ def main(argv=None) -> int:
             if cfg is not None:
                 cfg = dict(cfg)
                 if "steps" not in cfg:
-                    cfg.update(steps=args.fit_steps, batch_size=args.fit_batch, lr=args.fit_lr,
-                               gamma_lr=args.fit_gamma_lr)
-                fr = fit_replacement_blocks(m, records, LocalFit(**cfg), adapter_factors=factors,
-                                            adapter_stats=fstats, progress=args.progress)
-                last = "fit" if "fit" in fr.errors else "gamma"
+                    cfg.update(
+                        steps=args.fit_steps, batch_size=args.fit_batch, lr=args.fit_lr, gamma_lr=args.fit_gamma_lr
+                    )
+                fr = fit_replacement_blocks(
+                    m, records, LocalFit(**cfg), adapter_factors=factors, adapter_stats=fstats, progress=args.progress
+                )
                 err = {stage: fr.mean_error(stage, "val") for stage in fr.errors}
                 tokens = records.tokens
                 meta.setdefault("fit_reports", {})[name] = fr.to_dict()
@@ -179,9 +211,18 @@ def main(argv=None) -> int:
                 prep_s += rec_s + (act_s if cfg.get("adapter_init") == "activation" else 0.0)
         p0 = ppl(m)
         log(f"{name}: ppl at init {p0:.2f} (prep {prep_s:.0f} s)")
-        rows.append(dict(method=name, options=OPTIONS[name].format(steps=args.fit_steps, bs=args.fit_batch),
-                         trainable=trainable, tokens=tokens, ppl_init=p0, ppl_after=None, wall_s=prep_s,
-                         block_err=err))
+        rows.append(
+            dict(
+                method=name,
+                options=OPTIONS[name].format(steps=args.fit_steps, bs=args.fit_batch),
+                trainable=trainable,
+                tokens=tokens,
+                ppl_init=p0,
+                ppl_after=None,
+                wall_s=prep_s,
+                block_err=err,
+            )
+        )
         models[name] = (m, rows[-1])
         if name not in args.heal.split(","):
             del models[name]
@@ -196,28 +237,57 @@ def main(argv=None) -> int:
             if name == "shortgpt_lora":
                 drop, _ = prune(copy.deepcopy(model), None, blocks=pruned, method="drop", progress=False)
                 lora_rank, lora_params = matching_lora_rank(drop, target)
-                base, base_row = drop, dict(method="shortgpt_lora", options=f"drop + LoRA rank {lora_rank} on kept blocks",
-                                            trainable=lora_params, tokens=0, ppl_init=None, wall_s=0.0, block_err=None)
+                base, base_row = (
+                    drop,
+                    dict(
+                        method="shortgpt_lora",
+                        options=f"drop + LoRA rank {lora_rank} on kept blocks",
+                        trainable=lora_params,
+                        tokens=0,
+                        ppl_init=None,
+                        wall_s=0.0,
+                        block_err=None,
+                    ),
+                )
                 trainable, lrank = "lora_kept", lora_rank
             else:
                 base, base_row = models[name]
                 trainable, lrank = "adapters", None
             for lr in lrs:
                 m = copy.deepcopy(base)
-                hr = heal(m, train, steps=args.heal_steps, lr=lr, seq_len=S, batch_size=bs, trainable=trainable,
-                          lora_rank=lrank, seed=0, progress=args.progress)
+                hr = heal(
+                    m,
+                    train,
+                    steps=args.heal_steps,
+                    lr=lr,
+                    seq_len=S,
+                    batch_size=bs,
+                    trainable=trainable,
+                    lora_rank=lrank,
+                    seed=0,
+                    progress=args.progress,
+                )
                 p1 = ppl(m)
                 p0 = base_row["ppl_init"] if base_row["ppl_init"] is not None else None
                 if p0 is None:
                     p0 = ppl(base)
                     base_row["ppl_init"] = p0
-                row = dict(base_row, method=f"{base_row['method']} + heal", ppl_init=p0, ppl_after=p1,
-                           trainable=hr.trainable_params, tokens=base_row["tokens"] + hr.tokens_seen,
-                           wall_s=base_row["wall_s"] + hr.seconds, lr=lr,
-                           options=base_row["options"] + f"; heal {args.heal_steps} x {bs} x {S}, lr {lr:g}")
+                row = dict(
+                    base_row,
+                    method=f"{base_row['method']} + heal",
+                    ppl_init=p0,
+                    ppl_after=p1,
+                    trainable=hr.trainable_params,
+                    tokens=base_row["tokens"] + hr.tokens_seen,
+                    wall_s=base_row["wall_s"] + hr.seconds,
+                    lr=lr,
+                    options=base_row["options"] + f"; heal {args.heal_steps} x {bs} x {S}, lr {lr:g}",
+                )
                 rows.append(row)
-                log(f"{row['method']} lr {lr:g}: {p0:.2f} -> {p1:.2f} ({hr.seconds:.0f} s), "
-                    f"loss {hr.losses[0]:.3f} -> {hr.losses[-1]:.3f}")
+                log(
+                    f"{row['method']} lr {lr:g}: {p0:.2f} -> {p1:.2f} ({hr.seconds:.0f} s), "
+                    f"loss {hr.losses[0]:.3f} -> {hr.losses[-1]:.3f}"
+                )
                 del m
                 save()
         meta.update(heal_steps=args.heal_steps, heal_batch=bs, heal_tokens=heal_tokens, heal_lrs=lrs)
@@ -244,11 +314,17 @@ def table(rows, meta) -> str:
         err_s = "" if not err else " -> ".join(f"{v:.3f}" for v in err.values())
         after = "" if r.get("ppl_after") is None else f"{r['ppl_after']:.2f}"
         init = "" if r.get("ppl_init") is None else f"{r['ppl_init']:.2f}"
-        lines.append(f"| {r['method']} | {r['options']} | {r['trainable']:,} | {r['tokens']:,} | {err_s} | {init} | "
-                     f"{after} | {r['wall_s']:.0f} |")
-    lines += ["", "block rel. err: mean over the replacement blocks of sum||block(x) - y||^2 / sum||y - x||^2 on "
-              "held-out recorded calibration sequences (1.0 = as bad as dropping the block), per stage "
-              "(init -> closed-form gamma -> gradient fit).", ""]
+        lines.append(
+            f"| {r['method']} | {r['options']} | {r['trainable']:,} | {r['tokens']:,} | {err_s} | {init} | "
+            f"{after} | {r['wall_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "block rel. err: mean over the replacement blocks of sum||block(x) - y||^2 / sum||y - x||^2 on "
+        "held-out recorded calibration sequences (1.0 = as bad as dropping the block), per stage "
+        "(init -> closed-form gamma -> gradient fit).",
+        "",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -56,7 +56,7 @@ def test_the_command_line_reads_the_same_preset():
     p = argparse.ArgumentParser()
     heal_cmd.add_arguments(p)
     args = p.parse_args(["DIR", "--data", "default", "--out", "o", "--steps", "1"])
-    assert tuple(args.trainable.split(",")) == RECIPE.trainable and args.lora_rank == RECIPE.lora_rank
+    assert tuple(args.trainable) == RECIPE.trainable and args.lora_rank == RECIPE.lora_rank
     p = argparse.ArgumentParser()
     prune_cmd.add_arguments(p)
     assert p.parse_args(["--out", "o"]).local_fit == RECIPE.local_fit

@@ -14,52 +14,100 @@ import argparse
 import json
 import sys
 
-
-from ._common import fraction, fraction_or_one, listing, non_negative_int, nonempty, out_dir, positive_float, \
-    positive_int, rank
+from ._common import (
+    fraction,
+    fraction_or_one,
+    listing,
+    non_negative_int,
+    nonempty,
+    out_dir,
+    positive_float,
+    positive_int,
+    rank,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..train.compare import METHODS
 
-    p.add_argument("--tokens", type=listing(positive_int), default=None,
-                   help="token budget(s) per run, comma-separated (default 40960 = 40 x 4 x 256; with --ratios "
-                        "20480)")
-    p.add_argument("--lr", type=listing(positive_float), default=None,
-                   help="learning rates swept on the first seed, comma-separated (default 1e-3,4e-3; with "
-                        "--ratios 4e-3)")
-    p.add_argument("--seed", type=listing(non_negative_int, unique=True), default=None,
-                   help="seeds (data order, LoRA init), comma-separated; seeds after the first re-run each "
-                        "method at its best learning rate (default 0; with --ratios 0,1)")
+    p.add_argument(
+        "--tokens",
+        type=listing(positive_int),
+        default=None,
+        help="token budget(s) per run, comma-separated (default 40960 = 40 x 4 x 256; with --ratios 20480)",
+    )
+    p.add_argument(
+        "--lr",
+        type=listing(positive_float),
+        default=None,
+        help="learning rates swept on the first seed, comma-separated (default 1e-3,4e-3; with --ratios 4e-3)",
+    )
+    p.add_argument(
+        "--seed",
+        type=listing(non_negative_int, unique=True),
+        default=None,
+        help="seeds (data order, LoRA init), comma-separated; seeds after the first re-run each "
+        "method at its best learning rate (default 0; with --ratios 0,1)",
+    )
     p.add_argument("--ratio", type=fraction, default=0.3)
-    p.add_argument("--ratios", type=listing(fraction, unique=True),
-                   help="the frontier: one comparison per pruning ratio, e.g. 0.2,0.3,0.4,0.5")
+    p.add_argument(
+        "--ratios",
+        type=listing(fraction, unique=True),
+        help="the frontier: one comparison per pruning ratio, e.g. 0.2,0.3,0.4,0.5",
+    )
     p.add_argument("--rank", type=rank, help="FlexiGPT adapter rank (default: prune's, 256/4096 of the hidden size)")
-    p.add_argument("--methods", type=listing(str, choices=METHODS, unique=True), default=None,
-                   help="any of flexigpt (this package's recipe), flexigpt_paper, shortgpt_lora, "
-                        "shortgpt_lora_eqmem (default: the first three; with --ratios flexigpt, shortgpt_lora, "
-                        "shortgpt_lora_eqmem)")
-    p.add_argument("--adapter-share", type=fraction_or_one, default=None,
-                   help="flexigpt recipe: share of the trainable budget for the replacement adapters; the rest "
-                        "is LoRA on the kept blocks (1.0: adapters only; default: FlexiGPTRecipe's)")
-    p.add_argument("--fit-samples", type=positive_int, default=None,
-                   help="flexigpt recipe: calibration sequences recorded for the block-local fit "
-                        "(their tokens count toward the budget)")
-    p.add_argument("--fit-steps", type=non_negative_int, default=None,
-                   help="flexigpt recipe: block-local fit steps per block")
-    p.add_argument("--gamma-lr", type=positive_float, default=None,
-                   help="flexigpt recipe: the output-norm gammas' learning rate while healing (default: --lr)")
+    p.add_argument(
+        "--methods",
+        type=listing(str, choices=METHODS, unique=True),
+        default=None,
+        help="any of flexigpt (this package's recipe), flexigpt_paper, shortgpt_lora, "
+        "shortgpt_lora_eqmem (default: the first three; with --ratios flexigpt, shortgpt_lora, "
+        "shortgpt_lora_eqmem)",
+    )
+    p.add_argument(
+        "--adapter-share",
+        type=fraction_or_one,
+        default=None,
+        help="flexigpt recipe: share of the trainable budget for the replacement adapters; the rest "
+        "is LoRA on the kept blocks (1.0: adapters only; default: FlexiGPTRecipe's)",
+    )
+    p.add_argument(
+        "--fit-samples",
+        type=positive_int,
+        default=None,
+        help="flexigpt recipe: calibration sequences recorded for the block-local fit "
+        "(their tokens count toward the budget)",
+    )
+    p.add_argument(
+        "--fit-steps", type=non_negative_int, default=None, help="flexigpt recipe: block-local fit steps per block"
+    )
+    p.add_argument(
+        "--gamma-lr",
+        type=positive_float,
+        default=None,
+        help="flexigpt recipe: the output-norm gammas' learning rate while healing (default: --lr)",
+    )
     p.add_argument("--distill", choices=["kl"], help="every method adds the KL to the dense model's logits")
-    p.add_argument("--no-local-fit", action="store_true",
-                   help="flexigpt recipe: the paper's initialisation instead of the block-local fit (ablation)")
+    p.add_argument(
+        "--no-local-fit",
+        action="store_true",
+        help="flexigpt recipe: the paper's initialisation instead of the block-local fit (ablation)",
+    )
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--eval-chunks", type=positive_int, default=40)
     p.add_argument("--out-dir", type=out_dir, default="benchmarks/results")
-    p.add_argument("--name", type=_file_stem, default=None,
-                   help="file stem of the outputs (default recovery_cpu; with --ratios frontier_cpu)")
-    p.add_argument("--no-resume", action="store_true",
-                   help="with --ratios: start over instead of reusing the runs already in <name>.csv")
+    p.add_argument(
+        "--name",
+        type=_file_stem,
+        default=None,
+        help="file stem of the outputs (default recovery_cpu; with --ratios frontier_cpu)",
+    )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="with --ratios: start over instead of reusing the runs already in <name>.csv",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
 
@@ -96,13 +144,22 @@ def run(args: argparse.Namespace) -> int:
     from ..train.compare import compare_recovery, format_table, write_results
 
     name = args.name or "recovery_cpu"
-    result = compare_recovery(tokens=args.tokens or [40_960], lrs=args.lr or [1e-3, 4e-3], seeds=args.seed or [0],
-                              ratio=args.ratio, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
-                              eval_chunks=args.eval_chunks,
-                              methods=args.methods or ["flexigpt", "flexigpt_paper", "shortgpt_lora"],
-                              recipe=_recipe(args), distill=args.distill, progress=not args.no_progress,
-                              log=(lambda *a: print(*a, file=sys.stderr)),
-                              on_row=lambda partial: write_results(partial, args.out_dir, name))
+    result = compare_recovery(
+        tokens=args.tokens or [40_960],
+        lrs=args.lr or [1e-3, 4e-3],
+        seeds=args.seed or [0],
+        ratio=args.ratio,
+        rank=args.rank,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        eval_chunks=args.eval_chunks,
+        methods=args.methods or ["flexigpt", "flexigpt_paper", "shortgpt_lora"],
+        recipe=_recipe(args),
+        distill=args.distill,
+        progress=not args.no_progress,
+        log=(lambda *a: print(*a, file=sys.stderr)),
+        on_row=lambda partial: write_results(partial, args.out_dir, name),
+    )
     csv_path, md_path = write_results(result, args.out_dir, name)
     if args.json:
         json.dump(result, sys.stdout, default=str)
@@ -117,12 +174,24 @@ def _run_frontier(args: argparse.Namespace) -> int:
     from ..train.frontier import FRONTIER_METHODS, format_frontier, run_frontier, write_frontier
 
     name = args.name or "frontier_cpu"
-    result = run_frontier(args.ratios, tokens=args.tokens or [20_480], lrs=args.lr or [4e-3],
-                          seeds=args.seed or [0, 1], methods=args.methods or list(FRONTIER_METHODS),
-                          recipe=_recipe(args), out_dir=args.out_dir, name=name, resume=not args.no_resume,
-                          rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
-                          eval_chunks=args.eval_chunks, distill=args.distill, progress=not args.no_progress,
-                          log=(lambda *a: print(*a, file=sys.stderr)))
+    result = run_frontier(
+        args.ratios,
+        tokens=args.tokens or [20_480],
+        lrs=args.lr or [4e-3],
+        seeds=args.seed or [0, 1],
+        methods=args.methods or list(FRONTIER_METHODS),
+        recipe=_recipe(args),
+        out_dir=args.out_dir,
+        name=name,
+        resume=not args.no_resume,
+        rank=args.rank,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        eval_chunks=args.eval_chunks,
+        distill=args.distill,
+        progress=not args.no_progress,
+        log=(lambda *a: print(*a, file=sys.stderr)),
+    )
     paths = write_frontier(result, args.out_dir, name)
     if args.json:
         json.dump(result, sys.stdout, default=str)

@@ -6,9 +6,10 @@ is any calibration source (dataset name, .txt / .jsonl / .parquet file or folder
 for the embedded Wikipedia sample. Multi-process:
 `accelerate launch -m flexigpt_kernels.cli heal ...` (or torchrun) trains with DDP;
 `torchrun ... heal ... --fsdp`, or accelerate with an FSDP2 config, shards the model by sharing
-group (flexigpt_kernels.train.shard). Only the main process writes. LoRA added by --trainable lora_kept (the default, with the replacement
-adapters) is merged into the weights before saving; where a kept block is also a replacement
-block's base, the replacement absorbs the difference in its adapter (see train.merge_lora).
+group (flexigpt_kernels.train.shard). Only the main process writes. LoRA added by --trainable
+lora_kept (the default, with the replacement adapters) is merged into the weights before saving;
+where a kept block is also a replacement block's base, the replacement absorbs the difference in
+its adapter (see train.merge_lora).
 """
 
 from __future__ import annotations
@@ -18,47 +19,79 @@ import json
 import os
 from pathlib import Path
 
-
 from ..cli import UsageError
-from ._common import check_out, finite_float, listing, non_negative_float, non_negative_int, nonempty, out_dir, \
-    positive_float, positive_int, print_result, user_input
+from ._common import (
+    check_out,
+    finite_float,
+    listing,
+    non_negative_float,
+    non_negative_int,
+    nonempty,
+    out_dir,
+    positive_float,
+    positive_int,
+    print_result,
+    user_input,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..presets import RECIPE
     from ..train.params import TRAINABLE_SETS
 
-    p.add_argument("model", metavar="DIR", type=nonempty,
-                   help="pruned checkpoint (flexigpt prune --out), a Hugging Face model folder, or 'default'")
-    p.add_argument("--data", required=True, type=nonempty,
-                   help="training text: dataset name, file or folder; 'default' = embedded Wikipedia sample")
+    p.add_argument(
+        "model",
+        metavar="DIR",
+        type=nonempty,
+        help="pruned checkpoint (flexigpt prune --out), a Hugging Face model folder, or 'default'",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        type=nonempty,
+        help="training text: dataset name, file or folder; 'default' = embedded Wikipedia sample",
+    )
     p.add_argument("--out", required=True, type=out_dir, help="directory to save the healed model to")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=positive_int, help="optimizer steps")
-    budget.add_argument("--tokens", type=positive_int,
-                        help="token budget (steps = ceil(tokens / (global batch x seq len)))")
+    budget.add_argument(
+        "--tokens", type=positive_int, help="token budget (steps = ceil(tokens / (global batch x seq len)))"
+    )
     p.add_argument("--lr", type=positive_float, default=4e-3)
     p.add_argument("--gamma-lr", type=positive_float, help="separate learning rate for output-norm gammas")
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per process per micro-step")
     p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--warmup", type=non_negative_float, default=0.05,
-                   help="fraction of steps (< 1) or a step count")
+    p.add_argument("--warmup", type=non_negative_float, default=0.05, help="fraction of steps (< 1) or a step count")
     p.add_argument("--min-lr-ratio", type=non_negative_float, default=0.0)
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     p.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="<= 0 disables clipping")
-    p.add_argument("--trainable", type=listing(str, choices=TRAINABLE_SETS, unique=True),
-                   default=[RECIPE.trainable] if isinstance(RECIPE.trainable, str) else list(RECIPE.trainable),
-                   help=f"comma-separated sets from {', '.join(TRAINABLE_SETS)}; default adapters,lora_kept: the "
-                        "replacement adapters and gammas plus LoRA on the kept blocks (the measured recipe; "
-                        "'adapters' alone is the paper's set); a dropped model takes lora_kept")
-    p.add_argument("--lora-rank", type=positive_int, default=RECIPE.lora_rank,
-                   help=f"LoRA rank for lora_kept (default {RECIPE.lora_rank})")
+    p.add_argument(
+        "--trainable",
+        type=listing(str, choices=TRAINABLE_SETS, unique=True),
+        default=[RECIPE.trainable] if isinstance(RECIPE.trainable, str) else list(RECIPE.trainable),
+        help=f"comma-separated sets from {', '.join(TRAINABLE_SETS)}; default adapters,lora_kept: the "
+        "replacement adapters and gammas plus LoRA on the kept blocks (the measured recipe; "
+        "'adapters' alone is the paper's set); a dropped model takes lora_kept",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=positive_int,
+        default=RECIPE.lora_rank,
+        help=f"LoRA rank for lora_kept (default {RECIPE.lora_rank})",
+    )
     p.add_argument("--lora-alpha", type=positive_float, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    p.add_argument("--teacher", type=nonempty,
-                   help="dense teacher for distillation: a model folder, or 'default' (embedded SmolLM2)")
-    p.add_argument("--distill", type=listing(str, choices=("kl", "mse"), unique=True), default=["kl"],
-                   help="with --teacher: kl, mse or kl,mse (default kl)")
+    p.add_argument(
+        "--teacher",
+        type=nonempty,
+        help="dense teacher for distillation: a model folder, or 'default' (embedded SmolLM2)",
+    )
+    p.add_argument(
+        "--distill",
+        type=listing(str, choices=("kl", "mse"), unique=True),
+        default=["kl"],
+        help="with --teacher: kl, mse or kl,mse (default kl)",
+    )
     p.add_argument("--kl-temperature", type=positive_float, default=1.0)
     p.add_argument("--eval-data", type=nonempty, help="held-out text for perplexity; 'default' = embedded news text")
     p.add_argument("--eval-every", type=positive_int)
@@ -68,11 +101,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--accelerate", action="store_true",
-                   help="use Hugging Face accelerate (automatic when launched by accelerate launch / torchrun)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="shard with FSDP2, one unit per sharing group, over plain torch.distributed (launch with "
-                        "torchrun); with accelerate launch, use an FSDP2 config instead (python/accelerate_fsdp2.yaml)")
+    p.add_argument(
+        "--accelerate",
+        action="store_true",
+        help="use Hugging Face accelerate (automatic when launched by accelerate launch / torchrun)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard with FSDP2, one unit per sharing group, over plain torch.distributed (launch with "
+        "torchrun); with accelerate launch, use an FSDP2 config instead (python/accelerate_fsdp2.yaml)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -123,17 +162,37 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     trainable = tuple(args.trainable)
     report = heal(
-        model, data, tokenizer=tokenizer, steps=args.steps, tokens=args.tokens,
-        lr=args.lr, gamma_lr=args.gamma_lr, seq_len=args.seq_len, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
-        teacher=teacher, distill=tuple(args.distill) if teacher is not None else None,
-        kl_temperature=args.kl_temperature, trainable=_trainable_arg(trainable),
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        eval_data=eval_data, eval_every=args.eval_every,
-        eval_chunks=args.eval_chunks, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, mixed_precision="no" if accelerator is not None else args.mixed_precision,
-        seed=args.seed, progress=is_main and not args.json, accelerator=accelerator, fsdp=args.fsdp or None,
+        model,
+        data,
+        tokenizer=tokenizer,
+        steps=args.steps,
+        tokens=args.tokens,
+        lr=args.lr,
+        gamma_lr=args.gamma_lr,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup=args.warmup,
+        min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+        teacher=teacher,
+        distill=tuple(args.distill) if teacher is not None else None,
+        kl_temperature=args.kl_temperature,
+        trainable=_trainable_arg(trainable),
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        eval_data=eval_data,
+        eval_every=args.eval_every,
+        eval_chunks=args.eval_chunks,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        mixed_precision="no" if accelerator is not None else args.mixed_precision,
+        seed=args.seed,
+        progress=is_main and not args.json,
+        accelerator=accelerator,
+        fsdp=args.fsdp or None,
     )
     if args.fsdp or (accelerator is not None and accelerator.is_fsdp2):
         # the trained tensors are sharded DTensors: gather them into an unwrapped copy of the
@@ -181,8 +240,10 @@ def _init_process_group() -> None:
     import torch.distributed as dist
 
     if "WORLD_SIZE" not in os.environ:
-        raise UsageError("--fsdp: start the command with torchrun (e.g. torchrun --nproc_per_node 2 -m "
-                         "flexigpt_kernels.cli heal ... --fsdp)")
+        raise UsageError(
+            "--fsdp: start the command with torchrun (e.g. torchrun --nproc_per_node 2 -m "
+            "flexigpt_kernels.cli heal ... --fsdp)"
+        )
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -190,8 +251,10 @@ def _init_process_group() -> None:
 
 
 def format_report(report, out=None) -> str:
-    lines = [f"healed {report.steps} steps, {report.tokens_seen:,} tokens, {report.trainable_params:,} trainable "
-             f"parameters ({report.trainable}), {report.seconds:.1f} s ({report.tokens_per_second:.0f} tokens/s)"]
+    lines = [
+        f"healed {report.steps} steps, {report.tokens_seen:,} tokens, {report.trainable_params:,} trainable "
+        f"parameters ({report.trainable}), {report.seconds:.1f} s ({report.tokens_per_second:.0f} tokens/s)"
+    ]
     if report.losses:
         lines.append(f"loss {report.losses[0]:.4f} -> {report.losses[-1]:.4f}")
     if report.eval_perplexities:

@@ -91,7 +91,9 @@ def apply_adapters(model: nn.Module, factors: dict[int, dict[str, tuple[Tensor, 
             if not isinstance(mod, SharedLoRALinear):
                 raise ValueError(f"block {i} {name} is not a SharedLoRALinear (convert first)")
             if mod.lora_a.shape != a.shape or mod.lora_b.shape != b.shape:
-                raise ValueError(f"block {i} {name}: adapter shapes {tuple(mod.lora_a.shape)}/"
-                                 f"{tuple(mod.lora_b.shape)} vs factors {tuple(a.shape)}/{tuple(b.shape)}")
+                raise ValueError(
+                    f"block {i} {name}: adapter shapes {tuple(mod.lora_a.shape)}/"
+                    f"{tuple(mod.lora_b.shape)} vs factors {tuple(a.shape)}/{tuple(b.shape)}"
+                )
             mod.lora_a.copy_(a)
             mod.lora_b.copy_(b)

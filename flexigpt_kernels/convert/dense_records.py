@@ -20,8 +20,8 @@ calibration tokens. This module holds what they share:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,7 @@ __all__ = [
 # sub-layer names and nested tensors
 # --------------------------------------------------------------------------------------------
 
+
 def contribution_name(family: Family, which: str) -> str:
     """Name (inside a layer) of the module whose output is the sub-layer's residual
     contribution: the architecture's post norm when it has one, else the output linear."""
@@ -63,8 +64,9 @@ def sublayer_output_norms(block: nn.Module, family: Family) -> tuple[OutputNorm,
         mod = block.get_submodule(contribution_name(family, which))
         norm = getattr(mod, "output_norm", None)
         if not isinstance(norm, OutputNorm):
-            raise ValueError("replacement block has no output norm on its "
-                             f"{which} sub-layer (converted with output_norm=False?)")
+            raise ValueError(
+                f"replacement block has no output norm on its {which} sub-layer (converted with output_norm=False?)"
+            )
         norms.append(norm)
     return norms[0], norms[1]
 
@@ -105,6 +107,7 @@ def _rebatch(obj, recorded: int, n: int):
 # --------------------------------------------------------------------------------------------
 # recording
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class DenseRecords:
@@ -186,6 +189,7 @@ def record_dense_blocks(
             if b not in kwargs:
                 kwargs[b] = _to({k: v for k, v in kw.items() if k != "hidden_states"}, "cpu", clone=True)
             seen_input[b].clear()
+
         return hook
 
     def out_hook(b):
@@ -194,11 +198,13 @@ def record_dense_blocks(
             seen_input[b].clear()
             if b == last:
                 raise StopForward
+
         return hook
 
     def attn_hook(b):
         def hook(module, args, output):
             attns[b].append(first_tensor(output).detach().to("cpu", dtype))
+
         return hook
 
     def cov_hook(b, name):
@@ -215,6 +221,7 @@ def record_dense_blocks(
                 cov[b][name] += c
             else:
                 cov[b][name] = c
+
         return hook
 
     for b in blocks:
@@ -226,8 +233,9 @@ def record_dense_blocks(
         if covariances:
             for name in family.linears:
                 handles.append(layer.get_submodule(name).register_forward_pre_hook(cov_hook(b, name)))
-    calibration_forward(model, tokens, batch_size=batch_size, desc="Recording dense blocks", progress=progress,
-                        handles=handles)
+    calibration_forward(
+        model, tokens, batch_size=batch_size, desc="Recording dense blocks", progress=progress, handles=handles
+    )
     # a shared covariance accumulated once per call (aliases point at the same tensor)
     return DenseRecords(
         blocks=blocks,
@@ -244,6 +252,7 @@ def record_dense_blocks(
 # --------------------------------------------------------------------------------------------
 # running a recorded block
 # --------------------------------------------------------------------------------------------
+
 
 def run_block(layer: nn.Module, records: DenseRecords, b: int, x: Tensor) -> Tensor:
     kw = _rebatch(_to(records.kwargs[b], x.device), records.batch_size, x.shape[0])
@@ -262,8 +271,9 @@ def layer_dtype_device(layer: nn.Module):
 
 
 @torch.no_grad()
-def block_errors(model: nn.Module, records: DenseRecords, *, rows: Optional[slice] = None,
-                 batch_size: int = 4) -> dict[int, float]:
+def block_errors(
+    model: nn.Module, records: DenseRecords, *, rows: slice | None = None, batch_size: int = 4
+) -> dict[int, float]:
     """Relative error of each replacement block on recorded rows:
     sum ||block(x) - y||^2 / sum ||y - x||^2  (1.0 = as bad as dropping the block)."""
     layers = decoder_layers(model)

@@ -21,8 +21,6 @@ of each replacement block over the recorded tokens, no training.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -53,7 +51,7 @@ def lsq_gamma(
     model: nn.Module,
     records: DenseRecords,
     *,
-    rows: Optional[slice] = None,
+    rows: slice | None = None,
     ridge: float = 0.0,
     batch_size: int = 4,
     progress: bool = True,
@@ -83,7 +81,8 @@ def lsq_gamma(
 
             def grab(key):
                 def hook(module, args, output):
-                    captured[key] = first_tensor(output)
+                    captured[key] = first_tensor(output)  # noqa: B023
+
                 return hook
 
             h_a = layer.get_submodule(contribution_name(family, "attn")).register_forward_hook(grab("attn"))

@@ -45,8 +45,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def calibration_forward(model: nn.Module, tokens: torch.Tensor, *, batch_size: int, desc: str,
-                        progress: bool, handles: list) -> None:
+def calibration_forward(
+    model: nn.Module, tokens: torch.Tensor, *, batch_size: int, desc: str, progress: bool, handles: list
+) -> None:
     """Run `tokens` [n, seq] through `model` in eval mode, `batch_size` rows at a time with an
     all-ones attention mask, for the forward hooks the caller registered (their `handles` are
     removed here, and the model's mode restored, whatever happens). A hook may raise
@@ -84,7 +85,9 @@ def block_influence(
         progress: show a tqdm bar over the batches.
     """
     if not isinstance(batches, torch.Tensor) or batches.dim() != 2 or batches.dtype != torch.long:
-        desc = f"{tuple(batches.shape)} {batches.dtype}" if isinstance(batches, torch.Tensor) else type(batches).__name__
+        desc = (
+            f"{tuple(batches.shape)} {batches.dtype}" if isinstance(batches, torch.Tensor) else type(batches).__name__
+        )
         raise ValueError(f"batches: expected a LongTensor [n, seq_len], got {desc}")
     if batches.shape[0] == 0 or batches.shape[1] == 0:
         raise ValueError(f"batches: empty token tensor of shape {tuple(batches.shape)}")
@@ -109,8 +112,9 @@ def block_influence(
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    calibration_forward(model, batches, batch_size=batch_size, desc="Block influence", progress=progress,
-                        handles=handles)
+    calibration_forward(
+        model, batches, batch_size=batch_size, desc="Block influence", progress=progress, handles=handles
+    )
 
     if (seen == 0).any():
         missing = torch.nonzero(seen == 0).flatten().tolist()

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,16 +127,16 @@ class LocalFit:
     """
 
     adapter_init: str = "activation"
-    gamma: Optional[str] = "lsq"
+    gamma: str | None = "lsq"
     steps: int = 40
     batch_size: int = 2
     lr: float = 1e-3
-    gamma_lr: Optional[float] = None
+    gamma_lr: float | None = None
     weight_decay: float = 0.0
     warmup: float = 0.05
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: float | None = 1.0
     trainable: str = "adapters"
-    num_samples: Optional[int] = None
+    num_samples: int | None = None
     val_fraction: float = 0.125
     damping: float = 1e-2
     ridge: float = 0.0
@@ -207,7 +207,7 @@ class LocalFitReport:
         return d
 
 
-def _split_rows(n: int, val_fraction: float) -> tuple[slice, Optional[slice]]:
+def _split_rows(n: int, val_fraction: float) -> tuple[slice, slice | None]:
     n_val = int(round(n * val_fraction)) if n >= 2 else 0
     n_val = min(max(n_val, 1 if val_fraction > 0 and n >= 2 else 0), n - 1)
     if n_val == 0:
@@ -224,8 +224,9 @@ def _errors(model, records, train_rows, val_rows, batch_size) -> dict[int, dict[
     return out
 
 
-def _fit_block(layer: nn.Module, records: DenseRecords, b: int, rows: slice, opts: LocalFit,
-               progress: bool, gen: torch.Generator) -> list[float]:
+def _fit_block(
+    layer: nn.Module, records: DenseRecords, b: int, rows: slice, opts: LocalFit, progress: bool, gen: torch.Generator
+) -> list[float]:
     other, gammas = _fit_params(layer, opts.trainable)
     params = other + gammas
     dt, dev = layer_dtype_device(layer)
@@ -251,8 +252,9 @@ def _fit_block(layer: nn.Module, records: DenseRecords, b: int, rows: slice, opt
     bs = min(opts.batch_size, n)
     try:
         with torch.enable_grad():
-            for step in tqdm(range(opts.steps), desc=f"Local fit block {b}", unit="step", leave=False,
-                             disable=not progress):
+            for step in tqdm(
+                range(opts.steps), desc=f"Local fit block {b}", unit="step", leave=False, disable=not progress
+            ):
                 if step < warm:
                     f = (step + 1) / warm
                 else:
@@ -279,10 +281,10 @@ def _fit_block(layer: nn.Module, records: DenseRecords, b: int, rows: slice, opt
 def fit_replacement_blocks(
     model: nn.Module,
     records: DenseRecords,
-    options: Optional[LocalFit] = None,
+    options: LocalFit | None = None,
     *,
-    adapter_factors: Optional[dict] = None,
-    adapter_stats: Optional[dict] = None,
+    adapter_factors: dict | None = None,
+    adapter_stats: dict | None = None,
     progress: bool = True,
     **overrides,
 ) -> LocalFitReport:
@@ -314,16 +316,19 @@ def fit_replacement_blocks(
         t = time.perf_counter()
         if opts.adapter_init == "activation":
             if adapter_factors is None:
-                raise ValueError("adapter_init='activation' needs adapter_factors "
-                                 "(activation_aware_adapters on the dense model, before conversion)")
+                raise ValueError(
+                    "adapter_init='activation' needs adapter_factors "
+                    "(activation_aware_adapters on the dense model, before conversion)"
+                )
             apply_adapters(model, adapter_factors)
             report.adapter_stats = adapter_stats or {}
         report.errors["init"] = _errors(model, records, train_rows, val_rows, bs_eval)
         report.seconds["adapters"] = time.perf_counter() - t
         if opts.gamma == "lsq":
             t = time.perf_counter()
-            report.gamma_stats = lsq_gamma(model, records, rows=train_rows, ridge=opts.ridge,
-                                           batch_size=bs_eval, progress=progress)
+            report.gamma_stats = lsq_gamma(
+                model, records, rows=train_rows, ridge=opts.ridge, batch_size=bs_eval, progress=progress
+            )
             report.errors["gamma"] = _errors(model, records, train_rows, val_rows, bs_eval)
             report.seconds["gamma"] = time.perf_counter() - t
         if opts.steps > 0:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,17 +57,17 @@ class PruneReport:
     method: str
     num_blocks: int
     pruned: list[int]
-    scores: Optional[list[float]]
+    scores: list[float] | None
     base_map: dict[int, int] = field(default_factory=dict)
     base_distance: dict[int, float] = field(default_factory=dict)
     ties: list[tuple[int, int, int]] = field(default_factory=list)
-    rank: Optional[int] = None
-    combine: Optional[str] = None
+    rank: int | None = None
+    combine: str | None = None
     params_before: int = 0
     params_after: int = 0
     adapter_params: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
-    local_fit: Optional[dict[str, Any]] = None  # LocalFitReport.to_dict() when local_fit was asked
+    local_fit: dict[str, Any] | None = None  # LocalFitReport.to_dict() when local_fit was asked
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,8 +77,11 @@ class PruneReport:
 
 
 def _adapter_params(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters()
-               if n.endswith(("lora_a", "lora_b")) or ".output_norm." in n or n.endswith("output_norm.weight"))
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if n.endswith(("lora_a", "lora_b")) or ".output_norm." in n or n.endswith("output_norm.weight")
+    )
 
 
 def prune(
@@ -85,12 +89,12 @@ def prune(
     calibration=None,
     *,
     tokenizer=None,
-    ratio: Optional[float] = 0.3,
-    blocks: Optional[Sequence[int]] = None,
-    rank: Optional[int | float] = None,
+    ratio: float | None = 0.3,
+    blocks: Sequence[int] | None = None,
+    rank: int | float | None = None,
     method: str = "flexigpt",
-    seq_len: Optional[int] = None,
-    num_samples: Optional[int] = None,
+    seq_len: int | None = None,
+    num_samples: int | None = None,
     combine: str = "sum",
     scale: float = 1.0,
     gamma_init: float = DEFAULT_GAMMA_INIT,
@@ -169,9 +173,13 @@ def prune(
         pruned = select_blocks(torch.zeros(n_blocks) if scores is None else scores, blocks=list(blocks))
     else:
         pruned = select_blocks(scores, ratio=ratio)
-    report = PruneReport(method=method, num_blocks=n_blocks, pruned=pruned,
-                         scores=None if scores is None else [float(s) for s in scores],
-                         params_before=params_before)
+    report = PruneReport(
+        method=method,
+        num_blocks=n_blocks,
+        pruned=pruned,
+        scores=None if scores is None else [float(s) for s in scores],
+        params_before=params_before,
+    )
     if method == "drop":
         t = time.perf_counter()
         drop_blocks(model, pruned)
@@ -185,22 +193,38 @@ def prune(
         if fit_opts is not None:  # record the dense blocks before conversion releases them
             t = time.perf_counter()
             fit_tokens = tokens if fit_opts.num_samples is None else tokens[: fit_opts.num_samples]
-            records = record_dense_blocks(model, fit_tokens, pruned, batch_size=batch_size,
-                                          dtype=fit_opts.record_dtype, attn=fit_opts.gamma == "lsq",
-                                          covariances=fit_opts.adapter_init == "activation", progress=progress)
+            records = record_dense_blocks(
+                model,
+                fit_tokens,
+                pruned,
+                batch_size=batch_size,
+                dtype=fit_opts.record_dtype,
+                attn=fit_opts.gamma == "lsq",
+                covariances=fit_opts.adapter_init == "activation",
+                progress=progress,
+            )
             if fit_opts.adapter_init == "activation":
-                factors, factor_stats = activation_aware_adapters(model, records, choice.base_map, rank=r,
-                                                                  scale=scale, damping=fit_opts.damping)
+                factors, factor_stats = activation_aware_adapters(
+                    model, records, choice.base_map, rank=r, scale=scale, damping=fit_opts.damping
+                )
                 records.cov = {}
             seconds["local_fit_record"] = time.perf_counter() - t
         t = time.perf_counter()
-        convert_blocks(model, choice.base_map, rank=r, scale=scale, output_norm=output_norm,
-                       gamma_init=gamma_init, svd_init=svd_init)
+        convert_blocks(
+            model,
+            choice.base_map,
+            rank=r,
+            scale=scale,
+            output_norm=output_norm,
+            gamma_init=gamma_init,
+            svd_init=svd_init,
+        )
         seconds["conversion"] = time.perf_counter() - t
         if fit_opts is not None:
             t = time.perf_counter()
-            fit_report = fit_replacement_blocks(model, records, fit_opts, adapter_factors=factors,
-                                                adapter_stats=factor_stats, progress=progress)
+            fit_report = fit_replacement_blocks(
+                model, records, fit_opts, adapter_factors=factors, adapter_stats=factor_stats, progress=progress
+            )
             seconds["local_fit"] = time.perf_counter() - t
             report.local_fit = fit_report.to_dict()
             del records, factors

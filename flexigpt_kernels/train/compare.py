@@ -52,8 +52,8 @@ import copy
 import dataclasses
 import platform
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -67,8 +67,18 @@ from .heal import heal
 from .lora import lora_parameter_count, merge_lora
 from .params import count_parameters, select_trainable
 
-__all__ = ["COLUMNS", "METHODS", "FlexiGPTRecipe", "matching_lora_rank", "equal_memory_blocks", "compare_recovery",
-           "best_runs", "read_rows", "write_results", "format_table"]
+__all__ = [
+    "COLUMNS",
+    "METHODS",
+    "FlexiGPTRecipe",
+    "matching_lora_rank",
+    "equal_memory_blocks",
+    "compare_recovery",
+    "best_runs",
+    "read_rows",
+    "write_results",
+    "format_table",
+]
 
 METHODS = ("flexigpt", "flexigpt_paper", "shortgpt_lora", "shortgpt_lora_eqmem")
 
@@ -87,10 +97,10 @@ class FlexiGPTRecipe:
     gamma_lr: the output-norm gammas' learning rate while healing (None: the run's lr).
     """
 
-    local_fit: Optional[LocalFit] = field(default_factory=LocalFit)
+    local_fit: LocalFit | None = field(default_factory=LocalFit)
     fit_samples: int = 16
     adapter_share: float = 0.5
-    gamma_lr: Optional[float] = None
+    gamma_lr: float | None = None
 
     def __post_init__(self):
         if not 0.0 < self.adapter_share <= 1.0:
@@ -98,11 +108,14 @@ class FlexiGPTRecipe:
         if self.fit_samples < 2:
             raise ValueError(f"fit_samples must be >= 2 (one is held out of the fit), got {self.fit_samples}")
 
-    def describe(self, adapter_rank: int, lora_rank: Optional[int]) -> str:
+    def describe(self, adapter_rank: int, lora_rank: int | None) -> str:
         lf = self.local_fit
-        fit = ("paper init (SVD adapters, gamma 1e-2)" if lf is None else
-               f"{lf.adapter_init} adapters, gamma {lf.gamma or 'fixed'}, fit {lf.steps} steps/block on "
-               f"{self.fit_samples} seq")
+        fit = (
+            "paper init (SVD adapters, gamma 1e-2)"
+            if lf is None
+            else f"{lf.adapter_init} adapters, gamma {lf.gamma or 'fixed'}, fit {lf.steps} steps/block on "
+            f"{self.fit_samples} seq"
+        )
         lora = f" + LoRA rank {lora_rank} on kept blocks" if lora_rank else ""
         glr = f"; gamma lr {self.gamma_lr:g}" if self.gamma_lr is not None else ""
         return f"{fit}; adapters rank {adapter_rank}{lora}{glr}"
@@ -121,8 +134,10 @@ def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, ma
             best = (r, n)
     rank, n = best
     if abs(n - target_params) > tolerance * target_params:
-        raise ValueError(f"no LoRA rank matches {target_params:,} trainable parameters within {tolerance:.0%}: "
-                         f"rank {rank} gives {n:,}")
+        raise ValueError(
+            f"no LoRA rank matches {target_params:,} trainable parameters within {tolerance:.0%}: "
+            f"rank {rank} gives {n:,}"
+        )
     return rank, n
 
 
@@ -130,15 +145,15 @@ def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, ma
 class _Setup:
     model: torch.nn.Module
     trainable: object
-    lora_rank: Optional[int]
+    lora_rank: int | None
     options: str
     fit_tokens: int = 0
     prep_s: float = 0.0
     params: int = 0
-    ppl_init: Optional[float] = None
+    ppl_init: float | None = None
     blocks: int = 0
     stored: int = 0
-    gamma_lr: Optional[float] = None
+    gamma_lr: float | None = None
 
 
 def compare_recovery(
@@ -153,18 +168,18 @@ def compare_recovery(
     eval_chunks: int = 40,
     calib_samples: int = 32,
     methods: Iterable[str] = METHODS[:3],
-    recipe: Optional[FlexiGPTRecipe] = None,
-    distill: Optional[str] = None,
+    recipe: FlexiGPTRecipe | None = None,
+    distill: str | None = None,
     param_tolerance: float = 0.05,
     done: Sequence[dict] = (),
-    dense_ppl: Optional[float] = None,
+    dense_ppl: float | None = None,
     model=None,
     tokenizer=None,
     train_texts=None,
     heldout_texts=None,
     progress: bool = True,
     log=print,
-    on_row: Optional[Callable[[dict], None]] = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run the comparison; returns {"rows": [...], "meta": {...}} (see the module doc).
 
@@ -206,12 +221,15 @@ def compare_recovery(
     model.eval()
     tokens_per_step = batch_size * seq_len
     max_steps = max(1, -(-max(budgets) // tokens_per_step))
-    heldout = load_blocks(heldout_texts, tokenizer, seq_len=seq_len, num_blocks=eval_chunks, seed=None,
-                          what="heldout")
+    heldout = load_blocks(heldout_texts, tokenizer, seq_len=seq_len, num_blocks=eval_chunks, seed=None, what="heldout")
     if heldout.shape[0] < eval_chunks:
         log(f"held-out text holds only {heldout.shape[0]} chunks of {seq_len} tokens")
-    train_tokens = {s: load_blocks(train_texts, tokenizer, seq_len=seq_len, num_blocks=max_steps * batch_size,
-                                   seed=s, what="training text") for s in seeds}
+    train_tokens = {
+        s: load_blocks(
+            train_texts, tokenizer, seq_len=seq_len, num_blocks=max_steps * batch_size, seed=s, what="training text"
+        )
+        for s in seeds
+    }
 
     def ppl(m):
         return perplexity(m, None, heldout, seq_len=seq_len, num_chunks=None, progress=False)
@@ -222,13 +240,20 @@ def compare_recovery(
         log(f"dense held-out perplexity {dense_ppl:.2f} ({time.perf_counter() - t:.0f} s)")
 
     t = time.perf_counter()
-    paper, prune_report = prune(copy.deepcopy(model), train_texts, tokenizer=tokenizer, ratio=ratio, rank=rank,
-                                seq_len=seq_len, num_samples=calib_samples, progress=progress,
-                                **PAPER.prune_kwargs())
+    paper, prune_report = prune(
+        copy.deepcopy(model),
+        train_texts,
+        tokenizer=tokenizer,
+        ratio=ratio,
+        rank=rank,
+        seq_len=seq_len,
+        num_samples=calib_samples,
+        progress=progress,
+        **PAPER.prune_kwargs(),
+    )
     prune_s = time.perf_counter() - t
     blocks = prune_report.pruned
-    log(f"pruned blocks {blocks}, bases {prune_report.base_map}, adapter rank {prune_report.rank} "
-        f"({prune_s:.0f} s)")
+    log(f"pruned blocks {blocks}, bases {prune_report.base_map}, adapter rank {prune_report.rank} ({prune_s:.0f} s)")
     target = count_parameters(select_trainable(paper, PAPER.trainable))
     log(f"trainable-parameter budget: {target:,} (the paper's adapters + gammas at rank {prune_report.rank})")
 
@@ -238,9 +263,16 @@ def compare_recovery(
     skipped: dict[str, str] = {}
     for method in methods:
         if method == "flexigpt_paper":
-            setups[method] = _Setup(paper, PAPER.trainable, PAPER.lora_rank, f"paper: SVD adapters rank {prune_report.rank}, "
-                                    "gamma 1e-2; trains adapters + gamma", params=target, prep_s=prune_s,
-                                    blocks=len(blocks), stored=stored_parameters(paper))
+            setups[method] = _Setup(
+                paper,
+                PAPER.trainable,
+                PAPER.lora_rank,
+                f"paper: SVD adapters rank {prune_report.rank}, gamma 1e-2; trains adapters + gamma",
+                params=target,
+                prep_s=prune_s,
+                blocks=len(blocks),
+                stored=stored_parameters(paper),
+            )
         elif method in ("shortgpt_lora", "shortgpt_lora_eqmem"):
             dropped = blocks
             if method == "shortgpt_lora_eqmem":
@@ -252,33 +284,96 @@ def compare_recovery(
                     continue
             drop, _ = prune(copy.deepcopy(model), None, blocks=dropped, method="drop", local_fit=None, progress=False)
             lora_rank, n = matching_lora_rank(drop, target, tolerance=param_tolerance)
-            setups[method] = _Setup(drop, "lora_kept", lora_rank,
-                                    f"drop {len(dropped)} + LoRA rank {lora_rank} on {len(_kept(drop))} kept blocks",
-                                    params=n, blocks=len(dropped), stored=stored_parameters(drop))
+            setups[method] = _Setup(
+                drop,
+                "lora_kept",
+                lora_rank,
+                f"drop {len(dropped)} + LoRA rank {lora_rank} on {len(_kept(drop))} kept blocks",
+                params=n,
+                blocks=len(dropped),
+                stored=stored_parameters(drop),
+            )
         else:
-            setups[method] = _recipe_setup(model, recipe, blocks, prune_report.rank, target, param_tolerance,
-                                           train_texts=train_texts, tokenizer=tokenizer, seq_len=seq_len,
-                                           calib_samples=calib_samples, progress=progress)
+            setups[method] = _recipe_setup(
+                model,
+                recipe,
+                blocks,
+                prune_report.rank,
+                target,
+                param_tolerance,
+                train_texts=train_texts,
+                tokenizer=tokenizer,
+                seq_len=seq_len,
+                calib_samples=calib_samples,
+                progress=progress,
+            )
         s = setups[method]
         s.ppl_init = ppl(s.model)
-        log(f"{method}: {s.options}; {s.params:,} trainable ({(s.params - target) / target:+.1%}); "
-            f"{s.stored:,} stored ({s.stored / dense_stored:.1%}); held-out perplexity at init {s.ppl_init:.2f}")
+        log(
+            f"{method}: {s.options}; {s.params:,} trainable ({(s.params - target) / target:+.1%}); "
+            f"{s.stored:,} stored ({s.stored / dense_stored:.1%}); held-out perplexity at init {s.ppl_init:.2f}"
+        )
 
-    rows = [dict(budget=0, method="dense", options="no pruning", lr=None, seed=None, trainable_params=0, tokens=0,
-                 ppl_init=dense_ppl, ppl_after=dense_ppl, wall_s=0.0, ratio=0.0, blocks=0, stored_params=dense_stored)]
+    rows = [
+        dict(
+            budget=0,
+            method="dense",
+            options="no pruning",
+            lr=None,
+            seed=None,
+            trainable_params=0,
+            tokens=0,
+            ppl_init=dense_ppl,
+            ppl_after=dense_ppl,
+            wall_s=0.0,
+            ratio=0.0,
+            blocks=0,
+            stored_params=dense_stored,
+        )
+    ]
     if "shortgpt_lora" in setups:
         s = setups["shortgpt_lora"]
-        rows.append(dict(budget=0, method="drop", options=f"drop {s.blocks} blocks, no training", lr=None, seed=None,
-                         trainable_params=0, tokens=0, ppl_init=s.ppl_init, ppl_after=s.ppl_init, wall_s=0.0,
-                         ratio=s.blocks / n_layers, blocks=s.blocks, stored_params=s.stored))
-    meta = dict(model=getattr(model.config, "_name_or_path", "") or "SmolLM2-135M-Instruct (embedded)",
-                ratio=ratio, pruned=blocks, base_map={str(k): v for k, v in prune_report.base_map.items()},
-                adapter_rank=prune_report.rank, budget_params=target, budgets=budgets, seq_len=seq_len,
-                batch_size=batch_size, eval_chunks=int(heldout.shape[0]), seeds=list(seeds), lrs=list(lrs),
-                dense_ppl=dense_ppl, dense_stored_params=dense_stored, num_layers=n_layers,
-                prune_seconds=prune_s, recipe=_recipe_dict(recipe), distill=distill, skipped=skipped,
-                torch_threads=torch.get_num_threads(),
-                machine=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__)
+        rows.append(
+            dict(
+                budget=0,
+                method="drop",
+                options=f"drop {s.blocks} blocks, no training",
+                lr=None,
+                seed=None,
+                trainable_params=0,
+                tokens=0,
+                ppl_init=s.ppl_init,
+                ppl_after=s.ppl_init,
+                wall_s=0.0,
+                ratio=s.blocks / n_layers,
+                blocks=s.blocks,
+                stored_params=s.stored,
+            )
+        )
+    meta = dict(
+        model=getattr(model.config, "_name_or_path", "") or "SmolLM2-135M-Instruct (embedded)",
+        ratio=ratio,
+        pruned=blocks,
+        base_map={str(k): v for k, v in prune_report.base_map.items()},
+        adapter_rank=prune_report.rank,
+        budget_params=target,
+        budgets=budgets,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        eval_chunks=int(heldout.shape[0]),
+        seeds=list(seeds),
+        lrs=list(lrs),
+        dense_ppl=dense_ppl,
+        dense_stored_params=dense_stored,
+        num_layers=n_layers,
+        prune_seconds=prune_s,
+        recipe=_recipe_dict(recipe),
+        distill=distill,
+        skipped=skipped,
+        torch_threads=torch.get_num_threads(),
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        torch=torch.__version__,
+    )
     result = {"rows": rows, "meta": meta}
 
     def run(budget, method, lr, seed):
@@ -291,21 +386,45 @@ def compare_recovery(
             return row
         steps = (budget - s.fit_tokens) // tokens_per_step
         if steps < 1:
-            raise ValueError(f"budget {budget:,} tokens leaves no healing step after the {s.fit_tokens:,} "
-                             f"tokens of the block-local fit; raise tokens or lower the recipe's fit_samples")
+            raise ValueError(
+                f"budget {budget:,} tokens leaves no healing step after the {s.fit_tokens:,} "
+                f"tokens of the block-local fit; raise tokens or lower the recipe's fit_samples"
+            )
         m = copy.deepcopy(s.model)
-        rep = heal(m, train_tokens[seed], steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
-                   trainable=s.trainable, lora_rank=s.lora_rank, gamma_lr=s.gamma_lr,
-                   teacher=model if distill else None, distill=(distill,) if distill else None, seed=seed,
-                   progress=progress)
+        rep = heal(
+            m,
+            train_tokens[seed],
+            steps=steps,
+            lr=lr,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            trainable=s.trainable,
+            lora_rank=s.lora_rank,
+            gamma_lr=s.gamma_lr,
+            teacher=model if distill else None,
+            distill=(distill,) if distill else None,
+            seed=seed,
+            progress=progress,
+        )
         after = ppl(m)
-        row = dict(budget=budget, method=method, options=s.options + ("; + KL to the dense logits" if distill else ""),
-                   lr=lr, seed=seed,
-                   trainable_params=rep.trainable_params, tokens=s.fit_tokens + rep.tokens_seen,
-                   ppl_init=s.ppl_init, ppl_after=after, wall_s=s.prep_s + rep.seconds, **shape)
+        row = dict(
+            budget=budget,
+            method=method,
+            options=s.options + ("; + KL to the dense logits" if distill else ""),
+            lr=lr,
+            seed=seed,
+            trainable_params=rep.trainable_params,
+            tokens=s.fit_tokens + rep.tokens_seen,
+            ppl_init=s.ppl_init,
+            ppl_after=after,
+            wall_s=s.prep_s + rep.seconds,
+            **shape,
+        )
         rows.append(row)
-        log(f"[{budget:,} tokens] {method} lr {lr:g} seed {seed}: ppl {s.ppl_init:.2f} -> {after:.2f}, loss "
-            f"{rep.losses[0]:.3f} -> {rep.losses[-1]:.3f}, {rep.seconds:.0f} s")
+        log(
+            f"[{budget:,} tokens] {method} lr {lr:g} seed {seed}: ppl {s.ppl_init:.2f} -> {after:.2f}, loss "
+            f"{rep.losses[0]:.3f} -> {rep.losses[-1]:.3f}, {rep.seconds:.0f} s"
+        )
         meta["total_seconds"] = time.perf_counter() - t_all
         if on_row is not None:
             on_row(result)
@@ -324,15 +443,36 @@ def compare_recovery(
     return result
 
 
-def _recipe_setup(model, recipe: FlexiGPTRecipe, blocks, paper_rank: int, target: int, tolerance: float, *,
-                  train_texts, tokenizer, seq_len: int, calib_samples: int, progress: bool) -> _Setup:
+def _recipe_setup(
+    model,
+    recipe: FlexiGPTRecipe,
+    blocks,
+    paper_rank: int,
+    target: int,
+    tolerance: float,
+    *,
+    train_texts,
+    tokenizer,
+    seq_len: int,
+    calib_samples: int,
+    progress: bool,
+) -> _Setup:
     """The "flexigpt" method: prune the same blocks at the recipe's adapter rank with the
     block-local fit, then size LoRA on the kept blocks so the total matches `target`."""
     adapter_rank = max(1, round(paper_rank * recipe.adapter_share))
     fit = None if recipe.local_fit is None else dataclasses.replace(recipe.local_fit, num_samples=recipe.fit_samples)
     t = time.perf_counter()
-    flex, rep = prune(copy.deepcopy(model), train_texts, tokenizer=tokenizer, blocks=blocks, rank=adapter_rank,
-                      seq_len=seq_len, num_samples=calib_samples, local_fit=fit, progress=progress)
+    flex, rep = prune(
+        copy.deepcopy(model),
+        train_texts,
+        tokenizer=tokenizer,
+        blocks=blocks,
+        rank=adapter_rank,
+        seq_len=seq_len,
+        num_samples=calib_samples,
+        local_fit=fit,
+        progress=progress,
+    )
     prep_s = time.perf_counter() - t
     adapters = count_parameters(select_trainable(copy.deepcopy(flex), "adapters"))
     lora_rank, lora_n = None, 0
@@ -340,14 +480,25 @@ def _recipe_setup(model, recipe: FlexiGPTRecipe, blocks, paper_rank: int, target
         lora_rank, lora_n = matching_lora_rank(flex, target - adapters, tolerance=float("inf"))
     total = adapters + lora_n
     if abs(total - target) > tolerance * target:
-        raise ValueError(f"recipe adapter_share={recipe.adapter_share}: {total:,} trainable parameters "
-                         f"(adapters rank {adapter_rank} {adapters:,} + LoRA {lora_n:,}) are not within "
-                         f"{tolerance:.0%} of the budget {target:,}")
+        raise ValueError(
+            f"recipe adapter_share={recipe.adapter_share}: {total:,} trainable parameters "
+            f"(adapters rank {adapter_rank} {adapters:,} + LoRA {lora_n:,}) are not within "
+            f"{tolerance:.0%} of the budget {target:,}"
+        )
     trainable = ("adapters", "lora_kept") if lora_rank else "adapters"
     fit_tokens = int((rep.local_fit or {}).get("fit_tokens", 0))
-    return _Setup(flex, trainable, lora_rank, recipe.describe(adapter_rank, lora_rank), fit_tokens=fit_tokens,
-                  prep_s=prep_s, params=total, blocks=len(blocks), stored=_merged_stored(flex, trainable, lora_rank),
-                  gamma_lr=recipe.gamma_lr)
+    return _Setup(
+        flex,
+        trainable,
+        lora_rank,
+        recipe.describe(adapter_rank, lora_rank),
+        fit_tokens=fit_tokens,
+        prep_s=prep_s,
+        params=total,
+        blocks=len(blocks),
+        stored=_merged_stored(flex, trainable, lora_rank),
+        gamma_lr=recipe.gamma_lr,
+    )
 
 
 def _merged_stored(model, trainable, lora_rank) -> int:
@@ -363,12 +514,15 @@ def _merged_stored(model, trainable, lora_rank) -> int:
 
 
 def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
-    return dict(local_fit=None if recipe.local_fit is None else recipe.local_fit.to_dict(),
-                fit_samples=recipe.fit_samples,
-                adapter_share=recipe.adapter_share, gamma_lr=recipe.gamma_lr)
+    return dict(
+        local_fit=None if recipe.local_fit is None else recipe.local_fit.to_dict(),
+        fit_samples=recipe.fit_samples,
+        adapter_share=recipe.adapter_share,
+        gamma_lr=recipe.gamma_lr,
+    )
 
 
-def equal_memory_blocks(model, blocks: Sequence[int], scores: Optional[Sequence[float]], stored: int) -> list[int]:
+def equal_memory_blocks(model, blocks: Sequence[int], scores: Sequence[float] | None, stored: int) -> list[int]:
     """The blocks ShortGPT drops to store at least `stored` parameters: the k' lowest-scoring of
     `blocks` (Block Influence `scores`; None keeps the given order), k' the largest count whose
     dropped `model` still stores >= `stored` (each block's own parameters leave with it).
@@ -388,8 +542,12 @@ def equal_memory_blocks(model, blocks: Sequence[int], scores: Optional[Sequence[
 
 
 def _run_key(r: dict) -> tuple:
-    return (int(r["budget"]), r["method"], None if r["lr"] in (None, "") else float(r["lr"]),
-            None if r["seed"] in (None, "") else int(r["seed"]))
+    return (
+        int(r["budget"]),
+        r["method"],
+        None if r["lr"] in (None, "") else float(r["lr"]),
+        None if r["seed"] in (None, "") else int(r["seed"]),
+    )
 
 
 def _layers(model):

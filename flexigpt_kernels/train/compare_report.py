@@ -9,13 +9,26 @@ blocks (their count), stored_params (the deployable model: shared tensors once, 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["COLUMNS", "best_runs", "format_table", "write_results", "read_rows"]
 
-COLUMNS = ("budget", "method", "options", "lr", "seed", "trainable_params", "tokens", "ppl_init", "ppl_after",
-           "wall_s", "ratio", "blocks", "stored_params")
+COLUMNS = (
+    "budget",
+    "method",
+    "options",
+    "lr",
+    "seed",
+    "trainable_params",
+    "tokens",
+    "ppl_init",
+    "ppl_after",
+    "wall_s",
+    "ratio",
+    "blocks",
+    "stored_params",
+)
 _INT = ("budget", "seed", "trainable_params", "tokens", "blocks", "stored_params")
 _FLOAT = ("lr", "ppl_init", "ppl_after", "wall_s", "ratio")
 
@@ -55,13 +68,18 @@ def format_table(result: dict) -> str:
     for r in rows:
         lr = "" if r["lr"] is None else f"{r['lr']:g}"
         stored = f"{r['stored_params']:,}" if r.get("stored_params") is not None else ""
-        lines.append(f"| {r['budget']:,} | {r['method']} | {r['options']} | {lr} | {_fmt(r['seed'])} | "
-                     f"{r['trainable_params']:,} | {stored} | {r['tokens']:,} | {_fmt(r['ppl_init'])} | "
-                     f"{_fmt(r['ppl_after'])} | {_fmt(r['wall_s'], 0)} |")
+        lines.append(
+            f"| {r['budget']:,} | {r['method']} | {r['options']} | {lr} | {_fmt(r['seed'])} | "
+            f"{r['trainable_params']:,} | {stored} | {r['tokens']:,} | {_fmt(r['ppl_init'])} | "
+            f"{_fmt(r['ppl_after'])} | {_fmt(r['wall_s'], 0)} |"
+        )
     best = best_runs(rows)
     if best:
-        lines += ["", "Best per budget and method (lowest ppl after; seed of that row): " + "; ".join(
-            f"{b:,} tokens {m} {r['ppl_after']:.2f} (lr {r['lr']:g})" for (b, m), r in best.items())]
+        lines += [
+            "",
+            "Best per budget and method (lowest ppl after; seed of that row): "
+            + "; ".join(f"{b:,} tokens {m} {r['ppl_after']:.2f} (lr {r['lr']:g})" for (b, m), r in best.items()),
+        ]
     return "\n".join(lines) + "\n"
 
 

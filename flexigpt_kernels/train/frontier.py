@@ -30,14 +30,13 @@ import csv
 import inspect
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .compare import FlexiGPTRecipe, compare_recovery
 from .compare_report import COLUMNS, format_table, read_rows
 
-__all__ = ["FRONTIER_METHODS", "run_frontier", "frontier_summary", "format_frontier", "plot_frontier",
-           "write_frontier"]
+__all__ = ["FRONTIER_METHODS", "run_frontier", "frontier_summary", "format_frontier", "plot_frontier", "write_frontier"]
 
 FRONTIER_METHODS = ("flexigpt", "shortgpt_lora", "shortgpt_lora_eqmem")
 _SETTINGS = ("seq_len", "batch_size", "eval_chunks", "calib_samples", "rank", "distill", "param_tolerance")
@@ -59,7 +58,7 @@ def run_frontier(
     lrs: Sequence[float] = (4e-3,),
     seeds: Sequence[int] = (0, 1),
     methods: Sequence[str] = FRONTIER_METHODS,
-    recipe: Optional[FlexiGPTRecipe] = None,
+    recipe: FlexiGPTRecipe | None = None,
     out_dir="benchmarks/results",
     name: str = "frontier_cpu",
     resume: bool = True,
@@ -84,14 +83,16 @@ def run_frontier(
     if resume and csv_path.exists():
         old = json.loads(json_path.read_text()) if json_path.exists() else {}
         if old.get("settings") != settings:
-            raise ValueError(f"{csv_path} was written with other settings ({old.get('settings')}); this sweep has "
-                             f"{settings}: pass another name, or resume=False to start over")
+            raise ValueError(
+                f"{csv_path} was written with other settings ({old.get('settings')}); this sweep has "
+                f"{settings}: pass another name, or resume=False to start over"
+            )
         previous = read_frontier_rows(csv_path)
         meta["ratios"] = old.get("ratios", {})
     done_rows = {float(p): [r for r in previous if r["run_ratio"] == float(p)] for p in ratios}
     results: dict[float, list[dict]] = {p: rows for p, rows in done_rows.items() if rows}
 
-    def save(current: Optional[float] = None, partial: Optional[dict] = None):
+    def save(current: float | None = None, partial: dict | None = None):
         if partial is not None:
             results[current] = [{**r, "run_ratio": current} for r in partial["rows"]]
             meta["ratios"][str(current)] = partial["meta"]
@@ -105,9 +106,19 @@ def run_frontier(
             continue
         log(f"ratio {p}: {', '.join(methods)}")
         dense = [m["dense_ppl"] for m in meta["ratios"].values() if m.get("dense_ppl") is not None]
-        result = compare_recovery(ratio=p, tokens=budgets, lrs=lrs, seeds=seeds, methods=methods, recipe=recipe,
-                                  done=done_rows[p], dense_ppl=dense[0] if dense else None, log=log,
-                                  on_row=lambda partial, p=p: save(p, partial), **compare_kwargs)
+        result = compare_recovery(
+            ratio=p,
+            tokens=budgets,
+            lrs=lrs,
+            seeds=seeds,
+            methods=methods,
+            recipe=recipe,
+            done=done_rows[p],
+            dense_ppl=dense[0] if dense else None,
+            log=log,
+            on_row=lambda partial, p=p: save(p, partial),
+            **compare_kwargs,
+        )
         save(p, result)
     save()
     return {"rows": [r for p in sorted(results) for r in results[p]], "meta": meta}
@@ -219,31 +230,39 @@ def format_frontier(result: dict) -> str:
         drop = f"{e['drop']['ppl_after']:.2f} ({pct(e['drop'])})" if "drop" in e else ""
 
         def cell(name):
-            runs = m.get(name, [])
+            runs = m.get(name, [])  # noqa: B023
             if not runs:
                 return "not run"
             r0 = runs[0]
-            return (f"{_seeds_text(runs)} ({r0['blocks']} blocks, {pct(r0)} stored, {r0['trainable_params']:,} "
-                    f"trained, lr {r0['lr']:g}, {statistics.mean(r['wall_s'] for r in runs):.0f} s)")
+            return (
+                f"{_seeds_text(runs)} ({r0['blocks']} blocks, {pct(r0)} stored, {r0['trainable_params']:,} "
+                f"trained, lr {r0['lr']:g}, {statistics.mean(r['wall_s'] for r in runs):.0f} s)"
+            )
 
         def gain(g):
             return " / ".join(f"{v:+.1%}" for v in g.values()) if g else ""
 
-        lines.append(f"| {e['run_ratio']:g} | {e['budget']:,} | {drop} | {cell('shortgpt_lora')} | "
-                     f"{cell('flexigpt')} | {gain(e['vs_same_blocks'])} | "
-                     f"{_verdict(e['vs_same_blocks'], m.get('flexigpt', []), m.get('shortgpt_lora', []))} | "
-                     f"{cell('shortgpt_lora_eqmem')} | "
-                     f"{gain(e['vs_equal_memory'])} | "
-                     f"{_verdict(e['vs_equal_memory'], m.get('flexigpt', []), m.get('shortgpt_lora_eqmem', []))} |")
+        lines.append(
+            f"| {e['run_ratio']:g} | {e['budget']:,} | {drop} | {cell('shortgpt_lora')} | "
+            f"{cell('flexigpt')} | {gain(e['vs_same_blocks'])} | "
+            f"{_verdict(e['vs_same_blocks'], m.get('flexigpt', []), m.get('shortgpt_lora', []))} | "
+            f"{cell('shortgpt_lora_eqmem')} | "
+            f"{gain(e['vs_equal_memory'])} | "
+            f"{_verdict(e['vs_equal_memory'], m.get('flexigpt', []), m.get('shortgpt_lora_eqmem', []))} |"
+        )
     for p in sorted({r["run_ratio"] for r in rows}):
         rmeta = meta.get("ratios", {}).get(str(p))
         if rmeta:
-            lines += ["", f"### ratio {p:g}", "", format_table({"rows": [r for r in rows if r["run_ratio"] == p],
-                                                             "meta": rmeta}).rstrip()]
+            lines += [
+                "",
+                f"### ratio {p:g}",
+                "",
+                format_table({"rows": [r for r in rows if r["run_ratio"] == p], "meta": rmeta}).rstrip(),
+            ]
     return "\n".join(lines) + "\n"
 
 
-def plot_frontier(rows: Sequence[dict], path) -> Optional[Path]:
+def plot_frontier(rows: Sequence[dict], path) -> Path | None:
     """PNG: held-out perplexity after healing (log scale) against stored parameters; one point
     per run, a line through each method's seed means; the dense model as a dashed line.
     Returns the path, or None when matplotlib is missing."""
@@ -255,10 +274,12 @@ def plot_frontier(rows: Sequence[dict], path) -> Optional[Path]:
         from matplotlib.ticker import FormatStrFormatter
     except ImportError:
         return None
-    style = {"drop": ("drop (no training)", "tab:gray", "x"),
-             "shortgpt_lora": ("ShortGPT + LoRA", "tab:blue", "o"),
-             "shortgpt_lora_eqmem": ("ShortGPT + LoRA (equal memory)", "tab:blue", "s"),
-             "flexigpt": ("FlexiGPT (recipe)", "tab:red", "D")}
+    style = {
+        "drop": ("drop (no training)", "tab:gray", "x"),
+        "shortgpt_lora": ("ShortGPT + LoRA", "tab:blue", "o"),
+        "shortgpt_lora_eqmem": ("ShortGPT + LoRA (equal memory)", "tab:blue", "s"),
+        "flexigpt": ("FlexiGPT (recipe)", "tab:red", "D"),
+    }
     fig, ax = plt.subplots(figsize=(7, 4.5))
     budgets = sorted({r["budget"] for r in rows if r["budget"]})
     for method, (label, color, marker) in style.items():
@@ -271,26 +292,46 @@ def plot_frontier(rows: Sequence[dict], path) -> Optional[Path]:
             continue
         xs = sorted(pts)
         for x in xs:
-            ax.scatter([x / 1e6] * len(pts[x]), pts[x], color=color, marker=marker, alpha=0.45,
-                       facecolors="none" if method == "shortgpt_lora_eqmem" else color)
-        ax.plot([x / 1e6 for x in xs], [statistics.mean(pts[x]) for x in xs], color=color, marker=marker,
-                linestyle=":" if method in ("drop", "shortgpt_lora_eqmem") else "-", label=label,
-                markerfacecolor="none" if method == "shortgpt_lora_eqmem" else color)
+            ax.scatter(
+                [x / 1e6] * len(pts[x]),
+                pts[x],
+                color=color,
+                marker=marker,
+                alpha=0.45,
+                facecolors="none" if method == "shortgpt_lora_eqmem" else color,
+            )
+        ax.plot(
+            [x / 1e6 for x in xs],
+            [statistics.mean(pts[x]) for x in xs],
+            color=color,
+            marker=marker,
+            linestyle=":" if method in ("drop", "shortgpt_lora_eqmem") else "-",
+            label=label,
+            markerfacecolor="none" if method == "shortgpt_lora_eqmem" else color,
+        )
     for e in frontier_summary(rows):
         for r in e["methods"].get("flexigpt", [])[:1]:
-            ax.annotate(f"{e['run_ratio']:g}", (r["stored_params"] / 1e6, r["ppl_after"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8, color="tab:red")
+            ax.annotate(
+                f"{e['run_ratio']:g}",
+                (r["stored_params"] / 1e6, r["ppl_after"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+                color="tab:red",
+            )
     dense = next((r for r in rows if r["method"] == "dense"), None)
     if dense:
-        ax.axhline(dense["ppl_after"], color="black", linestyle="--", linewidth=0.8,
-                   label=f"dense ({dense['ppl_after']:.1f})")
+        ax.axhline(
+            dense["ppl_after"], color="black", linestyle="--", linewidth=0.8, label=f"dense ({dense['ppl_after']:.1f})"
+        )
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.0f"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.0f"))
     ax.set_xlabel("stored parameters (M)")
     ax.set_ylabel("held-out perplexity after healing")
-    ax.set_title(f"Quality per byte ({', '.join(f'{b:,}' for b in budgets)} tokens; labels: pruning ratio)",
-                 fontsize=10)
+    ax.set_title(
+        f"Quality per byte ({', '.join(f'{b:,}' for b in budgets)} tokens; labels: pruning ratio)", fontsize=10
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

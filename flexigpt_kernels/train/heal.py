@@ -24,7 +24,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,15 +66,15 @@ class HealReport:
     eval_perplexities: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     train_seconds: float = 0.0
-    resumed_from: Optional[int] = None
+    resumed_from: int | None = None
     checkpoints: list[str] = field(default_factory=list)
 
     @property
-    def ppl_init(self) -> Optional[float]:
+    def ppl_init(self) -> float | None:
         return next((p for s, p in self.eval_perplexities if s == 0), None)
 
     @property
-    def ppl_final(self) -> Optional[float]:
+    def ppl_final(self) -> float | None:
         return self.eval_perplexities[-1][1] if self.eval_perplexities else None
 
     @property
@@ -110,7 +110,7 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
-def _param_groups(model: nn.Module, named, *, lr: float, weight_decay: float, gamma_lr: Optional[float]):
+def _param_groups(model: nn.Module, named, *, lr: float, weight_decay: float, gamma_lr: float | None):
     gamma_ids = {id(m.weight) for m in model.modules() if isinstance(m, OutputNorm)}
     groups: dict[tuple, list] = {}
     for _, p in named:
@@ -131,8 +131,8 @@ def heal(
     data,
     *,
     tokenizer=None,
-    steps: Optional[int] = None,
-    tokens: Optional[int] = None,
+    steps: int | None = None,
+    tokens: int | None = None,
     lr: float = 4e-3,
     seq_len: int = 256,
     batch_size: int = 4,
@@ -141,20 +141,20 @@ def heal(
     min_lr_ratio: float = 0.0,
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
-    max_grad_norm: Optional[float] = 1.0,
-    gamma_lr: Optional[float] = None,
-    teacher: Optional[nn.Module] = None,
+    max_grad_norm: float | None = 1.0,
+    gamma_lr: float | None = None,
+    teacher: nn.Module | None = None,
     distill=("kl",),
     kl_temperature: float = 1.0,
     lm_weight: float = 1.0,
     trainable=RECIPE.trainable,
-    lora_rank: Optional[int] = RECIPE.lora_rank,
-    lora_alpha: Optional[float] = None,
+    lora_rank: int | None = RECIPE.lora_rank,
+    lora_alpha: float | None = None,
     eval_data=None,
-    eval_every: Optional[int] = None,
+    eval_every: int | None = None,
     eval_chunks: int = 40,
     checkpoint_dir=None,
-    checkpoint_every: Optional[int] = None,
+    checkpoint_every: int | None = None,
     resume=False,
     mixed_precision: str = "no",
     seed: int = 0,
@@ -195,8 +195,12 @@ def heal(
             at any world size (see .shard, .sharded_state).
     """
     t_call = time.perf_counter()
-    for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum),
-                    ("eval_chunks", eval_chunks)):
+    for name, v in (
+        ("seq_len", seq_len),
+        ("batch_size", batch_size),
+        ("grad_accum", grad_accum),
+        ("eval_chunks", eval_chunks),
+    ):
         _positive(name, v)
     if (steps is None) == (tokens is None):
         raise ValueError("give exactly one of steps= and tokens=")
@@ -226,12 +230,14 @@ def heal(
         current = dict(wrapped.named_parameters())
         named = [(n, current[n]) for n in names]
     params = [p for _, p in named]
-    blocks = TrainBlocks.from_source(data, tokenizer, seq_len=seq_len, num_blocks=total_steps * global_batch,
-                                     seed=seed, shuffle=shuffle)
+    blocks = TrainBlocks.from_source(
+        data, tokenizer, seq_len=seq_len, num_blocks=total_steps * global_batch, seed=seed, shuffle=shuffle
+    )
     eval_tokens = None
     if eval_data is not None:
-        eval_tokens = load_blocks(eval_data, tokenizer, seq_len=seq_len, num_blocks=eval_chunks, seed=None,
-                                  what="eval_data")
+        eval_tokens = load_blocks(
+            eval_data, tokenizer, seq_len=seq_len, num_blocks=eval_chunks, seed=None, what="eval_data"
+        )
 
     distiller = None
     if teacher is not None and weights:
@@ -240,18 +246,32 @@ def heal(
         distiller = Distiller(model, teacher, weights, temperature=kl_temperature)
 
     optimizer = torch.optim.AdamW(
-        _param_groups(model, named, lr=lr, weight_decay=weight_decay, gamma_lr=gamma_lr), lr=lr, betas=betas)
+        _param_groups(model, named, lr=lr, weight_decay=weight_decay, gamma_lr=gamma_lr), lr=lr, betas=betas
+    )
     wrapped, optimizer = runtime.prepare(wrapped, optimizer)
     base_optimizer = getattr(optimizer, "optimizer", optimizer)
     schedule = WarmupCosine(total_steps, warmup_steps(warmup, total_steps), min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, schedule)
     unwrapped = runtime.unwrap(wrapped)
 
-    settings = {"total_steps": total_steps, "global_batch": global_batch, "seq_len": seq_len,
-                "data": blocks.fingerprint(), "trainable": names, "shuffle": shuffle, "seed": seed}
-    report = HealReport(steps=total_steps, tokens_seen=0, tokens_per_step=tokens_per_step,
-                        trainable_params=count_parameters(params), trainable=_trainable_label(trainable),
-                        lr=lr, world_size=world)
+    settings = {
+        "total_steps": total_steps,
+        "global_batch": global_batch,
+        "seq_len": seq_len,
+        "data": blocks.fingerprint(),
+        "trainable": names,
+        "shuffle": shuffle,
+        "seed": seed,
+    }
+    report = HealReport(
+        steps=total_steps,
+        tokens_seen=0,
+        tokens_per_step=tokens_per_step,
+        trainable_params=count_parameters(params),
+        trainable=_trainable_label(trainable),
+        lr=lr,
+        world_size=world,
+    )
     report.loss_terms = {k: [] for k in (["lm", *weights] if weights else [])}
 
     start_step = 0
@@ -266,8 +286,14 @@ def heal(
 
     was_training = wrapped.training
     wrapped.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc="heal", unit="step",
-               disable=not (progress and runtime.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="heal",
+        unit="step",
+        disable=not (progress and runtime.is_main),
+        dynamic_ncols=True,
+    )
     try:
         if eval_tokens is not None and start_step == 0:
             report.eval_perplexities.append((0, _evaluate(wrapped, unwrapped, eval_tokens, runtime, batch_size)))
@@ -290,8 +316,10 @@ def heal(
                         for name, value in terms.items():
                             loss = loss + weights[name] * value
                     runtime.backward(loss / grad_accum)
-                stats += torch.tensor([loss.item(), lm.item(), *(terms[n].item() for n in weights)],
-                                      dtype=torch.float64) / grad_accum
+                stats += (
+                    torch.tensor([loss.item(), lm.item(), *(terms[n].item() for n in weights)], dtype=torch.float64)
+                    / grad_accum
+                )
             grad_norm = runtime.clip(optimizer, params, max_grad_norm)
             step_lr = base_optimizer.param_groups[0]["lr"]
             runtime.step(optimizer)
@@ -311,19 +339,28 @@ def heal(
             done = step + 1
             steps_here = done - start_step
             bar.update(1)
-            bar.set_postfix(loss=f"{stats[0]:.4f}", lr=f"{step_lr:.2e}",
-                            tok_s=f"{steps_here * tokens_per_step / max(train_time, 1e-9):.0f}")
+            bar.set_postfix(
+                loss=f"{stats[0]:.4f}",
+                lr=f"{step_lr:.2e}",
+                tok_s=f"{steps_here * tokens_per_step / max(train_time, 1e-9):.0f}",
+            )
             if eval_tokens is not None and (done == total_steps or (eval_every and done % eval_every == 0)):
                 ppl = _evaluate(wrapped, unwrapped, eval_tokens, runtime, batch_size)
                 report.eval_perplexities.append((done, ppl))
                 bar.set_postfix(loss=f"{stats[0]:.4f}", ppl=f"{ppl:.2f}")
-            if checkpoint_dir is not None and (done == total_steps or (checkpoint_every and done % checkpoint_every == 0)):
+            if checkpoint_dir is not None and (
+                done == total_steps or (checkpoint_every and done % checkpoint_every == 0)
+            ):
                 _check_checkpointing(runtime)
                 report.train_seconds = train_time
                 shards = (lambda folder: save_shards(folder, unwrapped, base_optimizer)) if runtime.is_fsdp2 else None
-                path = save_checkpoint(runtime, checkpoint_dir, done,
-                                       _state(unwrapped, optimizer, scheduler, runtime, report, settings, done),
-                                       write_shards=shards)
+                path = save_checkpoint(
+                    runtime,
+                    checkpoint_dir,
+                    done,
+                    _state(unwrapped, optimizer, scheduler, runtime, report, settings, done),
+                    write_shards=shards,
+                )
                 report.checkpoints.append(str(path))
         report.train_seconds = train_time
     finally:
@@ -341,14 +378,22 @@ def _evaluate(wrapped, unwrapped, eval_tokens: torch.Tensor, runtime, batch_size
     Under FSDP every process evaluates every chunk through the wrapped model (the forward
     gathers parameters collectively, so all processes must run the same batches)."""
     if runtime.is_fsdp:
-        return perplexity(wrapped, None, eval_tokens, seq_len=eval_tokens.shape[1], num_chunks=None,
-                          batch_size=batch_size, progress=False)
-    shard = eval_tokens[runtime.rank::runtime.world_size]
+        return perplexity(
+            wrapped,
+            None,
+            eval_tokens,
+            seq_len=eval_tokens.shape[1],
+            num_chunks=None,
+            batch_size=batch_size,
+            progress=False,
+        )
+    shard = eval_tokens[runtime.rank :: runtime.world_size]
     per_chunk = eval_tokens.shape[1] - 1
     nll = 0.0
     if shard.shape[0]:
-        ppl = perplexity(unwrapped, None, shard, seq_len=shard.shape[1], num_chunks=None, batch_size=batch_size,
-                         progress=False)
+        ppl = perplexity(
+            unwrapped, None, shard, seq_len=shard.shape[1], num_chunks=None, batch_size=batch_size, progress=False
+        )
         nll = math.log(ppl) * shard.shape[0] * per_chunk
     sums = runtime.reduce_sum(torch.tensor([nll, shard.shape[0] * per_chunk], dtype=torch.float64))
     return math.exp(sums[0].item() / sums[1].item())
@@ -356,24 +401,36 @@ def _evaluate(wrapped, unwrapped, eval_tokens: torch.Tensor, runtime, batch_size
 
 def _check_checkpointing(runtime) -> None:
     if runtime.is_fsdp and not runtime.is_fsdp2:
-        raise ValueError("heal(): checkpoints under FSDP1 (one unit) are not supported; use FSDP2 "
-                         "(fsdp_version: 2 in the accelerate config, or heal(fsdp=True)) or DDP")
+        raise ValueError(
+            "heal(): checkpoints under FSDP1 (one unit) are not supported; use FSDP2 "
+            "(fsdp_version: 2 in the accelerate config, or heal(fsdp=True)) or DDP"
+        )
 
 
 def _state(unwrapped, optimizer, scheduler, runtime, report: HealReport, settings: dict, step: int) -> dict:
     # under FSDP2 the trainable tensors and optimizer state are sharded: .sharded_state writes them
-    tensors = {} if runtime.is_fsdp2 else {
-        "params": {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict()}
+    tensors = (
+        {}
+        if runtime.is_fsdp2
+        else {
+            "params": {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+        }
+    )
     return {
         "step": step,
         "settings": settings,
         **tensors,
         "scheduler": scheduler.state_dict(),
         "scaler": runtime.scaler_state(),
-        "history": {"losses": list(report.losses), "lrs": list(report.lrs), "grad_norms": list(report.grad_norms),
-                    "loss_terms": {k: list(v) for k, v in report.loss_terms.items()},
-                    "eval_perplexities": list(report.eval_perplexities), "tokens_seen": report.tokens_seen},
+        "history": {
+            "losses": list(report.losses),
+            "lrs": list(report.lrs),
+            "grad_norms": list(report.grad_norms),
+            "loss_terms": {k: list(v) for k, v in report.loss_terms.items()},
+            "eval_perplexities": list(report.eval_perplexities),
+            "tokens_seen": report.tokens_seen,
+        },
     }
 
 
@@ -381,11 +438,16 @@ def _check_saved_shapes(path, saved: dict, params: dict) -> None:
     """ValueError unless every saved tensor has its parameter's shape (the names already match:
     they are the `trainable` setting). A checkpoint of another starting model, e.g. another
     adapter rank, would otherwise fail deep in copy_."""
-    wrong = [f"{n} {tuple(v.shape)} vs {tuple(params[n].shape)}" for n, v in saved.items()
-             if n in params and v.shape != params[n].shape]
+    wrong = [
+        f"{n} {tuple(v.shape)} vs {tuple(params[n].shape)}"
+        for n, v in saved.items()
+        if n in params and v.shape != params[n].shape
+    ]
     if wrong:
-        raise ValueError(f"resume: {path} holds tensors of other shapes than this model's ({'; '.join(wrong[:3])}); "
-                         "resume from the same starting model")
+        raise ValueError(
+            f"resume: {path} holds tensors of other shapes than this model's ({'; '.join(wrong[:3])}); "
+            "resume from the same starting model"
+        )
 
 
 def _restore(path, runtime, unwrapped, optimizer, scheduler, report: HealReport, settings: dict) -> int:
@@ -393,13 +455,17 @@ def _restore(path, runtime, unwrapped, optimizer, scheduler, report: HealReport,
     saved = state["settings"]
     for key in ("total_steps", "global_batch", "seq_len", "data", "trainable", "shuffle", "seed"):
         if saved.get(key) != settings[key]:
-            raise ValueError(f"resume: the checkpoint {path} was made with {key}={saved.get(key)!r}, this run "
-                             f"has {settings[key]!r}; resume with the same settings and data")
+            raise ValueError(
+                f"resume: the checkpoint {path} was made with {key}={saved.get(key)!r}, this run "
+                f"has {settings[key]!r}; resume with the same settings and data"
+            )
     if has_shards(path):  # written under FSDP2: dcp reshards to this run (any world size, or one process)
         load_shards(path, unwrapped, optimizer)
     elif runtime.is_fsdp2:
-        raise ValueError(f"resume: {path} was written without FSDP2 (whole tensors, not shards); resume it "
-                         "without fsdp, or start the FSDP2 run from step 0")
+        raise ValueError(
+            f"resume: {path} was written without FSDP2 (whole tensors, not shards); resume it "
+            "without fsdp, or start the FSDP2 run from step 0"
+        )
     else:
         params = dict(unwrapped.named_parameters())
         _check_saved_shapes(path, state["params"], params)

@@ -1,6 +1,7 @@
 """Block-local initialisation of replacement blocks (convert/local_fit.py, convert/gamma_init.py,
-convert/adapter_init.py, convert/dense_records.py): recording the dense blocks, the closed-form gamma, activation-aware adapters, the gradient fit
-and prune(local_fit=...), on tiny random Llama models."""
+convert/adapter_init.py, convert/dense_records.py): recording the dense blocks, the closed-form
+gamma, activation-aware adapters, the gradient fit and prune(local_fit=...), on tiny random
+Llama models."""
 
 import copy
 
@@ -102,15 +103,19 @@ def test_lsq_gamma_recovers_a_known_gamma():
             na.weight.copy_(truth[b][0])
             nm.weight.copy_(truth[b][1])
             cap = {}
-            h = layers[b].get_submodule(contribution_name(family, "attn")).register_forward_hook(
-                lambda m, a, o: cap.__setitem__("attn", first_tensor(o)))
+            h = (
+                layers[b]
+                .get_submodule(contribution_name(family, "attn"))
+                .register_forward_hook(lambda m, a, o: cap.__setitem__("attn", first_tensor(o)))  # noqa: B023
+            )
             outputs[b] = run_block(layers[b], rec, b, rec.inputs[b])
             attns[b] = cap["attn"].clone()
             h.remove()
             na.weight.fill_(1e-2)
             nm.weight.fill_(1e-2)
-    made = DenseRecords(blocks=rec.blocks, inputs=rec.inputs, outputs=outputs, attn=attns, kwargs=rec.kwargs,
-                        batch_size=rec.batch_size)
+    made = DenseRecords(
+        blocks=rec.blocks, inputs=rec.inputs, outputs=outputs, attn=attns, kwargs=rec.kwargs, batch_size=rec.batch_size
+    )
     lsq_gamma(model, made, progress=False)
     for b in BLOCKS:
         na, nm = sublayer_output_norms(layers[b], family)
@@ -134,8 +139,11 @@ def test_lsq_gamma_equals_lstsq_on_dense_records_and_lowers_the_error():
         with torch.no_grad():
             na.weight.fill_(1.0)
             cap = {}
-            h = layers[b].get_submodule(contribution_name(family, "attn")).register_forward_hook(
-                lambda m, a, o: cap.__setitem__("n", first_tensor(o)))
+            h = (
+                layers[b]
+                .get_submodule(contribution_name(family, "attn"))
+                .register_forward_hook(lambda m, a, o: cap.__setitem__("n", first_tensor(o)))  # noqa: B023
+            )
             run_block(layers[b], rec, b, rec.inputs[b])
             h.remove()
             na.weight.copy_(got)
@@ -150,8 +158,10 @@ def test_activation_aware_adapters_identity_covariance_is_the_svd_init():
     family = family_of(dense)
     # identity covariance (no damping): the weighted problem is the plain Frobenius one
     for b in rec.cov:
-        rec.cov[b] = {name: torch.eye(dense.model.layers[b].get_submodule(name).in_features,
-                                      dtype=torch.float64) * rec.tokens for name in family.linears}
+        rec.cov[b] = {
+            name: torch.eye(dense.model.layers[b].get_submodule(name).in_features, dtype=torch.float64) * rec.tokens
+            for name in family.linears
+        }
     factors, stats = activation_aware_adapters(dense, rec, rep.base_map, rank=RANK, damping=0.0)
     layers = decoder_layers(model)
     for b, per in factors.items():
@@ -179,8 +189,12 @@ def test_activation_aware_adapters_beat_svd_in_the_weighted_norm_and_lower_the_b
 
 def test_fit_lowers_block_output_mse():
     dense, model, rec, _ = _setup()
-    report = fit_replacement_blocks(model, rec, LocalFit(adapter_init="svd", gamma="lsq", steps=40, lr=3e-3,
-                                                         batch_size=2, val_fraction=0.25), progress=False)
+    report = fit_replacement_blocks(
+        model,
+        rec,
+        LocalFit(adapter_init="svd", gamma="lsq", steps=40, lr=3e-3, batch_size=2, val_fraction=0.25),
+        progress=False,
+    )
     assert report.train_rows == 6 and report.val_rows == 2
     for b in BLOCKS:
         e = report.errors
@@ -203,8 +217,9 @@ def test_fit_touches_only_the_intended_parameters(trainable):
     dense, model, rec, _ = _setup()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = _snapshot(model)
-    fit_replacement_blocks(model, rec, adapter_init="svd", gamma=None, steps=5, lr=1e-2, batch_size=2,
-                           trainable=trainable, progress=False)
+    fit_replacement_blocks(
+        model, rec, adapter_init="svd", gamma=None, steps=5, lr=1e-2, batch_size=2, trainable=trainable, progress=False
+    )
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed
     for n in changed:
@@ -238,8 +253,9 @@ def test_fit_needs_factors_for_activation_init_and_matching_records():
 def test_prune_with_local_fit():
     dense = tiny_model("llama", layers=4)
     tokens = _tokens()
-    model, rep = prune(copy.deepcopy(dense), tokens, blocks=BLOCKS, rank=RANK, progress=False,
-                       local_fit=dict(steps=3, batch_size=2))
+    model, rep = prune(
+        copy.deepcopy(dense), tokens, blocks=BLOCKS, rank=RANK, progress=False, local_fit=dict(steps=3, batch_size=2)
+    )
     assert rep.local_fit is not None and set(rep.local_fit["errors"]) == {"init", "gamma", "fit"}
     assert model.flexigpt_meta["local_fit"]["adapter_init"] == "activation"
     assert "local_fit" in rep.seconds and "local_fit_record" in rep.seconds
@@ -261,8 +277,14 @@ def test_local_fit_on_a_family_with_post_norms():
     and a short fit still lower the block error."""
     dense = tiny_model("gemma2", layers=4)
     tokens = _tokens()
-    model, rep = prune(copy.deepcopy(dense), tokens, blocks=BLOCKS, rank=RANK, progress=False,
-                       local_fit=dict(steps=10, batch_size=2, lr=3e-3))
+    model, rep = prune(
+        copy.deepcopy(dense),
+        tokens,
+        blocks=BLOCKS,
+        rank=RANK,
+        progress=False,
+        local_fit=dict(steps=10, batch_size=2, lr=3e-3),
+    )
     e = rep.local_fit["errors"]
     for b in map(str, BLOCKS):
         assert e["gamma"][b]["train"] < e["init"][b]["train"]
@@ -280,12 +302,13 @@ def test_recorded_covariances_are_the_inputs_gram_matrices():
         def hook(m, args):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             grams[name] = grams.get(name, 0) + x.T @ x
+
         return hook
 
     hs = [layer.get_submodule(n).register_forward_pre_hook(grab(n)) for n in family_of(dense).linears]
     with torch.no_grad():
         for s in (0, 4):
-            dense(input_ids=tokens[s:s + 4], attention_mask=torch.ones_like(tokens[s:s + 4]), use_cache=False)
+            dense(input_ids=tokens[s : s + 4], attention_mask=torch.ones_like(tokens[s : s + 4]), use_cache=False)
     for h in hs:
         h.remove()
     for name, g in grams.items():

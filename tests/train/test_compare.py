@@ -16,16 +16,33 @@ from .helpers import byte_tokenizer, tiny_llama
 
 TRAIN = ["the cat sat on the mat and the dog sat on the log"] * 40
 HELD = ["rain in spain falls mainly on the plain, said the dog"] * 10
-TINY = dict(ratio=0.5, rank=4, seq_len=32, batch_size=2, eval_chunks=4, calib_samples=4, train_texts=TRAIN,
-            heldout_texts=HELD, progress=False, log=lambda *a: None)
+TINY = dict(
+    ratio=0.5,
+    rank=4,
+    seq_len=32,
+    batch_size=2,
+    eval_chunks=4,
+    calib_samples=4,
+    train_texts=TRAIN,
+    heldout_texts=HELD,
+    progress=False,
+    log=lambda *a: None,
+)
 
 
 def test_compare_recovery_on_a_tiny_model(tmp_path):
     recipe = FlexiGPTRecipe(local_fit=LocalFit(steps=2), fit_samples=2, adapter_share=0.5)
     saved = []
-    result = compare_recovery(tokens=[4 * 2 * 32, 6 * 2 * 32], lrs=(1e-2, 3e-2), seeds=(0, 1), recipe=recipe,
-                              model=tiny_llama(vocab=257), tokenizer=byte_tokenizer(),
-                              on_row=lambda r: saved.append(len(r["rows"])), **TINY)
+    result = compare_recovery(
+        tokens=[4 * 2 * 32, 6 * 2 * 32],
+        lrs=(1e-2, 3e-2),
+        seeds=(0, 1),
+        recipe=recipe,
+        model=tiny_llama(vocab=257),
+        tokenizer=byte_tokenizer(),
+        on_row=lambda r: saved.append(len(r["rows"])),
+        **TINY,
+    )
     rows = result["rows"]
     assert {r["method"] for r in rows} == {"dense", "drop", "flexigpt", "flexigpt_paper", "shortgpt_lora"}
     runs = [r for r in rows if r["method"] not in ("dense", "drop")]
@@ -62,15 +79,29 @@ def test_compare_recovery_rejects_bad_settings():
     with pytest.raises(ValueError, match="adapter_share"):
         FlexiGPTRecipe(adapter_share=0.0)
     with pytest.raises(ValueError, match="no healing step"):
-        compare_recovery(tokens=32, lrs=(1e-2,), methods=("flexigpt",), model=tiny_llama(vocab=257),
-                         recipe=FlexiGPTRecipe(local_fit=LocalFit(steps=1), fit_samples=2),
-                         tokenizer=byte_tokenizer(), **TINY)
+        compare_recovery(
+            tokens=32,
+            lrs=(1e-2,),
+            methods=("flexigpt",),
+            model=tiny_llama(vocab=257),
+            recipe=FlexiGPTRecipe(local_fit=LocalFit(steps=1), fit_samples=2),
+            tokenizer=byte_tokenizer(),
+            **TINY,
+        )
 
 
 def test_recipe_without_local_fit_spends_the_whole_budget_on_healing_and_can_distill():
     recipe = FlexiGPTRecipe(local_fit=None, adapter_share=1.0)
-    result = compare_recovery(tokens=2 * 2 * 32, lrs=(1e-2,), methods=("flexigpt",), recipe=recipe, distill="kl",
-                              model=tiny_llama(vocab=257), tokenizer=byte_tokenizer(), **TINY)
+    result = compare_recovery(
+        tokens=2 * 2 * 32,
+        lrs=(1e-2,),
+        methods=("flexigpt",),
+        recipe=recipe,
+        distill="kl",
+        model=tiny_llama(vocab=257),
+        tokenizer=byte_tokenizer(),
+        **TINY,
+    )
     (run,) = [r for r in result["rows"] if r["method"] == "flexigpt"]
     assert run["tokens"] == 2 * 2 * 32 and run["options"].startswith("paper init")
     assert "LoRA" not in run["options"] and run["trainable_params"] == result["meta"]["budget_params"]
@@ -103,9 +134,17 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     recipe = FlexiGPTRecipe(local_fit=LocalFit(steps=1), fit_samples=2, adapter_share=0.5)
     kw = {k: v for k, v in TINY.items() if k != "ratio"}
     logs = []
-    common = dict(tokens=2 * 2 * 32, lrs=(1e-2,), seeds=(0, 1), recipe=recipe, out_dir=tmp_path, name="fr",
-                  param_tolerance=0.3,  # LoRA ranks are coarse on a 64-wide model
-                  model=tiny_llama(vocab=257), tokenizer=byte_tokenizer())
+    common = dict(
+        tokens=2 * 2 * 32,
+        lrs=(1e-2,),
+        seeds=(0, 1),
+        recipe=recipe,
+        out_dir=tmp_path,
+        name="fr",
+        param_tolerance=0.3,  # LoRA ranks are coarse on a 64-wide model
+        model=tiny_llama(vocab=257),
+        tokenizer=byte_tokenizer(),
+    )
     result = run_frontier((0.25, 0.5), **common, **{**kw, "log": logs.append})
     rows = result["rows"]
     assert {r["run_ratio"] for r in rows} == {0.25, 0.5}
@@ -122,8 +161,14 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     from flexigpt_kernels.train import merge_lora, select_trainable
 
     lora_rank = int(flex["options"].split("LoRA rank ")[1].split()[0])
-    merged, _ = prune(tiny_llama(vocab=257), None, blocks=result["meta"]["ratios"]["0.5"]["pruned"], rank=2,
-                      local_fit=None, progress=False)
+    merged, _ = prune(
+        tiny_llama(vocab=257),
+        None,
+        blocks=result["meta"]["ratios"]["0.5"]["pruned"],
+        rank=2,
+        local_fit=None,
+        progress=False,
+    )
     plain = stored_parameters(merged)
     select_trainable(merged, ("adapters", "lora_kept"), lora_rank=lora_rank)
     merge_lora(merged)
@@ -137,8 +182,10 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     summary = {e["run_ratio"]: e for e in frontier_summary(rows)}
     assert set(summary[0.5]["vs_equal_memory"]) == {0, 1} and not summary[0.25]["vs_equal_memory"]
     g = summary[0.5]["vs_same_blocks"][1]
-    assert g == pytest.approx((at[(0.5, "shortgpt_lora", 1)]["ppl_after"] - at[(0.5, "flexigpt", 1)]["ppl_after"])
-                              / at[(0.5, "shortgpt_lora", 1)]["ppl_after"])
+    assert g == pytest.approx(
+        (at[(0.5, "shortgpt_lora", 1)]["ppl_after"] - at[(0.5, "flexigpt", 1)]["ppl_after"])
+        / at[(0.5, "shortgpt_lora", 1)]["ppl_after"]
+    )
     for ext in ("csv", "json", "md", "png"):
         assert (tmp_path / f"fr.{ext}").stat().st_size > 0
     md = (tmp_path / "fr.md").read_text()

@@ -13,6 +13,7 @@ from flexigpt_kernels.nn import OutputNorm, SharedLoRALinear
 from flexigpt_kernels.presets import PAPER
 from flexigpt_kernels.train import LoRALinear, heal, merge_lora, select_trainable
 from flexigpt_kernels.train.schedule import WarmupCosine, warmup_steps
+
 from .helpers import SEQ, tiny_llama, tiny_pruned, token_data
 
 KW = dict(seq_len=SEQ, batch_size=4, progress=False)
@@ -25,8 +26,17 @@ def snapshot(model):
 def test_heal_lowers_heldout_perplexity_and_trains_only_adapters():
     model = tiny_pruned()
     before = snapshot(model)
-    report = heal(model, token_data(64), steps=8, lr=1e-2, eval_data=token_data(16, seed=1), eval_chunks=8,
-                  eval_every=4, **PAPER.heal_kwargs(), **KW)  # the paper's trainable set
+    report = heal(
+        model,
+        token_data(64),
+        steps=8,
+        lr=1e-2,
+        eval_data=token_data(16, seed=1),
+        eval_chunks=8,
+        eval_every=4,
+        **PAPER.heal_kwargs(),
+        **KW,
+    )  # the paper's trainable set
     assert [s for s, _ in report.eval_perplexities] == [0, 4, 8]
     assert report.ppl_final < 0.9 * report.ppl_init
     assert report.losses[-1] < report.losses[0]
@@ -91,8 +101,7 @@ def test_hybrid_merge_folds_lora_into_shared_bases_and_compensates_replacements(
     assert any(r < 4 + rank for r in expected) == (rank == 40)
     torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
     save_pretrained(model, tmp_path / "ckpt")
-    torch.testing.assert_close(from_pretrained(tmp_path / "ckpt")(input_ids=ids).logits, trained,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(from_pretrained(tmp_path / "ckpt")(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
 
 
 def test_gradients_flow_through_the_fused_op():
@@ -144,8 +153,17 @@ def test_token_budget_schedule_and_data_cycling():
 def test_distillation_terms_and_gamma_lr():
     teacher = tiny_llama()
     model = tiny_pruned()
-    report = heal(model, token_data(16), steps=2, lr=1e-2, gamma_lr=0.05, teacher=teacher,
-                  distill={"kl": 1.0, "mse": 0.5}, kl_temperature=2.0, **KW)
+    report = heal(
+        model,
+        token_data(16),
+        steps=2,
+        lr=1e-2,
+        gamma_lr=0.05,
+        teacher=teacher,
+        distill={"kl": 1.0, "mse": 0.5},
+        kl_temperature=2.0,
+        **KW,
+    )
     terms = report.loss_terms
     assert set(terms) == {"lm", "kl", "mse"} and all(v > 0 for t in terms.values() for v in t)
     for i in range(2):

@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexigpt_kernels.train import heal
 from flexigpt_kernels.presets import PAPER
+from flexigpt_kernels.train import heal
 from flexigpt_kernels.train.checkpoint import latest_checkpoint
 
 from .helpers import SEQ, tiny_pruned, token_data
 
-ARGS = dict(steps=6, lr=1e-2, seq_len=SEQ, batch_size=2, grad_accum=2, warmup=2, eval_every=2, eval_chunks=4,
-            progress=False)
+ARGS = dict(
+    steps=6, lr=1e-2, seq_len=SEQ, batch_size=2, grad_accum=2, warmup=2, eval_every=2, eval_chunks=4, progress=False
+)
 
 
 @pytest.mark.parametrize("trainable", ["adapters", "lora_kept"])
@@ -45,8 +46,17 @@ def test_resume_refuses_different_settings(tmp_path):
     data = token_data(40)
     heal(tiny_pruned(), data, steps=2, lr=1e-2, seq_len=SEQ, batch_size=2, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="total_steps"):
-        heal(tiny_pruned(), data, steps=4, lr=1e-2, seq_len=SEQ, batch_size=2, checkpoint_dir=tmp_path,
-             resume=True, progress=False)
+        heal(
+            tiny_pruned(),
+            data,
+            steps=4,
+            lr=1e-2,
+            seq_len=SEQ,
+            batch_size=2,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):

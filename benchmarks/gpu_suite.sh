@@ -9,13 +9,18 @@
 #      others: decode (M 1, 8, 32; forward, timed inside CUDA graphs so the timings are the
 #      kernels', not Python's launch overhead) and prefill/training (M 512..8192, fwd, fwd+bwd),
 #      Llama-2-7B and SmolLM2 widths, +-norm
-#   3. end to end on a Llama-2-7B-shaped model with random weights, bf16 (no hub needed):
+#   3. the multi-slice op (shared_lora_linear_stacked, SmolLM2's qkv and gate_up stacks) vs one
+#      call per part vs dense, M 1, 8, 32 timed inside CUDA graphs (so the op must capture) and 512
+#   4. end to end on a Llama-2-7B-shaped model with random weights, bf16 (no hub needed):
 #      dense vs drop vs ours vs the same weights unfused, blocks 21..30 pruned (0.3), rank 256,
 #      each sharing the nearest kept block (block 20: the base choice changes no shape, so no
 #      timing, and skips the SVD search)
-#   4. ratio-vs-M plots of the grid
+#   5. one decode step (1 token per sequence after 512, static KV cache) of that pruned model vs
+#      the dense one, each captured whole in a CUDA graph and replayed (a model whose capture
+#      fails is timed eagerly and says so in the log and the CSV's "step" column)
+#   6. ratio-vs-M plots of the grid
 # Everything lands in OUTDIR: build.log, parity_*.log/.xml, kernels_<gpu>.csv/.md/*.png,
-# model_<gpu>.csv/.md, *.log, and summary.txt (one line per step with its exit status and seconds).
+# stacked_<gpu>.csv, model_<gpu>.csv/.md, decode_graph_<gpu>.csv, *.log, and summary.txt (one line per step with its exit status and seconds).
 # Budget: <= 8 minutes on one H200 including the build and Triton compilation (each step has its
 # own timeout; a step that fails or times out does not stop the others; kernel rows are appended
 # to the CSV as they are measured, so a timed-out grid keeps what it measured).
@@ -23,7 +28,7 @@
 # Environment: PYTHON (default: python3, with this checkout on PYTHONPATH);
 #   FLEXIGPT_SUITE_SMOKE=1 runs every step on the CPU at the smallest shapes (what
 #   tests/bench/test_bench_smoke.py does, so the script cannot rot without a GPU; the build step
-#   only checks that setup.py parses there).
+#   only checks that setup.py parses there, and the decode step runs eagerly: no capture on a CPU).
 set -uo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -50,7 +55,9 @@ if [[ ${FLEXIGPT_SUITE_SMOKE:-0} == 1 ]]; then
     DECODE=("${SMOKE_SHAPE[@]}" --modes fwd --variants linear,norm+res)
     PREFILL=("${SMOKE_SHAPE[@]}" --modes fwd,fwd+bwd --variants linear)
     MODEL=(--random tiny --seq-len 16 --new-tokens 4 --rounds 1 --batches 1,2 --bases nearest --threads 1)
-    T_BUILD=60 T_PARITY=120 T_FP32=120 T_DECODE=120 T_PREFILL=120 T_MODEL=120 T_PLOT=60
+    STACKED=(--m 1,2 --budget 0.01 --threads 1)
+    GRAPH=(--random tiny --prompt-len 16 --budget 0.05 --threads 1)
+    T_BUILD=60 T_PARITY=120 T_FP32=120 T_DECODE=120 T_PREFILL=120 T_MODEL=120 T_PLOT=60 T_STACKED=120 T_GRAPH=120
 else
     DEVICE=cuda
     ARCH=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "9.0")
@@ -59,8 +66,10 @@ else
     DECODE=(--m 1,8,32 --modes fwd --cuda-graphs --rep-ms 50 --warmup-ms 10)
     PREFILL=(--m 512,4096 --modes fwd,fwd+bwd --rep-ms 50 --warmup-ms 10)
     MODEL=(--random llama2-7b --rank 256 --blocks 21,22,23,24,25,26,27,28,29,30 --bases nearest)
-    # 90 + 100 + 50 + 2 x (30 + 45) + 60 + 10 = 460 s of step budgets
-    T_BUILD=90 T_PARITY=100 T_FP32=50 T_DECODE=30 T_PREFILL=45 T_MODEL=60 T_PLOT=10
+    STACKED=(--m 1,8,32,512 --cuda-graphs --rep-ms 50 --warmup-ms 10)
+    GRAPH=(--random llama2-7b --rank 256 --blocks 21,22,23,24,25,26,27,28,29,30 --prompt-len 512)
+    # 80 + 90 + 45 + 2 x (25 + 40) + 20 + 55 + 45 + 10 = 475 s of step budgets
+    T_BUILD=80 T_PARITY=90 T_FP32=45 T_DECODE=25 T_PREFILL=40 T_STACKED=20 T_MODEL=55 T_GRAPH=45 T_PLOT=10
 fi
 junit() { [[ $DEVICE == cuda ]] && echo "--junitxml=$OUT/$1.xml"; }
 
@@ -101,12 +110,16 @@ for family in smollm2 llama2-7b; do
     models=(--models "$family")
     [[ $DEVICE == cpu ]] && models=()  # the smoke shape replaces the grid
     step "kernels_decode_$family"  "$T_DECODE"  "$PY" -m flexigpt_kernels.cli bench kernels --device "$DEVICE" \
-        --out "$OUT" --no-plot "${models[@]}" "${DECODE[@]}"
+        --out "$OUT" --no-plot --no-stacked "${models[@]}" "${DECODE[@]}"
     step "kernels_prefill_$family" "$T_PREFILL" "$PY" -m flexigpt_kernels.cli bench kernels --device "$DEVICE" \
-        --out "$OUT" --no-plot "${models[@]}" "${PREFILL[@]}"
+        --out "$OUT" --no-plot --no-stacked "${models[@]}" "${PREFILL[@]}"
     [[ $DEVICE == cpu ]] && break  # one family is enough for the smoke run
 done
+step stacked  "$T_STACKED" "$PY" -m flexigpt_kernels.bench.suite_steps stacked --device "$DEVICE" --out "$OUT" \
+    "${STACKED[@]}"
 step model    "$T_MODEL"   "$PY" -m flexigpt_kernels.cli bench model --device "$DEVICE" --out "$OUT" "${MODEL[@]}"
+step decode_graph "$T_GRAPH" "$PY" -m flexigpt_kernels.bench.suite_steps decode-graph --device "$DEVICE" \
+    --out "$OUT" "${GRAPH[@]}"
 shopt -s nullglob
 csvs=("$OUT"/kernels_*.csv)
 if (( ${#csvs[@]} )); then

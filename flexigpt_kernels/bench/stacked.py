@@ -74,8 +74,16 @@ def run_stacked(
     ms: Sequence[int] = (1, 512),
     budget_s: float = 0.5,
     backend: str | None = None,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    cuda_graphs: bool = False,
 ) -> list[dict]:
-    """Time the providers side by side for every (stack, M); returns the rows."""
+    """Time the providers side by side for every (stack, M); returns the rows.
+
+    CUDA: triton.testing.do_bench (`warmup_ms`, `rep_ms`); with cuda_graphs=True the rows with
+    M <= 32 (decode) are timed inside CUDA graphs (do_bench_cudagraph), which also shows that
+    the op captures: a capture failure is printed and that row is timed eagerly (its "timer"
+    column says which). CPU: interleaved rounds within about `budget_s` seconds per group."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     backend = backend or ("triton" if device.type == "cuda" else "cpp")
     meta = run_metadata(device)
@@ -91,7 +99,10 @@ def run_stacked(
             if err > (2e-3 if dtype == torch.float32 else 6e-2) * max(1.0, want.abs().max().item()):
                 raise AssertionError(f"stacked-op differs from per-part-op by {err:.3e} ({layer}, M={m})")
             if device.type == "cuda":
-                timings = {p: time_cuda(fn, warmup_ms=25, rep_ms=100) for p, fn in fns.items()}
+                graph = cuda_graphs and m <= 32
+                timings = {
+                    p: time_cuda(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cuda_graph=graph) for p, fn in fns.items()
+                }
             else:
                 timings = time_cpu_interleaved(fns, budget_s)
             for p, t in timings.items():

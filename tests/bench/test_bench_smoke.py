@@ -208,10 +208,14 @@ def test_gpu_suite_runs_in_cpu_smoke_mode(tmp_path):
         "parity_fp32",
         "kernels_decode_smollm2",
         "kernels_prefill_smollm2",
+        "stacked",
         "model",
+        "decode_graph",
         "plot",
     ]
-    assert list(tmp_path.glob("kernels_*.csv")) and list(tmp_path.glob("model_*.csv"))
+    for csv_name in ("kernels", "stacked", "model", "decode_graph"):
+        assert list(tmp_path.glob(f"{csv_name}_*.csv")), csv_name
+    assert "no CUDA graph capture on the CPU" in (tmp_path / "decode_graph.log").read_text()
     assert list(tmp_path.glob("*.png"))
     for group in ("parity_kernels", "parity_fp32"):  # -m gpu selects the GPU tests
         assert "tests collected" in (tmp_path / f"{group}.log").read_text()

@@ -21,109 +21,32 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..eval.perplexity import perplexity
-from ..nn import OutputNorm
 from ..presets import RECIPE
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, save_checkpoint
 from .data import TrainBlocks, load_blocks
 from .distill import Distiller, normalize_distill
-from .params import count_parameters, normalize_trainable, select_trainable
+from .heal_report import (
+    HealReport,
+    _evaluate,
+    _param_groups,
+    _positive,
+    _seed_everything,
+    _trainable_label,
+    lm_loss,
+)
+from .heal_state import _check_checkpointing, _restore, _state
+from .params import count_parameters, select_trainable
 from .runtime import make_runtime
 from .schedule import WarmupCosine, warmup_steps
-from .sharded_state import has_shards, load_shards, save_shards
+from .sharded_state import save_shards
 
 __all__ = ["HealReport", "heal", "lm_loss"]
-
-
-@dataclass
-class HealReport:
-    """What heal() did. losses[s] is the loss of optimizer step s (mean over the global batch,
-    before that step's update); eval_perplexities holds (step, held-out perplexity) pairs,
-    step 0 = before training. Histories cover the whole run, resumed parts included; seconds,
-    train_seconds and tokens_per_second cover this call only."""
-
-    steps: int
-    tokens_seen: int
-    tokens_per_step: int
-    trainable_params: int
-    trainable: str
-    lr: float
-    world_size: int
-    losses: list[float] = field(default_factory=list)
-    lrs: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
-    loss_terms: dict[str, list[float]] = field(default_factory=dict)
-    eval_perplexities: list[tuple[int, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    train_seconds: float = 0.0
-    resumed_from: int | None = None
-    checkpoints: list[str] = field(default_factory=list)
-
-    @property
-    def ppl_init(self) -> float | None:
-        return next((p for s, p in self.eval_perplexities if s == 0), None)
-
-    @property
-    def ppl_final(self) -> float | None:
-        return self.eval_perplexities[-1][1] if self.eval_perplexities else None
-
-    @property
-    def tokens_per_second(self) -> float:
-        steps_here = self.steps - (self.resumed_from or 0)
-        return steps_here * self.tokens_per_step / self.train_seconds if self.train_seconds else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.update(ppl_init=self.ppl_init, ppl_final=self.ppl_final, tokens_per_second=self.tokens_per_second)
-        return d
-
-
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of logits [B, S, V] on input_ids [B, S] (positions 2..S)."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
-
-
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def _param_groups(model: nn.Module, named, *, lr: float, weight_decay: float, gamma_lr: float | None):
-    gamma_ids = {id(m.weight) for m in model.modules() if isinstance(m, OutputNorm)}
-    groups: dict[tuple, list] = {}
-    for _, p in named:
-        is_gamma = id(p) in gamma_ids
-        g_lr = gamma_lr if (is_gamma and gamma_lr is not None) else lr
-        wd = weight_decay if p.dim() >= 2 else 0.0  # no decay on gamma, biases, norms
-        groups.setdefault((g_lr, wd), []).append(p)
-    return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
-
-
-def _trainable_label(trainable) -> str:
-    sel = normalize_trainable(trainable)
-    return getattr(sel, "__name__", "callable") if callable(sel) else "+".join(sel)
 
 
 def heal(
@@ -370,117 +293,3 @@ def heal(
             distiller.close()
     report.seconds = time.perf_counter() - t_call
     return report
-
-
-@torch.no_grad()
-def _evaluate(wrapped, unwrapped, eval_tokens: torch.Tensor, runtime, batch_size: int) -> float:
-    """Held-out perplexity (eval.perplexity's definition), chunks sharded over processes.
-    Under FSDP every process evaluates every chunk through the wrapped model (the forward
-    gathers parameters collectively, so all processes must run the same batches)."""
-    if runtime.is_fsdp:
-        return perplexity(
-            wrapped,
-            None,
-            eval_tokens,
-            seq_len=eval_tokens.shape[1],
-            num_chunks=None,
-            batch_size=batch_size,
-            progress=False,
-        )
-    shard = eval_tokens[runtime.rank :: runtime.world_size]
-    per_chunk = eval_tokens.shape[1] - 1
-    nll = 0.0
-    if shard.shape[0]:
-        ppl = perplexity(
-            unwrapped, None, shard, seq_len=shard.shape[1], num_chunks=None, batch_size=batch_size, progress=False
-        )
-        nll = math.log(ppl) * shard.shape[0] * per_chunk
-    sums = runtime.reduce_sum(torch.tensor([nll, shard.shape[0] * per_chunk], dtype=torch.float64))
-    return math.exp(sums[0].item() / sums[1].item())
-
-
-def _check_checkpointing(runtime) -> None:
-    if runtime.is_fsdp and not runtime.is_fsdp2:
-        raise ValueError(
-            "heal(): checkpoints under FSDP1 (one unit) are not supported; use FSDP2 "
-            "(fsdp_version: 2 in the accelerate config, or heal(fsdp=True)) or DDP"
-        )
-
-
-def _state(unwrapped, optimizer, scheduler, runtime, report: HealReport, settings: dict, step: int) -> dict:
-    # under FSDP2 the trainable tensors and optimizer state are sharded: .sharded_state writes them
-    tensors = (
-        {}
-        if runtime.is_fsdp2
-        else {
-            "params": {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(),
-        }
-    )
-    return {
-        "step": step,
-        "settings": settings,
-        **tensors,
-        "scheduler": scheduler.state_dict(),
-        "scaler": runtime.scaler_state(),
-        "history": {
-            "losses": list(report.losses),
-            "lrs": list(report.lrs),
-            "grad_norms": list(report.grad_norms),
-            "loss_terms": {k: list(v) for k, v in report.loss_terms.items()},
-            "eval_perplexities": list(report.eval_perplexities),
-            "tokens_seen": report.tokens_seen,
-        },
-    }
-
-
-def _check_saved_shapes(path, saved: dict, params: dict) -> None:
-    """ValueError unless every saved tensor has its parameter's shape (the names already match:
-    they are the `trainable` setting). A checkpoint of another starting model, e.g. another
-    adapter rank, would otherwise fail deep in copy_."""
-    wrong = [
-        f"{n} {tuple(v.shape)} vs {tuple(params[n].shape)}"
-        for n, v in saved.items()
-        if n in params and v.shape != params[n].shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"resume: {path} holds tensors of other shapes than this model's ({'; '.join(wrong[:3])}); "
-            "resume from the same starting model"
-        )
-
-
-def _restore(path, runtime, unwrapped, optimizer, scheduler, report: HealReport, settings: dict) -> int:
-    state, rng = load_checkpoint(path, runtime.rank)
-    saved = state["settings"]
-    for key in ("total_steps", "global_batch", "seq_len", "data", "trainable", "shuffle", "seed"):
-        if saved.get(key) != settings[key]:
-            raise ValueError(
-                f"resume: the checkpoint {path} was made with {key}={saved.get(key)!r}, this run "
-                f"has {settings[key]!r}; resume with the same settings and data"
-            )
-    if has_shards(path):  # written under FSDP2: dcp reshards to this run (any world size, or one process)
-        load_shards(path, unwrapped, optimizer)
-    elif runtime.is_fsdp2:
-        raise ValueError(
-            f"resume: {path} was written without FSDP2 (whole tensors, not shards); resume it "
-            "without fsdp, or start the FSDP2 run from step 0"
-        )
-    else:
-        params = dict(unwrapped.named_parameters())
-        _check_saved_shapes(path, state["params"], params)
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                params[name].copy_(value.to(params[name].device))
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    runtime.load_scaler_state(state["scaler"])
-    if rng is not None:
-        set_rng_state(rng)
-    h = state["history"]
-    report.losses, report.lrs, report.grad_norms = list(h["losses"]), list(h["lrs"]), list(h["grad_norms"])
-    report.loss_terms = {k: list(v) for k, v in h["loss_terms"].items()}
-    report.eval_perplexities = [tuple(x) for x in h["eval_perplexities"]]
-    report.tokens_seen = h["tokens_seen"]
-    report.resumed_from = state["step"]
-    return int(state["step"])

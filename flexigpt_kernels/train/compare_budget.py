@@ -1,0 +1,202 @@
+"""The recipe and budget arithmetic of the recovery comparison (train/compare.py): the methods,
+this package's FlexiGPT recipe, the LoRA rank matching a trainable-parameter budget, the blocks
+ShortGPT drops at equal memory, and the "flexigpt" method's setup (prune at the recipe's adapter
+rank, LoRA on the kept blocks with the rest of the budget)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..convert.local_fit import LocalFit
+from ..convert.prune import prune, stored_parameters
+from .lora import lora_parameter_count, merge_lora
+from .params import count_parameters, select_trainable
+
+METHODS = ("flexigpt", "flexigpt_paper", "shortgpt_lora", "shortgpt_lora_eqmem")
+
+
+@dataclass(frozen=True)
+class FlexiGPTRecipe:
+    """This package's FlexiGPT recovery recipe (docs/method.md 8), the "flexigpt" method of the comparison.
+
+    local_fit: the block-local initialisation, a LocalFit (default: activation-aware adapters,
+        closed-form gamma, 40 fit steps per block; see convert/local_fit.py), or None for the
+        paper's initialisation (SVD adapters, gamma 1e-2; no tokens).
+    fit_samples: calibration sequences the fit records; their tokens count toward the budget.
+    adapter_share: the fraction of the trainable-parameter budget given to the replacement
+        blocks' adapters (their rank is scaled by it); the rest goes to LoRA on every kept block.
+        1.0 trains the adapters only (the paper's trainable set).
+    gamma_lr: the output-norm gammas' learning rate while healing (None: the run's lr).
+    """
+
+    local_fit: LocalFit | None = field(default_factory=LocalFit)
+    fit_samples: int = 16
+    adapter_share: float = 0.5
+    gamma_lr: float | None = None
+
+    def __post_init__(self):
+        if not 0.0 < self.adapter_share <= 1.0:
+            raise ValueError(f"adapter_share must be in (0, 1], got {self.adapter_share}")
+        if self.fit_samples < 2:
+            raise ValueError(f"fit_samples must be >= 2 (one is held out of the fit), got {self.fit_samples}")
+
+    def describe(self, adapter_rank: int, lora_rank: int | None) -> str:
+        lf = self.local_fit
+        fit = (
+            "paper init (SVD adapters, gamma 1e-2)"
+            if lf is None
+            else f"{lf.adapter_init} adapters, gamma {lf.gamma or 'fixed'}, fit {lf.steps} steps/block on "
+            f"{self.fit_samples} seq"
+        )
+        lora = f" + LoRA rank {lora_rank} on kept blocks" if lora_rank else ""
+        glr = f"; gamma lr {self.gamma_lr:g}" if self.gamma_lr is not None else ""
+        return f"{fit}; adapters rank {adapter_rank}{lora}{glr}"
+
+
+def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:
+    """(rank, parameter count) of LoRA on the kept blocks of `model` closest to `target_params`.
+    Raises ValueError when even the closest rank is off by more than `tolerance` (relative)."""
+    per_rank = lora_parameter_count(model, 1)
+    if per_rank == 0:
+        raise ValueError("the model has no kept block to put LoRA on")
+    best = None
+    for r in {max(1, target_params // per_rank), max(1, target_params // per_rank + 1)}:
+        n = lora_parameter_count(model, min(r, max_rank))
+        if best is None or abs(n - target_params) < abs(best[1] - target_params):
+            best = (r, n)
+    rank, n = best
+    if abs(n - target_params) > tolerance * target_params:
+        raise ValueError(
+            f"no LoRA rank matches {target_params:,} trainable parameters within {tolerance:.0%}: "
+            f"rank {rank} gives {n:,}"
+        )
+    return rank, n
+
+
+@dataclass
+class _Setup:
+    model: torch.nn.Module
+    trainable: object
+    lora_rank: int | None
+    options: str
+    fit_tokens: int = 0
+    prep_s: float = 0.0
+    params: int = 0
+    ppl_init: float | None = None
+    blocks: int = 0
+    stored: int = 0
+    gamma_lr: float | None = None
+
+
+def _recipe_setup(
+    model,
+    recipe: FlexiGPTRecipe,
+    blocks,
+    paper_rank: int,
+    target: int,
+    tolerance: float,
+    *,
+    train_texts,
+    tokenizer,
+    seq_len: int,
+    calib_samples: int,
+    progress: bool,
+) -> _Setup:
+    """The "flexigpt" method: prune the same blocks at the recipe's adapter rank with the
+    block-local fit, then size LoRA on the kept blocks so the total matches `target`."""
+    adapter_rank = max(1, round(paper_rank * recipe.adapter_share))
+    fit = None if recipe.local_fit is None else dataclasses.replace(recipe.local_fit, num_samples=recipe.fit_samples)
+    t = time.perf_counter()
+    flex, rep = prune(
+        copy.deepcopy(model),
+        train_texts,
+        tokenizer=tokenizer,
+        blocks=blocks,
+        rank=adapter_rank,
+        seq_len=seq_len,
+        num_samples=calib_samples,
+        local_fit=fit,
+        progress=progress,
+    )
+    prep_s = time.perf_counter() - t
+    adapters = count_parameters(select_trainable(copy.deepcopy(flex), "adapters"))
+    lora_rank, lora_n = None, 0
+    if recipe.adapter_share < 1.0 and target - adapters > 0:
+        lora_rank, lora_n = matching_lora_rank(flex, target - adapters, tolerance=float("inf"))
+    total = adapters + lora_n
+    if abs(total - target) > tolerance * target:
+        raise ValueError(
+            f"recipe adapter_share={recipe.adapter_share}: {total:,} trainable parameters "
+            f"(adapters rank {adapter_rank} {adapters:,} + LoRA {lora_n:,}) are not within "
+            f"{tolerance:.0%} of the budget {target:,}"
+        )
+    trainable = ("adapters", "lora_kept") if lora_rank else "adapters"
+    fit_tokens = int((rep.local_fit or {}).get("fit_tokens", 0))
+    return _Setup(
+        flex,
+        trainable,
+        lora_rank,
+        recipe.describe(adapter_rank, lora_rank),
+        fit_tokens=fit_tokens,
+        prep_s=prep_s,
+        params=total,
+        blocks=len(blocks),
+        stored=_merged_stored(flex, trainable, lora_rank),
+        gamma_lr=recipe.gamma_lr,
+    )
+
+
+def _merged_stored(model, trainable, lora_rank) -> int:
+    """Stored parameters of `model` once healed and saved: LoRA on the kept blocks merged into
+    their weights, where a replacement block shares such a weight its adapter grows by the LoRA
+    rank to stay exact (train.merge_lora). The values do not matter, only the shapes."""
+    if not lora_rank:
+        return stored_parameters(model)
+    m = copy.deepcopy(model)
+    select_trainable(m, trainable, lora_rank=lora_rank)
+    merge_lora(m)
+    return stored_parameters(m)
+
+
+def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
+    return dict(
+        local_fit=None if recipe.local_fit is None else recipe.local_fit.to_dict(),
+        fit_samples=recipe.fit_samples,
+        adapter_share=recipe.adapter_share,
+        gamma_lr=recipe.gamma_lr,
+    )
+
+
+def equal_memory_blocks(model, blocks: Sequence[int], scores: Sequence[float] | None, stored: int) -> list[int]:
+    """The blocks ShortGPT drops to store at least `stored` parameters: the k' lowest-scoring of
+    `blocks` (Block Influence `scores`; None keeps the given order), k' the largest count whose
+    dropped `model` still stores >= `stored` (each block's own parameters leave with it).
+    ValueError when even dropping one block stores less."""
+    layers = _layers(model)
+    order = sorted(blocks, key=lambda b: (scores[b], b)) if scores is not None else list(blocks)
+    total = stored_parameters(model)
+    k = 0
+    for b in order:
+        after = total - sum(p.numel() for p in layers[b].parameters())
+        if after < stored:
+            break
+        total, k = after, k + 1
+    if k == 0:
+        raise ValueError(f"no ShortGPT model stores at least {stored:,} parameters: dropping one block leaves less")
+    return sorted(order[:k])
+
+
+def _layers(model):
+    from ..convert.families import decoder_layers
+
+    return list(decoder_layers(model))
+
+
+def _kept(model):
+    return [b for b in _layers(model) if not hasattr(b, "flexigpt_base")]

@@ -3,56 +3,20 @@ batch reach the same losses and parameters as one process."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from flexigpt_kernels.train import heal
 
-from .helpers import SEQ, tiny_pruned, token_data
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .helpers import ROOT, SEQ, tiny_pruned, token_data, torchrun
 
 
 def test_two_processes_match_one_process(tmp_path):
     pytest.importorskip("accelerate")
     out = tmp_path / "ddp.pt"
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
     # `accelerate launch --cpu` starts a single process unless MPI is set up; torchrun starts
     # two, and Accelerator(cpu=True) in each joins them with gloo (DistributedType.MULTI_CPU)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--nnodes",
-        "1",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "tests/train/ddp_worker.py"),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(str(ROOT / "tests/train/ddp_worker.py"), str(out), timeout=180)
     ddp = torch.load(out, weights_only=False)
     assert ddp["world_size"] == 2
 

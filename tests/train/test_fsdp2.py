@@ -4,9 +4,6 @@ the same result on 2 processes and on 1 (another world size)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +14,8 @@ from flexigpt_kernels.io import save_pretrained
 from flexigpt_kernels.train import heal
 from flexigpt_kernels.train.shard import sharing_groups
 
-from .helpers import SEQ, tiny_pruned, token_data
-from .test_distributed import free_port
+from .helpers import ROOT, SEQ, tiny_pruned, token_data, torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
 KWARGS = dict(
     steps=4,
     lr=1e-2,
@@ -34,31 +29,8 @@ KWARGS = dict(
 )
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--nnodes",
-        "1",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "tests/train/fsdp2_worker.py"),
-        *args,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def run_worker(*args: str):
+    return torchrun(str(ROOT / "tests/train/fsdp2_worker.py"), *args)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +60,7 @@ def test_sharing_groups_follow_the_base_map():
 def test_two_fsdp2_processes_match_one_process(tmp_path, one_process):
     model, one = one_process
     out = str(tmp_path / "fsdp2.pt")
-    torchrun(out, "full")
+    run_worker(out, "full")
     got = torch.load(out, weights_only=True)
     assert got["world_size"] == 2 and got["tokens"] == one.tokens_seen
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
@@ -117,12 +89,12 @@ def test_two_fsdp2_processes_match_one_process(tmp_path, one_process):
 def test_killed_fsdp2_run_resumes_on_two_processes_and_on_one(tmp_path, one_process):
     model, one = one_process
     ckdir = str(tmp_path / "ck")
-    torchrun(str(tmp_path / "unused.pt"), "kill", ckdir)
+    run_worker(str(tmp_path / "unused.pt"), "kill", ckdir)
     assert sorted(p.name for p in Path(ckdir).iterdir()) == ["step-00000002"]
     assert (Path(ckdir) / "step-00000002" / "dcp").is_dir()
 
     out = str(tmp_path / "resumed.pt")
-    torchrun(out, "resume", ckdir)
+    run_worker(out, "resume", ckdir)
     got = torch.load(out, weights_only=True)
     assert got["resumed_from"] == 2
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
@@ -171,35 +143,7 @@ def test_heal_cli_with_fsdp_under_torchrun_saves_what_one_process_saves(tmp_path
         "2",
         "--json",
     ]  # default trainable set: adapters + LoRA on kept blocks (merged)
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--nnodes",
-        "1",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "flexigpt_kernels.cli",
-        *common,
-        "--batch-size",
-        "1",
-        "--out",
-        str(tmp_path / "sharded"),
-        "--fsdp",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun("-m", "flexigpt_kernels.cli", *common, "--batch-size", "1", "--out", str(tmp_path / "sharded"), "--fsdp")
     assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "single")]) == 0
     sharded, single = (load_file(tmp_path / d / "model.safetensors") for d in ("sharded", "single"))
     assert sharded.keys() == single.keys()

@@ -32,8 +32,8 @@ def _operands(magnitude: float, dtype: torch.dtype, m: int = 3, k: int = 16, n: 
 
 
 def _fp64_op(x, weight, lora_a, lora_b, scale, bias, norm_weight):
-    """The op in fp64 through torch's LayerNorm (shared_lora_linear_reference computes in fp32,
-    whose autograd through var_mean underflows rstd^3 at 1e19)."""
+    """The op in fp64 through torch's LayerNorm: an independent check of the reference spec (whose
+    fp32 autograd through var_mean would underflow rstd^3 at 1e19)."""
     y = x @ weight.t() + bias + scale * (x @ lora_a.t()) @ lora_b.t()
     return torch.nn.functional.layer_norm(y, (y.shape[-1],), norm_weight, None, 1e-5)
 
@@ -69,6 +69,14 @@ def _check(backend, magnitude, dtype, tol):
 )
 def test_fp32_norm_at_huge_and_tiny_outputs_matches_fp64(backend, magnitude):
     _check(backend, magnitude, torch.float32, 1e-4)
+
+
+@pytest.mark.parametrize("magnitude", [1e36, 1e-30])
+def test_fp64_reference_backend_keeps_fp64_at_1e36(magnitude):
+    """fp64 inputs are computed in fp64 by the reference (not squeezed through fp32, where var
+    overflows at 1e36 and the output collapses to zeros): forward and every gradient match torch's
+    fp64 LayerNorm, the gradients to the fp32 precision of the saved row statistics."""
+    _check("reference", magnitude, torch.float64, 1e-6)
 
 
 @pytest.mark.parametrize("magnitude", [3e3, 1e-3])

@@ -67,7 +67,7 @@ def register_command(name: str, module: str, help: str) -> None:
 
 register_command(
     "demo",
-    "flexigpt_kernels.demo",
+    "flexigpt_kernels.commands.demo",
     "run the main job (prune) on the embedded default model and check the result (see README)",
 )
 register_command(

@@ -1,5 +1,5 @@
 """The arguments and the run of a pruning job from the command line, shared by `flexigpt prune`
-and `flexigpt demo` (flexigpt_kernels/demo.py). Not a command itself."""
+and `flexigpt demo` (flexigpt_kernels/commands/demo.py). Not a command itself."""
 
 from __future__ import annotations
 

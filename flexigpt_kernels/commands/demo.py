@@ -13,7 +13,7 @@ import argparse
 import tempfile
 import time
 
-from .commands import _pruning as prune_command
+from . import _pruning as prune_command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _op_check() -> str:
     import torch
 
-    from .ops import shared_lora_linear, shared_lora_linear_reference, use_backend
+    from ..ops import shared_lora_linear, shared_lora_linear_reference, use_backend
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 128, 576, generator=g)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 def _reload_check(directory: str) -> str:
     import torch
 
-    from .io import from_pretrained, load_tokenizer
+    from ..io import from_pretrained, load_tokenizer
 
     model = from_pretrained(directory)
     tok = load_tokenizer(directory)

@@ -1,0 +1,60 @@
+"""Run by test_accelerate_fsdp2.py under `accelerate launch --config_file
+python/accelerate_fsdp2.yaml` with 2 CPU processes: heal(accelerator=Accelerator()) on a tiny
+pruned model. Process 0 writes what accelerate set up, the FSDP2 units heal() made, the losses,
+eval perplexities and trained tensors to OUT.
+
+    accelerate_worker.py OUT
+"""
+
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import FullyShardedDataParallelPlugin  # noqa: E402
+
+from flexigpt_kernels.train import heal  # noqa: E402
+from flexigpt_kernels.train.shard import full_state_dict, fsdp_units, sharing_groups  # noqa: E402
+from tests.train.helpers import SEQ, tiny_pruned, token_data  # noqa: E402
+
+accelerator = Accelerator()
+model = tiny_pruned(blocks=(1, 3))
+groups = sharing_groups(model)
+report = heal(
+    model,
+    token_data(64),
+    accelerator=accelerator,
+    steps=4,
+    lr=1e-2,
+    seq_len=SEQ,
+    batch_size=1,
+    grad_accum=2,
+    eval_data=token_data(5, seed=2),
+    eval_chunks=5,
+    progress=False,
+    trainable="adapters",
+)
+units = fsdp_units(model)  # collective
+full = full_state_dict(model)  # collective
+trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+plugin = FullyShardedDataParallelPlugin()  # the launch config, as accelerate reads it
+if accelerator.is_main_process:
+    torch.save(
+        {
+            "distributed_type": str(accelerator.distributed_type),
+            "backend": torch.distributed.get_backend(),
+            "fsdp_version": plugin.fsdp_version,
+            "reshard_after_forward": plugin.reshard_after_forward,
+            "groups": groups,
+            "units": units,
+            "losses": report.losses,
+            "eval": report.eval_perplexities,
+            "world_size": report.world_size,
+            "tokens": report.tokens_seen,
+            "params": {n: t for n, t in full.items() if n in trainable},
+        },
+        sys.argv[1],
+    )
+accelerator.wait_for_everyone()

@@ -1,0 +1,78 @@
+"""heal() through `accelerate launch --config_file python/accelerate_fsdp2.yaml` on 2 CPU
+processes. accelerate (1.15) enables FSDP only on an accelerator device: without one its
+processes run alone (refused by heal() with the remedy); with ACCELERATE_USE_CPU=true they join
+over gloo and heal() shards by sharing group with the config's FSDP2 settings. The run equals
+the one-process run (losses, eval perplexities, adapters, and the CLI's saved checkpoint)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexigpt_kernels.io import save_pretrained
+from flexigpt_kernels.train import heal
+
+from .helpers import ROOT, accelerate_launch, byte_tokenizer, tiny_pruned, token_data
+from .test_fsdp2 import KWARGS, assert_same_params
+
+CONFIG = str(ROOT / "python/accelerate_fsdp2.yaml")
+ON_CPU = {"ACCELERATE_USE_CPU": "true"}
+WORKER = str(ROOT / "tests/train/accelerate_worker.py")
+
+
+def test_accelerate_fsdp2_config_on_two_cpu_processes_matches_one_process(tmp_path):
+    out = tmp_path / "acc.pt"
+    accelerate_launch(CONFIG, WORKER, str(out), env=ON_CPU)
+    got = torch.load(out, weights_only=True)
+    # what accelerate made of the shipped config on CPUs: gloo processes, FSDP2 settings read
+    assert got["distributed_type"] == "DistributedType.MULTI_CPU" and got["backend"] == "gloo"
+    assert got["fsdp_version"] == 2 and got["reshard_after_forward"] is True
+    # heal() wrapped by sharing group: the groups are units, every other block its own
+    assert got["groups"] == [[1, 2, 3]]
+    assert sorted(got["units"]) == [[0], [1, 2, 3]]
+
+    model = tiny_pruned(blocks=(1, 3))
+    one = heal(model, token_data(64), **KWARGS)
+    assert got["world_size"] == 2 and got["tokens"] == one.tokens_seen
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([p for _, p in got["eval"]]),
+        torch.tensor([p for _, p in one.eval_perplexities]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert_same_params(got["params"], model)
+
+
+def test_accelerate_fsdp_config_without_cpu_flag_is_refused_not_run_twice(tmp_path):
+    proc = accelerate_launch(CONFIG, WORKER, str(tmp_path / "never.pt"), check=False)
+    assert proc.returncode != 0
+    assert "accelerate was asked for FSDP but runs NO on 1 of 2 launched processes" in proc.stderr
+    assert "ACCELERATE_USE_CPU=true" in proc.stderr
+    assert not (tmp_path / "never.pt").exists()
+
+
+@pytest.fixture()
+def cli_inputs(tmp_path):
+    train = tmp_path / "train.txt"
+    train.write_text("the cat sat on the mat and the dog sat on the log\n" * 40)
+    src = tmp_path / "pruned"
+    save_pretrained(tiny_pruned(vocab=257), src, byte_tokenizer())
+    return ["heal", str(src), "--data", str(train), "--steps", "2", "--lr", "1e-2", "--seq-len", "32",
+            "--lora-rank", "2", "--json"]  # fmt: skip
+
+
+def test_accelerate_launch_heal_cli_saves_what_one_process_saves(tmp_path, cli_inputs):
+    from flexigpt_kernels.cli import main
+
+    accelerate_launch(
+        CONFIG, "-m", "flexigpt_kernels.cli", *cli_inputs, "--batch-size", "1", "--out", str(tmp_path / "acc"),
+        env=ON_CPU,
+    )  # fmt: skip
+    assert main([*cli_inputs, "--batch-size", "2", "--out", str(tmp_path / "single")]) == 0
+    sharded, single = (load_file(tmp_path / d / "model.safetensors") for d in ("acc", "single"))
+    assert sharded.keys() == single.keys()
+    # the same bound as the torchrun --fsdp CLI test (test_fsdp2.py): 2 x batch 1 vs 1 x batch 2
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")  # noqa: B023

@@ -17,12 +17,14 @@ members are; it then stays resident from its first member to its last (see
 gather when the gradient reaches the group's last member, freed after its first. Per
 micro-batch of a training step (``reshard_after_forward=True``):
 
-    gathers(block unit) = 2   1 in forward, 1 in backward (FSDP2 prefetches every unit in
-                              reverse order, also one that no gradient flows through)
-    gathers(root)       = 1   (kept gathered from forward to backward)
-    gathers(any unit)   = 1   per forward without backward (evaluation)
+    forward:   every unit once, however far apart a group's members are (the root included:
+               it stays gathered from its forward to the end of the backward)
+    backward:  once more every block unit a gradient flows through, and the unit whose
+               forward ended just before the first of those (FSDP2 prefetches it)
 
-however far apart a group's members are (:func:`count_all_gathers` counts them).
+so a unit of frozen blocks before the first trainable parameter is gathered once (if not the
+prefetched one), every other block unit twice, the root once; a forward without backward
+(evaluation) gathers every unit once (:func:`count_all_gathers` counts them).
 
 Mixed ``requires_grad`` inside a unit (frozen shared weights, trainable adapters and gammas) is
 supported by FSDP2 per parameter.
@@ -197,10 +199,11 @@ class MemoryTrace:
 
 
 @contextlib.contextmanager
-def parameter_memory_trace(model: nn.Module) -> Iterator[MemoryTrace]:
+def parameter_memory_trace(model: nn.Module, backward: bool = False) -> Iterator[MemoryTrace]:
     """Record the parameter bytes this process holds at the start and end of every decoder
-    block's forward (FSDP2 has gathered the running unit by then). The peak is the number a
-    user sizes a device by; compare it between wrapping plans on the same model."""
+    block's forward, and with `backward` of its backward too (full backward hooks; a block no
+    gradient flows through has no backward). FSDP2 has gathered the running unit by then. The
+    peak is the number a user sizes a device by; compare it between wrapping plans."""
     trace = MemoryTrace()
 
     def sample():
@@ -210,6 +213,9 @@ def parameter_memory_trace(model: nn.Module) -> Iterator[MemoryTrace]:
     for layer in decoder_layers(model):
         handles.append(layer.register_forward_pre_hook(lambda *a: sample()))
         handles.append(layer.register_forward_hook(lambda *a: sample(), prepend=True))
+        if backward:
+            handles.append(layer.register_full_backward_pre_hook(lambda *a: sample()))
+            handles.append(layer.register_full_backward_hook(lambda *a: sample()))
     try:
         yield trace
     finally:

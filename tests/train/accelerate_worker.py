@@ -16,7 +16,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import FullyShardedDataParallelPlugin  # noqa: E402
 
 from flexigpt_kernels.train import heal  # noqa: E402
-from flexigpt_kernels.train.shard import full_state_dict, fsdp_units, sharing_groups  # noqa: E402
+from flexigpt_kernels.train.shard import fsdp_units, full_state_dict, sharing_groups  # noqa: E402
 from tests.train.helpers import SEQ, tiny_pruned, token_data  # noqa: E402
 
 accelerator = Accelerator()

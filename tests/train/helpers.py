@@ -53,6 +53,15 @@ def interleaved_groups_model():
     return model
 
 
+def frozen_prefix_model():
+    """6 tiny Llama blocks pruned at block 4 (seed 2): one sharing group {4, 5}, and blocks 0-3
+    (units of their own) run before the first trainable parameter."""
+    from flexigpt_kernels.convert.prune import prune
+
+    model, _ = prune(tiny_llama(2, layers=6), None, blocks=[4], rank=2, progress=False)
+    return model
+
+
 def token_data(n: int = 64, seed: int = 1) -> torch.Tensor:
     """Learnable token streams: a few repeated random patterns, so a few steps lower the loss."""
     g = torch.Generator().manual_seed(seed)

@@ -17,25 +17,14 @@ from accelerate.utils import FullyShardedDataParallelPlugin  # noqa: E402
 
 from flexigpt_kernels.train import heal  # noqa: E402
 from flexigpt_kernels.train.shard import fsdp_units, full_state_dict, sharing_groups  # noqa: E402
-from tests.train.helpers import SEQ, tiny_pruned, token_data  # noqa: E402
+from tests.train.helpers import tiny_pruned, token_data  # noqa: E402
+from tests.train.test_fsdp2 import KWARGS  # noqa: E402
 
 accelerator = Accelerator()
 model = tiny_pruned(blocks=(1, 3))
 groups = sharing_groups(model)
-report = heal(
-    model,
-    token_data(64),
-    accelerator=accelerator,
-    steps=4,
-    lr=1e-2,
-    seq_len=SEQ,
-    batch_size=1,
-    grad_accum=2,
-    eval_data=token_data(5, seed=2),
-    eval_chunks=5,
-    progress=False,
-    trainable="adapters",
-)
+# the one-process run's settings (test_fsdp2.KWARGS), half the batch on each of 2 processes
+report = heal(model, token_data(64), accelerator=accelerator, **{**KWARGS, "batch_size": KWARGS["batch_size"] // 2})
 units = fsdp_units(model)  # collective
 full = full_state_dict(model)  # collective
 trainable = {n for n, p in model.named_parameters() if p.requires_grad}

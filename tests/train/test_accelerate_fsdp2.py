@@ -14,7 +14,7 @@ from flexigpt_kernels.io import save_pretrained
 from flexigpt_kernels.train import heal
 
 from .helpers import ROOT, accelerate_launch, byte_tokenizer, tiny_pruned, token_data
-from .test_fsdp2 import KWARGS, assert_same_params
+from .test_fsdp2 import KWARGS, assert_matches_one_process
 
 CONFIG = str(ROOT / "python/accelerate_fsdp2.yaml")
 ON_CPU = {"ACCELERATE_USE_CPU": "true"}
@@ -33,16 +33,7 @@ def test_accelerate_fsdp2_config_on_two_cpu_processes_matches_one_process(tmp_pa
     assert sorted(got["units"]) == [[0], [1, 2, 3]]
 
     model = tiny_pruned(blocks=(1, 3))
-    one = heal(model, token_data(64), **KWARGS)
-    assert got["world_size"] == 2 and got["tokens"] == one.tokens_seen
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        torch.tensor([p for _, p in got["eval"]]),
-        torch.tensor([p for _, p in one.eval_perplexities]),
-        rtol=1e-5,
-        atol=1e-5,
-    )
-    assert_same_params(got["params"], model)
+    assert_matches_one_process(got, heal(model, token_data(64), **KWARGS), model)
 
 
 def test_accelerate_fsdp_config_without_cpu_flag_is_refused_not_run_twice(tmp_path):

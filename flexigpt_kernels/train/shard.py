@@ -225,10 +225,11 @@ def parameter_memory_trace(model: nn.Module, backward: bool = False) -> Iterator
 
 def fsdp_units(model: nn.Module) -> list[list[int]]:
     """The FSDP2 units that hold decoder blocks, as sorted block positions, read back from FSDP2
-    (collective): for each wrapped block, ``FSDPModule.unshard()`` gathers its unit, and the unit
-    is every block whose parameters are then whole. Blocks not wrapped on their own (a
-    whole-model unit) are left out; a model wrapped by :func:`shard` gives the sharing groups
-    plus one unit per other block."""
+    (collective; call it between steps): every unit is resharded, then for each wrapped block
+    ``FSDPModule.unshard()`` gathers its unit, and the unit is every block whose parameters are
+    then whole. Blocks not wrapped on their own (a whole-model unit) are left out; a model
+    wrapped by :func:`shard` gives the sharing groups plus one unit per other block. Every unit
+    is left resharded."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -238,6 +239,9 @@ def fsdp_units(model: nn.Module) -> list[list[int]]:
         params = list(layer.parameters())
         return bool(params) and not any(isinstance(p, DTensor) for p in params)
 
+    for module in [model, *layers]:  # a unit may still be gathered (reshard_after_forward=False)
+        if isinstance(module, FSDPModule):
+            module.reshard()
     units, seen = [], set()
     for i, layer in enumerate(layers):
         if i in seen or not isinstance(layer, FSDPModule):

@@ -6,6 +6,8 @@ the one-process run (losses, eval perplexities, adapters, and the CLI's saved ch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,16 +23,27 @@ ON_CPU = {"ACCELERATE_USE_CPU": "true"}
 WORKER = str(ROOT / "tests/train/accelerate_worker.py")
 
 
-def test_accelerate_fsdp2_config_on_two_cpu_processes_matches_one_process(tmp_path):
+@pytest.mark.parametrize("reshard", [True, False])
+def test_accelerate_fsdp2_config_on_two_cpu_processes_matches_one_process(tmp_path, reshard):
+    config = CONFIG
+    if not reshard:  # the shipped config with one setting changed, to see it reach shard()
+        text = (ROOT / "python/accelerate_fsdp2.yaml").read_text()
+        assert "fsdp_reshard_after_forward: true" in text
+        config = str(tmp_path / "no_reshard.yaml")
+        Path(config).write_text(text.replace("fsdp_reshard_after_forward: true", "fsdp_reshard_after_forward: false"))
     out = tmp_path / "acc.pt"
-    accelerate_launch(CONFIG, WORKER, str(out), env=ON_CPU)
+    accelerate_launch(config, WORKER, str(out), env=ON_CPU)
     got = torch.load(out, weights_only=True)
-    # what accelerate made of the shipped config on CPUs: gloo processes, FSDP2 settings read
+    # what accelerate made of the config on CPUs: gloo processes, FSDP2 settings read
     assert got["distributed_type"] == "DistributedType.MULTI_CPU" and got["backend"] == "gloo"
-    assert got["fsdp_version"] == 2 and got["reshard_after_forward"] is True
+    assert got["fsdp_version"] == 2 and got["reshard_after_forward"] is reshard
     # heal() wrapped by sharing group: the groups are units, every other block its own
     assert got["groups"] == [[1, 2, 3]]
     assert sorted(got["units"]) == [[0], [1, 2, 3]]
+    # ... with the config's resharding: a unit resharded after forward is gathered again for
+    # the backward (block 0 as FSDP2's prefetch), otherwise it stays gathered; the root once
+    again = 1 if reshard else 0
+    assert got["gathers"] == {"0": 1 + again, "1-2-3": 1 + again, "root": 1}
 
     model = tiny_pruned(blocks=(1, 3))
     assert_matches_one_process(got, heal(model, token_data(64), **KWARGS), model)

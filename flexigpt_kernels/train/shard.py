@@ -286,8 +286,9 @@ class _CountingAllGather:
 @contextlib.contextmanager
 def count_all_gathers(model: nn.Module) -> Iterator[GatherCount]:
     """Count the all-gathers of every FSDP2 unit of `model` (wrapped by :func:`shard`, or a
-    whole-model unit) while the context is open (collective on entry). Units are labelled by
-    their block positions ("1-21-24") and "root". On exit the units keep a pass-through
+    whole-model unit) while the context is open (collective on entry, which reshards every
+    unit: counting starts from rest). Units are labelled by their block positions ("1-21-24")
+    and "root". On exit the units keep a pass-through
     all-gather equivalent to FSDP2's default (a custom all-gather set before is replaced)."""
     from torch.distributed.fsdp import FSDPModule
 

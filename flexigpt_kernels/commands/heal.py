@@ -194,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
         accelerator=accelerator,
         fsdp=args.fsdp or None,
     )
-    if args.fsdp or (accelerator is not None and accelerator.is_fsdp2):
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):  # --fsdp, or accelerate with an FSDP2 config
         # the trained tensors are sharded DTensors: gather them into an unwrapped copy of the
         # same model (every process takes part) before merging LoRA and saving on process 0
         fresh = load_model(args.model, tokenizer=False).model

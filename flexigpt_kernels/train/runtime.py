@@ -15,6 +15,14 @@ Shared weights under wrapping:
   every replacement block that reads it), every other block its own unit. Each process holds
   a shard of every unit and gathers a unit only while one of its blocks runs. Checkpoints are
   sharded (torch.distributed.checkpoint) and resume at another world size (see .sharded_state).
+- accelerate on CPUs: accelerate (1.15) switches to FSDP only on an accelerator device (GPU,
+  XPU, NPU, ...). With an FSDP config on a machine without one, ``accelerate launch`` starts the
+  processes but each Accelerator runs alone (distributed_type NO, no process group): refused
+  here with the remedy. With ``ACCELERATE_USE_CPU=true`` accelerate joins them over gloo
+  (MULTI_CPU) and drops the FSDP plugin; when the launch config asks for FSDP2
+  (``fsdp_version: 2``), heal() then shards by sharing group itself over that process group,
+  with the config's settings (accelerate's FullyShardedDataParallelPlugin read from the
+  launcher's environment), instead of the DDP accelerate would apply.
 - FSDP1 (accelerate's default FSDP plugin): a SharedLoRALinear reads ``base.weight`` from the
   base *module* at forward time, and FSDP1 cannot group non-adjacent blocks into one unit, so
   only ``auto_wrap_policy="no_wrap"`` works (one unit, gathered whole: no memory saved);
@@ -25,6 +33,7 @@ Shared weights under wrapping:
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -100,17 +109,7 @@ class LocalRuntime:
 class AccelerateRuntime:
     def __init__(self, accelerator, mixed_precision: str = "no"):
         self.acc = accelerator
-        if accelerator.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"accelerator: gradient_accumulation_steps={accelerator.gradient_accumulation_steps}; heal() "
-                "accumulates itself: create the Accelerator with 1 and pass grad_accum= to heal()"
-            )
-        acc_mp = str(accelerator.mixed_precision)
-        if mixed_precision != "no" and mixed_precision != acc_mp:
-            raise ValueError(
-                f"mixed_precision={mixed_precision!r} but the accelerator uses {acc_mp!r}; set it on the Accelerator"
-            )
-        self.mixed_precision = acc_mp
+        self.mixed_precision = _check_accelerator_settings(accelerator, mixed_precision)
         self.device = accelerator.device
         self.world_size = accelerator.num_processes
         self.rank = accelerator.process_index
@@ -123,17 +122,10 @@ class AccelerateRuntime:
             return model
         # accelerate leaves a model that is already an FSDPModule as it is (and maps the
         # optimizer's parameters by name); wrap by sharing group with the plugin's settings
-        plugin = self.acc.state.fsdp_plugin
         mesh = getattr(self.acc, "torch_device_mesh", None)
         if mesh is not None and self.acc.parallelism_config is not None:
             mesh = mesh[tuple(self.acc.parallelism_config.fsdp_dim_names)]
-        return shard(
-            model,
-            mesh,
-            reshard_after_forward=plugin.reshard_after_forward,
-            mp_policy=plugin.mixed_precision_policy,
-            offload_policy=plugin.cpu_offload or None,
-        )
+        return shard(model, mesh, **plugin_shard_kwargs(self.acc.state.fsdp_plugin))
 
     def prepare(self, model, optimizer):
         if self.is_fsdp and not self.is_fsdp2:
@@ -188,7 +180,7 @@ class FSDP2Runtime(LocalRuntime):
 
     is_fsdp = is_fsdp2 = True
 
-    def __init__(self, mesh=None, mixed_precision: str = "no"):
+    def __init__(self, mesh=None, mixed_precision: str = "no", shard_kwargs: dict | None = None):
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -197,6 +189,7 @@ class FSDP2Runtime(LocalRuntime):
                 "torchrun (or call torch.distributed.init_process_group) first"
             )
         self.mesh = mesh
+        self.shard_kwargs = shard_kwargs or {}
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_main = self.rank == 0
         device = torch.device("cpu")
@@ -208,7 +201,7 @@ class FSDP2Runtime(LocalRuntime):
 
     def prepare_model(self, model):
         model.to(self.device)
-        return shard(model, self.mesh)
+        return shard(model, self.mesh, **self.shard_kwargs)
 
     def no_sync(self, model):
         @contextlib.contextmanager
@@ -244,6 +237,66 @@ class FSDP2Runtime(LocalRuntime):
         dist.barrier()
 
 
+def plugin_shard_kwargs(plugin) -> dict:
+    """shard()'s settings from an accelerate FullyShardedDataParallelPlugin (FSDP2)."""
+    return {
+        "reshard_after_forward": plugin.reshard_after_forward,
+        "mp_policy": plugin.mixed_precision_policy,
+        "offload_policy": plugin.cpu_offload or None,
+    }
+
+
+def _check_accelerator_settings(accelerator, mixed_precision: str) -> str:
+    """The accelerator's mixed precision, after the checks every accelerate route shares."""
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"accelerator: gradient_accumulation_steps={accelerator.gradient_accumulation_steps}; heal() "
+            "accumulates itself: create the Accelerator with 1 and pass grad_accum= to heal()"
+        )
+    acc_mp = str(accelerator.mixed_precision)
+    if mixed_precision != "no" and mixed_precision != acc_mp:
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r} but the accelerator uses {acc_mp!r}; set it on the Accelerator"
+        )
+    return acc_mp
+
+
+def accelerate_runtime(accelerator, mixed_precision: str = "no"):
+    """heal()'s runtime for an accelerate.Accelerator: accelerate's own (DDP, FSDP2 by sharing
+    group), or FSDP2 by sharing group over the gloo group accelerate started on CPUs when the
+    launch config asks for FSDP2 (accelerate drops FSDP there). Refuses a launch whose
+    processes accelerate did not join (each would train alone)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    remedy = (
+        "accelerate enables FSDP only on an accelerator device (GPU, XPU, NPU, ...). On CPUs set "
+        "ACCELERATE_USE_CPU=true with an fsdp_version: 2 config (python/accelerate_fsdp2.yaml): "
+        "accelerate then joins the processes over gloo and heal() shards with FSDP2 by sharing "
+        "group; or start with torchrun and pass fsdp=True (flexigpt heal --fsdp)"
+    )
+    if fsdp_asked and kind == "MULTI_CPU" and os.environ.get("FSDP_VERSION") == "2":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        mp = _check_accelerator_settings(accelerator, mixed_precision)
+        if mp not in ("no", "bf16"):
+            raise ValueError(f"accelerate FSDP2 on CPUs: mixed_precision {mp!r} is not supported; use 'bf16' or 'no'")
+        plugin = FullyShardedDataParallelPlugin()  # reads the launch config from the environment
+        return FSDP2Runtime(None, mp, shard_kwargs=plugin_shard_kwargs(plugin))
+    if fsdp_asked and kind != "FSDP":
+        raise ValueError(
+            f"accelerate was asked for FSDP but runs {kind} on {accelerator.num_processes} of {launched} "
+            f"launched processes: {remedy}"
+        )
+    if launched > accelerator.num_processes:
+        raise ValueError(
+            f"{launched} processes were launched but the Accelerator runs {kind} with "
+            f"{accelerator.num_processes}: each process would train alone. On CPUs set "
+            "ACCELERATE_USE_CPU=true (gloo)"
+        )
+    return AccelerateRuntime(accelerator, mixed_precision)
+
+
 def check_fsdp_wrapping(model: nn.Module, accelerator) -> None:
     """Refuse FSDP1 auto-wrap policies that would split a replacement block from its base."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
@@ -267,7 +320,7 @@ def make_runtime(model: nn.Module, accelerator=None, mixed_precision: str = "no"
             "pass either accelerator= or fsdp=, not both (an accelerate FSDP2 config already wraps by sharing group)"
         )
     if accelerator is not None:
-        return AccelerateRuntime(accelerator, mixed_precision)
+        return accelerate_runtime(accelerator, mixed_precision)
     if fsdp not in (None, False):
         if mixed_precision == "fp16":
             raise ValueError("heal(fsdp=...): mixed_precision='fp16' is not supported; use 'bf16'")

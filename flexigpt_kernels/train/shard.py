@@ -13,7 +13,18 @@ root call takes what is left (embeddings, final norm, LM head: tied embeddings s
 tensor). FSDP2 gathers a grouped unit at the forward of its first member to run and frees it
 after the last member has run, so a group is gathered once per forward however far apart its
 members are; it then stays resident from its first member to its last (see
-:func:`parameter_memory_trace`, which measures what that costs).
+:func:`parameter_memory_trace`, which measures what that costs). The backward mirrors it: one
+gather when the gradient reaches the group's last member, freed after its first. Per
+micro-batch of a training step (``reshard_after_forward=True``):
+
+    forward:   every unit once, however far apart a group's members are (the root included:
+               it stays gathered from its forward to the end of the backward)
+    backward:  once more every block unit a gradient flows through, and the unit whose
+               forward ended just before the first of those (FSDP2 prefetches it)
+
+so a unit of frozen blocks before the first trainable parameter is gathered once (if not the
+prefetched one), every other block unit twice, the root once; a forward without backward
+(evaluation) gathers every unit once (:func:`count_all_gathers` counts them).
 
 Mixed ``requires_grad`` inside a unit (frozen shared weights, trainable adapters and gammas) is
 supported by FSDP2 per parameter.
@@ -23,6 +34,8 @@ supported by FSDP2 per parameter.
     full_state_dict(model)          the whole tensors, for save_pretrained(..., state_dict=)
     load_into_unsharded(model, fresh)  the trained tensors in an unwrapped copy (merge, save)
     parameter_memory_trace(model)   context: peak parameter bytes held by this rank in a forward
+    fsdp_units(model)               the FSDP2 units over the blocks, read back from FSDP2 itself
+    count_all_gathers(model)        context: all-gathers (count, bytes) per unit
 """
 
 from __future__ import annotations
@@ -39,7 +52,10 @@ from ..convert.replacement import replacement_blocks
 from ..nn import SharedLoRALinear
 
 __all__ = [
+    "GatherCount",
     "MemoryTrace",
+    "count_all_gathers",
+    "fsdp_units",
     "full_state_dict",
     "held_parameter_bytes",
     "load_into_unsharded",
@@ -67,7 +83,8 @@ def shard(
     Args:
         mesh: a 1-D DeviceMesh (default: all processes of the default group, on the device
             type of the model's parameters).
-        reshard_after_forward, mp_policy, offload_policy: passed to every ``fully_shard`` call.
+        reshard_after_forward, mp_policy, offload_policy: passed to every ``fully_shard`` call
+            (True becomes FSDP2's root default at the root: no reshard between forward and backward).
     Returns the model (its class is now also an FSDPModule).
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -98,7 +115,10 @@ def shard(
     for i, layer in enumerate(layers):
         if i not in in_group:
             fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    # the root (embeddings, final norm, LM head) is needed again as soon as the backward starts:
+    # FSDP2's default for a root (None) keeps it gathered from forward to backward
+    root_reshard = None if reshard_after_forward is True else reshard_after_forward
+    fully_shard(model, **{**kwargs, "reshard_after_forward": root_reshard})
     return model
 
 
@@ -179,10 +199,11 @@ class MemoryTrace:
 
 
 @contextlib.contextmanager
-def parameter_memory_trace(model: nn.Module) -> Iterator[MemoryTrace]:
+def parameter_memory_trace(model: nn.Module, backward: bool = False) -> Iterator[MemoryTrace]:
     """Record the parameter bytes this process holds at the start and end of every decoder
-    block's forward (FSDP2 has gathered the running unit by then). The peak is the number a
-    user sizes a device by; compare it between wrapping plans on the same model."""
+    block's forward, and with `backward` of its backward too (full backward hooks; a block no
+    gradient flows through has no backward). FSDP2 has gathered the running unit by then. The
+    peak is the number a user sizes a device by; compare it between wrapping plans."""
     trace = MemoryTrace()
 
     def sample():
@@ -192,8 +213,94 @@ def parameter_memory_trace(model: nn.Module) -> Iterator[MemoryTrace]:
     for layer in decoder_layers(model):
         handles.append(layer.register_forward_pre_hook(lambda *a: sample()))
         handles.append(layer.register_forward_hook(lambda *a: sample(), prepend=True))
+        if backward:
+            handles.append(layer.register_full_backward_pre_hook(lambda *a: sample()))
+            handles.append(layer.register_full_backward_hook(lambda *a: sample()))
     try:
         yield trace
     finally:
         for h in handles:
             h.remove()
+
+
+def fsdp_units(model: nn.Module) -> list[list[int]]:
+    """The FSDP2 units that hold decoder blocks, as sorted block positions, read back from FSDP2
+    (collective; call it between steps): every unit is resharded, then for each wrapped block
+    ``FSDPModule.unshard()`` gathers its unit, and the unit is every block whose parameters are
+    then whole. Blocks not wrapped on their own (a whole-model unit) are left out; a model
+    wrapped by :func:`shard` gives the sharing groups plus one unit per other block. Every unit
+    is left resharded."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    layers = decoder_layers(model)
+
+    def whole(layer: nn.Module) -> bool:
+        params = list(layer.parameters())
+        return bool(params) and not any(isinstance(p, DTensor) for p in params)
+
+    for module in [model, *layers]:  # a unit may still be gathered (reshard_after_forward=False)
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    units, seen = [], set()
+    for i, layer in enumerate(layers):
+        if i in seen or not isinstance(layer, FSDPModule):
+            continue
+        layer.unshard()
+        unit = [j for j, other in enumerate(layers) if whole(other)]
+        layer.reshard()
+        if i not in unit:
+            raise RuntimeError(f"fsdp_units: unsharding block {i} left its own parameters sharded")
+        seen.update(unit)
+        units.append(unit)
+    return units
+
+
+@dataclass
+class GatherCount:
+    """All-gathers issued by FSDP2 per unit ("root", or the unit's block positions "1-21-24")
+    and the bytes they gathered (the whole unit, on every process)."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+
+
+class _CountingAllGather:
+    """An FSDP2 all-gather (``FSDPModule.set_custom_all_gather``) that counts, then calls
+    ``torch.distributed.all_gather_single`` as FSDP2's default does."""
+
+    def __init__(self, record: GatherCount | None, unit: str):
+        self.record, self.unit = record, unit
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+        if self.record is not None:
+            self.record.calls[self.unit] = self.record.calls.get(self.unit, 0) + 1
+            nbytes = output_tensor.numel() * output_tensor.element_size()
+            self.record.bytes[self.unit] = self.record.bytes.get(self.unit, 0) + nbytes
+        return torch.distributed.all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
+
+
+@contextlib.contextmanager
+def count_all_gathers(model: nn.Module) -> Iterator[GatherCount]:
+    """Count the all-gathers of every FSDP2 unit of `model` (wrapped by :func:`shard`, or a
+    whole-model unit) while the context is open (collective on entry, which reshards every
+    unit: counting starts from rest). Units are labelled by their block positions ("1-21-24")
+    and "root". On exit the units keep a pass-through
+    all-gather equivalent to FSDP2's default (a custom all-gather set before is replaced)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        raise ValueError("count_all_gathers: the model is not wrapped by FSDP2 (fully_shard)")
+    record = GatherCount()
+    layers = decoder_layers(model)
+    owners = [(layers[u[0]], "-".join(map(str, u))) for u in fsdp_units(model)] + [(model, "root")]
+    for module, unit in owners:
+        module.set_custom_all_gather(_CountingAllGather(record, unit))
+    try:
+        yield record
+    finally:
+        for module, unit in owners:
+            module.set_custom_all_gather(_CountingAllGather(None, unit))

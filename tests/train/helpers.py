@@ -44,6 +44,24 @@ def tiny_pruned(method: str = "flexigpt", seed: int = 0, blocks=(1, 2), rank: in
     return model
 
 
+def interleaved_groups_model():
+    """6 tiny Llama blocks pruned at blocks 1 and 3 (seed 0): the base map gives two sharing
+    groups whose members are far apart and interleave, {0, 3} and {1, 5}."""
+    from flexigpt_kernels.convert.prune import prune
+
+    model, _ = prune(tiny_llama(0, layers=6), None, blocks=[1, 3], rank=2, progress=False)
+    return model
+
+
+def frozen_prefix_model():
+    """6 tiny Llama blocks pruned at block 4 (seed 2): one sharing group {4, 5}, and blocks 0-3
+    (units of their own) run before the first trainable parameter."""
+    from flexigpt_kernels.convert.prune import prune
+
+    model, _ = prune(tiny_llama(2, layers=6), None, blocks=[4], rank=2, progress=False)
+    return model
+
+
 def token_data(n: int = 64, seed: int = 1) -> torch.Tensor:
     """Learnable token streams: a few repeated random patterns, so a few steps lower the loss."""
     g = torch.Generator().manual_seed(seed)
@@ -71,17 +89,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc_per_node 2 ARGS` from the repository root (one
-    thread per process, this checkout first on the path); asserts it succeeded."""
+def _launch(cmd: list[str], timeout: int, env: dict | None, check: bool) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
     }
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node 2 ARGS` from the repository root (one
+    thread per process, this checkout first on the path); asserts it succeeded."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return _launch(cmd, timeout, None, check=True)
+
+
+def accelerate_launch(
+    config: str, *args: str, env: dict | None = None, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file CONFIG --num_processes 2 --mixed_precision no ARGS` from
+    the repository root, in the same environment as torchrun() plus `env`; with check, asserts
+    it succeeded."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+           *args]  # fmt: skip
+    return _launch(cmd, timeout, env, check)

@@ -47,6 +47,20 @@ def assert_same_params(saved: dict, model, rtol=1e-4, atol=1e-5):
         torch.testing.assert_close(value, trained[name].detach(), rtol=rtol, atol=atol, msg=name)
 
 
+def assert_matches_one_process(got: dict, one, model):
+    """A 2-process run's record (losses, eval, world size, tokens, trained params) equals the
+    one-process run `one` that trained `model`."""
+    assert got["world_size"] == 2 and got["tokens"] == one.tokens_seen
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([p for _, p in got["eval"]]),
+        torch.tensor([p for _, p in one.eval_perplexities]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert_same_params(got["params"], model)
+
+
 def test_sharing_groups_follow_the_base_map():
     model = tiny_pruned(blocks=(1, 3))
     bases = {i: int(b.flexigpt_base) for i, b in enumerate(model.model.layers) if hasattr(b, "flexigpt_base")}
@@ -62,15 +76,7 @@ def test_two_fsdp2_processes_match_one_process(tmp_path, one_process):
     out = str(tmp_path / "fsdp2.pt")
     run_worker(out, "full")
     got = torch.load(out, weights_only=True)
-    assert got["world_size"] == 2 and got["tokens"] == one.tokens_seen
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        torch.tensor([p for _, p in got["eval"]]),
-        torch.tensor([p for _, p in one.eval_perplexities]),
-        rtol=1e-5,
-        atol=1e-5,
-    )
-    assert_same_params(got["params"], model)
+    assert_matches_one_process(got, one, model)
     # group-wrapped, a process never holds every parameter at once
     stored = sum(p.numel() * p.element_size() for p in model.parameters())
     assert 0 < got["peak"] < stored

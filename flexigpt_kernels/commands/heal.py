@@ -99,7 +99,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-dir", type=out_dir, help="save resumable training checkpoints here")
     p.add_argument("--checkpoint-every", type=positive_int)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16", "fp16"],
+        help="default: 'no', or under accelerate what its launch config says",
+    )
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument(
         "--accelerate",
@@ -151,7 +155,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.accelerate or _distributed_launch():
         from accelerate import Accelerator
 
-        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        from ..train.runtime import check_accelerate_launch
+
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)  # None: the launch config's
+        with user_input("accelerate launch"):
+            check_accelerate_launch(accelerator)
     is_main = accelerator.is_main_process if accelerator is not None else _rank() == 0
     with user_input("DIR"):
         loaded = load_model(args.model)
@@ -188,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
-        mixed_precision="no" if accelerator is not None else args.mixed_precision,
+        mixed_precision="no" if accelerator is not None else (args.mixed_precision or "no"),
         seed=args.seed,
         progress=is_main and not args.json,
         accelerator=accelerator,

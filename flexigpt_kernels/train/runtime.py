@@ -261,32 +261,29 @@ def _check_accelerator_settings(accelerator, mixed_precision: str) -> str:
     return acc_mp
 
 
-def accelerate_runtime(accelerator, mixed_precision: str = "no"):
-    """heal()'s runtime for an accelerate.Accelerator: accelerate's own (DDP, FSDP2 by sharing
-    group), or FSDP2 by sharing group over the gloo group accelerate started on CPUs when the
-    launch config asks for FSDP2 (accelerate drops FSDP there). Refuses a launch whose
-    processes accelerate did not join (each would train alone)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+def _accelerate_fsdp2_on_cpus(accelerator) -> bool:
+    """True when an FSDP2 launch config runs on CPUs: accelerate joined the processes over gloo
+    (MULTI_CPU) and dropped FSDP, so heal() shards by sharing group itself."""
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    remedy = (
-        "accelerate enables FSDP only on an accelerator device (GPU, XPU, NPU, ...). On CPUs set "
-        "ACCELERATE_USE_CPU=true with an fsdp_version: 2 config (python/accelerate_fsdp2.yaml): "
-        "accelerate then joins the processes over gloo and heal() shards with FSDP2 by sharing "
-        "group; or start with torchrun and pass fsdp=True (flexigpt heal --fsdp)"
-    )
-    if fsdp_asked and kind == "MULTI_CPU" and os.environ.get("FSDP_VERSION") == "2":
-        from accelerate.utils import FullyShardedDataParallelPlugin
+    return fsdp_asked and kind == "MULTI_CPU" and os.environ.get("FSDP_VERSION") == "2"
 
-        mp = _check_accelerator_settings(accelerator, mixed_precision)
-        if mp not in ("no", "bf16"):
-            raise ValueError(f"accelerate FSDP2 on CPUs: mixed_precision {mp!r} is not supported; use 'bf16' or 'no'")
-        plugin = FullyShardedDataParallelPlugin()  # reads the launch config from the environment
-        return FSDP2Runtime(None, mp, shard_kwargs=plugin_shard_kwargs(plugin))
-    if fsdp_asked and kind != "FSDP":
+
+def check_accelerate_launch(accelerator) -> None:
+    """ValueError when the launch and the Accelerator disagree: FSDP asked for but not run (on CPUs
+    accelerate silently drops it), or processes launched that accelerate did not join (each would
+    train alone). The message says what to set."""
+    if _accelerate_fsdp2_on_cpus(accelerator):
+        return
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != "FSDP":
         raise ValueError(
             f"accelerate was asked for FSDP but runs {kind} on {accelerator.num_processes} of {launched} "
-            f"launched processes: {remedy}"
+            "launched processes: accelerate enables FSDP only on an accelerator device (GPU, XPU, NPU, ...). "
+            "On CPUs set ACCELERATE_USE_CPU=true with an fsdp_version: 2 config (python/accelerate_fsdp2.yaml): "
+            "accelerate then joins the processes over gloo and heal() shards with FSDP2 by sharing group; "
+            "or start with torchrun and pass fsdp=True (flexigpt heal --fsdp)"
         )
     if launched > accelerator.num_processes:
         raise ValueError(
@@ -294,6 +291,22 @@ def accelerate_runtime(accelerator, mixed_precision: str = "no"):
             f"{accelerator.num_processes}: each process would train alone. On CPUs set "
             "ACCELERATE_USE_CPU=true (gloo)"
         )
+
+
+def accelerate_runtime(accelerator, mixed_precision: str = "no"):
+    """heal()'s runtime for an accelerate.Accelerator: accelerate's own (DDP, FSDP2 by sharing
+    group), or FSDP2 by sharing group over the gloo group accelerate started on CPUs when the
+    launch config asks for FSDP2 (accelerate drops FSDP there). Refuses a launch whose
+    processes accelerate did not join (check_accelerate_launch)."""
+    check_accelerate_launch(accelerator)
+    if _accelerate_fsdp2_on_cpus(accelerator):
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        mp = _check_accelerator_settings(accelerator, mixed_precision)
+        if mp not in ("no", "bf16"):
+            raise ValueError(f"accelerate FSDP2 on CPUs: mixed_precision {mp!r} is not supported; use 'bf16' or 'no'")
+        plugin = FullyShardedDataParallelPlugin()  # reads the launch config from the environment
+        return FSDP2Runtime(None, mp, shard_kwargs=plugin_shard_kwargs(plugin))
     return AccelerateRuntime(accelerator, mixed_precision)
 
 

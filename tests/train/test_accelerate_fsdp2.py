@@ -6,6 +6,7 @@ the one-process run (losses, eval perplexities, adapters, and the CLI's saved ch
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,16 @@ def test_accelerate_fsdp_config_without_cpu_flag_is_refused_not_run_twice(tmp_pa
     assert "accelerate was asked for FSDP but runs NO on 1 of 2 launched processes" in proc.stderr
     assert "ACCELERATE_USE_CPU=true" in proc.stderr
     assert not (tmp_path / "never.pt").exists()
+
+
+def test_accelerate_fsdp_config_without_cpu_flag_is_a_one_line_cli_error(tmp_path, cli_inputs):
+    out = tmp_path / "never"
+    proc = accelerate_launch(CONFIG, "-m", "flexigpt_kernels.cli", *cli_inputs, "--out", str(out), check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("flexigpt heal: ")]
+    expected = "flexigpt heal: error: accelerate launch: accelerate was asked for FSDP but runs NO"
+    assert errors and all(e.startswith(expected) for e in errors), proc.stderr[-2000:]
+    assert proc.returncode != 0 and not out.exists()
+    assert re.search(r"exitcode\s*:\s*2\b", proc.stderr), "the first failing process should exit with status 2"
 
 
 @pytest.fixture()

@@ -1,4 +1,5 @@
-"""Timing: triton.testing.do_bench on CUDA, torch.utils.benchmark.Timer on the CPU.
+"""Timing: triton.testing.do_bench on CUDA, torch.utils.benchmark.Timer on the CPU (or, with one
+thread, the thread's CPU time: time_cpu_thread_interleaved).
 
 Both report the minimum and the median over rounds (one round = the mean of a block of
 calls). On a shared CPU the minimum is the better estimate of what the code costs; the
@@ -67,6 +68,46 @@ def time_cpu_interleaved(
     rounds = i
     return {
         name: Timing(min(v), statistics.median(v), rounds, number[name], "torch.utils.benchmark interleaved")
+        for name, v in samples.items()
+    }
+
+
+def time_cpu_thread_interleaved(
+    fns: dict[str, Callable[[], object]],
+    budget_s: float = 1.0,
+    *,
+    min_rounds: int = 3,
+    max_rounds: int = 200,
+    block_s: float = 0.005,
+) -> dict[str, Timing]:
+    """As time_cpu_interleaved, in the calling thread's CPU time (time.thread_time_ns): the
+    time it was preempted by other processes is not counted, so on a loaded machine the
+    minima stay put where wall-clock ones swing by 2x. Only meaningful with
+    torch.get_num_threads() == 1 (work done by other threads is not seen): refused otherwise."""
+    if torch.get_num_threads() != 1:
+        raise ValueError(f"thread CPU time needs torch.get_num_threads() == 1, got {torch.get_num_threads()}")
+    names = list(fns)
+    number = {}
+    for name in names:  # warm up, then calls per block from the least of a few single calls
+        fns[name]()
+        costs = []
+        while len(costs) < 3 and sum(costs) < block_s:
+            t0 = time.thread_time_ns()
+            fns[name]()
+            costs.append((time.thread_time_ns() - t0) / 1e9)
+        number[name] = max(1, int(block_s / max(min(costs), 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    start, i = time.perf_counter(), 0
+    while i < max_rounds and (i < min_rounds or time.perf_counter() - start < budget_s):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn, n = fns[name], number[name]
+            t0 = time.thread_time_ns()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.thread_time_ns() - t0) / 1e9 / n)
+        i += 1
+    return {
+        name: Timing(min(v), statistics.median(v), i, number[name], "thread CPU time interleaved")
         for name, v in samples.items()
     }
 

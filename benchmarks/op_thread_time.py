@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import flexigpt_kernels as fk
 from flexigpt_kernels.bench import shapes
@@ -83,9 +84,29 @@ def _least(fns: dict, rounds: int = 3, reps: int = 5) -> dict:
     return ts
 
 
-def main_stacked(label: str) -> None:
-    import torch.nn.functional as F
+def _per_part(x, w, as_, bs, sc, bias, starts):
+    """One single-op call per part on the weight's row blocks, concatenated."""
+    outs = []
+    for a, b, s, c0 in zip(as_, bs, sc, starts):
+        n = b.shape[0]
+        outs.append(fk.shared_lora_linear(x, w[c0 : c0 + n], a, b, s, bias[c0 : c0 + n]))
+    return torch.cat(outs, -1)
 
+
+def _unfused_stacked(x, w, as_, bs, sc, bias, starts):
+    """F.linear over the stacked weight, then each part's LoRA delta added to its columns."""
+    y = F.linear(x, w, bias)
+    for a, b, s, c0 in zip(as_, bs, sc, starts):
+        y[:, c0 : c0 + b.shape[0]] += s * ((x @ a.t()) @ b.t())
+    return y
+
+
+def _unfused_epilogue(y0, x, a, b, bias, gamma, res):
+    y = torch.addmm(y0, x @ a.t(), b.t(), alpha=0.5) + bias
+    return res + F.layer_norm(y, (y.shape[-1],), gamma, None, 1e-5)
+
+
+def main_stacked(label: str) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     r = 32
@@ -99,26 +120,12 @@ def main_stacked(label: str) -> None:
                 sc, bias = [0.5] * len(widths), torch.randn(n, generator=g)
                 starts = [sum(widths[:i]) for i in range(len(widths))]
 
-                def per_part():
-                    return torch.cat(
-                        [
-                            fk.shared_lora_linear(x, w[c0 : c0 + b.shape[0]], a, b, s, bias[c0 : c0 + b.shape[0]])
-                            for a, b, s, c0 in zip(as_, bs, sc, starts)
-                        ],
-                        -1,
-                    )
-
-                def unfused():
-                    y = F.linear(x, w, bias)
-                    for a, b, s, c0 in zip(as_, bs, sc, starts):
-                        y[:, c0 : c0 + b.shape[0]] += s * ((x @ a.t()) @ b.t())
-                    return y
-
+                parts = (x, w, as_, bs, sc, bias, starts)
                 ts = _least(
                     {
                         "op": functools.partial(fk.shared_lora_linear_stacked, x, w, as_, bs, sc, bias),
-                        "per-part": per_part,
-                        "unfused": unfused,
+                        "per-part": functools.partial(_per_part, *parts),
+                        "unfused": functools.partial(_unfused_stacked, *parts),
                         "dense": functools.partial(F.linear, x, w, bias),
                     },
                     reps=5 if m == 1 else 3,
@@ -137,16 +144,12 @@ def main_stacked(label: str) -> None:
                 a, b = torch.randn(r, k, generator=g) * k**-0.5, torch.randn(n, r, generator=g) * r**-0.5
                 bias, gamma, res = torch.randn(n, generator=g), torch.rand(n, generator=g) + 0.5, torch.randn(m, n)
 
-                def unfused_epi():
-                    y = torch.addmm(y0, x @ a.t(), b.t(), alpha=0.5) + bias
-                    return res + F.layer_norm(y, (n,), gamma, None, 1e-5)
-
                 ts = _least(
                     {
                         "op": functools.partial(
                             fk.shared_lora_linear_epilogue, y0, x, a, b, 0.5, bias, norm_weight=gamma, residual=res
                         ),
-                        "unfused": unfused_epi,
+                        "unfused": functools.partial(_unfused_epilogue, y0, x, a, b, bias, gamma, res),
                     },
                     reps=5 if m == 1 else 3,
                 )

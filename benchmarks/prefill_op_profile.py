@@ -80,7 +80,10 @@ def main() -> None:
         f"{whole['flexigpt']:.1f}, ratio {whole['flexigpt'] / whole['dense']:.3f} "
         f"(FLOP floor {floors['flexigpt']['prefill']:.3f})"
     )
-    ops = sorted(set(per_op["dense"]) | set(per_op["flexigpt"]), key=lambda o: -max(per_op["dense"].get(o, 0), per_op["flexigpt"].get(o, 0)))
+    ops = sorted(
+        set(per_op["dense"]) | set(per_op["flexigpt"]),
+        key=lambda o: -max(per_op["dense"].get(o, 0), per_op["flexigpt"].get(o, 0)),
+    )
     tot = {k: sum(v.values()) for k, v in per_op.items()}
     print(f"sum over ops, thread ms: dense {tot['dense']:.1f}, flexigpt {tot['flexigpt']:.1f}")
     print(f"{'op':60s} {'dense ms':>9s} {'calls':>6s} {'flex ms':>9s} {'calls':>6s} {'flex-dense':>10s}")

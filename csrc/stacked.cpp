@@ -27,6 +27,7 @@
 
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -51,15 +52,12 @@ struct Dims {
 
 std::string part(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
 
-Dims check_args(const Tensor& x, const Tensor& weight, TensorList lora_as, TensorList lora_bs,
-                ArrayRef<double> scales) {
-  flexigpt::check_leading(kOp, x, "x", "[M, K]");
-  const auto dtype = x.scalar_type();
-  flexigpt::check_cpu_dtype(kOp, weight, "weight", dtype);
-  TORCH_CHECK_VALUE(weight.dim() == 2, kOp, "weight must be 2-D [N, K], got shape ", flexigpt::shape_of(weight));
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK_VALUE(weight.size(1) == k, kOp, "x's last dimension (", k, ") must equal weight's in_features K (",
-                    weight.size(1), "): x ", flexigpt::shape_of(x), ", weight ", flexigpt::shape_of(weight));
+// The parts' adapters and scales against x [M, K]; returns {widths, ranks} summed. `device_of`
+// checks each tensor's device and dtype against x's.
+template <typename CheckTensor>
+std::pair<int64_t, int64_t> check_parts(const Tensor& x, TensorList lora_as, TensorList lora_bs,
+                                        ArrayRef<double> scales, CheckTensor&& check_tensor) {
+  const int64_t k = x.size(1);
   const size_t parts = lora_as.size();
   TORCH_CHECK_VALUE(parts >= 1 && lora_bs.size() == parts && scales.size() == parts, kOp,
                     "lora_as, lora_bs and scales must have one entry per part (>= 1), got ", lora_as.size(), ", ",
@@ -68,8 +66,8 @@ Dims check_args(const Tensor& x, const Tensor& weight, TensorList lora_as, Tenso
   for (size_t i = 0; i < parts; ++i) {
     const Tensor& a = lora_as[i];
     const Tensor& b = lora_bs[i];
-    flexigpt::check_cpu_dtype(kOp, a, part("lora_as", i).c_str(), dtype);
-    flexigpt::check_cpu_dtype(kOp, b, part("lora_bs", i).c_str(), dtype);
+    check_tensor(a, part("lora_as", i));
+    check_tensor(b, part("lora_bs", i));
     TORCH_CHECK_VALUE(a.dim() == 2 && a.size(1) == k, kOp, "lora_as[", i, "] must be [r_", i, ", K] = [r, ", k,
                       "], got shape ", flexigpt::shape_of(a));
     TORCH_CHECK_VALUE(a.size(0) >= 1, kOp, "part ", i, " has rank 0 (lora_as[", i, "] of shape ",
@@ -80,6 +78,21 @@ Dims check_args(const Tensor& x, const Tensor& weight, TensorList lora_as, Tenso
     widths += b.size(0);
     ranks += a.size(0);
   }
+  return {widths, ranks};
+}
+
+Dims check_args(const Tensor& x, const Tensor& weight, TensorList lora_as, TensorList lora_bs,
+                ArrayRef<double> scales) {
+  flexigpt::check_leading(kOp, x, "x", "[M, K]");
+  const auto dtype = x.scalar_type();
+  flexigpt::check_cpu_dtype(kOp, weight, "weight", dtype);
+  TORCH_CHECK_VALUE(weight.dim() == 2, kOp, "weight must be 2-D [N, K], got shape ", flexigpt::shape_of(weight));
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == k, kOp, "x's last dimension (", k, ") must equal weight's in_features K (",
+                    weight.size(1), "): x ", flexigpt::shape_of(x), ", weight ", flexigpt::shape_of(weight));
+  const auto [widths, ranks] = check_parts(x, lora_as, lora_bs, scales, [&](const Tensor& t, const std::string& name) {
+    flexigpt::check_cpu_dtype(kOp, t, name.c_str(), dtype);
+  });
   TORCH_CHECK_VALUE(widths == n, kOp, "the parts' widths (rows of lora_bs) sum to ", widths, ", but weight ",
                     flexigpt::shape_of(weight), " has N = ", n, " rows");
   return {m, k, n, ranks};
@@ -184,6 +197,43 @@ Bwd backward_cpu(const Tensor& grad_arg, const Tensor& x, const Tensor& weight, 
   return Bwd{grad_x, grad_w, grad_a, grad_bs, grad_bias};
 }
 
+// In place, on any device: y[:, c_i:c_i+n_i] += scales[i] (x a_cat^T)_i B_i^T [+ bias]. The
+// adapters of a stacked projection whose base product y came from someone else's GEMM (the
+// vLLM layer's engine path): one shrink GEMM, one expand GEMM per part accumulating into its
+// column slice, the bias added to the whole output in one pass. Inference only (no autograd),
+// ATen in y's dtype on every device (registered as CompositeExplicitAutograd).
+void delta_(const Tensor& y, const Tensor& x, TensorList lora_as, TensorList lora_bs, ArrayRef<double> scales,
+            const optional<Tensor>& bias) {
+  constexpr const char* op = "shared_lora_linear_stacked_delta_: ";
+  TORCH_CHECK_VALUE(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), op,
+                    "x [M, K] and y [M, N] must be 2-D with the same M, got x ", flexigpt::shape_of(x), ", y ",
+                    flexigpt::shape_of(y));
+  auto same = [&](const Tensor& t, const std::string& name) {
+    TORCH_CHECK_TYPE(t.device() == y.device(), op, name, " is on ", t.device(), " but y is on ", y.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == y.scalar_type(), op, name, " has dtype ", t.scalar_type(), " but y has dtype ",
+                     y.scalar_type(), "; all tensors must share it");
+  };
+  same(x, "x");
+  const auto [widths, ranks] = check_parts(x, lora_as, lora_bs, scales, same);
+  TORCH_CHECK_VALUE(widths == y.size(1), op, "the parts' widths (rows of lora_bs) sum to ", widths, ", but y ",
+                    flexigpt::shape_of(y), " has N = ", y.size(1), " columns");
+  if (flexigpt::has(bias)) {
+    same(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == widths, op, "bias must be [N] = [", widths,
+                      "], got shape ", flexigpt::shape_of(*bias));
+  }
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const Tensor shrink = at::mm(x, concat_rows(lora_as, x.size(1), ranks).t());
+  int64_t col = 0, off = 0;
+  for (size_t i = 0; i < lora_bs.size(); ++i) {
+    const int64_t n = lora_bs[i].size(0), r = lora_bs[i].size(1);
+    y.narrow(1, col, n).addmm_(shrink.narrow(1, off, r), lora_bs[i].t(), /*beta=*/1, /*alpha=*/scales[i]);
+    col += n;
+    off += r;
+  }
+  if (flexigpt::has(bias)) y.add_(*bias);
+}
+
 }  // namespace
 
 #define FLEXIGPT_STACKED_FWD_ARGS                                                                  \
@@ -199,7 +249,12 @@ TORCH_LIBRARY_FRAGMENT(flexigpt, m) {
   m.def("shared_lora_linear_stacked_bwd" FLEXIGPT_STACKED_BWD_ARGS);
   m.def("_shared_lora_linear_stacked_fwd_py" FLEXIGPT_STACKED_FWD_ARGS);
   m.def("_shared_lora_linear_stacked_bwd_py" FLEXIGPT_STACKED_BWD_ARGS);
+  m.def(
+      "shared_lora_linear_stacked_delta_(Tensor(a!) y, Tensor x, Tensor[] lora_as, Tensor[] lora_bs, "
+      "float[] scales, Tensor? bias) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(flexigpt, CompositeExplicitAutograd, m) { m.impl("shared_lora_linear_stacked_delta_", &delta_); }
 
 TORCH_LIBRARY_IMPL(flexigpt, CPU, m) {
   m.impl("shared_lora_linear_stacked_fwd", &forward_cpu);

@@ -30,6 +30,7 @@ from .model_convert import (
 from .model_convert import (
     _randomize_adapters as _randomize_adapters,  # re-exported (tests)
 )
+from .model_flops import count_flops, floor_ratios
 from .model_measure import (
     VARIANTS,
     Measurement,
@@ -43,7 +44,6 @@ from .model_measure import (
     stored_bytes,
     unfused_view,
 )
-from .model_flops import count_flops, floor_ratios
 from .model_report import _markdown, _rows, format_table
 from .model_report import _table as _table  # re-exported
 from .results import append_csv

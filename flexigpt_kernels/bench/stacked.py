@@ -102,8 +102,7 @@ def run_stacked(
                 if device.type == "cuda":
                     graph = cuda_graphs and m <= 32
                     timings = {
-                        p: time_cuda(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cuda_graph=graph)
-                        for p, fn in fns.items()
+                        p: time_cuda(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cuda_graph=graph) for p, fn in fns.items()
                     }
                 elif torch.get_num_threads() == 1:
                     timings = time_cpu_thread_interleaved(fns, budget_s)

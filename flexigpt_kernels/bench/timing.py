@@ -31,6 +31,22 @@ class Timing:
     timer: str  # how it was measured
 
 
+def _calls_per_block(fns: dict[str, Callable[[], object]], block_s: float, clock, warmup: int) -> dict[str, int]:
+    """{name: calls per timed block}: warm up, then estimate one call's cost on `clock` (the
+    least of a few: load spikes) and fit about block_s seconds of calls in a block."""
+    number = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        costs = []
+        while len(costs) < 3 and sum(costs) < block_s:
+            t0 = clock()
+            fn()
+            costs.append(clock() - t0)
+        number[name] = max(1, int(block_s / max(min(costs), 1e-7)))
+    return number
+
+
 def time_cpu_interleaved(
     fns: dict[str, Callable[[], object]],
     budget_s: float = 1.0,
@@ -47,17 +63,7 @@ def time_cpu_interleaved(
     names = list(fns)
     threads = torch.get_num_threads()
     timers = {name: Timer(stmt="fn()", globals={"fn": fns[name]}, num_threads=threads) for name in names}
-    per_call = {}
-    for name in names:  # warm up, then estimate one call's cost (the least of a few: load spikes)
-        for _ in range(warmup):
-            fns[name]()
-        costs = []
-        while len(costs) < 3 and sum(costs) < block_s:
-            t0 = time.perf_counter()
-            fns[name]()
-            costs.append(time.perf_counter() - t0)
-        per_call[name] = max(min(costs), 1e-7)
-    number = {name: max(1, int(block_s / per_call[name])) for name in names}
+    number = _calls_per_block(fns, block_s, time.perf_counter, warmup)
     samples: dict[str, list[float]] = {name: [] for name in names}
     start, i = time.perf_counter(), 0
     while i < max_rounds and (i < min_rounds or time.perf_counter() - start < budget_s):
@@ -87,15 +93,7 @@ def time_cpu_thread_interleaved(
     if torch.get_num_threads() != 1:
         raise ValueError(f"thread CPU time needs torch.get_num_threads() == 1, got {torch.get_num_threads()}")
     names = list(fns)
-    number = {}
-    for name in names:  # warm up, then calls per block from the least of a few single calls
-        fns[name]()
-        costs = []
-        while len(costs) < 3 and sum(costs) < block_s:
-            t0 = time.thread_time_ns()
-            fns[name]()
-            costs.append((time.thread_time_ns() - t0) / 1e9)
-        number[name] = max(1, int(block_s / max(min(costs), 1e-7)))
+    number = _calls_per_block(fns, block_s, time.thread_time, 1)
     samples: dict[str, list[float]] = {name: [] for name in names}
     start, i = time.perf_counter(), 0
     while i < max_rounds and (i < min_rounds or time.perf_counter() - start < budget_s):

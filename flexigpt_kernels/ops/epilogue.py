@@ -176,9 +176,6 @@ library.register_python(
     "shared_lora_linear_epilogue", (_fwd_python, _bwd_python), (_fwd_fake, _bwd_fake), _backward, _setup_context
 )
 _FWD = library.op("shared_lora_linear_epilogue_fwd")
-_any_requires_grad = torch._C._any_requires_grad
-_below_autograd = torch._C._AutoDispatchBelowAutograd
-_is_compiling = torch.compiler.is_compiling
 
 
 def shared_lora_linear_epilogue(
@@ -210,17 +207,8 @@ def shared_lora_linear_epilogue(
         if type(scale) is not float or type(eps) is not float:  # ints, numpy scalars: checked, then cast
             check_epilogue_args(y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
             scale, eps = float(scale), float(eps)
-        if _is_compiling():  # traced: plain Python that dynamo understands
-            save = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (y0, x, lora_a, lora_b, bias, norm_weight, residual)
-            )
-            out = _FWD(y2d, x2d, lora_a, lora_b, scale, bias, norm_weight, eps, res2d, save)[0]
-        elif torch.is_grad_enabled() and _any_requires_grad(y0, x, lora_a, lora_b, bias, norm_weight, residual):
-            out = _FWD(y2d, x2d, lora_a, lora_b, scale, bias, norm_weight, eps, res2d, True)[0]
-        else:
-            # Nothing to differentiate: skip the autograd kernel (it would only redispatch).
-            with _below_autograd():
-                out = _FWD(y2d, x2d, lora_a, lora_b, scale, bias, norm_weight, eps, res2d, False)[0]
+        tensors = (y0, x, lora_a, lora_b, bias, norm_weight, residual)
+        out = library.call_forward(_FWD, tensors, y2d, x2d, lora_a, lora_b, scale, bias, norm_weight, eps, res2d)
     except (ValueError, TypeError, RuntimeError, IndexError, AttributeError):
         check_epilogue_args(y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
         raise

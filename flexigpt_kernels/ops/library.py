@@ -59,6 +59,10 @@ for _op, _fwd, _bwd in (
     ("shared_lora_linear_epilogue", _EPILOGUE_FWD_ARGS, _EPILOGUE_BWD_ARGS),
 ):
     SCHEMAS.update({f"{_op}_fwd": _fwd, f"{_op}_bwd": _bwd, f"_{_op}_fwd_py": _fwd, f"_{_op}_bwd_py": _bwd})
+#: in place, inference only: y += the stacked parts' adapters (csrc/stacked.cpp, ops/stacked.py)
+SCHEMAS["shared_lora_linear_stacked_delta_"] = (
+    "(Tensor(a!) y, Tensor x, Tensor[] lora_as, Tensor[] lora_bs, float[] scales, Tensor? bias) -> ()"
+)
 
 
 def _load_native(stem: str, without: str) -> bool:
@@ -102,6 +106,23 @@ def register_python(name: str, kernel, fake, backward, setup_context) -> None:
             # _stacklevel: the caller (the module the C++ schema names with set_python_module)
             torch.library.register_fake(f"{NAMESPACE}::{op_name}", fake[i], lib=lib, _stacklevel=2)
     torch.library.register_autograd(f"{NAMESPACE}::{name}_fwd", backward, setup_context=setup_context, lib=lib)
+
+
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_any_requires_grad = torch._C._any_requires_grad
+
+
+def call_forward(fwd: torch._ops.OpOverload, tensors: tuple, *args):
+    """fwd(*args, save_for_backward)[0], where save_for_backward says whether autograd needs the
+    forward's intermediates (grad enabled and one of `tensors` requires grad); when nothing
+    does, below the autograd kernel (it would only redispatch). Traced: plain Python."""
+    if torch.compiler.is_compiling():
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return fwd(*args, save)[0]
+    if torch.is_grad_enabled() and _any_requires_grad(*tensors):
+        return fwd(*args, True)[0]
+    with _below_autograd():
+        return fwd(*args, False)[0]
 
 
 def op(name: str) -> torch._ops.OpOverload:

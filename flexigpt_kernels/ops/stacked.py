@@ -143,6 +143,21 @@ def _backward(ctx, grad_out, _grad_shrink):
 library.register_python(
     "shared_lora_linear_stacked", (_fwd_python, _bwd_python), (_fwd_fake, _bwd_fake), _backward, _setup_context
 )
+
+
+def _delta_python(y, x, lora_as, lora_bs, scales, bias):
+    """shared_lora_linear_stacked_delta_ without the C++ extension (ATen from Python)."""
+    stacked_aten.add_expands(y, torch.mm(x, stacked_aten.concat_rows(lora_as).t()), lora_bs, scales)
+    if bias is not None:
+        y.add_(bias)
+
+
+if not library.NATIVE_CPU:  # with it, csrc/stacked.cpp registers the kernel (every device)
+    library.lib.impl("shared_lora_linear_stacked_delta_", _delta_python, "CompositeExplicitAutograd")
+torch.library.register_fake(
+    f"{library.NAMESPACE}::shared_lora_linear_stacked_delta_", lambda *args: None, lib=library.lib
+)
+_DELTA = library.op("shared_lora_linear_stacked_delta_")
 _FWD = library.op("shared_lora_linear_stacked_fwd")
 _any_requires_grad = torch._C._any_requires_grad
 _below_autograd = torch._C._AutoDispatchBelowAutograd
@@ -190,3 +205,29 @@ def shared_lora_linear_stacked(
         check_stacked_args(x, weight, lora_as, lora_bs, scales, bias)
         raise
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def add_stacked_delta_(
+    y: Tensor,
+    x: Tensor,
+    lora_as: Sequence[Tensor],
+    lora_bs: Sequence[Tensor],
+    scales: Sequence[float],
+    bias: Tensor | None = None,
+) -> Tensor:
+    """In place, inference only: y[..., c_i:c_i+n_i] += scales[i] * (x @ lora_as[i].T) @ lora_bs[i].T,
+    then y += bias; returns y.
+
+    For a stacked projection whose base product y = x @ W.T came from another GEMM (vLLM's
+    `quant_method.apply`): one op call (csrc/stacked.cpp: one shrink GEMM over the concatenated
+    A, one accumulating expand GEMM per part into its column slice, one bias pass), on every
+    device, in y's dtype. Shapes: y [..., N] (a view of it must flatten to [M, N]), x [..., K]
+    with y's leading dims, lora_as[i] [r_i, K] (r_i >= 1), lora_bs[i] [n_i, r_i], sum n_i = N,
+    bias [N]; every tensor shares y's dtype and device. Not differentiable.
+    """
+    if not (isinstance(lora_as, (list, tuple)) and isinstance(lora_bs, (list, tuple))):
+        raise TypeError(f"lora_as and lora_bs must be lists (one entry per part), got {type(lora_as).__name__}")
+    y2d = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    _DELTA(y2d, x2d, lora_as, lora_bs, scales, bias)
+    return y

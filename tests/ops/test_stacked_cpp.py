@@ -61,7 +61,9 @@ def test_epilogue_kernel_matches_reference(dtype, lead, k, n, r, bias, norm, res
     ops = test_stacked_epilogue.operands(lead, k, n, r, dtype, bias, norm, residual)
     grad_out = torch.randn(*lead, n, generator=torch.Generator().manual_seed(1)).to(dtype)
     double = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in ops.items()}
-    expected, expected_grads = test_stacked_epilogue.run(shared_lora_linear_epilogue_reference, double, grad_out.double())
+    expected, expected_grads = test_stacked_epilogue.run(
+        shared_lora_linear_epilogue_reference, double, grad_out.double()
+    )
     with use_backend("cpp"):
         out, grads = test_stacked_epilogue.run(shared_lora_linear_epilogue, ops, grad_out)
     assert_output_and_grads(out, grads, expected, expected_grads, dtype)
@@ -74,7 +76,9 @@ def test_epilogue_kernel_with_strided_y0_and_residual():
         ops["residual"] = ops["residual"].detach().t().contiguous().t().requires_grad_()
     grad_out = torch.randn(6, 30)
     double = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in ops.items()}
-    expected, expected_grads = test_stacked_epilogue.run(shared_lora_linear_epilogue_reference, double, grad_out.double())
+    expected, expected_grads = test_stacked_epilogue.run(
+        shared_lora_linear_epilogue_reference, double, grad_out.double()
+    )
     with use_backend("cpp"):
         out, grads = test_stacked_epilogue.run(shared_lora_linear_epilogue, ops, grad_out)
     assert_output_and_grads(out, grads, expected, expected_grads, torch.float32)
@@ -113,7 +117,9 @@ def test_cpu_calls_with_cpp_selected_never_enter_python(monkeypatch):
 
     def both(dtype):
         c = [t.to(dtype) for t in (x, w, y0, a, b, gamma)]
-        s = shared_lora_linear_stacked(c[0], c[1], [t.to(dtype) for t in parts[0]], [t.to(dtype) for t in parts[1]], parts[2])
+        s = shared_lora_linear_stacked(
+            c[0], c[1], [t.to(dtype) for t in parts[0]], [t.to(dtype) for t in parts[1]], parts[2]
+        )
         e = shared_lora_linear_epilogue(c[2], c[0], c[3], c[4], 0.7, norm_weight=c[5])
         return s, e
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..ops import shared_lora_linear, use_backend
 from ..ops.stacked import shared_lora_linear_stacked
 from .env import run_metadata
-from .timing import time_cpu_interleaved, time_cpu_thread_interleaved, time_cuda
+from .timing import time_cpu_interleaved, time_cuda
 
 #: (layer, K, part widths, per-part rank): SmolLM2-135M's qkv_proj (9 query heads, 3 kv heads
 #: of 64) and gate_up_proj, at the kernel grid's rank
@@ -104,10 +104,8 @@ def run_stacked(
                     timings = {
                         p: time_cuda(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cuda_graph=graph) for p, fn in fns.items()
                     }
-                elif torch.get_num_threads() == 1:
-                    timings = time_cpu_thread_interleaved(fns, budget_s)
                 else:
-                    timings = time_cpu_interleaved(fns, budget_s)
+                    timings = time_cpu_interleaved(fns, budget_s, thread_time=torch.get_num_threads() == 1)
             for p, t in timings.items():
                 rows.append(
                     {

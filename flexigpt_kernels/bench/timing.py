@@ -1,5 +1,5 @@
 """Timing: triton.testing.do_bench on CUDA, torch.utils.benchmark.Timer on the CPU (or, with one
-thread, the thread's CPU time: time_cpu_thread_interleaved).
+thread, the thread's CPU time: time_cpu_interleaved(thread_time=True)).
 
 Both report the minimum and the median over rounds (one round = the mean of a block of
 calls). On a shared CPU the minimum is the better estimate of what the code costs; the
@@ -55,59 +55,41 @@ def time_cpu_interleaved(
     max_rounds: int = 200,
     block_s: float = 0.005,
     warmup: int = 1,
+    thread_time: bool = False,
 ) -> dict[str, Timing]:
     """Time every callable of `fns` in interleaved rounds within about `budget_s` seconds in all
-    (never fewer than `min_rounds` rounds). Returns {name: Timing}."""
+    (never fewer than `min_rounds` rounds). Returns {name: Timing}.
+
+    thread_time=True: in the calling thread's CPU time (time.thread_time_ns) instead of wall
+    clock: the time it was preempted by other processes is not counted, so on a loaded machine
+    the minima stay put where wall-clock ones swing by 2x. Only meaningful with
+    torch.get_num_threads() == 1 (work done by other threads is not seen): refused otherwise."""
     from torch.utils.benchmark import Timer
 
     names = list(fns)
     threads = torch.get_num_threads()
+    if thread_time and threads != 1:
+        raise ValueError(f"thread CPU time needs torch.get_num_threads() == 1, got {threads}")
     timers = {name: Timer(stmt="fn()", globals={"fn": fns[name]}, num_threads=threads) for name in names}
-    number = _calls_per_block(fns, block_s, time.perf_counter, warmup)
+
+    def block(name: str, n: int) -> float:  # seconds per call
+        if not thread_time:
+            return timers[name].timeit(n).mean
+        fn, t0 = fns[name], time.thread_time_ns()
+        for _ in range(n):
+            fn()
+        return (time.thread_time_ns() - t0) / 1e9 / n
+
+    number = _calls_per_block(fns, block_s, time.thread_time if thread_time else time.perf_counter, warmup)
     samples: dict[str, list[float]] = {name: [] for name in names}
     start, i = time.perf_counter(), 0
     while i < max_rounds and (i < min_rounds or time.perf_counter() - start < budget_s):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            samples[name].append(timers[name].timeit(number[name]).mean)
+            samples[name].append(block(name, number[name]))
         i += 1
-    rounds = i
-    return {
-        name: Timing(min(v), statistics.median(v), rounds, number[name], "torch.utils.benchmark interleaved")
-        for name, v in samples.items()
-    }
-
-
-def time_cpu_thread_interleaved(
-    fns: dict[str, Callable[[], object]],
-    budget_s: float = 1.0,
-    *,
-    min_rounds: int = 3,
-    max_rounds: int = 200,
-    block_s: float = 0.005,
-) -> dict[str, Timing]:
-    """As time_cpu_interleaved, in the calling thread's CPU time (time.thread_time_ns): the
-    time it was preempted by other processes is not counted, so on a loaded machine the
-    minima stay put where wall-clock ones swing by 2x. Only meaningful with
-    torch.get_num_threads() == 1 (work done by other threads is not seen): refused otherwise."""
-    if torch.get_num_threads() != 1:
-        raise ValueError(f"thread CPU time needs torch.get_num_threads() == 1, got {torch.get_num_threads()}")
-    names = list(fns)
-    number = _calls_per_block(fns, block_s, time.thread_time, 1)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    start, i = time.perf_counter(), 0
-    while i < max_rounds and (i < min_rounds or time.perf_counter() - start < budget_s):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            fn, n = fns[name], number[name]
-            t0 = time.thread_time_ns()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.thread_time_ns() - t0) / 1e9 / n)
-        i += 1
-    return {
-        name: Timing(min(v), statistics.median(v), i, number[name], "thread CPU time interleaved")
-        for name, v in samples.items()
-    }
+    timer = "thread CPU time interleaved" if thread_time else "torch.utils.benchmark interleaved"
+    return {name: Timing(min(v), statistics.median(v), i, number[name], timer) for name, v in samples.items()}
 
 
 def time_cuda(

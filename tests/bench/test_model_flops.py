@@ -9,17 +9,10 @@ import dataclasses
 import pytest
 import torch
 
+from flexigpt_kernels.bench.model_convert import RANDOM_PRESETS
 from flexigpt_kernels.bench.model_flops import count_flops, floor_ratios
 
-SMOLLM2 = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-)
+SMOLLM2 = dict(RANDOM_PRESETS["smollm2-135m"], tie_word_embeddings=True)
 
 
 def _meta_llama(**shape):

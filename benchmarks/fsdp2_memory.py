@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from flexigpt_kernels.bench.model_convert import RANDOM_PRESETS
 from flexigpt_kernels.convert.prune import prune
 from flexigpt_kernels.train.params import select_trainable
 from flexigpt_kernels.train.shard import (
@@ -33,17 +34,7 @@ from flexigpt_kernels.train.shard import (
     sharing_groups,
 )
 
-SMOLLM2 = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
+SMOLLM2 = dict(RANDOM_PRESETS["smollm2-135m"], tie_word_embeddings=True)
 
 
 def build(ratio: float):

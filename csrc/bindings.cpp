@@ -3,8 +3,10 @@
 // Loaded with torch.ops.load_library (flexigpt_kernels/ops/library.py); no Python module.
 // TORCH_LIBRARY(flexigpt) declares the op schemas; TORCH_LIBRARY_IMPL(flexigpt, CPU) registers
 // the CPU kernels. Fake (meta) kernels, autograd and the Python backends are registered from
-// Python on these same ops (flexigpt_kernels/ops/shared_lora_linear.py). Another translation
-// unit adds ops to the library with TORCH_LIBRARY_FRAGMENT(flexigpt, m).
+// Python on these same ops (flexigpt_kernels/ops/shared_lora_linear.py). The multi-slice and
+// epilogue forms of the op are declared and implemented the same way in stacked.cpp and
+// epilogue.cpp (TORCH_LIBRARY_FRAGMENT(flexigpt, m)); the row passes they share are in
+// row_passes.cpp, the argument checks in checks.h.
 //
 //   x [M, K]  weight [N, K]  lora_a [r, K]  lora_b [N, r]  bias [N]  norm_weight [N]
 //   residual [M, N];  every tensor on the CPU in x's dtype.
@@ -43,9 +45,10 @@
 #include <string>
 #include <vector>
 
-#include "cpu/shared_lora_linear_cpu.h"
+#include "checks.h"
 #include "native_routes.h"
 #include "python_fallback.h"
+#include "row_passes.h"
 
 namespace {
 
@@ -54,17 +57,14 @@ using c10::optional;
 
 constexpr const char* kOp = "shared_lora_linear (C++ CPU): ";
 
-std::string shape_of(const Tensor& t) { return c10::str(t.sizes()); }
+using flexigpt::shape_of;
 
 void check_cpu_dtype(const Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(t.device().is_cpu(), kOp, name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, kOp, name, " has dtype ", t.scalar_type(), " but x has dtype ",
-                   dtype, "; all tensors must share it");
+  flexigpt::check_cpu_dtype(kOp, t, name, dtype);
 }
 
 void check_shape(const Tensor& t, const char* name, std::vector<int64_t> expected, const char* what) {
-  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), kOp, name, " must be ", what, " = ",
-                    at::IntArrayRef(expected), ", got shape ", shape_of(t));
+  flexigpt::check_shape(kOp, t, name, std::move(expected), what);
 }
 
 struct Dims {
@@ -73,13 +73,7 @@ struct Dims {
 
 // x, weight, lora_a, lora_b: device, dtype, shapes. Returns the sizes.
 Dims check_core(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b) {
-  TORCH_CHECK_TYPE(x.device().is_cpu(), kOp, "x must be a CPU tensor, got one on ", x.device(),
-                   " (CUDA tensors go to flexigpt_kernels._C_cuda or Triton)");
-  const auto xt = x.scalar_type();
-  TORCH_CHECK_TYPE(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf || xt == at::kDouble, kOp,
-                   "x has dtype ", xt, "; supported: float16, bfloat16, float32, float64");
-  TORCH_CHECK_VALUE(x.dim() == 2, kOp, "x must be 2-D [M, K] (flatten the leading dims), got shape ",
-                    shape_of(x));
+  flexigpt::check_leading(kOp, x, "x", "[M, K]");
   const auto dtype = x.scalar_type();
   check_cpu_dtype(weight, "weight", dtype);
   TORCH_CHECK_VALUE(weight.dim() == 2, kOp, "weight must be 2-D [N, K], got shape ", shape_of(weight));
@@ -98,17 +92,11 @@ Dims check_core(const Tensor& x, const Tensor& weight, const Tensor& lora_a, con
   return {m, k, n, r};
 }
 
-void check_scalars(double scale, double eps) {
-  TORCH_CHECK_VALUE(std::isfinite(scale), kOp, "scale must be a finite float, got ", scale);
-  TORCH_CHECK_VALUE(eps > 0, kOp, "eps must be a positive float, got ", eps);
-}
+void check_scalars(double scale, double eps) { flexigpt::check_scale_eps(kOp, "scale", scale, eps); }
 
 bool cpu_native(const Tensor& x) {
   return (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && flexigpt::cpp_selected();
 }
-
-// Rows per parallel task: enough elements (~32k) to outweigh the scheduling.
-int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n)); }
 
 using Fwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Bwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -139,7 +127,6 @@ Dims check_forward(const Tensor& x, const Tensor& weight, const Tensor& lora_a, 
 Fwd forward_native(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
                    double scale, const optional<Tensor>& bias, const optional<Tensor>& norm_weight_arg,
                    double eps, const optional<Tensor>& residual_arg, bool save_for_backward, const Dims& d) {
-  const auto dtype = x.scalar_type();
   const bool has_bias = bias.has_value() && bias->defined();
   const bool has_norm = norm_weight_arg.has_value() && norm_weight_arg->defined();
   const bool has_res = residual_arg.has_value() && residual_arg->defined();
@@ -168,77 +155,14 @@ Fwd forward_native(const Tensor& x, const Tensor& weight, const Tensor& lora_a, 
   if (!finish) return Fwd{y, shrink, y_pre, mean, rstd};
 
   const bool keep_y = has_norm && save_for_backward;
-  const Tensor bias_c = has_bias ? bias->contiguous() : Tensor();  // [N], read by the row pass
   Tensor out = y;  // finish in place unless y must be kept for the backward
   if (keep_y) {
     out = at::empty_like(y);
     y_pre = y;
   }
-  const int64_t n = d.n;
-  const int64_t res_stride = has_res ? residual->stride(0) : 0;
-  float* mean_p = has_norm ? mean.data_ptr<float>() : nullptr;
-  float* rstd_p = has_norm ? rstd.data_ptr<float>() : nullptr;
-  const float feps = static_cast<float>(eps);
-  if (dtype == at::kFloat) {
-    float* yp = y.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    const float* bp = has_bias ? bias_c.const_data_ptr<float>() : nullptr;
-    const float* gp = has_norm ? norm_weight->const_data_ptr<float>() : nullptr;
-    const float* rp = has_res ? residual->const_data_ptr<float>() : nullptr;
-    at::parallel_for(0, d.m, row_grain(n), [&](int64_t b, int64_t e) {
-      flexigpt::cpu::finish_rows_f32(yp, bp, keep_y, op, gp, rp, res_stride, mean_p, rstd_p, n, feps, b, e);
-    });
-  } else {
-    using bits = flexigpt::cpu::bf16_bits;
-    bits* yp = reinterpret_cast<bits*>(y.data_ptr<at::BFloat16>());
-    bits* op = reinterpret_cast<bits*>(out.data_ptr<at::BFloat16>());
-    const bits* bp = has_bias ? reinterpret_cast<const bits*>(bias_c.const_data_ptr<at::BFloat16>()) : nullptr;
-    const bits* gp = has_norm ? reinterpret_cast<const bits*>(norm_weight->const_data_ptr<at::BFloat16>()) : nullptr;
-    const bits* rp = has_res ? reinterpret_cast<const bits*>(residual->const_data_ptr<at::BFloat16>()) : nullptr;
-    at::parallel_for(0, d.m, row_grain(n), [&](int64_t b, int64_t e) {
-      flexigpt::cpu::finish_rows_bf16(yp, bp, keep_y, op, gp, rp, res_stride, mean_p, rstd_p, n, feps, b, e);
-    });
-  }
+  const optional<Tensor> bias_c = has_bias ? optional<Tensor>(bias->contiguous()) : optional<Tensor>();
+  flexigpt::finish_rows(y, c10::nullopt, bias_c, keep_y, out, norm_weight, residual, mean, rstd, eps);
   return Fwd{out, shrink, y_pre, mean, rstd};
-}
-
-// dy and the fp32 column sums (dgamma, dbias) of the norm backward, in one parallel pass.
-// The rows are cut into at most get_num_threads() chunks, each with its own accumulators,
-// summed afterwards: the result does not depend on the scheduling.
-std::vector<Tensor> norm_backward(const Tensor& grad, const Tensor& y_pre, const Tensor& gamma,
-                                  const Tensor& mean, const Tensor& rstd) {
-  const int64_t m = y_pre.size(0), n = y_pre.size(1);
-  Tensor dy = at::empty({m, n}, y_pre.options());
-  const int64_t grain = row_grain(n);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (m + grain - 1) / grain));
-  const int64_t rows_per_chunk = (m + chunks - 1) / chunks;
-  Tensor acc = at::zeros({2, chunks, n}, y_pre.options().dtype(at::kFloat));
-  float* acc_p = acc.data_ptr<float>();
-  const float* mean_p = mean.const_data_ptr<float>();
-  const float* rstd_p = rstd.const_data_ptr<float>();
-  const int64_t gstride = grad.stride(0);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t b = c * rows_per_chunk, e = std::min(m, b + rows_per_chunk);
-      if (b >= e) continue;
-      float* dgamma_acc = acc_p + c * n;
-      float* dbias_acc = acc_p + (chunks + c) * n;
-      if (y_pre.scalar_type() == at::kFloat) {
-        flexigpt::cpu::norm_backward_rows_f32(grad.const_data_ptr<float>(), gstride, y_pre.const_data_ptr<float>(),
-                                              gamma.const_data_ptr<float>(), mean_p, rstd_p, dy.data_ptr<float>(),
-                                              dgamma_acc, dbias_acc, n, b, e);
-      } else {
-        using bits = flexigpt::cpu::bf16_bits;
-        flexigpt::cpu::norm_backward_rows_bf16(
-            reinterpret_cast<const bits*>(grad.const_data_ptr<at::BFloat16>()), gstride,
-            reinterpret_cast<const bits*>(y_pre.const_data_ptr<at::BFloat16>()),
-            reinterpret_cast<const bits*>(gamma.const_data_ptr<at::BFloat16>()), mean_p, rstd_p,
-            reinterpret_cast<bits*>(dy.data_ptr<at::BFloat16>()), dgamma_acc, dbias_acc, n, b, e);
-      }
-    }
-  });
-  Tensor sums = chunks == 1 ? acc.select(1, 0) : acc.sum(1);  // [2, N]
-  return {dy, sums.select(0, 0).clone(), sums.select(0, 1).clone()};
 }
 
 // Every check of the backward's contract (all dtypes); returns the sizes.
@@ -276,7 +200,7 @@ Bwd backward_native(const Tensor& grad_arg, const Tensor& x, const Tensor& weigh
 
   Tensor dy, grad_bias, grad_norm_weight = at::empty({0}, fopts);
   if (has_norm) {
-    auto parts = norm_backward(grad_out, y_pre.contiguous(), norm_weight->contiguous(), mean.contiguous(),
+    auto parts = flexigpt::norm_backward(grad_out, y_pre.contiguous(), norm_weight->contiguous(), mean.contiguous(),
                                rstd.contiguous());
     dy = parts[0];
     grad_norm_weight = parts[1];

@@ -69,10 +69,16 @@ FLEXIGPT_INLINE float lane_sum(int64_t n, F&& f) {
   return acc[0] + tail;
 }
 
-// v = y [+ bias]; the bias is added here rather than by the GEMM, saving a pass over y.
-template <typename T>
-FLEXIGPT_INLINE float pre_norm(const T* yr, const T* bias, int64_t j) {
-  return bias != nullptr ? to_f32(yr[j]) + to_f32(bias[j]) : to_f32(yr[j]);
+// v = y [+ add] [+ bias]; the bias (and the epilogue's base product `add`) are added here
+// rather than by the GEMM, saving a pass over y. Which of them are present is a template
+// flag (kAdd, kBias), not a test in the loops: a load behind a runtime test inside the
+// reductions kept the compiler from vectorising them.
+template <bool kAdd, bool kBias, typename T>
+FLEXIGPT_INLINE float pre_norm(const T* yr, const T* ar, const T* bias, int64_t j) {
+  float v = to_f32(yr[j]);
+  if (kAdd) v += to_f32(ar[j]);
+  if (kBias) v += to_f32(bias[j]);
+  return v;
 }
 
 // 1 / sqrt(var + eps) for a row whose sum of squared deviations overflowed fp32 (|v| above
@@ -80,10 +86,10 @@ FLEXIGPT_INLINE float pre_norm(const T* yr, const T* bias, int64_t j) {
 // over the deviations scaled by a power of two (exact) that brings the largest to ~1, then
 // rstd = 2^-e / sqrt(sum((d 2^-e)^2) / N + eps 2^-2e). Rows with Inf/NaN keep m2_overflowed
 // (the result is NaN or 0, as in the reference). Never taken by ordinary rows.
-template <typename T>
-float rescaled_rstd(const T* yr, const T* bias, float mean, int64_t n, float eps, float m2_overflowed) {
+template <bool kAdd, bool kBias, typename T>
+float rescaled_rstd(const T* yr, const T* ar, const T* bias, float mean, int64_t n, float eps, float m2_overflowed) {
   float amax = 0.0f;
-  for (int64_t j = 0; j < n; ++j) amax = std::fmax(amax, std::fabs(pre_norm(yr, bias, j) - mean));
+  for (int64_t j = 0; j < n; ++j) amax = std::fmax(amax, std::fabs(pre_norm<kAdd, kBias>(yr, ar, bias, j) - mean));
   if (!std::isfinite(amax) || !std::isfinite(mean)) {
     return 1.0f / std::sqrt(m2_overflowed / static_cast<float>(n) + eps);
   }
@@ -91,65 +97,66 @@ float rescaled_rstd(const T* yr, const T* bias, float mean, int64_t n, float eps
   std::frexp(amax, &e);  // amax = f 2^e with f in [0.5, 1)
   const float down = std::ldexp(1.0f, -e);
   const float m2 = lane_sum(n, [&](int64_t j) {
-    const float d = (pre_norm(yr, bias, j) - mean) * down;
+    const float d = (pre_norm<kAdd, kBias>(yr, ar, bias, j) - mean) * down;
     return d * d;
   });
   const float eps_scaled = std::ldexp(eps, -2 * e);  // underflows to 0 when negligible
   return down / std::sqrt(m2 / static_cast<float>(n) + eps_scaled);
 }
 
-template <typename T>
-FLEXIGPT_INLINE void finish_rows(T* y, const T* bias, bool keep_y, T* out, const T* gamma,
-                                 const T* residual, int64_t residual_row_stride, float* mean_out,
-                                 float* rstd_out, int64_t n, float eps, int64_t row_begin,
+template <bool kAdd, bool kBias, typename T>
+FLEXIGPT_INLINE void finish_rows(T* y, const T* add, int64_t add_row_stride, const T* bias, bool keep_y,
+                                 T* out, const T* gamma, const T* residual, int64_t residual_row_stride,
+                                 float* mean_out, float* rstd_out, int64_t n, float eps, int64_t row_begin,
                                  int64_t row_end) {
   const float inv_n = 1.0f / static_cast<float>(n);
-  const bool write_y = keep_y && bias != nullptr;  // y must end up holding v
+  const bool write_y = keep_y && (kBias || kAdd);  // y must end up holding v
   for (int64_t i = row_begin; i < row_end; ++i) {
     T* yr = y + i * n;
+    const T* ar = kAdd ? add + i * add_row_stride : nullptr;
     T* orow = out + i * n;
     const T* rr = residual != nullptr ? residual + i * residual_row_stride : nullptr;
     if (gamma == nullptr) {
       if (rr != nullptr) {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) orow[j] = from_f32<T>(pre_norm(yr, bias, j) + to_f32(rr[j]));
+        for (int64_t j = 0; j < n; ++j) orow[j] = from_f32<T>(pre_norm<kAdd, kBias>(yr, ar, bias, j) + to_f32(rr[j]));
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) orow[j] = from_f32<T>(pre_norm(yr, bias, j));
+        for (int64_t j = 0; j < n; ++j) orow[j] = from_f32<T>(pre_norm<kAdd, kBias>(yr, ar, bias, j));
       }
       continue;
     }
-    const float mean = lane_sum(n, [&](int64_t j) { return pre_norm(yr, bias, j); }) * inv_n;
+    const float mean = lane_sum(n, [&](int64_t j) { return pre_norm<kAdd, kBias>(yr, ar, bias, j); }) * inv_n;
     const float m2 = lane_sum(n, [&](int64_t j) {
-      const float d = pre_norm(yr, bias, j) - mean;
+      const float d = pre_norm<kAdd, kBias>(yr, ar, bias, j) - mean;
       return d * d;
     });
     const float rstd = std::isfinite(m2) ? 1.0f / std::sqrt(m2 * inv_n + eps)
-                                         : rescaled_rstd(yr, bias, mean, n, eps, m2);
+                                         : rescaled_rstd<kAdd, kBias>(yr, ar, bias, mean, n, eps, m2);
     mean_out[i] = mean;
     rstd_out[i] = rstd;
     if (rr != nullptr && write_y) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const float v = pre_norm(yr, bias, j);
+        const float v = pre_norm<kAdd, kBias>(yr, ar, bias, j);
         orow[j] = from_f32<T>((v - mean) * rstd * to_f32(gamma[j]) + to_f32(rr[j]));
         yr[j] = from_f32<T>(v);
       }
     } else if (rr != nullptr) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j)
-        orow[j] = from_f32<T>((pre_norm(yr, bias, j) - mean) * rstd * to_f32(gamma[j]) + to_f32(rr[j]));
+        orow[j] = from_f32<T>((pre_norm<kAdd, kBias>(yr, ar, bias, j) - mean) * rstd * to_f32(gamma[j]) + to_f32(rr[j]));
     } else if (write_y) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const float v = pre_norm(yr, bias, j);
+        const float v = pre_norm<kAdd, kBias>(yr, ar, bias, j);
         orow[j] = from_f32<T>((v - mean) * rstd * to_f32(gamma[j]));
         yr[j] = from_f32<T>(v);
       }
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j)
-        orow[j] = from_f32<T>((pre_norm(yr, bias, j) - mean) * rstd * to_f32(gamma[j]));
+        orow[j] = from_f32<T>((pre_norm<kAdd, kBias>(yr, ar, bias, j) - mean) * rstd * to_f32(gamma[j]));
     }
   }
 }
@@ -183,23 +190,43 @@ FLEXIGPT_INLINE void norm_backward_rows(const T* grad, int64_t grad_row_stride, 
   }
 }
 
+// finish_rows with the template flags of the operands present (one test per call, not per element)
+template <typename T>
+FLEXIGPT_INLINE void finish_dispatch(T* y, const T* add, int64_t add_row_stride, const T* bias, bool keep_y, T* out,
+                                     const T* gamma, const T* residual, int64_t residual_row_stride, float* mean,
+                                     float* rstd, int64_t n, float eps, int64_t row_begin, int64_t row_end) {
+  if (add != nullptr && bias != nullptr) {
+    finish_rows<true, true>(y, add, add_row_stride, bias, keep_y, out, gamma, residual, residual_row_stride, mean,
+                            rstd, n, eps, row_begin, row_end);
+  } else if (add != nullptr) {
+    finish_rows<true, false>(y, add, add_row_stride, bias, keep_y, out, gamma, residual, residual_row_stride, mean,
+                             rstd, n, eps, row_begin, row_end);
+  } else if (bias != nullptr) {
+    finish_rows<false, true>(y, add, 0, bias, keep_y, out, gamma, residual, residual_row_stride, mean, rstd, n, eps,
+                             row_begin, row_end);
+  } else {
+    finish_rows<false, false>(y, add, 0, bias, keep_y, out, gamma, residual, residual_row_stride, mean, rstd, n, eps,
+                              row_begin, row_end);
+  }
+}
+
 }  // namespace
 
 FLEXIGPT_MULTIVERSION
-void finish_rows_f32(float* y, const float* bias, bool keep_y, float* out, const float* gamma,
-                     const float* residual, int64_t residual_row_stride, float* mean, float* rstd,
-                     int64_t n, float eps, int64_t row_begin, int64_t row_end) {
-  finish_rows<float>(y, bias, keep_y, out, gamma, residual, residual_row_stride, mean, rstd, n, eps,
-                     row_begin, row_end);
+void finish_rows_f32(float* y, const float* add, int64_t add_row_stride, const float* bias, bool keep_y,
+                     float* out, const float* gamma, const float* residual, int64_t residual_row_stride,
+                     float* mean, float* rstd, int64_t n, float eps, int64_t row_begin, int64_t row_end) {
+  finish_dispatch(y, add, add_row_stride, bias, keep_y, out, gamma, residual, residual_row_stride, mean, rstd, n,
+                  eps, row_begin, row_end);
 }
 
 FLEXIGPT_MULTIVERSION
-void finish_rows_bf16(bf16_bits* y, const bf16_bits* bias, bool keep_y, bf16_bits* out,
-                      const bf16_bits* gamma, const bf16_bits* residual, int64_t residual_row_stride,
-                      float* mean, float* rstd, int64_t n, float eps, int64_t row_begin,
-                      int64_t row_end) {
-  finish_rows<bf16_bits>(y, bias, keep_y, out, gamma, residual, residual_row_stride, mean, rstd, n, eps,
-                         row_begin, row_end);
+void finish_rows_bf16(bf16_bits* y, const bf16_bits* add, int64_t add_row_stride, const bf16_bits* bias,
+                      bool keep_y, bf16_bits* out, const bf16_bits* gamma, const bf16_bits* residual,
+                      int64_t residual_row_stride, float* mean, float* rstd, int64_t n, float eps,
+                      int64_t row_begin, int64_t row_end) {
+  finish_dispatch(y, add, add_row_stride, bias, keep_y, out, gamma, residual, residual_row_stride, mean, rstd, n,
+                  eps, row_begin, row_end);
 }
 
 FLEXIGPT_MULTIVERSION

@@ -4,8 +4,9 @@
 // threads; each call here handles rows [row_begin, row_end) sequentially.
 //
 //   y [M, N] (row stride N)       the GEMM output  x W^T + scale (x A^T) B^T, bias not yet added
-//   forward:                      v_ij = y_ij [+ bias_j]  (the pre-norm output; written back to
-//                                 y when keep_y, so that y holds it for the backward)
+//   add [M, N] (row stride given) or nullptr: a base product computed elsewhere (the epilogue op)
+//   forward:                      v_ij = y_ij [+ add_ij] [+ bias_j]  (the pre-norm output; written
+//                                 back to y when keep_y, so that y holds it for the backward)
 //            gamma != nullptr:    mean_i = mean_j v_ij,  rstd_i = 1 / sqrt(var_j v_ij + eps)
 //                                 out_ij = gamma_j (v_ij - mean_i) rstd_i [+ residual_ij]
 //            gamma == nullptr:    out_ij = v_ij [+ residual_ij]
@@ -27,14 +28,14 @@ namespace cpu {
 
 using bf16_bits = uint16_t;
 
-void finish_rows_f32(float* y, const float* bias, bool keep_y, float* out, const float* gamma,
-                     const float* residual, int64_t residual_row_stride, float* mean, float* rstd,
-                     int64_t n, float eps, int64_t row_begin, int64_t row_end);
+void finish_rows_f32(float* y, const float* add, int64_t add_row_stride, const float* bias, bool keep_y,
+                     float* out, const float* gamma, const float* residual, int64_t residual_row_stride,
+                     float* mean, float* rstd, int64_t n, float eps, int64_t row_begin, int64_t row_end);
 
-void finish_rows_bf16(bf16_bits* y, const bf16_bits* bias, bool keep_y, bf16_bits* out,
-                      const bf16_bits* gamma, const bf16_bits* residual, int64_t residual_row_stride,
-                      float* mean, float* rstd, int64_t n, float eps, int64_t row_begin,
-                      int64_t row_end);
+void finish_rows_bf16(bf16_bits* y, const bf16_bits* add, int64_t add_row_stride, const bf16_bits* bias,
+                      bool keep_y, bf16_bits* out, const bf16_bits* gamma, const bf16_bits* residual,
+                      int64_t residual_row_stride, float* mean, float* rstd, int64_t n, float eps,
+                      int64_t row_begin, int64_t row_end);
 
 void norm_backward_rows_f32(const float* grad, int64_t grad_row_stride, const float* y,
                             const float* gamma, const float* mean, const float* rstd, float* dy,

@@ -30,6 +30,7 @@ from .model_convert import (
 from .model_convert import (
     _randomize_adapters as _randomize_adapters,  # re-exported (tests)
 )
+from .model_flops import count_flops, floor_ratios
 from .model_measure import (
     VARIANTS,
     Measurement,
@@ -110,9 +111,11 @@ def run_model_bench(
         variants.append(Variant("flexigpt", flex))
     if "flexigpt-unfused" in wanted:
         variants.append(Variant("flexigpt-unfused", flex, unfused=True))
+    flops = {v.name: count_flops(v.model) for v in variants}  # the unfused variant: the same model
+    floors = floor_ratios(flops, st.seq_len, st.new_tokens)
     measure_all(variants, ids, st, device, log)
     results = {v.name: v.result for v in variants}
-    rows = _rows(results, st, device, dtype, source, conv, ours)
+    rows = _rows(results, st, device, dtype, source, conv, ours, floors)
     slug = device_slug(device)
     csv_path = append_csv(out / f"model_{slug}.csv", rows)
     md_path = out / f"model_{slug}.md"

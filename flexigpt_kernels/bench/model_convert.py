@@ -25,6 +25,17 @@ RANDOM_PRESETS = {
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
     ),
+    # SmolLM2-135M's shape (the embedded model's; FLOP counts and timing without loading it)
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+    ),
     # the smoke tests' model: seconds on the CPU
     "tiny": dict(
         hidden_size=64,

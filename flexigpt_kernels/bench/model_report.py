@@ -1,6 +1,7 @@
 """The rows and tables of `bench model` (bench/model.py): one CSV row per variant with the run's
 metadata, the text table, and the markdown report; times as ratios to the dense model (prefill
-from the minima, decode from the median ms/token)."""
+from the minima, decode from the median ms/token), each beside its FLOP floor (the variant's
+FLOPs / the dense model's, bench/model_flops.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,25 @@ import torch
 from .env import run_metadata
 from .model_convert import Conversion
 from .model_measure import VARIANTS, Measurement, Settings
-from .results import fmt_ratio, markdown_table, text_table
+from .results import markdown_table, text_table
 
 
-def _rows(results: dict[str, Measurement], st: Settings, device, dtype, source, conv: Conversion, ours) -> list[dict]:
+def _ratio3(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def _rows(
+    results: dict[str, Measurement],
+    st: Settings,
+    device,
+    dtype,
+    source,
+    conv: Conversion,
+    ours,
+    floors: dict[str, dict[str, float]] | None = None,
+) -> list[dict]:
+    """One row per variant; `floors` is model_flops.floor_ratios (FLOP floors; NaN without)."""
+    floors = floors or {}
     meta = run_metadata(device)
     meta.update(
         dtype=str(dtype).removeprefix("torch."),
@@ -34,6 +50,7 @@ def _rows(results: dict[str, Measurement], st: Settings, device, dtype, source, 
     rows = []
     for v in [v for v in VARIANTS if v in results]:
         r = results[v]
+        floor = floors.get(v, {})
         row = {
             **meta,
             "variant": v,
@@ -48,11 +65,13 @@ def _rows(results: dict[str, Measurement], st: Settings, device, dtype, source, 
             row[key + "_min_ms"] = mn * 1e3
             row[key + "_median_ms"] = med * 1e3
             row[key + "_x_dense"] = mn / dense.prefill(b)[0] if dense else math.nan
+            row[key + "_flop_floor"] = floor.get("prefill", math.nan)  # per sequence: the same at every batch
         step_med = statistics.median(r.steps)
         row["decode_tok_s"] = len(r.steps) / sum(r.steps)
         row["decode_ms_per_token_min"] = min(r.steps) * 1e3
         row["decode_ms_per_token_median"] = step_med * 1e3
         row["decode_x_dense"] = step_med / statistics.median(dense.steps) if dense else math.nan
+        row["decode_flop_floor"] = floor.get("decode", math.nan)
         row["kv_cache_MiB"] = r.kv_cache_bytes / 2**20
         row["peak_activation_MiB"] = r.peak_bytes / 2**20
         row["memory_method"] = r.memory_method
@@ -65,8 +84,8 @@ def _rows(results: dict[str, Measurement], st: Settings, device, dtype, source, 
 def _table(rows: list[dict], st: Settings):
     headers = ["model", "layers (replaced)", "params M", "weights MiB"]
     for b in st.batches:
-        headers += [f"prefill {b}x{st.seq_len} ms min / med", "x dense"]
-    headers += ["decode tok/s", "ms/token min / med", "x dense", "KV cache MiB", "peak activations MiB"]
+        headers += [f"prefill {b}x{st.seq_len} ms min / med", "x dense", "FLOP floor"]
+    headers += ["decode tok/s", "ms/token min / med", "x dense", "FLOP floor", "KV cache MiB", "peak activations MiB"]
     body = []
     for r in rows:
         line = [
@@ -77,11 +96,16 @@ def _table(rows: list[dict], st: Settings):
         ]
         for b in st.batches:
             key = f"prefill_{b}x{st.seq_len}"
-            line += [f"{r[key + '_min_ms']:.1f} / {r[key + '_median_ms']:.1f}", fmt_ratio(r[key + "_x_dense"])]
+            line += [
+                f"{r[key + '_min_ms']:.1f} / {r[key + '_median_ms']:.1f}",
+                _ratio3(r[key + "_x_dense"]),
+                _ratio3(r.get(key + "_flop_floor", math.nan)),
+            ]
         line += [
             f"{r['decode_tok_s']:.1f}",
             f"{r['decode_ms_per_token_min']:.2f} / {r['decode_ms_per_token_median']:.2f}",
-            fmt_ratio(r["decode_x_dense"]),
+            _ratio3(r["decode_x_dense"]),
+            _ratio3(r.get("decode_flop_floor", math.nan)),
             f"{r['kv_cache_MiB']:.1f}",
             f"{r['peak_activation_MiB']:.0f}",
         ]
@@ -113,7 +137,10 @@ def _markdown(rows: list[dict], st: Settings) -> str:
         f"greedy, {st.new_tokens} one-token steps after a {st.seq_len}-token prompt, models interleaved per "
         f"step; tok/s = steps / their total time; ratio to dense from the median ms/token. Memory: weights "
         f"(each shared tensor once), the KV cache after decoding, and the largest transient peak of one "
-        f"call ({first['memory_method']}).\n\n"
+        f"call ({first['memory_method']}). FLOP floor: the variant's FLOPs / the dense model's from the "
+        f"models' shapes (linear layers, the adapters' 2 r (in + out) per token, causal attention; the "
+        f"decode step at the middle context), the time ratio no implementation can beat by arithmetic "
+        f"alone (decode at batch 1 is memory-bound: there it is a reference point, not a bound).\n\n"
         + markdown_table(headers, body)
         + "\n"
         + (f"\nGreedy tokens of flexigpt-unfused equal to flexigpt's: {same[0]}.\n" if same else "")

@@ -8,7 +8,9 @@
 
 Forward under torch.no_grad() (inference), fp32 by default, same rows/columns as the kernel
 grid (variant "stacked", mode "fwd", N = sum of the part widths, r = the per-part rank), plus
-"parts" and x_dense / x_per_part (from the medians; *_min from the minima).
+"parts" and x_dense / x_per_part (from the medians; *_min from the minima). The backend is
+selected once around the timing (not per call). On the CPU with one thread the times are the
+thread's CPU time (bench/timing.py: robust to other processes' load), else wall clock.
 """
 
 from __future__ import annotations
@@ -46,23 +48,22 @@ def _operands(k, widths, r, m, device, dtype, seed=0):
     )
 
 
-def _callables(o: dict, backend: str) -> dict:
+def _callables(o: dict) -> dict:
+    """The providers, to be called under torch.no_grad() and use_backend(the backend)."""
+
     def stacked():
-        with use_backend(backend), torch.no_grad():
-            return shared_lora_linear_stacked(o["x"], o["weight"], o["lora_as"], o["lora_bs"], o["scales"])
+        return shared_lora_linear_stacked(o["x"], o["weight"], o["lora_as"], o["lora_bs"], o["scales"])
 
     def per_part():
-        with use_backend(backend), torch.no_grad():
-            outs, start = [], 0
-            for a, b, s in zip(o["lora_as"], o["lora_bs"], o["scales"]):
-                n = b.shape[0]
-                outs.append(shared_lora_linear(o["x"], o["weight"][start : start + n], a, b, s))
-                start += n
-            return torch.cat(outs, -1)
+        outs, start = [], 0
+        for a, b, s in zip(o["lora_as"], o["lora_bs"], o["scales"]):
+            n = b.shape[0]
+            outs.append(shared_lora_linear(o["x"], o["weight"][start : start + n], a, b, s))
+            start += n
+        return torch.cat(outs, -1)
 
     def dense():
-        with torch.no_grad():
-            return F.linear(o["x"], o["weight"])
+        return F.linear(o["x"], o["weight"])
 
     return {"stacked-op": stacked, "per-part-op": per_part, "dense": dense}
 
@@ -92,19 +93,19 @@ def run_stacked(
     for layer, k, widths, r in STACKS:
         for m in ms:
             o = _operands(k, widths, r, m, device, dtype)
-            fns = _callables(o, backend)
-            with torch.no_grad():
+            fns = _callables(o)
+            with use_backend(backend), torch.no_grad():
                 want, got = fns["per-part-op"](), fns["stacked-op"]()
-            err = (want.float() - got.float()).abs().max().item()
-            if err > (2e-3 if dtype == torch.float32 else 6e-2) * max(1.0, want.abs().max().item()):
-                raise AssertionError(f"stacked-op differs from per-part-op by {err:.3e} ({layer}, M={m})")
-            if device.type == "cuda":
-                graph = cuda_graphs and m <= 32
-                timings = {
-                    p: time_cuda(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cuda_graph=graph) for p, fn in fns.items()
-                }
-            else:
-                timings = time_cpu_interleaved(fns, budget_s)
+                err = (want.float() - got.float()).abs().max().item()
+                if err > (2e-3 if dtype == torch.float32 else 6e-2) * max(1.0, want.abs().max().item()):
+                    raise AssertionError(f"stacked-op differs from per-part-op by {err:.3e} ({layer}, M={m})")
+                if device.type == "cuda":
+                    graph = cuda_graphs and m <= 32
+                    timings = {
+                        p: time_cuda(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, cuda_graph=graph) for p, fn in fns.items()
+                    }
+                else:
+                    timings = time_cpu_interleaved(fns, budget_s, thread_time=torch.get_num_threads() == 1)
             for p, t in timings.items():
                 rows.append(
                     {

@@ -1,4 +1,5 @@
-"""Timing: triton.testing.do_bench on CUDA, torch.utils.benchmark.Timer on the CPU.
+"""Timing: triton.testing.do_bench on CUDA, torch.utils.benchmark.Timer on the CPU (or, with one
+thread, the thread's CPU time: time_cpu_interleaved(thread_time=True)).
 
 Both report the minimum and the median over rounds (one round = the mean of a block of
 calls). On a shared CPU the minimum is the better estimate of what the code costs; the
@@ -30,6 +31,22 @@ class Timing:
     timer: str  # how it was measured
 
 
+def _calls_per_block(fns: dict[str, Callable[[], object]], block_s: float, clock, warmup: int) -> dict[str, int]:
+    """{name: calls per timed block}: warm up, then estimate one call's cost on `clock` (the
+    least of a few: load spikes) and fit about block_s seconds of calls in a block."""
+    number = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        costs = []
+        while len(costs) < 3 and sum(costs) < block_s:
+            t0 = clock()
+            fn()
+            costs.append(clock() - t0)
+        number[name] = max(1, int(block_s / max(min(costs), 1e-7)))
+    return number
+
+
 def time_cpu_interleaved(
     fns: dict[str, Callable[[], object]],
     budget_s: float = 1.0,
@@ -38,37 +55,41 @@ def time_cpu_interleaved(
     max_rounds: int = 200,
     block_s: float = 0.005,
     warmup: int = 1,
+    thread_time: bool = False,
 ) -> dict[str, Timing]:
     """Time every callable of `fns` in interleaved rounds within about `budget_s` seconds in all
-    (never fewer than `min_rounds` rounds). Returns {name: Timing}."""
+    (never fewer than `min_rounds` rounds). Returns {name: Timing}.
+
+    thread_time=True: in the calling thread's CPU time (time.thread_time_ns) instead of wall
+    clock: the time it was preempted by other processes is not counted, so on a loaded machine
+    the minima stay put where wall-clock ones swing by 2x. Only meaningful with
+    torch.get_num_threads() == 1 (work done by other threads is not seen): refused otherwise."""
     from torch.utils.benchmark import Timer
 
     names = list(fns)
     threads = torch.get_num_threads()
+    if thread_time and threads != 1:
+        raise ValueError(f"thread CPU time needs torch.get_num_threads() == 1, got {threads}")
     timers = {name: Timer(stmt="fn()", globals={"fn": fns[name]}, num_threads=threads) for name in names}
-    per_call = {}
-    for name in names:  # warm up, then estimate one call's cost (the least of a few: load spikes)
-        for _ in range(warmup):
-            fns[name]()
-        costs = []
-        while len(costs) < 3 and sum(costs) < block_s:
-            t0 = time.perf_counter()
-            fns[name]()
-            costs.append(time.perf_counter() - t0)
-        per_call[name] = max(min(costs), 1e-7)
-    number = {name: max(1, int(block_s / per_call[name])) for name in names}
+
+    def block(name: str, n: int) -> float:  # seconds per call
+        if not thread_time:
+            return timers[name].timeit(n).mean
+        fn, t0 = fns[name], time.thread_time_ns()
+        for _ in range(n):
+            fn()
+        return (time.thread_time_ns() - t0) / 1e9 / n
+
+    number = _calls_per_block(fns, block_s, time.thread_time if thread_time else time.perf_counter, warmup)
     samples: dict[str, list[float]] = {name: [] for name in names}
     start, i = time.perf_counter(), 0
     while i < max_rounds and (i < min_rounds or time.perf_counter() - start < budget_s):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            samples[name].append(timers[name].timeit(number[name]).mean)
+            samples[name].append(block(name, number[name]))
         i += 1
-    rounds = i
-    return {
-        name: Timing(min(v), statistics.median(v), rounds, number[name], "torch.utils.benchmark interleaved")
-        for name, v in samples.items()
-    }
+    timer = "thread CPU time interleaved" if thread_time else "torch.utils.benchmark interleaved"
+    return {name: Timing(min(v), statistics.median(v), i, number[name], timer) for name, v in samples.items()}
 
 
 def time_cuda(

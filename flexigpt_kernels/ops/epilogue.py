@@ -10,9 +10,14 @@ quantized linear (vLLM's `quant_method.apply(layer, x)`), so a shared base weigh
 whatever form the engine keeps it. y0 is read once (the expand is accumulated onto it); the
 shrink and expand are two small GEMMs (epilogue_aten.py).
 
-Registered with torch.library as `flexigpt::shared_lora_linear_epilogue_fwd` / `_bwd` with fake
-implementations, like the single op. Backends: reference -> fp32; every other backend (cpp,
-triton, CUDA) -> ATen in the input dtype (float16 / float64 on the CPU take the reference).
+Two ops of the `flexigpt` library (ops/library.py): `flexigpt::shared_lora_linear_epilogue_fwd`
+/ `_bwd`. With the C++ extension built their schemas and CPU kernels are C++
+(csrc/epilogue.cpp: argument checks, the shrink and expand GEMMs, then ONE parallel pass over
+the rows adding y0 and the bias, the output norm with the single op's fp32 statistics and the
+residual; no Python per call); this module registers the fake kernels, autograd and the
+kernel running the Python backends on them. Backends: reference -> fp32; cpp on the CPU ->
+the C++ kernel for float32 / bfloat16 (epilogue_aten.py when it is not built; float16 /
+float64 take the reference); triton, CUDA -> epilogue_aten.py in the input dtype.
 The low-rank GEMMs are cuBLAS / oneDNN calls: at ranks <= 256 they are a small fraction of
 the base GEMM, which is the engine's.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, epilogue_aten
+from . import backends, epilogue_aten, library
 from .reference import ForwardResult
 from .shared_lora_linear import _no_autocast
 from .stacked_validation import check_epilogue_args
@@ -38,8 +43,7 @@ def upcast_for(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype not in _CPU_NATIVE_DTYPES
 
 
-@torch.library.custom_op("flexigpt::shared_lora_linear_epilogue_fwd", mutates_args=())
-def _fwd_op(
+def _fwd_python(
     y0: Tensor,
     x: Tensor,
     lora_a: Tensor,
@@ -52,6 +56,8 @@ def _fwd_op(
     save_for_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y0 [M, N], x [M, K] -> (out [M, N], shrink [M, r], y_pre [M, N] or (0,), mean [M] or (0,), rstd)."""
+    check_epilogue_args(y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
+    backends._sync_native_routes()  # the next CPU call goes native again after a selection change
     upcast = y0.shape[0] == 0 or upcast_for(y0.device, y0.dtype)
     with _no_autocast(y0):
         return tuple(
@@ -61,7 +67,6 @@ def _fwd_op(
         )
 
 
-@_fwd_op.register_fake
 def _fwd_fake(y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual, save_for_backward):
     m, n = y0.shape
     has_norm = norm_weight is not None
@@ -75,8 +80,7 @@ def _fwd_fake(y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual, sa
     )
 
 
-@torch.library.custom_op("flexigpt::shared_lora_linear_epilogue_bwd", mutates_args=())
-def _bwd_op(
+def _bwd_python(
     grad_out: Tensor,
     x: Tensor,
     lora_a: Tensor,
@@ -89,6 +93,7 @@ def _bwd_op(
     rstd: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_y0, grad_x, grad_a, grad_b, grad_bias [N] fp32, grad_norm_weight [N] fp32 or (0,))."""
+    backends._sync_native_routes()
     upcast = x.shape[0] == 0 or upcast_for(x.device, x.dtype)
     saved = ForwardResult(x.new_empty((0,)), shrink, y_pre, mean, rstd)
     with _no_autocast(x):
@@ -108,7 +113,6 @@ def _bwd_op(
     )
 
 
-@_bwd_op.register_fake
 def _bwd_fake(grad_out, x, lora_a, lora_b, scale, norm_weight, shrink, y_pre, mean, rstd):
     n = grad_out.shape[1]
     return (
@@ -168,7 +172,10 @@ def _backward(ctx, grad_out, *_unused):
     )
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+library.register_python(
+    "shared_lora_linear_epilogue", (_fwd_python, _bwd_python), (_fwd_fake, _bwd_fake), _backward, _setup_context
+)
+_FWD = library.op("shared_lora_linear_epilogue_fwd")
 
 
 def shared_lora_linear_epilogue(
@@ -190,30 +197,19 @@ def shared_lora_linear_epilogue(
     tensor shares y0's dtype and device. Returns [..., N] in y0's dtype. Differentiable in
     every tensor argument (y0's gradient is the pre-norm gradient dy).
     """
-    check_epilogue_args(y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
-    lead, n = y0.shape[:-1], y0.shape[-1]
-    y2d, x2d = y0.reshape(-1, n), x.reshape(-1, x.shape[-1])
-    res2d = residual.reshape(-1, n) if residual is not None else None
-    tensors = (y0, x, lora_a, lora_b, bias, norm_weight, residual)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if not needs_grad and y2d.shape[0] > 0 and not torch.compiler.is_compiling():
-        # inference: no autograd, no tracing, so skip the dispatcher round trip
-        with _no_autocast(y0):
-            out = epilogue_aten.forward(
-                y2d,
-                x2d,
-                lora_a,
-                lora_b,
-                float(scale),
-                bias,
-                norm_weight,
-                float(eps),
-                res2d,
-                False,
-                upcast_for(y0.device, y0.dtype),
-            ).out
-        return out.reshape(*lead, n)
-    out = torch.ops.flexigpt.shared_lora_linear_epilogue_fwd(
-        y2d, x2d, lora_a, lora_b, float(scale), bias, norm_weight, float(eps), res2d, needs_grad
-    )[0]
-    return out.reshape(*lead, n)
+    try:
+        n = y0.shape[-1]
+        y2d = y0 if y0.dim() == 2 else y0.reshape(-1, n)
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        res2d = residual if residual is None or residual.dim() == 2 else residual.reshape(-1, n)
+        if residual is not None and residual.shape != y0.shape:  # flattening would hide the mismatch
+            raise ValueError("residual")
+        if type(scale) is not float or type(eps) is not float:  # ints, numpy scalars: checked, then cast
+            check_epilogue_args(y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
+            scale, eps = float(scale), float(eps)
+        tensors = (y0, x, lora_a, lora_b, bias, norm_weight, residual)
+        out = library.call_forward(_FWD, tensors, y2d, x2d, lora_a, lora_b, scale, bias, norm_weight, eps, res2d)
+    except (ValueError, TypeError, RuntimeError, IndexError, AttributeError):
+        check_epilogue_args(y0, x, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
+        raise
+    return out if y0.dim() == 2 else out.reshape(y0.shape)

@@ -178,9 +178,12 @@ def test_model_entry_point(tmp_path):
             "decode_tok_s",
             "decode_x_dense",
             "weights_MiB",
+            "prefill_1x16_flop_floor",
+            "decode_flop_floor",
         ):
             assert math.isfinite(float(r[col])), (r["variant"], col)
     assert int(rows[1]["layers"]) == 4 and int(rows[2]["replaced_blocks"]) == 2  # 0.3 x 6 blocks
+    assert float(rows[1]["prefill_1x16_flop_floor"]) < 1.0 < float(rows[2]["prefill_1x16_flop_floor"])
     assert rows[3]["same_tokens_as_flexigpt"].endswith("/4")
     assert "flexigpt-unfused" in csv_path.with_suffix(".md").read_text()
 

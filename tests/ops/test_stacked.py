@@ -1,7 +1,7 @@
 """The multi-slice (stacked) op against its fp64 autograd reference on every backend, forward
 and every gradient (x, W, each A_i and B_i, bias), fp32 and fp16, M = 1, odd widths, ranks 1
 and different per part; its torch.library registration (opcheck, torch.compile fullgraph) and
-its argument errors."""
+its argument errors; the in-place delta of a stacked projection whose base product is given."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from flexigpt_kernels import shared_lora_linear, shared_lora_linear_stacked, use_backend
 from flexigpt_kernels.ops.reference import shared_lora_linear_stacked_reference
+from flexigpt_kernels.ops.stacked import add_stacked_delta_
 from flexigpt_kernels.ops.stacked_aten import concat_rows
 
 from .helpers import TOL, assert_close_scaled
@@ -203,3 +204,46 @@ def test_bad_arguments_raise_clear_errors(changes, error, match):
     ops = _bad(**changes)
     with pytest.raises(error, match=match):
         shared_lora_linear_stacked(ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"], ops["bias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lead,k,widths,ranks", SHAPES[:3], ids=lambda v: str(v))
+def test_stacked_delta_adds_the_adapters_to_a_given_base_product_in_place(dtype, lead, k, widths, ranks):
+    """add_stacked_delta_(x @ W.T, ...) is the stacked op, computed into the given buffer."""
+    ops = {
+        key: (v.detach() if isinstance(v, torch.Tensor) else v)
+        for key, v in operands(lead, k, widths, ranks, dtype).items()
+    }
+    ops["lora_as"] = [a.detach() for a in ops["lora_as"]]
+    ops["lora_bs"] = [b.detach() for b in ops["lora_bs"]]
+    y = ops["x"] @ ops["weight"].t()
+    got = add_stacked_delta_(y, ops["x"], ops["lora_as"], ops["lora_bs"], ops["scales"], ops["bias"])
+    assert got is y
+    want = shared_lora_linear_stacked_reference(
+        ops["x"].double(),
+        ops["weight"].double(),
+        [a.double() for a in ops["lora_as"]],
+        [b.double() for b in ops["lora_bs"]],
+        ops["scales"],
+        ops["bias"].double(),
+    )
+    assert_close_scaled(got, want, TOL[dtype], "stacked delta")
+
+
+@pytest.mark.parametrize(
+    "changes,error,match",
+    [
+        (dict(lora_bs=[torch.randn(4, 2), torch.randn(2, 1)]), ValueError, r"widths .* sum to 6, but y"),
+        (
+            dict(lora_as=[torch.randn(0, 8), torch.randn(1, 8)], lora_bs=[torch.randn(4, 0), torch.randn(3, 1)]),
+            ValueError,
+            "part 0 has rank 0",
+        ),
+        (dict(x=torch.randn(2, 8).double()), TypeError, "x has dtype"),
+        (dict(bias=torch.randn(6)), ValueError, r"bias must be \[N\] = \[7\]"),
+    ],
+)
+def test_stacked_delta_rejects_bad_arguments(changes, error, match):
+    ops = _bad(**changes)
+    with pytest.raises(error, match=match):
+        add_stacked_delta_(torch.zeros(2, 7), ops["x"], ops["lora_as"], ops["lora_bs"], ops["scales"], ops["bias"])

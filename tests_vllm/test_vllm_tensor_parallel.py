@@ -6,11 +6,10 @@ every replacement linear reads its own rank's base shard."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import flexigpt_kernels as fk
+from flexigpt_kernels.integrations.vllm import cpu_threads_binding
 from flexigpt_kernels.integrations.vllm.model import held_weights
 
 from .helpers import NEW_TOKENS, assert_logprobs_match, hf_greedy, pruned_tiny, running_llm, vllm_greedy
@@ -19,17 +18,10 @@ PROMPTS = [[5, 17, 33, 100, 7], [9, 8, 7, 6, 5, 4, 3, 200], list(range(10, 60))]
 LOGPROB_TOL = 1e-4
 
 
-def omp_binding(tp: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for `tp` ranks: one of this process's CPUs per rank ("0|1").
-    vLLM's "auto" binds rank N to the N-th NUMA node, which a one-node machine lacks for N > 0."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return "|".join(str(cpus[r % len(cpus)]) for r in range(tp))
-
-
 def serve(path, tp: int, monkeypatch):
     """(tokens, logprobs, per-rank held weights) of one engine at tensor_parallel_size=tp."""
     if tp > 1:
-        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", omp_binding(tp))
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_binding(tp))
     with running_llm(path, skip_tokenizer_init=True, tensor_parallel_size=tp) as llm:
         tokens, logprobs = vllm_greedy(llm, PROMPTS, NEW_TOKENS, logprobs=1)
         held = llm.apply_model(held_weights)

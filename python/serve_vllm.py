@@ -265,7 +265,8 @@ def main(argv=None) -> None:
         path = fk.save_pretrained(model, Path(tempfile.mkdtemp(prefix="serve_vllm_")) / "flexigpt", tokenizer)
         del model
     print(f"serving {path} with vLLM")
-    for prompt, text in zip(PROMPTS[:3], generate(path, PROMPTS[:3], args.max_new_tokens, args.dtype, args.tensor_parallel_size)):
+    texts = generate(path, PROMPTS[:3], args.max_new_tokens, args.dtype, args.tensor_parallel_size)
+    for prompt, text in zip(PROMPTS[:3], texts):
         print(f"{prompt!r} -> {text!r}")
 
 

@@ -30,7 +30,7 @@ def full_tensors(kv_heads: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(kv_heads)
     rnd = lambda *shape: torch.randn(*shape, generator=g) / 4  # noqa: E731
     out_sizes = {"q": HEADS * HEAD_DIM, "k": kv_heads * HEAD_DIM, "v": kv_heads * HEAD_DIM, "gate": INTER, "up": INTER}
-    in_sizes = {"q": HIDDEN, "k": HIDDEN, "v": HIDDEN, "gate": HIDDEN, "up": HIDDEN, "o": HEADS * HEAD_DIM, "down": INTER}
+    in_sizes = {p: HIDDEN for p in ("q", "k", "v", "gate", "up")} | {"o": HEADS * HEAD_DIM, "down": INTER}
     out_sizes.update(o=HIDDEN, down=HIDDEN)
     t = {"x": rnd(M, HIDDEN), "x_o": rnd(M, HEADS * HEAD_DIM), "x_down": rnd(M, INTER)}
     for p, n in out_sizes.items():
@@ -102,9 +102,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     with set_current_vllm_config(VllmConfig()):
         init_distributed_environment(WORLD, rank, f"tcp://127.0.0.1:{port}", rank, "gloo")
         ensure_model_parallel_initialized(WORLD, 1)
-        results = {
-            (kv, gemm): _build_and_run(full_tensors(kv), kv, gemm) for kv in (1, 2) for gemm in ("engine", "op")
-        }
+        results = {(kv, gemm): _build_and_run(full_tensors(kv), kv, gemm) for kv in (1, 2) for gemm in ("engine", "op")}
     torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
 
 

@@ -44,9 +44,8 @@ base exactly, kv-head replication included:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn

@@ -3,6 +3,7 @@
     python python/serve_vllm.py                          # prune the embedded SmolLM2 at 0.3, generate
     python python/serve_vllm.py --checkpoint DIR         # any directory written by fk.save_pretrained
     python python/serve_vllm.py --bench --out benchmarks/results   # the throughput table of the README
+    python python/serve_vllm.py --tensor-parallel-size 2  # the same over 2 ranks; prints each rank's weights
 
 A directory written by `flexigpt_kernels.save_pretrained` names `FlexiGPTLlamaForCausalLM`
 (or the Mistral / Qwen2 variant) in its config.json; the `vllm.general_plugins` entry point of
@@ -50,6 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--ratio", type=float, default=0.3, help="pruning ratio for the default model")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32", help="vLLM dtype (float32, bfloat16 on CPUs with AVX512-BF16)")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="vLLM ranks sharing each layer (generation only); prints the weight MB each rank holds",
+    )
     p.add_argument("--bench", action="store_true", help="measure the throughput table instead")
     p.add_argument("--new-tokens", type=int, default=64, help="--bench: tokens generated per prompt")
     p.add_argument("--out", help="--bench: directory for vllm_cpu.md and vllm_cpu.csv")
@@ -84,12 +91,24 @@ def llm(path, dtype: str = "float32", **kw):
     return LLM(model=str(path), dtype=dtype, max_model_len=512, enforce_eager=True, seed=0, **kw)
 
 
-def generate(path, prompts, max_new_tokens: int, dtype: str):
+def generate(path, prompts, max_new_tokens: int, dtype: str, tensor_parallel_size: int = 1):
+    """Greedy texts; with tensor_parallel_size > 1 also prints the weight MB each rank holds."""
     from vllm import SamplingParams
+    from vllm.platforms import current_platform
 
-    engine = llm(path, dtype)
+    from flexigpt_kernels.integrations.vllm import cpu_threads_binding
+
+    if tensor_parallel_size > 1 and current_platform.is_cpu():
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_binding(tensor_parallel_size))
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model(held_weights)
+    engine = llm(path, dtype, tensor_parallel_size=tensor_parallel_size)
     try:
         outs = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0), use_tqdm=False)
+        if tensor_parallel_size > 1:
+            from flexigpt_kernels.integrations.vllm.model import held_weights
+
+            held = [round(h["bytes"] / 2**20, 1) for h in engine.apply_model(held_weights)]
+            print(f"weights held per rank (MB): {held}; checkpoint: {checkpoint_bytes(path) / 2**20:.1f} MB")
         return [o.outputs[0].text for o in outs]
     finally:
         engine.llm_engine.engine_core.shutdown()
@@ -246,7 +265,8 @@ def main(argv=None) -> None:
         path = fk.save_pretrained(model, Path(tempfile.mkdtemp(prefix="serve_vllm_")) / "flexigpt", tokenizer)
         del model
     print(f"serving {path} with vLLM")
-    for prompt, text in zip(PROMPTS[:3], generate(path, PROMPTS[:3], args.max_new_tokens, args.dtype)):
+    texts = generate(path, PROMPTS[:3], args.max_new_tokens, args.dtype, args.tensor_parallel_size)
+    for prompt, text in zip(PROMPTS[:3], texts):
         print(f"{prompt!r} -> {text!r}")
 
 

@@ -64,3 +64,15 @@ def test_uneven_split_is_refused_with_the_shape():
         shard(torch.zeros(36, 24), 0, 0, 5)
     with pytest.raises(ValueError, match="rank must be in"):
         shard(torch.zeros(36, 24), 0, 2, 2)
+
+
+@pytest.mark.parametrize("world, replicas", [(2, 2), (4, 2), (4, 4)])
+def test_replicated_slices_give_each_rank_its_heads_slice(world, replicas):
+    """k / v with fewer kv heads than ranks: `replicas` consecutive ranks hold one slice."""
+    t = torch.arange(8 * 3).reshape(8, 3)
+    pieces = world // replicas
+    got = [shard(t, 0, rank, world, replicas) for rank in range(world)]
+    for rank in range(world):
+        torch.testing.assert_close(got[rank], t.chunk(pieces)[rank // replicas])
+    with pytest.raises(ValueError, match="replicas must divide world=4, got 3"):
+        shard(t, 0, 0, 4, 3)

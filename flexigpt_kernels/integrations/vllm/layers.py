@@ -27,25 +27,38 @@ the base's). One call per projection, like the stock block's one GEMM, in either
 The parts' A are held as row views of one [sum r_i, K] buffer (so the shrink reads them as one
 matrix, no copy per call) and B, biases, gamma as stored: the bytes held are the checkpoint's.
 
-Tensor parallelism (not supported yet, see model.py): a column-parallel base shards each
-part's rows; a replacement part would shard B_i and its bias the same way and keep A whole; a
-row-parallel base (o / down) shards K: A would be sharded by columns and the shrink
-all-reduced before the expand, and the output norm needs the full row after the all-reduce.
+Tensor parallelism (tensor_parallel.py has the arithmetic): every rank holds a shard of every
+block, so a replacement's base shard is on its own rank. The checkpoint's full adapters are cut
+per rank by the base layer's own vLLM weight loader (``checkpoint_tensors``), so they follow the
+base exactly, kv-head replication included:
+
+- column-parallel base (``QKVParallelLinear``, ``MergedColumnParallelLinear``): each part's
+  B_i (and own bias) keeps the rows of the base's part i on this rank, A_i stays whole; the
+  forward above is unchanged (it produces this rank's output columns);
+- row-parallel base (``RowParallelLinear``, o / down): A is cut by columns like the base's
+  input, B stays whole; this rank's partial ``x_r W_r^T + s (x_r A_r^T) B^T`` is summed by
+  vLLM's tensor-parallel all-reduce (the one the base layer itself would run), then the bias
+  and the output norm run once on the reduced output (``row_parallel_finish``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.parameter import ModelWeightParameter
 
 from ...nn import OutputNorm
 from ...ops import shared_lora_linear
 from ...ops.epilogue import shared_lora_linear_epilogue
 from ...ops.stacked import shared_lora_linear_stacked
 from ...ops.stacked_aten import add_expands, concat_rows
+from .tensor_parallel import row_parallel_finish
 
 __all__ = ["AdapterSpec", "BASE_GEMMS", "FlexiGPTSharedLinear", "base_gemm_from_env"]
 
@@ -104,12 +117,26 @@ class FlexiGPTSharedLinear(nn.Module):
             raise ValueError("an output norm follows a single projection (o_proj / down_proj)")
         if base_gemm not in BASE_GEMMS:
             raise ValueError(f"base_gemm={base_gemm!r}: choose one of {', '.join(BASE_GEMMS)}")
-        weight = base.weight
+        self.row_parallel = isinstance(base, RowParallelLinear)
+        if self.row_parallel and not base.input_is_parallel:
+            raise ValueError(f"{type(base).__name__}: a replacement linear needs input_is_parallel=True")
+        # under tensor parallelism a row-parallel part ends with vLLM's all-reduce (module doc)
+        self.reduce = self.row_parallel and base.tp_size > 1
+        if self.reduce and not base.reduce_results:
+            raise ValueError("a row-parallel replacement linear under tensor parallelism needs reduce_results=True")
+        if norm_eps is not None and not self.row_parallel:
+            raise ValueError("an output norm follows a row-parallel projection (o_proj / down_proj)")
+        if isinstance(base, QKVParallelLinear):
+            self._shard_ids: list = ["q", "k", "v"]
+        elif isinstance(base, MergedColumnParallelLinear):
+            self._shard_ids = list(range(len(sizes)))
+        else:
+            self._shard_ids = [None]
         object.__setattr__(self, "_base", base)  # a reference, not a submodule
         self.base_gemm = base_gemm
-        self.in_features = weight.shape[1]
-        self.out_features = sum(sizes)
-        kw = dict(dtype=weight.dtype, device=weight.device)
+        self.in_features = base.input_size_per_partition  # this rank's K (K/tp when row-parallel)
+        self.out_features = sum(sizes)  # this rank's N (N/tp, per part, when column-parallel)
+        kw = dict(dtype=base.params_dtype, device=base.weight.device)
         # every part's A is a row view of this one buffer (module doc); not a parameter itself
         self._lora_a = torch.empty(sum(p.rank for p in parts), self.in_features, **kw)
         views = self._lora_a.split([p.rank for p in parts])
@@ -124,16 +151,56 @@ class FlexiGPTSharedLinear(nn.Module):
     def base(self) -> nn.Module:
         return self._base
 
-    def checkpoint_tensors(self, prefix: str) -> dict[str, nn.Parameter]:
-        """{checkpoint name: parameter} of what this layer loads; `prefix` is the block's
-        sub-layer path in the checkpoint (e.g. "model.layers.3.self_attn.")."""
+    def checkpoint_tensors(self, prefix: str) -> dict[str, tuple[nn.Parameter, Callable[[Tensor], Tensor]]]:
+        """{checkpoint name: (parameter, cut)} of what this layer loads; `prefix` is the block's
+        sub-layer path in the checkpoint (e.g. "model.layers.3.self_attn."). ``cut(full)`` is
+        this rank's part of the checkpoint's full tensor (the tensor itself without tensor
+        parallelism): B and own biases of a column-parallel part by the base's rows, A of a
+        row-parallel part by the base's input columns, the rest whole."""
         out = {}
-        for name, adapter in self.adapters.items():
+        for i, (name, adapter) in enumerate(self.adapters.items()):
             for key, param in adapter.named_parameters():
-                out[f"{prefix}{name}.{key}"] = param
+                if self.row_parallel:
+                    cut = self._input_columns if key == "lora_a" else _whole
+                elif key == "lora_b":
+                    cut = lambda t, i=i: self._part_rows(t, i)  # noqa: E731
+                elif key == "bias":  # a vector: cut as a one-column matrix
+                    cut = lambda t, i=i: self._part_rows(t.unsqueeze(1), i).squeeze(1)  # noqa: E731
+                else:
+                    cut = _whole
+                out[f"{prefix}{name}.{key}"] = (param, cut)
         if self.output_norm is not None:
-            out[f"{prefix}{next(iter(self.adapters))}.output_norm.weight"] = self.output_norm.weight
+            out[f"{prefix}{next(iter(self.adapters))}.output_norm.weight"] = (self.output_norm.weight, _whole)
         return out
+
+    def _base_loader_cut(self, full: Tensor, local_shape: tuple[int, int], shard_id=None) -> Tensor:
+        """Runs the base weight's own vLLM loader on `full` [rows, cols] into a temporary vLLM
+        parameter of `local_shape` (the base's local layout, with `full`'s column count) and
+        returns it: the rank's cut of `full`, made exactly as the base weight's."""
+        base = self._base
+        loader = base.weight.weight_loader
+        proxy = ModelWeightParameter(
+            data=torch.empty(local_shape, dtype=self._lora_a.dtype, device=self._lora_a.device),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=loader,
+        )
+        proxy.tp_rank, proxy.tp_size = base.tp_rank, base.tp_size  # as LinearBase.update_param_tp_status
+        if shard_id is None:
+            loader(proxy, full)
+        else:
+            loader(proxy, full, shard_id)
+        return proxy.data
+
+    def _part_rows(self, full: Tensor, i: int) -> Tensor:
+        """This rank's rows of part i's full [n_i, c] tensor (column-parallel base)."""
+        start, size = self._starts[i], list(self.adapters.values())[i].lora_b.shape[0]
+        stacked = self._base_loader_cut(full, (self.out_features, full.shape[1]), self._shard_ids[i])
+        return stacked[start : start + size]
+
+    def _input_columns(self, full: Tensor) -> Tensor:
+        """This rank's input columns of a full [c, K] tensor (row-parallel base)."""
+        return self._base_loader_cut(full, (full.shape[0], self.in_features))
 
     # -- per-call pieces ---------------------------------------------------------------------
 
@@ -205,14 +272,45 @@ class FlexiGPTSharedLinear(nn.Module):
             self._stacked_bias(),
         )
 
+    def partial(self, x: Tensor) -> Tensor:
+        """Row-parallel part under tensor parallelism: this rank's share of the output before
+        the all-reduce, ``x_r W_r^T + s (x_r A_r^T) B^T`` (no bias, no norm). x [M, K/tp]."""
+        a = next(iter(self.adapters.values()))
+        if self.base_gemm == "op":
+            return shared_lora_linear(x, self._base.weight, a.lora_a, a.lora_b, a.scale, None)
+        y0 = self._base.quant_method.apply(self._base, x, None)
+        return shared_lora_linear_epilogue(y0, x, a.lora_a, a.lora_b, a.scale)
+
+    def finish(self, reduced: Tensor) -> Tensor:
+        """After the all-reduce: the bias (once) and the output norm on the whole rows."""
+        norm = self.output_norm
+        return row_parallel_finish(
+            reduced,
+            self._part_biases()[0],
+            norm.weight if norm is not None else None,
+            norm.eps if norm is not None else 1e-5,
+            None,
+        )
+
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        out = self._forward_engine(x) if self.base_gemm == "engine" else self._forward_op(x)
+        if self.reduce:
+            out = self.finish(tensor_model_parallel_all_reduce(self.partial(x)))
+        elif self.base_gemm == "engine":
+            out = self._forward_engine(x)
+        else:
+            out = self._forward_op(x)
         return out.reshape(*lead, out.shape[-1]), None
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"parts={list(self.adapters)}, shares={type(self._base).__name__}, base_gemm={self.base_gemm}"
+            f"parts={list(self.adapters)}, shares={type(self._base).__name__}, base_gemm={self.base_gemm}, "
+            f"tp_size={self._base.tp_size}"
         )
+
+
+def _whole(full: Tensor) -> Tensor:
+    """A tensor every rank holds whole."""
+    return full

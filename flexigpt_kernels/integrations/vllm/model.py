@@ -25,8 +25,14 @@ through ``quant_method.apply``; with ``base_gemm="op"`` our op reads the shared 
 so the linears that serve as a base keep it (``_cpu_skip_gemm_dispatch``, the flag vLLM itself
 uses for the same purpose) and run ``torch.nn.functional.linear``.
 
-Not supported (raises NotImplementedError): tensor or pipeline parallelism > 1 (a replacement
-block's base may sit in another shard or stage), quantization, vLLM's own LoRA adapters.
+Tensor parallelism: every rank holds a shard of every block, so a replacement linear's base
+shard is on its own rank; its adapters are cut by the base layer's own weight loader and its
+row-parallel partials summed by vLLM's all-reduce (layers.py). Pipeline parallelism: allowed
+when every replacement block is on its base block's stage (pipeline.py, with vLLM's
+``get_pp_indices``); each stage shares only its own blocks, and vLLM's loader skips the
+tensors of the blocks another stage holds (``PPMissingLayer``), adapters included.
+
+Not supported (raises NotImplementedError): quantization, vLLM's own LoRA adapters.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group
+from vllm.distributed.utils import get_pp_indices
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
@@ -46,6 +53,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from ...io.checkpoint import FLEXIGPT_CONFIG_NAME, read_manifest
 from .layers import AdapterSpec, FlexiGPTSharedLinear, base_gemm_from_env
+from .pipeline import check_pipeline_stages
 
 __all__ = ["FlexiGPTLlamaForCausalLM", "FlexiGPTMistralForCausalLM", "FlexiGPTQwen2ForCausalLM", "held_weights"]
 
@@ -77,12 +85,6 @@ def read_record(model: str, revision: str | None = None) -> dict[str, Any]:
 
 
 def _check_supported(vllm_config: VllmConfig) -> None:
-    if get_tensor_model_parallel_world_size() > 1 or get_pp_group().world_size > 1:
-        raise NotImplementedError(
-            "FlexiGPT models run in vLLM with tensor_parallel_size=1 and "
-            "pipeline_parallel_size=1 only (a replacement block reads its base "
-            "block's weights, which another rank or stage would hold)"
-        )
     if vllm_config.quant_config is not None:
         raise NotImplementedError("FlexiGPT models run in vLLM unquantized only")
     if vllm_config.lora_config is not None:
@@ -98,7 +100,7 @@ class FlexiGPTMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         model_config = vllm_config.model_config
         self.flexigpt_record = read_record(model_config.model, getattr(model_config, "revision", None))
-        self._flexigpt_tensors: dict[str, nn.Parameter] = {}
+        self._flexigpt_tensors: dict[str, tuple[nn.Parameter, Any]] = {}
         self._share_blocks(self.flexigpt_record)
 
     def _share_blocks(self, record: dict[str, Any]) -> None:
@@ -112,7 +114,11 @@ class FlexiGPTMixin:
                     f"{FLEXIGPT_CONFIG_NAME}: base_map {i} -> {j} does not fit a model of "
                     f"{len(layers)} blocks whose replacement blocks own no weights"
                 )
-            block, base_block = layers[i], layers[j]
+        pp = get_pp_group()
+        check_pipeline_stages(base_map, [get_pp_indices(len(layers), s, pp.world_size) for s in range(pp.world_size)])
+        for i, j in sorted(base_map.items()):
+            if not self.model.start_layer <= i < self.model.end_layer:
+                continue  # another stage's block (its base is there too)
             for stack, sub, names in _STACKS:
                 ckpt = f"model.layers.{i}.{sub}"
                 specs = []
@@ -125,7 +131,7 @@ class FlexiGPTMixin:
                         )
                     specs.append(AdapterSpec(name, int(spec["rank"]), float(spec["scale"]), bool(spec["own_bias"])))
                 eps = norms.get(f"{ckpt}{names[0]}.output_norm")
-                base = base_block.get_submodule(stack)
+                block, base = layers[i], layers[j].get_submodule(stack)
                 if base_gemm == "op":
                     base._cpu_skip_gemm_dispatch = True  # our op reads the weight tensor (module doc)
                 linear = FlexiGPTSharedLinear(base, specs, norm_eps=eps, base_gemm=base_gemm)
@@ -139,22 +145,34 @@ class FlexiGPTMixin:
 
         def rest():
             for name, tensor in weights:
-                param = self._flexigpt_tensors.get(name)
-                if param is None:
+                entry = self._flexigpt_tensors.get(name)
+                if entry is None:
                     yield name, tensor
                     continue
-                if param.shape != tensor.shape:
-                    raise ValueError(
-                        f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}"
-                    )
-                param.data.copy_(tensor)
+                param, cut = entry
+                local = _cut_checked(name, tensor, param, cut)
+                param.data.copy_(local)
                 loaded.add(names[id(param)])
 
         loaded |= super().load_weights(rest())
-        missing = sorted(n for n, p in self._flexigpt_tensors.items() if names[id(p)] not in loaded)
+        missing = sorted(n for n, (p, _) in self._flexigpt_tensors.items() if names[id(p)] not in loaded)
         if missing:
             raise ValueError(f"the checkpoint lacks replacement-block tensors {missing[:5]}")
         return loaded
+
+
+def _cut_checked(name: str, tensor: torch.Tensor, param: nn.Parameter, cut) -> torch.Tensor:
+    """This rank's cut of a checkpoint tensor, with the shapes named when it does not fit."""
+    try:
+        local = cut(tensor)
+    except (AssertionError, RuntimeError, IndexError) as exc:  # vLLM's loaders assert on shapes
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {tuple(param.shape)}") from exc
+    if local.shape != param.shape:
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(tensor.shape)} (this rank's cut {tuple(local.shape)}), "
+            f"model expects {tuple(param.shape)}"
+        )
+    return local
 
 
 class FlexiGPTLlamaForCausalLM(FlexiGPTMixin, LlamaForCausalLM):

@@ -17,8 +17,10 @@ base shard is on the same rank as the replacement's own shard. Per replacement l
   The bias is added once, and the output norm and residual run on the reduced output (a norm
   needs whole rows, which no rank holds before the reduce).
 
-These functions are the specification the vLLM layer follows; tests check them against the
-unsharded op for several world sizes.
+These functions are the specification the vLLM layer follows (layers.py: its adapters are cut
+by vLLM's own weight loaders, which must agree with ``shard``, and ``row_parallel_finish`` is
+its step after the all-reduce); tests check them against the unsharded op for several world
+sizes.
 """
 
 from __future__ import annotations
@@ -31,18 +33,22 @@ from ...ops.reference import shared_lora_linear_reference
 __all__ = ["column_parallel_forward", "row_parallel_finish", "row_parallel_partial", "shard"]
 
 
-def shard(t: Tensor, dim: int, rank: int, world: int) -> Tensor:
-    """Rank `rank`'s contiguous 1/world slice of `t` along `dim` (vLLM's even split)."""
+def shard(t: Tensor, dim: int, rank: int, world: int, replicas: int = 1) -> Tensor:
+    """Rank `rank`'s contiguous slice of `t` along `dim` (vLLM's even split): 1/world of it, or,
+    when `replicas` ranks hold each slice (k and v with fewer kv heads than ranks: replicas =
+    world / num_kv_heads), slice rank // replicas of world / replicas."""
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
-    size = t.shape[dim]
-    if size % world:
+    if replicas < 1 or world % replicas:
+        raise ValueError(f"replicas must divide world={world}, got {replicas}")
+    pieces, size = world // replicas, t.shape[dim]
+    if size % pieces:
         raise ValueError(
             f"tensor parallelism: dimension {dim} of size {size} does not split evenly over "
-            f"{world} ranks (shape {tuple(t.shape)})"
+            f"{pieces} ranks (shape {tuple(t.shape)})"
         )
-    step = size // world
-    return t.narrow(dim, rank * step, step)
+    step = size // pieces
+    return t.narrow(dim, (rank // replicas) * step, step)
 
 
 def column_parallel_forward(

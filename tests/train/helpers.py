@@ -121,3 +121,24 @@ def accelerate_launch(
            "--mixed_precision", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
            *args]  # fmt: skip
     return _launch(cmd, timeout, env, check)
+
+
+def assert_same_params(saved: dict, model, rtol=1e-4, atol=1e-5):
+    trained = dict(model.named_parameters())
+    assert set(saved) == {n for n, p in trained.items() if p.requires_grad}
+    for name, value in saved.items():
+        torch.testing.assert_close(value, trained[name].detach(), rtol=rtol, atol=atol, msg=name)
+
+
+def assert_matches_one_process(got: dict, one, model):
+    """A 2-process run's record (losses, eval, world size, tokens, trained params) equals the
+    one-process run `one` that trained `model`."""
+    assert got["world_size"] == 2 and got["tokens"] == one.tokens_seen
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([p for _, p in got["eval"]]),
+        torch.tensor([p for _, p in one.eval_perplexities]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert_same_params(got["params"], model)

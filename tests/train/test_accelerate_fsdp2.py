@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from flexigpt_kernels.io import save_pretrained
 from flexigpt_kernels.train import heal
 
-from .helpers import ROOT, accelerate_launch, byte_tokenizer, tiny_pruned, token_data
-from .test_fsdp2 import KWARGS, assert_matches_one_process
+from .helpers import ROOT, accelerate_launch, assert_matches_one_process, byte_tokenizer, tiny_pruned, token_data
+from .test_fsdp2 import KWARGS
 
 CONFIG = str(ROOT / "python/accelerate_fsdp2.yaml")
 ON_CPU = {"ACCELERATE_USE_CPU": "true"}

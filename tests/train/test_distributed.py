@@ -8,7 +8,7 @@ import torch
 
 from flexigpt_kernels.train import heal
 
-from .helpers import ROOT, SEQ, tiny_pruned, token_data, torchrun
+from .helpers import ROOT, SEQ, assert_matches_one_process, tiny_pruned, token_data, torchrun
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -32,15 +32,4 @@ def test_two_processes_match_one_process(tmp_path):
         eval_chunks=5,
         progress=False,
     )
-    assert ddp["tokens"] == one.tokens_seen
-    torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        torch.tensor([p for _, p in ddp["eval"]]),
-        torch.tensor([p for _, p in one.eval_perplexities]),
-        rtol=1e-5,
-        atol=1e-5,
-    )
-    trained = dict(model.named_parameters())
-    assert set(ddp["params"]) == {n for n, p in trained.items() if p.requires_grad}
-    for name, value in ddp["params"].items():
-        torch.testing.assert_close(value, trained[name].detach(), rtol=1e-4, atol=1e-5, msg=name)
+    assert_matches_one_process(ddp, one, model)

@@ -14,7 +14,7 @@ from flexigpt_kernels.io import save_pretrained
 from flexigpt_kernels.train import heal
 from flexigpt_kernels.train.shard import sharing_groups
 
-from .helpers import ROOT, SEQ, tiny_pruned, token_data, torchrun
+from .helpers import ROOT, SEQ, assert_matches_one_process, assert_same_params, tiny_pruned, token_data, torchrun
 
 KWARGS = dict(
     steps=4,
@@ -38,27 +38,6 @@ def one_process():
     model = tiny_pruned(blocks=(1, 3))
     report = heal(model, token_data(64), **KWARGS)
     return model, report
-
-
-def assert_same_params(saved: dict, model, rtol=1e-4, atol=1e-5):
-    trained = dict(model.named_parameters())
-    assert set(saved) == {n for n, p in trained.items() if p.requires_grad}
-    for name, value in saved.items():
-        torch.testing.assert_close(value, trained[name].detach(), rtol=rtol, atol=atol, msg=name)
-
-
-def assert_matches_one_process(got: dict, one, model):
-    """A 2-process run's record (losses, eval, world size, tokens, trained params) equals the
-    one-process run `one` that trained `model`."""
-    assert got["world_size"] == 2 and got["tokens"] == one.tokens_seen
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        torch.tensor([p for _, p in got["eval"]]),
-        torch.tensor([p for _, p in one.eval_perplexities]),
-        rtol=1e-5,
-        atol=1e-5,
-    )
-    assert_same_params(got["params"], model)
 
 
 def test_sharing_groups_follow_the_base_map():

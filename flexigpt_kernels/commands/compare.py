@@ -87,7 +87,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="flexigpt recipe: the output-norm gammas' learning rate while healing (default: --lr)",
     )
-    p.add_argument("--distill", choices=["kl"], help="every method adds the KL to the dense model's logits")
+    p.add_argument(
+        "--distill",
+        choices=["kl", "hidden", "kl+hidden"],
+        help="every method distills from the dense model: kl (its logits), hidden (every block's output "
+        "against the dense model's at the block's original index), or both",
+    )
     p.add_argument(
         "--no-local-fit",
         action="store_true",

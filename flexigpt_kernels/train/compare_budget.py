@@ -92,6 +92,7 @@ class _Setup:
     blocks: int = 0
     stored: int = 0
     gamma_lr: float | None = None
+    positions: list[int] | None = None  # a dropped model's blocks' original indices (distill "hidden")
 
 
 def _recipe_setup(

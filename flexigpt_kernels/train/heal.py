@@ -69,6 +69,7 @@ def heal(
     teacher: nn.Module | None = None,
     distill=("kl",),
     kl_temperature: float = 1.0,
+    distill_positions=None,
     lm_weight: float = 1.0,
     trainable=RECIPE.trainable,
     lora_rank: int | None = RECIPE.lora_rank,
@@ -97,7 +98,10 @@ def heal(
         max_grad_norm: clip the trainable gradients' global norm (None: no clipping).
         gamma_lr: a separate learning rate for the output-norm gammas (default: lr).
         teacher: the dense model; with it, `distill` adds "kl" (logits, temperature
-            kl_temperature) and/or "mse" (replacement blocks' outputs); a dict gives weights.
+            kl_temperature), "mse" (replacement blocks' outputs) and/or "hidden" (every block's
+            output, relative per token; see .distill); a dict gives weights.
+        distill_positions: for "hidden" on a model shallower than the teacher (a dropped
+            one): each student block's teacher block (default: the identity, same depth).
         trainable: "adapters", "replacement_blocks", "lora_kept" (needs lora_rank;
             lora_alpha defaults to the rank, i.e. scale 1), "all", a tuple of them, or a
             callable(name, param) -> bool (see .params). Other parameters are frozen. Default:
@@ -166,7 +170,7 @@ def heal(
     if teacher is not None and weights:
         if next(teacher.parameters()).device != runtime.device:
             teacher.to(runtime.device)
-        distiller = Distiller(model, teacher, weights, temperature=kl_temperature)
+        distiller = Distiller(model, teacher, weights, temperature=kl_temperature, positions=distill_positions)
 
     optimizer = torch.optim.AdamW(
         _param_groups(model, named, lr=lr, weight_decay=weight_decay, gamma_lr=gamma_lr), lr=lr, betas=betas

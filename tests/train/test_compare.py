@@ -198,3 +198,23 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     assert [r["ppl_after"] for r in again["rows"]] == pytest.approx([r["ppl_after"] for r in rows])
     with pytest.raises(ValueError, match="other settings"):
         run_frontier((0.5,), **common, **{**kw, "seq_len": 16})
+
+
+def test_hidden_distillation_reaches_both_methods():
+    recipe = FlexiGPTRecipe(local_fit=None, adapter_share=1.0)
+    result = compare_recovery(
+        tokens=2 * 2 * 32,
+        lrs=(1e-2,),
+        methods=("flexigpt", "shortgpt_lora"),
+        recipe=recipe,
+        distill="kl+hidden",
+        model=tiny_llama(vocab=257),
+        tokenizer=byte_tokenizer(),
+        **TINY,
+    )
+    runs = [r for r in result["rows"] if r["method"] in ("flexigpt", "shortgpt_lora")]
+    assert len(runs) == 2
+    for r in runs:
+        assert "KL to the dense logits" in r["options"] and "block outputs matched" in r["options"]
+    with pytest.raises(ValueError, match="distill"):
+        compare_recovery(distill="hidden+mse", model=tiny_llama(vocab=257), tokenizer=byte_tokenizer(), **TINY)

@@ -113,6 +113,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --ratios: start over instead of reusing the runs already in <name>.csv",
     )
+    p.add_argument(
+        "--keep-baselines",
+        action="store_true",
+        help="with --ratios: when <name>.csv holds another FlexiGPT recipe's sweep (other settings equal), "
+        "reuse its dense, drop and shortgpt_lora rows and replace the rest",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
 
@@ -189,6 +195,7 @@ def _run_frontier(args: argparse.Namespace) -> int:
         out_dir=args.out_dir,
         name=name,
         resume=not args.no_resume,
+        keep_baselines=args.keep_baselines,
         rank=args.rank,
         seq_len=args.seq_len,
         batch_size=args.batch_size,

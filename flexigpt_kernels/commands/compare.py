@@ -88,6 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="flexigpt recipe: the output-norm gammas' learning rate while healing (default: --lr)",
     )
     p.add_argument(
+        "--adapter-lr",
+        type=positive_float,
+        default=None,
+        help="flexigpt recipe: the replacement adapters' learning rate while healing (default: the recipe's)",
+    )
+    p.add_argument(
         "--distill",
         choices=["kl", "hidden", "kl+hidden"],
         help="every method distills from the dense model: kl (its logits), hidden (every block's output "
@@ -144,6 +150,8 @@ def _recipe(args):
         recipe = dataclasses.replace(recipe, local_fit=dataclasses.replace(recipe.local_fit, steps=args.fit_steps))
     if args.gamma_lr is not None:
         recipe = dataclasses.replace(recipe, gamma_lr=args.gamma_lr)
+    if args.adapter_lr is not None:
+        recipe = dataclasses.replace(recipe, adapter_lr=args.adapter_lr)
     if args.no_local_fit:
         recipe = dataclasses.replace(recipe, local_fit=None)
     return recipe

@@ -338,6 +338,7 @@ def compare_recovery(
             trainable=s.trainable,
             lora_rank=s.lora_rank,
             gamma_lr=s.gamma_lr,
+            adapter_lr=s.adapter_lr,
             teacher=model if distill else None,
             distill=tuple(distill.split("+")) if distill else None,
             distill_positions=s.positions if distill and "hidden" in distill else None,

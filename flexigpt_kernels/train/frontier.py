@@ -97,7 +97,9 @@ def run_frontier(
             log(f"{csv_path}: other FlexiGPT recipe; its dense, drop and shortgpt_lora rows are reused")
         meta["ratios"] = old.get("ratios", {})
     done_rows = {float(p): [r for r in previous if r["run_ratio"] == float(p)] for p in ratios}
-    results: dict[float, list[dict]] = {p: rows for p, rows in done_rows.items() if rows}
+    results: dict[float, list[dict]] = {}  # every ratio of the file, swept now or not: rewriting keeps them
+    for r in previous:
+        results.setdefault(r["run_ratio"], []).append(r)
 
     def save(current: float | None = None, partial: dict | None = None):
         if partial is not None:

@@ -196,6 +196,9 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     again = run_frontier((0.25, 0.5), **common, **{**kw, "log": logs.append})
     assert sum("not repeated" in line for line in logs) == 2
     assert [r["ppl_after"] for r in again["rows"]] == pytest.approx([r["ppl_after"] for r in rows])
+    # a sweep of some of the ratios keeps the others' rows in the files it rewrites
+    run_frontier((0.5,), **common, **kw)
+    assert {r["run_ratio"] for r in read_frontier_rows(tmp_path / "fr.csv")} == {0.25, 0.5}
     with pytest.raises(ValueError, match="other settings"):
         run_frontier((0.5,), **common, **{**kw, "seq_len": 16})
     # another recipe: refused unless asked; keep_baselines reuses the rows that do not depend on it

@@ -87,7 +87,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="flexigpt recipe: the output-norm gammas' learning rate while healing (default: --lr)",
     )
-    p.add_argument("--distill", choices=["kl"], help="every method adds the KL to the dense model's logits")
+    p.add_argument(
+        "--adapter-lr",
+        type=positive_float,
+        default=None,
+        help="flexigpt recipe: the replacement adapters' learning rate while healing (default: the recipe's)",
+    )
+    p.add_argument(
+        "--distill",
+        choices=["kl", "hidden", "kl+hidden"],
+        help="every method distills from the dense model: kl (its logits), hidden (every block's output "
+        "against the dense model's at the block's original index), or both",
+    )
     p.add_argument(
         "--no-local-fit",
         action="store_true",
@@ -107,6 +118,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-resume",
         action="store_true",
         help="with --ratios: start over instead of reusing the runs already in <name>.csv",
+    )
+    p.add_argument(
+        "--keep-baselines",
+        action="store_true",
+        help="with --ratios: when <name>.csv holds another FlexiGPT recipe's sweep (other settings equal), "
+        "reuse its dense, drop and shortgpt_lora rows and replace the rest",
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
@@ -133,6 +150,8 @@ def _recipe(args):
         recipe = dataclasses.replace(recipe, local_fit=dataclasses.replace(recipe.local_fit, steps=args.fit_steps))
     if args.gamma_lr is not None:
         recipe = dataclasses.replace(recipe, gamma_lr=args.gamma_lr)
+    if args.adapter_lr is not None:
+        recipe = dataclasses.replace(recipe, adapter_lr=args.adapter_lr)
     if args.no_local_fit:
         recipe = dataclasses.replace(recipe, local_fit=None)
     return recipe
@@ -184,6 +203,7 @@ def _run_frontier(args: argparse.Namespace) -> int:
         out_dir=args.out_dir,
         name=name,
         resume=not args.no_resume,
+        keep_baselines=args.keep_baselines,
         rank=args.rank,
         seq_len=args.seq_len,
         batch_size=args.batch_size,

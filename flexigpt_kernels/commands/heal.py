@@ -88,9 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--distill",
-        type=listing(str, choices=("kl", "mse"), unique=True),
+        type=listing(str, choices=("kl", "mse", "hidden"), unique=True),
         default=["kl"],
-        help="with --teacher: kl, mse or kl,mse (default kl)",
+        help="with --teacher: any of kl, mse, hidden, comma-separated (default kl; see train/distill.py)",
     )
     p.add_argument("--kl-temperature", type=positive_float, default=1.0)
     p.add_argument("--eval-data", type=nonempty, help="held-out text for perplexity; 'default' = embedded news text")

@@ -33,7 +33,10 @@ Protocol, one function (and `flexigpt compare`):
    its best learning rate of that budget (the final pair).
 5. Held-out perplexity before and after healing on text no training step saw (default: the
    embedded news text; the training text is the embedded Wikipedia sample).
-6. Optionally (distill="kl") every method adds the KL to the dense model's logits.
+6. Optionally every method adds distillation from the dense model (COMPARE_DISTILL): "kl" (its
+   logits), "hidden" (every block's output matched, relative per token, to the dense model's
+   output at the block's original index: FlexiGPT at every position, ShortGPT + LoRA at the
+   blocks it keeps; see train/distill.py), or "kl+hidden".
 
 Rows: budget, method, options, lr, seed, trainable params, tokens, ppl at init and after, wall,
 and the model's ratio, blocks removed or replaced and stored parameters (shared tensors once,
@@ -76,6 +79,7 @@ from .params import count_parameters, select_trainable
 
 __all__ = [
     "COLUMNS",
+    "COMPARE_DISTILL",
     "METHODS",
     "FlexiGPTRecipe",
     "matching_lora_rank",
@@ -117,8 +121,8 @@ def compare_recovery(
 
     tokens: one budget or several (each a separate set of runs); lrs: swept on seeds[0];
     seeds[1:]: each method again at its best lr per budget. recipe: the "flexigpt" method's
-    (default FlexiGPTRecipe()). distill: None (next-token loss) or "kl": every method adds the
-    KL to the dense model's logits while healing (one teacher forward per step). on_row(result
+    (default FlexiGPTRecipe()). distill: None (next-token loss) or one of COMPARE_DISTILL: every
+    method adds those terms to the dense model while healing (one teacher forward per step). on_row(result
     so far) is called after every run (to save partial results). done: rows of an earlier,
     interrupted run with the same settings; a run whose (budget, method, lr, seed) is among
     them is not repeated (its row is reused). dense_ppl: the dense model's held-out perplexity
@@ -131,8 +135,8 @@ def compare_recovery(
     budgets = [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]
     if not budgets or min(budgets) < 1:
         raise ValueError(f"tokens: need one or more positive budgets, got {tokens!r}")
-    if distill not in (None, "kl"):
-        raise ValueError(f"distill must be None or 'kl', got {distill!r}")
+    if distill is not None and distill not in COMPARE_DISTILL:
+        raise ValueError(f"distill must be None or one of {COMPARE_DISTILL}, got {distill!r}")
     if not lrs or not seeds:
         raise ValueError("lrs and seeds must each hold at least one value")
     if "shortgpt_lora_eqmem" in methods and "flexigpt" not in methods:
@@ -224,6 +228,7 @@ def compare_recovery(
                 params=n,
                 blocks=len(dropped),
                 stored=stored_parameters(drop),
+                positions=[i for i in range(n_layers) if i not in set(dropped)],
             )
         else:
             setups[method] = _recipe_setup(
@@ -333,8 +338,10 @@ def compare_recovery(
             trainable=s.trainable,
             lora_rank=s.lora_rank,
             gamma_lr=s.gamma_lr,
+            adapter_lr=s.adapter_lr,
             teacher=model if distill else None,
-            distill=(distill,) if distill else None,
+            distill=tuple(distill.split("+")) if distill else None,
+            distill_positions=s.positions if distill and "hidden" in distill else None,
             seed=seed,
             progress=progress,
         )
@@ -342,7 +349,7 @@ def compare_recovery(
         row = dict(
             budget=budget,
             method=method,
-            options=s.options + ("; + KL to the dense logits" if distill else ""),
+            options=s.options + _distill_text(distill),
             lr=lr,
             seed=seed,
             trainable_params=rep.trainable_params,
@@ -373,6 +380,14 @@ def compare_recovery(
                 run(budget, method, min(first, key=lambda r: r["ppl_after"])["lr"], seed)
     meta["total_seconds"] = time.perf_counter() - t_all
     return result
+
+
+COMPARE_DISTILL = ("kl", "hidden", "kl+hidden")
+
+
+def _distill_text(distill: str | None) -> str:
+    text = {"kl": "KL to the dense logits", "hidden": "block outputs matched to the dense model's"}
+    return "".join(f"; + {text[t]}" for t in distill.split("+")) if distill else ""
 
 
 def _run_key(r: dict) -> tuple:

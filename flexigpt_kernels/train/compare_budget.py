@@ -33,18 +33,25 @@ class FlexiGPTRecipe:
         blocks' adapters (their rank is scaled by it); the rest goes to LoRA on every kept block.
         1.0 trains the adapters only (the paper's trainable set).
     gamma_lr: the output-norm gammas' learning rate while healing (None: the run's lr).
+    adapter_lr: the replacement adapters' learning rate while healing (None: the run's lr);
+        LoRA on the kept blocks always learns at the run's lr.
     """
 
     local_fit: LocalFit | None = field(default_factory=LocalFit)
     fit_samples: int = 16
     adapter_share: float = 0.5
     gamma_lr: float | None = None
+    adapter_lr: float | None = None
 
     def __post_init__(self):
         if not 0.0 < self.adapter_share <= 1.0:
             raise ValueError(f"adapter_share must be in (0, 1], got {self.adapter_share}")
         if self.fit_samples < 2:
             raise ValueError(f"fit_samples must be >= 2 (one is held out of the fit), got {self.fit_samples}")
+        for name in ("gamma_lr", "adapter_lr"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be positive or None, got {v}")
 
     def describe(self, adapter_rank: int, lora_rank: int | None) -> str:
         lf = self.local_fit
@@ -56,7 +63,8 @@ class FlexiGPTRecipe:
         )
         lora = f" + LoRA rank {lora_rank} on kept blocks" if lora_rank else ""
         glr = f"; gamma lr {self.gamma_lr:g}" if self.gamma_lr is not None else ""
-        return f"{fit}; adapters rank {adapter_rank}{lora}{glr}"
+        alr = f"; adapter lr {self.adapter_lr:g}" if self.adapter_lr is not None else ""
+        return f"{fit}; adapters rank {adapter_rank}{lora}{glr}{alr}"
 
 
 def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:
@@ -92,6 +100,8 @@ class _Setup:
     blocks: int = 0
     stored: int = 0
     gamma_lr: float | None = None
+    adapter_lr: float | None = None
+    positions: list[int] | None = None  # a dropped model's blocks' original indices (distill "hidden")
 
 
 def _recipe_setup(
@@ -149,6 +159,7 @@ def _recipe_setup(
         blocks=len(blocks),
         stored=_merged_stored(flex, trainable, lora_rank),
         gamma_lr=recipe.gamma_lr,
+        adapter_lr=recipe.adapter_lr,
     )
 
 
@@ -170,6 +181,7 @@ def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
         fit_samples=recipe.fit_samples,
         adapter_share=recipe.adapter_share,
         gamma_lr=recipe.gamma_lr,
+        **({"adapter_lr": recipe.adapter_lr} if recipe.adapter_lr is not None else {}),  # older sweeps resume
     )
 
 

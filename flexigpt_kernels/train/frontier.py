@@ -21,7 +21,9 @@ rewritten after every run so an interrupted sweep keeps what finished:
 
 Resume: rows of an earlier sweep under the same name are reused when its settings match (a
 ValueError otherwise); a ratio whose runs are all there is not set up again. The dense model's
-perplexity is measured once per sweep.
+perplexity is measured once per sweep. keep_baselines=True: when only the FlexiGPT recipe
+differs, the rows that do not depend on it (dense, drop, shortgpt_lora) are reused and the
+old recipe's flexigpt and shortgpt_lora_eqmem rows (sized against it) are replaced.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def run_frontier(
     out_dir="benchmarks/results",
     name: str = "frontier_cpu",
     resume: bool = True,
+    keep_baselines: bool = False,
     log=print,
     **compare_kwargs,
 ) -> dict:
@@ -82,15 +85,21 @@ def run_frontier(
     meta = {"settings": settings, "ratios": {}}
     if resume and csv_path.exists():
         old = json.loads(json_path.read_text()) if json_path.exists() else {}
-        if old.get("settings") != settings:
-            raise ValueError(
-                f"{csv_path} was written with other settings ({old.get('settings')}); this sweep has "
-                f"{settings}: pass another name, or resume=False to start over"
-            )
         previous = read_frontier_rows(csv_path)
+        if old.get("settings") != settings:
+            if not (keep_baselines and _only_recipe_differs(old.get("settings"), settings)):
+                raise ValueError(
+                    f"{csv_path} was written with other settings ({old.get('settings')}); this sweep has "
+                    f"{settings}: pass another name, resume=False to start over, or keep_baselines=True "
+                    "when only the recipe differs"
+                )
+            previous = [r for r in previous if r["method"] in RECIPE_FREE_METHODS]
+            log(f"{csv_path}: other FlexiGPT recipe; its dense, drop and shortgpt_lora rows are reused")
         meta["ratios"] = old.get("ratios", {})
     done_rows = {float(p): [r for r in previous if r["run_ratio"] == float(p)] for p in ratios}
-    results: dict[float, list[dict]] = {p: rows for p, rows in done_rows.items() if rows}
+    results: dict[float, list[dict]] = {}  # every ratio of the file, swept now or not: rewriting keeps them
+    for r in previous:
+        results.setdefault(r["run_ratio"], []).append(r)
 
     def save(current: float | None = None, partial: dict | None = None):
         if partial is not None:
@@ -122,6 +131,15 @@ def run_frontier(
         save(p, result)
     save()
     return {"rows": [r for p in sorted(results) for r in results[p]], "meta": meta}
+
+
+RECIPE_FREE_METHODS = ("dense", "drop", "shortgpt_lora")
+
+
+def _only_recipe_differs(old: dict | None, new: dict) -> bool:
+    if not old:
+        return False
+    return {k: v for k, v in old.items() if k != "recipe"} == {k: v for k, v in new.items() if k != "recipe"}
 
 
 def _complete(rows: list[dict], budgets, methods, lrs, seeds) -> bool:

@@ -41,7 +41,7 @@ from .heal_report import (
     lm_loss,
 )
 from .heal_state import _check_checkpointing, _restore, _state
-from .params import count_parameters, select_trainable
+from .params import count_parameters, select_trainable, with_adapter_lr
 from .runtime import make_runtime
 from .schedule import WarmupCosine, warmup_steps
 from .sharded_state import save_shards
@@ -66,9 +66,11 @@ def heal(
     betas: tuple[float, float] = (0.9, 0.999),
     max_grad_norm: float | None = 1.0,
     gamma_lr: float | None = None,
+    adapter_lr: float | None = None,
     teacher: nn.Module | None = None,
     distill=("kl",),
     kl_temperature: float = 1.0,
+    distill_positions=None,
     lm_weight: float = 1.0,
     trainable=RECIPE.trainable,
     lora_rank: int | None = RECIPE.lora_rank,
@@ -96,8 +98,14 @@ def heal(
         batch_size: sequences per process per micro-step; grad_accum: micro-steps per step.
         max_grad_norm: clip the trainable gradients' global norm (None: no clipping).
         gamma_lr: a separate learning rate for the output-norm gammas (default: lr).
+        adapter_lr: a separate learning rate for the replacement blocks' adapter factors A, B
+            (default: lr); e.g. lower, so that fitted adapters are not thrown off by the first
+            full-rate Adam steps while LoRA on the kept blocks learns at lr.
         teacher: the dense model; with it, `distill` adds "kl" (logits, temperature
-            kl_temperature) and/or "mse" (replacement blocks' outputs); a dict gives weights.
+            kl_temperature), "mse" (replacement blocks' outputs) and/or "hidden" (every block's
+            output, relative per token; see .distill); a dict gives weights.
+        distill_positions: for "hidden" on a model shallower than the teacher (a dropped
+            one): each student block's teacher block (default: the identity, same depth).
         trainable: "adapters", "replacement_blocks", "lora_kept" (needs lora_rank;
             lora_alpha defaults to the rank, i.e. scale 1), "all", a tuple of them, or a
             callable(name, param) -> bool (see .params). Other parameters are frozen. Default:
@@ -129,6 +137,8 @@ def heal(
         raise ValueError("give exactly one of steps= and tokens=")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
+    if adapter_lr is not None and not adapter_lr > 0:
+        raise ValueError(f"adapter_lr must be positive, got {adapter_lr}")
     if eval_every is not None and eval_data is None:
         raise ValueError("eval_every needs eval_data")
     if checkpoint_every is not None and checkpoint_dir is None:
@@ -166,10 +176,14 @@ def heal(
     if teacher is not None and weights:
         if next(teacher.parameters()).device != runtime.device:
             teacher.to(runtime.device)
-        distiller = Distiller(model, teacher, weights, temperature=kl_temperature)
+        distiller = Distiller(model, teacher, weights, temperature=kl_temperature, positions=distill_positions)
 
     optimizer = torch.optim.AdamW(
-        _param_groups(model, named, lr=lr, weight_decay=weight_decay, gamma_lr=gamma_lr), lr=lr, betas=betas
+        with_adapter_lr(
+            model, _param_groups(model, named, lr=lr, weight_decay=weight_decay, gamma_lr=gamma_lr), adapter_lr
+        ),
+        lr=lr,
+        betas=betas,
     )
     wrapped, optimizer = runtime.prepare(wrapped, optimizer)
     base_optimizer = getattr(optimizer, "optimizer", optimizer)

@@ -25,7 +25,7 @@ from ..convert.replacement import replacement_blocks
 from ..nn import OutputNorm, SharedLoRALinear
 from .lora import LoRALinear, add_lora
 
-__all__ = ["TRAINABLE_SETS", "select_trainable", "count_parameters"]
+__all__ = ["TRAINABLE_SETS", "select_trainable", "count_parameters", "with_adapter_lr"]
 
 TRAINABLE_SETS = ("adapters", "replacement_blocks", "lora_kept", "all")
 
@@ -41,6 +41,30 @@ def _adapter_param_ids(model: nn.Module) -> set[int]:
             elif isinstance(m, OutputNorm):
                 ids.add(id(m.weight))
     return ids
+
+
+def with_adapter_lr(model: nn.Module, groups: list[dict], adapter_lr: float | None) -> list[dict]:
+    """Optimizer parameter groups with the replacement blocks' adapter factors (A [r, K] and
+    B [N, r] of every SharedLoRALinear) moved to learning rate `adapter_lr`; every other option
+    of their group is kept. None returns `groups` unchanged."""
+    if adapter_lr is None:
+        return groups
+    if not adapter_lr > 0:
+        raise ValueError(f"adapter_lr must be positive, got {adapter_lr}")
+    ids = {
+        id(p)
+        for block in replacement_blocks(model).values()
+        for m in block.modules()
+        if isinstance(m, SharedLoRALinear)
+        for p in (m.lora_a, m.lora_b)
+    }
+    out = []
+    for g in groups:
+        rest = [p for p in g["params"] if id(p) not in ids]
+        mine = [p for p in g["params"] if id(p) in ids]
+        out += [{**g, "params": rest}] if rest else []
+        out += [{**g, "params": mine, "lr": adapter_lr}] if mine else []
+    return out
 
 
 def _lora_param_ids(model: nn.Module) -> set[int]:

@@ -196,5 +196,44 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     again = run_frontier((0.25, 0.5), **common, **{**kw, "log": logs.append})
     assert sum("not repeated" in line for line in logs) == 2
     assert [r["ppl_after"] for r in again["rows"]] == pytest.approx([r["ppl_after"] for r in rows])
+    # a sweep of some of the ratios keeps the others' rows in the files it rewrites
+    run_frontier((0.5,), **common, **kw)
+    assert {r["run_ratio"] for r in read_frontier_rows(tmp_path / "fr.csv")} == {0.25, 0.5}
     with pytest.raises(ValueError, match="other settings"):
         run_frontier((0.5,), **common, **{**kw, "seq_len": 16})
+    # another recipe: refused unless asked; keep_baselines reuses the rows that do not depend on it
+    import dataclasses
+
+    other = {**common, "recipe": dataclasses.replace(recipe, gamma_lr=0.1)}
+    with pytest.raises(ValueError, match="keep_baselines"):
+        run_frontier((0.5,), **other, **kw)
+    with pytest.raises(ValueError, match="other settings"):  # not when more than the recipe differs
+        run_frontier((0.5,), **other, keep_baselines=True, **{**kw, "seq_len": 16})
+    logs.clear()
+    third = run_frontier((0.5,), **other, keep_baselines=True, **{**kw, "log": logs.append})
+    new = {(r["method"], r["seed"]): r for r in third["rows"] if r["run_ratio"] == 0.5}
+    for s in (0, 1):
+        assert new[("shortgpt_lora", s)]["ppl_after"] == pytest.approx(at[(0.5, "shortgpt_lora", s)]["ppl_after"])
+        assert "gamma lr 0.1" in new[("flexigpt", s)]["options"] and "gamma lr" not in at[(0.5, "flexigpt", s)]["options"]
+    assert sum("shortgpt_lora lr" in line and "done before" in line for line in logs) == 2
+    assert not any("flexigpt lr" in line and "done before" in line for line in logs)
+
+
+def test_hidden_distillation_reaches_both_methods():
+    recipe = FlexiGPTRecipe(local_fit=None, adapter_share=1.0)
+    result = compare_recovery(
+        tokens=2 * 2 * 32,
+        lrs=(1e-2,),
+        methods=("flexigpt", "shortgpt_lora"),
+        recipe=recipe,
+        distill="kl+hidden",
+        model=tiny_llama(vocab=257),
+        tokenizer=byte_tokenizer(),
+        **TINY,
+    )
+    runs = [r for r in result["rows"] if r["method"] in ("flexigpt", "shortgpt_lora")]
+    assert len(runs) == 2
+    for r in runs:
+        assert "KL to the dense logits" in r["options"] and "block outputs matched" in r["options"]
+    with pytest.raises(ValueError, match="distill"):
+        compare_recovery(distill="hidden+mse", model=tiny_llama(vocab=257), tokenizer=byte_tokenizer(), **TINY)

@@ -75,9 +75,7 @@ def hidden_positions(student: nn.Module, teacher: nn.Module, positions=None) -> 
         raise ValueError(f"distill_positions: {len(pos)} entries for a student of {n_s} blocks")
     for s, t in pos.items():
         if not (0 <= int(s) < n_s and 0 <= int(t) < n_t):
-            raise ValueError(
-                f"distill_positions: {s} -> {t} is out of range (student {n_s} blocks, teacher {n_t})"
-            )
+            raise ValueError(f"distill_positions: {s} -> {t} is out of range (student {n_s} blocks, teacher {n_t})")
     return {int(s): int(t) for s, t in pos.items()}
 
 

@@ -20,7 +20,6 @@ def _adapters(model):
     return [p.detach().clone() for p in _adapters_params(model)]
 
 
-
 def test_adapter_lr_moves_only_the_replacement_adapters_to_their_rate():
     model = tiny_pruned()
     for m in model.modules():  # non-zero B (before LoRA exists on the kept blocks), so that A gets a gradient too

@@ -59,8 +59,16 @@ def test_heal_adds_the_hidden_term_for_both_methods():
         (tiny_pruned("drop", blocks=(1, 2)), dict(trainable="lora_kept", lora_rank=2, distill_positions=[0, 3])),
     ):
         report = heal(
-            model, token_data(8), steps=2, lr=1e-2, teacher=teacher, distill={"hidden": 0.5},
-            seq_len=SEQ, batch_size=4, progress=False, **kw,
+            model,
+            token_data(8),
+            steps=2,
+            lr=1e-2,
+            teacher=teacher,
+            distill={"hidden": 0.5},
+            seq_len=SEQ,
+            batch_size=4,
+            progress=False,
+            **kw,
         )
         terms = report.loss_terms
         assert set(terms) == {"lm", "hidden"} and all(v > 0 for v in terms["hidden"])

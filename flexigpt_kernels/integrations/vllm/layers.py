@@ -25,7 +25,10 @@ the base's). One call per projection, like the stock block's one GEMM, in either
   then keep a plain weight (``_cpu_skip_gemm_dispatch``, see model.py) and lose oneDNN packing.
 
 The parts' A are held as row views of one [sum r_i, K] buffer (so the shrink reads them as one
-matrix, no copy per call) and B, biases, gamma as stored: the bytes held are the checkpoint's.
+matrix, no copy per call), each B [n_i, r_i] column-major (the transposed view of a contiguous
+B_i^T [r_i, n_i]: at decode sizes the CPU expand kernel, csrc/cpu/lowrank_small_cpu.h, streams
+B^T's rows, each a contiguous run of output columns), biases and gamma as stored: the bytes
+held are the checkpoint's.
 
 Tensor parallelism (tensor_parallel.py has the arithmetic): every rank holds a shard of every
 block, so a replacement's base shard is on its own rank. The checkpoint's full adapters are cut
@@ -86,7 +89,8 @@ class AdapterSpec:
 
 
 class _Adapter(nn.Module):
-    """lora_a [r, K] (a row view of the layer's A buffer), lora_b [N, r] and an own bias [N]
+    """lora_a [r, K] (a row view of the layer's A buffer), lora_b [N, r] stored column-major
+    (the transposed view of a contiguous B^T [r, N], see the module doc) and an own bias [N]
     when the checkpoint has one."""
 
     def __init__(self, lora_a: Tensor, out_features: int, spec: AdapterSpec):
@@ -94,7 +98,7 @@ class _Adapter(nn.Module):
         kw = dict(dtype=lora_a.dtype, device=lora_a.device)
         self.scale = float(spec.scale)
         self.lora_a = nn.Parameter(lora_a, requires_grad=False)
-        self.lora_b = nn.Parameter(torch.empty(out_features, spec.rank, **kw), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.empty(spec.rank, out_features, **kw).t(), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if spec.own_bias else None
 
 
@@ -142,6 +146,14 @@ class FlexiGPTSharedLinear(nn.Module):
         self.adapters = nn.ModuleDict({p.name: _Adapter(a, size, p) for p, a, size in zip(parts, views, sizes)})
         self._starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self._own_bias = [p.own_bias for p in parts]
+        self._own = any(self._own_bias)
+        # the op's per-part arguments, built once: the Parameter objects themselves (a load or a
+        # move swaps their .data, never the objects), so a call does no module attribute lookups
+        self._part_args = (
+            [a.lora_a for a in self.adapters.values()],
+            [a.lora_b for a in self.adapters.values()],
+            [a.scale for a in self.adapters.values()],
+        )
         self.output_norm = OutputNorm(self.out_features, 1.0, norm_eps, **kw) if norm_eps is not None else None
         if self.output_norm is not None:
             self.output_norm.weight.requires_grad_(False)
@@ -224,31 +236,23 @@ class FlexiGPTSharedLinear(nn.Module):
         ).to(self._lora_a.dtype)
 
     def _forward_engine(self, x: Tensor) -> Tensor:
-        base, adapters = self._base, list(self.adapters.values())
-        own = any(self._own_bias)
+        base, own = self._base, self._own
         # the base bias rides in the engine's GEMM unless a part has its own
         y0 = base.quant_method.apply(base, x, None if own else getattr(base, "bias", None))
+        lora_as, lora_bs, scales = self._part_args
         if self.output_norm is not None:
-            a = adapters[0]
             return shared_lora_linear_epilogue(
                 y0,
                 x,
-                a.lora_a,
-                a.lora_b,
-                a.scale,
-                a.bias if own else None,
+                lora_as[0],
+                lora_bs[0],
+                scales[0],
+                next(iter(self.adapters.values())).bias if own else None,
                 norm_weight=self.output_norm.weight,
                 eps=self.output_norm.eps,
             )
         # one op call: the shrink over the A buffer in place, one expand per part into its columns
-        return add_stacked_delta_(
-            y0,
-            x,
-            [a.lora_a for a in adapters],
-            [a.lora_b for a in adapters],
-            [a.scale for a in adapters],
-            self._stacked_bias() if own else None,
-        )
+        return add_stacked_delta_(y0, x, lora_as, lora_bs, scales, self._stacked_bias() if own else None)
 
     def _forward_op(self, x: Tensor) -> Tensor:
         adapters = list(self.adapters.values())

@@ -15,9 +15,11 @@ the base's). One call per projection, like the stock block's one GEMM, in either
 - "engine": the base product comes from the base layer's own GEMM,
   ``base.quant_method.apply(base, x, bias)`` (on the CPU vLLM's packed oneDNN handle, the same
   one the base block runs; on a GPU whatever GEMM, or quantized GEMM, vLLM chose for it); the
-  adapters are added onto it in place in one op call, ``ops.stacked.add_stacked_delta_`` (one
-  shrink GEMM over the parts' concatenated A, one expand per part into its columns), or, with
-  an output norm, ``shared_lora_linear_epilogue`` (delta, bias and norm in one call). The base
+  adapters are added onto it in place in one op call, the op of ``ops.stacked.add_stacked_delta_``
+  (one shrink GEMM over the parts' concatenated A, one expand per part into its columns), or,
+  with an output norm, that of ``shared_lora_linear_epilogue`` (delta, bias and norm in one
+  call); the layer calls both ops directly, without the public functions' Python (vLLM runs
+  the model under torch.inference_mode, so the dispatcher goes straight to the kernel). The base
   weight stays in whatever form the engine keeps it, which is how a quantized base would
   serve these blocks.
 - "op": ``shared_lora_linear_stacked`` (q;k;v and gate;up) and ``shared_lora_linear`` (o, down,
@@ -57,12 +59,16 @@ from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVPar
 from vllm.model_executor.parameter import ModelWeightParameter
 
 from ...nn import OutputNorm
-from ...ops import shared_lora_linear
+from ...ops import library, shared_lora_linear
 from ...ops.epilogue import shared_lora_linear_epilogue
-from ...ops.stacked import add_stacked_delta_, shared_lora_linear_stacked
+from ...ops.stacked import shared_lora_linear_stacked
 from .tensor_parallel import row_parallel_finish
 
 __all__ = ["AdapterSpec", "BASE_GEMMS", "FlexiGPTSharedLinear", "base_gemm_from_env"]
+
+# the ops the engine path calls directly (ops/epilogue.py, ops/stacked.py register them)
+_EPILOGUE_FWD = library.op("shared_lora_linear_epilogue_fwd")
+_STACKED_DELTA = library.op("shared_lora_linear_stacked_delta_")
 
 #: how a replacement part gets its base product (module doc)
 BASE_GEMMS = ("engine", "op")
@@ -236,23 +242,18 @@ class FlexiGPTSharedLinear(nn.Module):
         ).to(self._lora_a.dtype)
 
     def _forward_engine(self, x: Tensor) -> Tensor:
+        """x [M, K] -> [M, N]: the engine's base product, then one direct op call (module doc)."""
         base, own = self._base, self._own
         # the base bias rides in the engine's GEMM unless a part has its own
         y0 = base.quant_method.apply(base, x, None if own else getattr(base, "bias", None))
         lora_as, lora_bs, scales = self._part_args
         if self.output_norm is not None:
-            return shared_lora_linear_epilogue(
-                y0,
-                x,
-                lora_as[0],
-                lora_bs[0],
-                scales[0],
-                next(iter(self.adapters.values())).bias if own else None,
-                norm_weight=self.output_norm.weight,
-                eps=self.output_norm.eps,
-            )
-        # one op call: the shrink over the A buffer in place, one expand per part into its columns
-        return add_stacked_delta_(y0, x, lora_as, lora_bs, scales, self._stacked_bias() if own else None)
+            bias = next(iter(self.adapters.values())).bias if own else None
+            norm = self.output_norm
+            return _EPILOGUE_FWD(y0, x, lora_as[0], lora_bs[0], scales[0], bias, norm.weight, norm.eps, None, False)[0]
+        # the shrink over the A buffer in place, one expand per part into its columns
+        _STACKED_DELTA(y0, x, lora_as, lora_bs, scales, self._stacked_bias() if own else None)
+        return y0
 
     def _forward_op(self, x: Tensor) -> Tensor:
         adapters = list(self.adapters.values())

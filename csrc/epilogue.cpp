@@ -3,7 +3,8 @@
 //
 //   y0 [M, N]  x [M, K]  lora_a [r, K]  lora_b [N, r]  bias [N]  norm_weight [N]  residual [M, N]
 //
-// forward: s = x A^T [M, r];  e = scale s B^T [M, N] (the small GEMM writes e, reading nothing)
+// forward: s = x A^T [M, r];  e = scale s B^T [M, N] (the small GEMM writes e, reading nothing;
+//          both GEMMs through lowrank.h: streaming kernels at decode sizes, else ATen)
 //          then ONE parallel pass over the rows (row_passes.h): v = e + y0 + bias,
 //          out = [gamma (v - mean) rstd] [+ residual], the same fp32 two-pass statistics (with
 //          the power-of-two rescaled pass for overflowing rows) as the single op's C++ norm.
@@ -25,6 +26,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "lowrank.h"
 #include "native_routes.h"
 #include "row_passes.h"
 
@@ -93,9 +95,9 @@ Fwd forward_cpu(const Tensor& y0, const Tensor& x, const Tensor& lora_a, const T
   const bool has_norm = flexigpt::has(norm_weight);
   const auto opts = y0.options();
   const auto fopts = opts.dtype(at::kFloat);
-  Tensor shrink = at::mm(x, lora_a.t());  // [M, r]
+  Tensor shrink = flexigpt::shrink(x, lora_a);  // [M, r]
   Tensor y = at::empty({d.m, d.n}, opts);
-  at::addmm_out(y, y, shrink, lora_b.t(), /*beta=*/0, /*alpha=*/scale);  // beta = 0: y is not read
+  flexigpt::expand_(y, shrink, lora_b, scale, /*accumulate=*/false);  // y is not read
   Tensor mean = at::empty({has_norm ? d.m : 0}, fopts);
   Tensor rstd = at::empty({has_norm ? d.m : 0}, fopts);
   Tensor y_pre = at::empty({0}, opts);

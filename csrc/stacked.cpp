@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "lowrank.h"
 #include "native_routes.h"
 #include "row_passes.h"
 
@@ -201,7 +202,8 @@ Bwd backward_cpu(const Tensor& grad_arg, const Tensor& x, const Tensor& weight, 
 // adapters of a stacked projection whose base product y came from someone else's GEMM (the
 // vLLM layer's engine path): one shrink GEMM, one expand GEMM per part accumulating into its
 // column slice, the bias added to the whole output in one pass. Inference only (no autograd),
-// ATen in y's dtype on every device (registered as CompositeExplicitAutograd).
+// in y's dtype on every device (registered as CompositeExplicitAutograd): ATen's GEMMs, or on
+// the CPU at decode sizes the streaming kernels of lowrank.h.
 void delta_(const Tensor& y, const Tensor& x, TensorList lora_as, TensorList lora_bs, ArrayRef<double> scales,
             const optional<Tensor>& bias) {
   constexpr const char* op = "shared_lora_linear_stacked_delta_: ";
@@ -223,11 +225,11 @@ void delta_(const Tensor& y, const Tensor& x, TensorList lora_as, TensorList lor
                       "], got shape ", flexigpt::shape_of(*bias));
   }
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Tensor shrink = at::mm(x, concat_rows(lora_as, x.size(1), ranks).t());
+  const Tensor shrink = flexigpt::shrink(x, concat_rows(lora_as, x.size(1), ranks));
   int64_t col = 0, off = 0;
   for (size_t i = 0; i < lora_bs.size(); ++i) {
     const int64_t n = lora_bs[i].size(0), r = lora_bs[i].size(1);
-    y.narrow(1, col, n).addmm_(shrink.narrow(1, off, r), lora_bs[i].t(), /*beta=*/1, /*alpha=*/scales[i]);
+    flexigpt::expand_(y.narrow(1, col, n), shrink.narrow(1, off, r), lora_bs[i], scales[i], /*accumulate=*/true);
     col += n;
     off += r;
   }

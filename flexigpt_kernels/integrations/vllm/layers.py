@@ -15,9 +15,11 @@ the base's). One call per projection, like the stock block's one GEMM, in either
 - "engine": the base product comes from the base layer's own GEMM,
   ``base.quant_method.apply(base, x, bias)`` (on the CPU vLLM's packed oneDNN handle, the same
   one the base block runs; on a GPU whatever GEMM, or quantized GEMM, vLLM chose for it); the
-  adapters are added onto it in place in one op call, ``ops.stacked.add_stacked_delta_`` (one
-  shrink GEMM over the parts' concatenated A, one expand per part into its columns), or, with
-  an output norm, ``shared_lora_linear_epilogue`` (delta, bias and norm in one call). The base
+  adapters are added onto it in place in one op call, the op of ``ops.stacked.add_stacked_delta_``
+  (one shrink GEMM over the parts' concatenated A, one expand per part into its columns), or,
+  with an output norm, that of ``shared_lora_linear_epilogue`` (delta, bias and norm in one
+  call); the layer calls both ops directly, without the public functions' Python (vLLM runs
+  the model under torch.inference_mode, so the dispatcher goes straight to the kernel). The base
   weight stays in whatever form the engine keeps it, which is how a quantized base would
   serve these blocks.
 - "op": ``shared_lora_linear_stacked`` (q;k;v and gate;up) and ``shared_lora_linear`` (o, down,
@@ -25,7 +27,10 @@ the base's). One call per projection, like the stock block's one GEMM, in either
   then keep a plain weight (``_cpu_skip_gemm_dispatch``, see model.py) and lose oneDNN packing.
 
 The parts' A are held as row views of one [sum r_i, K] buffer (so the shrink reads them as one
-matrix, no copy per call) and B, biases, gamma as stored: the bytes held are the checkpoint's.
+matrix, no copy per call), each B [n_i, r_i] column-major (the transposed view of a contiguous
+B_i^T [r_i, n_i]: at decode sizes the CPU expand kernel, csrc/cpu/lowrank_small_cpu.h, streams
+B^T's rows, each a contiguous run of output columns), biases and gamma as stored: the bytes
+held are the checkpoint's.
 
 Tensor parallelism (tensor_parallel.py has the arithmetic): every rank holds a shard of every
 block, so a replacement's base shard is on its own rank. The checkpoint's full adapters are cut
@@ -54,12 +59,16 @@ from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVPar
 from vllm.model_executor.parameter import ModelWeightParameter
 
 from ...nn import OutputNorm
-from ...ops import shared_lora_linear
+from ...ops import library, shared_lora_linear
 from ...ops.epilogue import shared_lora_linear_epilogue
-from ...ops.stacked import add_stacked_delta_, shared_lora_linear_stacked
+from ...ops.stacked import shared_lora_linear_stacked
 from .tensor_parallel import row_parallel_finish
 
 __all__ = ["AdapterSpec", "BASE_GEMMS", "FlexiGPTSharedLinear", "base_gemm_from_env"]
+
+# the ops the engine path calls directly (ops/epilogue.py, ops/stacked.py register them)
+_EPILOGUE_FWD = library.op("shared_lora_linear_epilogue_fwd")
+_STACKED_DELTA = library.op("shared_lora_linear_stacked_delta_")
 
 #: how a replacement part gets its base product (module doc)
 BASE_GEMMS = ("engine", "op")
@@ -86,7 +95,8 @@ class AdapterSpec:
 
 
 class _Adapter(nn.Module):
-    """lora_a [r, K] (a row view of the layer's A buffer), lora_b [N, r] and an own bias [N]
+    """lora_a [r, K] (a row view of the layer's A buffer), lora_b [N, r] stored column-major
+    (the transposed view of a contiguous B^T [r, N], see the module doc) and an own bias [N]
     when the checkpoint has one."""
 
     def __init__(self, lora_a: Tensor, out_features: int, spec: AdapterSpec):
@@ -94,7 +104,7 @@ class _Adapter(nn.Module):
         kw = dict(dtype=lora_a.dtype, device=lora_a.device)
         self.scale = float(spec.scale)
         self.lora_a = nn.Parameter(lora_a, requires_grad=False)
-        self.lora_b = nn.Parameter(torch.empty(out_features, spec.rank, **kw), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.empty(spec.rank, out_features, **kw).t(), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if spec.own_bias else None
 
 
@@ -142,6 +152,14 @@ class FlexiGPTSharedLinear(nn.Module):
         self.adapters = nn.ModuleDict({p.name: _Adapter(a, size, p) for p, a, size in zip(parts, views, sizes)})
         self._starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self._own_bias = [p.own_bias for p in parts]
+        self._own = any(self._own_bias)
+        # the op's per-part arguments, built once: the Parameter objects themselves (a load or a
+        # move swaps their .data, never the objects), so a call does no module attribute lookups
+        self._part_args = (
+            [a.lora_a for a in self.adapters.values()],
+            [a.lora_b for a in self.adapters.values()],
+            [a.scale for a in self.adapters.values()],
+        )
         self.output_norm = OutputNorm(self.out_features, 1.0, norm_eps, **kw) if norm_eps is not None else None
         if self.output_norm is not None:
             self.output_norm.weight.requires_grad_(False)
@@ -224,31 +242,18 @@ class FlexiGPTSharedLinear(nn.Module):
         ).to(self._lora_a.dtype)
 
     def _forward_engine(self, x: Tensor) -> Tensor:
-        base, adapters = self._base, list(self.adapters.values())
-        own = any(self._own_bias)
+        """x [M, K] -> [M, N]: the engine's base product, then one direct op call (module doc)."""
+        base, own = self._base, self._own
         # the base bias rides in the engine's GEMM unless a part has its own
         y0 = base.quant_method.apply(base, x, None if own else getattr(base, "bias", None))
+        lora_as, lora_bs, scales = self._part_args
         if self.output_norm is not None:
-            a = adapters[0]
-            return shared_lora_linear_epilogue(
-                y0,
-                x,
-                a.lora_a,
-                a.lora_b,
-                a.scale,
-                a.bias if own else None,
-                norm_weight=self.output_norm.weight,
-                eps=self.output_norm.eps,
-            )
-        # one op call: the shrink over the A buffer in place, one expand per part into its columns
-        return add_stacked_delta_(
-            y0,
-            x,
-            [a.lora_a for a in adapters],
-            [a.lora_b for a in adapters],
-            [a.scale for a in adapters],
-            self._stacked_bias() if own else None,
-        )
+            bias = next(iter(self.adapters.values())).bias if own else None
+            norm = self.output_norm
+            return _EPILOGUE_FWD(y0, x, lora_as[0], lora_bs[0], scales[0], bias, norm.weight, norm.eps, None, False)[0]
+        # the shrink over the A buffer in place, one expand per part into its columns
+        _STACKED_DELTA(y0, x, lora_as, lora_bs, scales, self._stacked_bias() if own else None)
+        return y0
 
     def _forward_op(self, x: Tensor) -> Tensor:
         adapters = list(self.adapters.values())

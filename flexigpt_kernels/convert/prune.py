@@ -25,12 +25,16 @@ from .base_selection import COMBINE_MODES, choose_bases
 from .calibration import token_batches
 from .dense_records import record_dense_blocks
 from .families import family_of, num_layers
+from .functional_bases import DEFAULT_SCORE_SAMPLES, functional_bases
 from .importance import block_influence
 from .local_fit import DEFAULT_LOCAL_FIT, GAMMA_ONLY_LOCAL_FIT, LocalFit, fit_replacement_blocks
 from .replacement import convert_blocks, drop_blocks, resolve_rank
 from .selection import num_blocks_to_prune, select_blocks
 
 METHODS = ("flexigpt", "drop")
+#: how prune() chooses each pruned block's base: by the low-rank weight distance
+#: (base_selection.py, the paper's) or by the recorded function (functional_bases.py)
+BASE_MODES = ("weights", "functional")
 
 
 def stored_parameters(model: nn.Module) -> int:
@@ -96,6 +100,7 @@ def prune(
     seq_len: int | None = None,
     num_samples: int | None = None,
     combine: str = "sum",
+    bases: str = "weights",
     scale: float = 1.0,
     gamma_init: float = DEFAULT_GAMMA_INIT,
     output_norm: bool = True,
@@ -116,6 +121,11 @@ def prune(
         own shape and means 256 / 32 for text sources.
     method: "flexigpt" (replacement blocks) or "drop" (ShortGPT: remove the blocks).
     combine: how per-matrix distances form the block distance (see choose_bases).
+    bases: "weights" (the low-rank weight distance, combined by `combine`; the paper's) or
+        "functional" (convert/functional_bases.py: the kept block whose own layer, run on the
+        pruned block's recorded dense input with lsq output-norm gammas, best reproduces its
+        output; scored on the first 4 recorded sequences, those of the local fit when there is
+        one, so it reads no extra tokens). "functional" needs calibration.
     gamma_init, output_norm, scale, svd_init: the replacement block's knobs (docs/method.md 4).
     local_fit: "default" (the RECIPE preset's, flexigpt_kernels/presets.py: "gamma" when
         method="flexigpt" and calibration is given, else none), None/False (the paper's init;
@@ -154,6 +164,10 @@ def prune(
         resolve_rank(rank, model.config.get_text_config(decoder=True).hidden_size)  # validates the rank
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine: expected one of {COMBINE_MODES}, got {combine!r}")
+        if bases not in BASE_MODES:
+            raise ValueError(f"bases: expected one of {BASE_MODES}, got {bases!r}")
+        if bases == "functional" and calibration is None:
+            raise ValueError("bases='functional' needs calibration tokens (the dense blocks are recorded on them)")
     seconds: dict[str, float] = {}
     params_before = stored_parameters(model)
     # the unpruned model's config, JSON-clean (saved in flexigpt.json), taken before "drop" shrinks it
@@ -187,28 +201,35 @@ def prune(
     else:
         hidden = model.config.get_text_config(decoder=True).hidden_size
         r = resolve_rank(rank, hidden)
-        choice = choose_bases(model, pruned, rank=r, combine=combine, progress=progress)
-        seconds["base_choice"] = sum(choice.seconds.values()) if choice.seconds else 0.0
         records = factors = factor_stats = None
-        if fit_opts is not None:  # record the dense blocks before conversion releases them
+        if fit_opts is not None or bases == "functional":  # record the dense blocks before conversion
             t = time.perf_counter()
-            fit_tokens = tokens if fit_opts.num_samples is None else tokens[: fit_opts.num_samples]
+            n_rec = DEFAULT_SCORE_SAMPLES if fit_opts is None else fit_opts.num_samples
             records = record_dense_blocks(
                 model,
-                fit_tokens,
+                tokens if n_rec is None else tokens[:n_rec],
                 pruned,
                 batch_size=batch_size,
-                dtype=fit_opts.record_dtype,
-                attn=fit_opts.gamma == "lsq",
-                covariances=fit_opts.adapter_init == "activation",
+                dtype=torch.float32 if fit_opts is None else fit_opts.record_dtype,
+                attn=bases == "functional" or fit_opts.gamma == "lsq",
+                covariances=fit_opts is not None and fit_opts.adapter_init == "activation",
                 progress=progress,
             )
-            if fit_opts.adapter_init == "activation":
-                factors, factor_stats = activation_aware_adapters(
-                    model, records, choice.base_map, rank=r, scale=scale, damping=fit_opts.damping
-                )
-                records.cov = {}
-            seconds["local_fit_record"] = time.perf_counter() - t
+            seconds["local_fit_record" if fit_opts is not None else "record"] = time.perf_counter() - t
+        if bases == "functional":
+            choice = functional_bases(model, records, batch_size=batch_size, progress=progress)
+        else:
+            choice = choose_bases(model, pruned, rank=r, combine=combine, progress=progress)
+        seconds["base_choice"] = sum(choice.seconds.values()) if choice.seconds else 0.0
+        if fit_opts is not None and fit_opts.adapter_init == "activation":
+            t = time.perf_counter()
+            factors, factor_stats = activation_aware_adapters(
+                model, records, choice.base_map, rank=r, scale=scale, damping=fit_opts.damping
+            )
+            records.cov = {}
+            seconds["local_fit_record"] += time.perf_counter() - t
+        if fit_opts is None:
+            records = None
         t = time.perf_counter()
         convert_blocks(
             model,
@@ -231,7 +252,7 @@ def prune(
         report.base_map = dict(choice.base_map)
         report.base_distance = {i: choice.distance(i, j) for i, j in choice.base_map.items()}
         report.ties = list(choice.ties)
-        report.rank, report.combine = r, combine
+        report.rank, report.combine = r, "functional" if bases == "functional" else combine
         report.adapter_params = _adapter_params(model)
     report.params_after = stored_parameters(model)
     report.seconds = seconds

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..convert.local_fit import LocalFit
-from ..convert.prune import prune, stored_parameters
+from ..convert.prune import BASE_MODES, prune, stored_parameters
 from .lora import lora_parameter_count, merge_lora
 from .params import count_parameters, select_trainable
 
@@ -35,6 +35,8 @@ class FlexiGPTRecipe:
     gamma_lr: the output-norm gammas' learning rate while healing (None: the run's lr).
     adapter_lr: the replacement adapters' learning rate while healing (None: the run's lr);
         LoRA on the kept blocks always learns at the run's lr.
+    bases: how each pruned block's base is chosen (prune's `bases`): "weights" (the low-rank
+        weight distance) or "functional" (the recorded function, scored on the fit's records).
     """
 
     local_fit: LocalFit | None = field(default_factory=LocalFit)
@@ -42,8 +44,11 @@ class FlexiGPTRecipe:
     adapter_share: float = 0.5
     gamma_lr: float | None = None
     adapter_lr: float | None = None
+    bases: str = "weights"
 
     def __post_init__(self):
+        if self.bases not in BASE_MODES:
+            raise ValueError(f"bases must be one of {BASE_MODES}, got {self.bases!r}")
         if not 0.0 < self.adapter_share <= 1.0:
             raise ValueError(f"adapter_share must be in (0, 1], got {self.adapter_share}")
         if self.fit_samples < 2:
@@ -64,7 +69,8 @@ class FlexiGPTRecipe:
         lora = f" + LoRA rank {lora_rank} on kept blocks" if lora_rank else ""
         glr = f"; gamma lr {self.gamma_lr:g}" if self.gamma_lr is not None else ""
         alr = f"; adapter lr {self.adapter_lr:g}" if self.adapter_lr is not None else ""
-        return f"{fit}; adapters rank {adapter_rank}{lora}{glr}{alr}"
+        bases = "; functional bases" if self.bases == "functional" else ""
+        return f"{fit}; adapters rank {adapter_rank}{lora}{glr}{alr}{bases}"
 
 
 def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:
@@ -132,6 +138,7 @@ def _recipe_setup(
         seq_len=seq_len,
         num_samples=calib_samples,
         local_fit=fit,
+        bases=recipe.bases,
         progress=progress,
     )
     prep_s = time.perf_counter() - t
@@ -182,6 +189,7 @@ def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
         adapter_share=recipe.adapter_share,
         gamma_lr=recipe.gamma_lr,
         **({"adapter_lr": recipe.adapter_lr} if recipe.adapter_lr is not None else {}),  # older sweeps resume
+        **({"bases": recipe.bases} if recipe.bases != "weights" else {}),
     )
 
 

@@ -73,6 +73,36 @@ def test_compare_recovery_on_a_tiny_model(tmp_path):
     assert "| flexigpt |" in md and "| shortgpt_lora |" in md and "Best per budget and method" in md
 
 
+def test_recipe_with_functional_bases_prunes_the_same_blocks_and_says_so():
+    """FlexiGPTRecipe(bases="functional") reaches prune(): the same blocks, bases chosen on the
+    fit's records (no extra tokens), the choice named in the options; the CLI flag builds it."""
+    import argparse
+
+    from flexigpt_kernels.commands import compare as compare_cmd
+    from flexigpt_kernels.train.compare_budget import _recipe_dict
+
+    recipe = FlexiGPTRecipe(local_fit=LocalFit(steps=1), fit_samples=2, bases="functional")
+    result = compare_recovery(
+        tokens=3 * 2 * 32,
+        lrs=(1e-2,),
+        methods=("flexigpt",),
+        recipe=recipe,
+        model=tiny_llama(vocab=257),
+        tokenizer=byte_tokenizer(),
+        **TINY,
+    )
+    (run,) = [r for r in result["rows"] if r["method"] == "flexigpt"]
+    assert run["options"].endswith("functional bases") and run["tokens"] == 3 * 2 * 32
+    assert result["meta"]["recipe"]["bases"] == "functional"
+    assert "bases" not in _recipe_dict(FlexiGPTRecipe())  # sweeps written before the option resume
+    with pytest.raises(ValueError, match="bases"):
+        FlexiGPTRecipe(bases="function")
+    p = argparse.ArgumentParser()
+    compare_cmd.add_arguments(p)
+    assert compare_cmd._recipe(p.parse_args(["--bases", "functional"])).bases == "functional"
+    assert compare_cmd._recipe(p.parse_args([])).bases == FlexiGPTRecipe().bases
+
+
 def test_compare_recovery_rejects_bad_settings():
     with pytest.raises(ValueError, match="unknown method"):
         compare_recovery(methods=("lora",), model=tiny_llama(vocab=257), tokenizer=byte_tokenizer(), **TINY)

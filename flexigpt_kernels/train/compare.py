@@ -245,6 +245,8 @@ def compare_recovery(
                 progress=progress,
             )
         s = setups[method]
+        if s.base_map is not None and s.base_map != prune_report.base_map:
+            log(f"{method}: bases {s.base_map}")
         s.ppl_init = ppl(s.model)
         log(
             f"{method}: {s.options}; {s.params:,} trainable ({(s.params - target) / target:+.1%}); "
@@ -305,6 +307,11 @@ def compare_recovery(
         num_layers=n_layers,
         prune_seconds=prune_s,
         recipe=_recipe_dict(recipe),
+        **(
+            {"recipe_base_map": {str(k): v for k, v in setups["flexigpt"].base_map.items()}}
+            if "flexigpt" in setups and setups["flexigpt"].base_map is not None
+            else {}
+        ),
         distill=distill,
         skipped=skipped,
         torch_threads=torch.get_num_threads(),

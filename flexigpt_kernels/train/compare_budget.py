@@ -108,6 +108,7 @@ class _Setup:
     gamma_lr: float | None = None
     adapter_lr: float | None = None
     positions: list[int] | None = None  # a dropped model's blocks' original indices (distill "hidden")
+    base_map: dict[int, int] | None = None  # a FlexiGPT model's bases (pruned block -> kept block)
 
 
 def _recipe_setup(
@@ -167,6 +168,7 @@ def _recipe_setup(
         stored=_merged_stored(flex, trainable, lora_rank),
         gamma_lr=recipe.gamma_lr,
         adapter_lr=recipe.adapter_lr,
+        base_map=dict(rep.base_map),
     )
 
 

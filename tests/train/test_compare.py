@@ -94,6 +94,7 @@ def test_recipe_with_functional_bases_prunes_the_same_blocks_and_says_so():
     (run,) = [r for r in result["rows"] if r["method"] == "flexigpt"]
     assert run["options"].endswith("functional bases") and run["tokens"] == 3 * 2 * 32
     assert result["meta"]["recipe"]["bases"] == "functional"
+    assert sorted(map(int, result["meta"]["recipe_base_map"])) == result["meta"]["pruned"]
     assert "bases" not in _recipe_dict(FlexiGPTRecipe())  # sweeps written before the option resume
     with pytest.raises(ValueError, match="bases"):
         FlexiGPTRecipe(bases="function")

@@ -39,6 +39,7 @@ def run_prune_job(
     gamma_init: float | None = None,
     local_fit=None,
     bases: str = "weights",
+    select: str = "influence",
     verify_save: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -62,6 +63,7 @@ def run_prune_job(
         kwargs["local_fit"] = local_fit
     if method == "flexigpt":
         kwargs["bases"] = bases
+        kwargs["select"] = select
     _, report = prune(
         model,
         calibration,

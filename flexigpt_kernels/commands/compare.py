@@ -102,6 +102,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "scored on the fit's recorded sequences, no extra tokens; default: FlexiGPTRecipe's)",
     )
     p.add_argument(
+        "--select",
+        choices=["influence", "recoverable"],
+        default=None,
+        help="flexigpt recipe: prune the Block-Influence blocks every method uses (influence) or its own "
+        "choice of as many blocks, Block Influence discounted by the best stand-in's functional error "
+        "(recoverable; default: FlexiGPTRecipe's)",
+    )
+    p.add_argument(
         "--distill",
         choices=["kl", "hidden", "kl+hidden"],
         help="every method distills from the dense model: kl (its logits), hidden (every block's output "
@@ -162,6 +170,8 @@ def _recipe(args):
         recipe = dataclasses.replace(recipe, adapter_lr=args.adapter_lr)
     if args.bases is not None:
         recipe = dataclasses.replace(recipe, bases=args.bases)
+    if args.select is not None:
+        recipe = dataclasses.replace(recipe, select=args.select)
     if args.no_local_fit:
         recipe = dataclasses.replace(recipe, local_fit=None)
     return recipe

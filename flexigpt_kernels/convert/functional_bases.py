@@ -42,7 +42,7 @@ from .families import decoder_layers, family_of, num_layers
 from .importance import StopForward, first_tensor
 from .replacement import _set_submodule
 
-__all__ = ["functional_bases", "DEFAULT_SCORE_SAMPLES"]
+__all__ = ["functional_bases", "functional_errors", "DEFAULT_SCORE_SAMPLES"]
 
 #: recorded sequences scored per pair by default (the first ones: inside the local fit's train rows)
 DEFAULT_SCORE_SAMPLES = 4
@@ -125,7 +125,71 @@ def _pair_error(layer, hooks: _Hooks, records: DenseRecords, i: int, rows: slice
     return resid / max(energy, 1e-30)
 
 
+def _check_records(records) -> None:
+    if not isinstance(records, DenseRecords):
+        raise ValueError(f"records: expected DenseRecords (record_dense_blocks), got {type(records).__name__}")
+    if not records.attn:
+        raise ValueError("records: no attention contributions recorded; use record_dense_blocks(..., attn=True)")
+
+
 @torch.no_grad()
+def functional_errors(
+    model: nn.Module,
+    records: DenseRecords,
+    candidates,
+    *,
+    num_samples: int | None = DEFAULT_SCORE_SAMPLES,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> torch.Tensor:
+    """D(i, j) (module doc), fp64 [len(records.blocks), len(candidates)]: rows follow
+    records.blocks, columns `candidates` (blocks of the dense `model` that own their weights);
+    D(i, i) is +inf. num_samples: recorded sequences scored (the first ones; None: all)."""
+    _check_records(records)
+    num_samples = positive_int("num_samples", num_samples)
+    batch_size = positive_int("batch_size", batch_size, allow_none=False)
+    family = family_of(model)
+    n_layers = num_layers(model)
+    layers = list(decoder_layers(model))[:n_layers]
+    blocks, candidates = list(records.blocks), list(candidates)
+    bad = [b for b in blocks + candidates if not 0 <= b < n_layers]
+    if bad:
+        raise ValueError(f"records/candidates: blocks {bad} out of range for a model with {n_layers} blocks")
+    if not candidates:
+        raise ValueError("candidates: no block to be a base")
+    converted = [b for b in candidates if hasattr(layers[b], "flexigpt_base")]
+    if converted:
+        raise ValueError(f"model: blocks {converted} are replacement blocks; score bases on the dense model")
+    rows = slice(0, records.num_sequences if num_samples is None else min(num_samples, records.num_sequences))
+    table = torch.full((len(blocks), len(candidates)), float("inf"), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(blocks) * len(candidates), desc="Functional base scores", disable=not progress)
+    try:
+        for row, i in enumerate(blocks):
+            hybrid = copy.deepcopy(layers[i])
+            for col, j in enumerate(candidates):
+                bar.update()
+                if j == i:
+                    continue
+                _borrow_linears(hybrid, layers[j], layers[i], family)
+                hooks = _Hooks(hybrid, family)
+                handles = [
+                    hooks.attn_mod.register_forward_hook(hooks.attn),
+                    hooks.mlp_mod.register_forward_hook(hooks.mlp),
+                ]
+                try:
+                    table[row, col] = _pair_error(hybrid, hooks, records, i, rows, batch_size)
+                finally:
+                    for h in handles:
+                        h.remove()
+            del hybrid
+    finally:
+        bar.close()
+        model.train(was_training)
+    return table
+
+
 def functional_bases(
     model: nn.Module,
     records: DenseRecords,
@@ -142,51 +206,13 @@ def functional_bases(
     Returns a BaseChoice with combine="functional", rank 0, distances = D [pruned, kept] and
     seconds {"functional": wall time}; per_matrix and norms are empty.
     """
-    if not isinstance(records, DenseRecords):
-        raise ValueError(f"records: expected DenseRecords (record_dense_blocks), got {type(records).__name__}")
-    if not records.attn:
-        raise ValueError("records: no attention contributions recorded; use record_dense_blocks(..., attn=True)")
-    num_samples = positive_int("num_samples", num_samples)
-    batch_size = positive_int("batch_size", batch_size, allow_none=False)
-    family = family_of(model)
-    n_layers = num_layers(model)
-    layers = list(decoder_layers(model))[:n_layers]
+    _check_records(records)
     pruned = list(records.blocks)
-    bad = [b for b in pruned if not 0 <= b < n_layers]
-    if bad:
-        raise ValueError(f"records: blocks {bad} out of range for a model with {n_layers} blocks")
-    kept = [b for b in range(n_layers) if b not in set(pruned)]
+    kept = [b for b in range(num_layers(model)) if b not in set(pruned)]
     if not kept:
         raise ValueError("records: every block is recorded as pruned; no kept block to be a base")
-    converted = [b for b in kept if hasattr(layers[b], "flexigpt_base")]
-    if converted:
-        raise ValueError(f"model: blocks {converted} are replacement blocks; score bases on the dense model")
-    rows = slice(0, records.num_sequences if num_samples is None else min(num_samples, records.num_sequences))
     t0 = time.perf_counter()
-    table = torch.empty(len(pruned), len(kept), dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(pruned) * len(kept), desc="Functional base choice", disable=not progress)
-    try:
-        for row, i in enumerate(pruned):
-            hybrid = copy.deepcopy(layers[i])
-            for col, j in enumerate(kept):
-                _borrow_linears(hybrid, layers[j], layers[i], family)
-                hooks = _Hooks(hybrid, family)
-                handles = [
-                    hooks.attn_mod.register_forward_hook(hooks.attn),
-                    hooks.mlp_mod.register_forward_hook(hooks.mlp),
-                ]
-                try:
-                    table[row, col] = _pair_error(hybrid, hooks, records, i, rows, batch_size)
-                finally:
-                    for h in handles:
-                        h.remove()
-                bar.update()
-            del hybrid
-    finally:
-        bar.close()
-        model.train(was_training)
+    table = functional_errors(model, records, kept, num_samples=num_samples, batch_size=batch_size, progress=progress)
     return BaseChoice.argmin(
         pruned,
         kept,

@@ -28,6 +28,7 @@ from .families import family_of, num_layers
 from .functional_bases import DEFAULT_SCORE_SAMPLES, functional_bases
 from .importance import block_influence
 from .local_fit import DEFAULT_LOCAL_FIT, GAMMA_ONLY_LOCAL_FIT, LocalFit, fit_replacement_blocks
+from .recoverable import recoverable_blocks
 from .replacement import convert_blocks, drop_blocks, resolve_rank
 from .selection import num_blocks_to_prune, select_blocks
 
@@ -35,6 +36,9 @@ METHODS = ("flexigpt", "drop")
 #: how prune() chooses each pruned block's base: by the low-rank weight distance
 #: (base_selection.py, the paper's) or by the recorded function (functional_bases.py)
 BASE_MODES = ("weights", "functional")
+#: which blocks prune() removes at a ratio: the lowest Block Influence (ShortGPT's, the paper's)
+#: or the lowest damage once replaced (recoverable.py)
+SELECT_MODES = ("influence", "recoverable")
 
 
 def stored_parameters(model: nn.Module) -> int:
@@ -101,6 +105,7 @@ def prune(
     num_samples: int | None = None,
     combine: str = "sum",
     bases: str = "weights",
+    select: str = "influence",
     scale: float = 1.0,
     gamma_init: float = DEFAULT_GAMMA_INIT,
     output_norm: bool = True,
@@ -126,6 +131,9 @@ def prune(
         pruned block's recorded dense input with lsq output-norm gammas, best reproduces its
         output; scored on the first 4 recorded sequences, those of the local fit when there is
         one, so it reads no extra tokens). "functional" needs calibration.
+    select: with `ratio`, which blocks go: "influence" (the lowest Block Influence) or
+        "recoverable" (flexigpt only: the lowest Block Influence times the functional error of
+        the best kept stand-in, convert/recoverable.py; 2 calibration sequences recorded).
     gamma_init, output_norm, scale, svd_init: the replacement block's knobs (docs/method.md 4).
     local_fit: "default" (the RECIPE preset's, flexigpt_kernels/presets.py: "gamma" when
         method="flexigpt" and calibration is given, else none), None/False (the paper's init;
@@ -156,6 +164,10 @@ def prune(
     seq_len, num_samples = positive_int("seq_len", seq_len), positive_int("num_samples", num_samples)
     batch_size = positive_int("batch_size", batch_size, allow_none=False)
     output_norm, svd_init = check_bool("output_norm", output_norm), check_bool("svd_init", svd_init)
+    if select not in SELECT_MODES:
+        raise ValueError(f"select: expected one of {SELECT_MODES}, got {select!r}")
+    if select == "recoverable" and method != "flexigpt":
+        raise ValueError("select='recoverable' applies to method='flexigpt' only (a dropped block has no stand-in)")
     if blocks is not None:
         select_blocks(torch.zeros(n_blocks), blocks=blocks)  # validates the indices
     elif calibration is not None:
@@ -185,6 +197,10 @@ def prune(
         raise ValueError("calibration is required unless an explicit `blocks` list is given")
     if blocks is not None:
         pruned = select_blocks(torch.zeros(n_blocks) if scores is None else scores, blocks=list(blocks))
+    elif select == "recoverable":
+        t = time.perf_counter()
+        pruned = recoverable_blocks(model, tokens, scores, ratio=ratio, batch_size=batch_size, progress=progress).pruned
+        seconds["selection"] = time.perf_counter() - t
     else:
         pruned = select_blocks(scores, ratio=ratio)
     report = PruneReport(

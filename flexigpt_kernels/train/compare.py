@@ -243,8 +243,11 @@ def compare_recovery(
                 seq_len=seq_len,
                 calib_samples=calib_samples,
                 progress=progress,
+                ratio=ratio,
             )
         s = setups[method]
+        if s.pruned is not None and s.pruned != blocks:
+            log(f"{method}: its own blocks {s.pruned}")
         if s.base_map is not None and s.base_map != prune_report.base_map:
             log(f"{method}: bases {s.base_map}")
         s.ppl_init = ppl(s.model)
@@ -308,7 +311,10 @@ def compare_recovery(
         prune_seconds=prune_s,
         recipe=_recipe_dict(recipe),
         **(
-            {"recipe_base_map": {str(k): v for k, v in setups["flexigpt"].base_map.items()}}
+            {
+                "recipe_base_map": {str(k): v for k, v in setups["flexigpt"].base_map.items()},
+                "recipe_pruned": setups["flexigpt"].pruned,
+            }
             if "flexigpt" in setups and setups["flexigpt"].base_map is not None
             else {}
         ),

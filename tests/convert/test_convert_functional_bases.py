@@ -109,3 +109,40 @@ def test_bad_input_raises_clear_errors():
         prune(copy.deepcopy(m), x, blocks=[1], bases="function", progress=False)
     with pytest.raises(ValueError, match="needs calibration"):
         prune(copy.deepcopy(m), None, blocks=[1], bases="functional", progress=False)
+
+
+def test_least_damage_prefers_a_block_with_a_stand_in_and_iterates_on_the_kept_set():
+    from flexigpt_kernels.convert.recoverable import least_damage
+
+    inf = float("inf")
+    # 4 blocks; block 2 matters most (BI 0.5) but block 1 reproduces it (D = 0.1): replacing 2
+    # costs 0.05, less than replacing block 0 (BI 0.2, no stand-in), 1 (0.25 x 0.4) or 3 (BI 0.3)
+    errors = torch.tensor(
+        [[inf, 1.0, 1.0, 1.0], [1.0, inf, 0.4, 1.0], [1.0, 0.1, inf, 1.0], [1.0, 1.0, 1.0, inf]], dtype=torch.float64
+    )
+    bi = [0.2, 0.25, 0.5, 0.3]
+    pruned, damage, passes = least_damage(bi, errors, 1)
+    assert pruned == [2] and damage[2] == pytest.approx(0.05) and passes >= 1
+    # two blocks: the first pass takes 1 and 2, each the other's stand-in; with both gone neither
+    # has one, so the next pass takes 0 and 1 (1 replaced by the kept 2), which then repeats
+    pruned, damage, passes = least_damage(bi, errors, 2)
+    assert pruned == [0, 1] and damage[1] == pytest.approx(0.1) and passes == 2
+    with pytest.raises(ValueError, match="errors"):
+        least_damage(bi, errors[:3], 1)
+    with pytest.raises(ValueError, match="k"):
+        least_damage(bi, errors, 4)
+
+
+def test_prune_select_recoverable_on_a_tiny_model():
+    m = _disguised_copy_with_small_decoy(layers=6)
+    x = _tokens(n=8)
+    model, rep = prune(
+        copy.deepcopy(m), x, ratio=0.34, rank=8, select="recoverable", bases="functional", progress=False
+    )
+    assert len(rep.pruned) == 2 and "selection" in rep.seconds
+    # block 4 copies block 1: replacing one of them costs little, so one goes
+    assert {1, 4} & set(rep.pruned)
+    with pytest.raises(ValueError, match="select: expected one of"):
+        prune(copy.deepcopy(m), x, ratio=0.3, select="damage", progress=False)
+    with pytest.raises(ValueError, match="method=.flexigpt. only"):
+        prune(copy.deepcopy(m), x, ratio=0.3, select="recoverable", method="drop", progress=False)

@@ -117,6 +117,7 @@ class _Setup:
     positions: list[int] | None = None  # a dropped model's blocks' original indices (distill "hidden")
     base_map: dict[int, int] | None = None  # a FlexiGPT model's bases (pruned block -> kept block)
     pruned: list[int] | None = None  # the blocks it replaced or dropped, where a recipe chose its own
+    prune_seconds: dict[str, float] | None = None  # a recipe's prune() phases (PruneReport.seconds)
 
 
 def _recipe_setup(
@@ -180,6 +181,7 @@ def _recipe_setup(
         adapter_lr=recipe.adapter_lr,
         base_map=dict(rep.base_map),
         pruned=list(rep.pruned),
+        prune_seconds=dict(rep.seconds),
     )
 
 

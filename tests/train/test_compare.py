@@ -96,6 +96,7 @@ def test_recipe_with_functional_bases_prunes_the_same_blocks_and_says_so():
     assert run["options"].endswith("functional bases") and run["tokens"] == 3 * 2 * 32
     assert result["meta"]["recipe"]["bases"] == "functional"
     assert sorted(map(int, result["meta"]["recipe_base_map"])) == result["meta"]["pruned"]
+    assert result["meta"]["recipe_prune_seconds"]["base_choice"] > 0
     own = compare_recovery(
         tokens=3 * 2 * 32,
         lrs=(1e-2,),

@@ -38,6 +38,8 @@ def run_prune_job(
     eval_chunks: int = 40,
     gamma_init: float | None = None,
     local_fit=None,
+    bases: str = "weights",
+    select: str = "influence",
     verify_save: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -59,6 +61,9 @@ def run_prune_job(
     kwargs = {} if gamma_init is None else {"gamma_init": gamma_init}
     if method == "flexigpt" and local_fit is not None:
         kwargs["local_fit"] = local_fit
+    if method == "flexigpt":
+        kwargs["bases"] = bases
+        kwargs["select"] = select
     _, report = prune(
         model,
         calibration,

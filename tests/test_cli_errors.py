@@ -77,6 +77,7 @@ CASES = [
     ("prune --rank 1.5 --out {d}/o", ["--rank", "fraction"]),
     ("prune --blocks 1,,2 --out {d}/o", ["--blocks", "empty item"]),
     ("prune --blocks 3,3 --out {d}/o", ["--blocks", "repeated"]),
+    ("prune --bases function --out {d}/o", ["--bases", "invalid choice"]),
     ("prune --out {d}/a_file", ["--out", "is a file"]),
     ("prune --out {d}/full_dir", ["--out", "not empty"]),
     ("prune --calib /nonexistent/calib.txt --out {d}/o", ["--calib", "does not exist"]),
@@ -151,6 +152,7 @@ CASES = [
     ("compare --ratio 1", ["--ratio", "(0, 1)"]),
     ("compare --name a/b", ["--name", "without a folder"]),
     ("compare --seed 1,1", ["--seed", "repeated"]),
+    ("compare --bases function", ["--bases", "invalid choice"]),
     ("compare --out-dir {d}/a_file", ["--out-dir", "is a file"]),
     # bench
     ("bench", ["required"]),

@@ -53,6 +53,21 @@ def add_arguments(p: argparse.ArgumentParser, *, require_out: bool = True) -> No
         "(default: per-channel least-squares gamma, seconds), 'full' (activation-aware "
         "adapters + gamma + 40 gradient steps per block, minutes), 'none' (the paper's init)",
     )
+    p.add_argument(
+        "--bases",
+        choices=["weights", "functional"],
+        default="weights",
+        help="each pruned block's base: by the low-rank weight distance (default, the paper's) or "
+        "'functional': the kept block whose layer, run on the pruned block's recorded input, best "
+        "reproduces its output (4 calibration sequences, ~1 min for SmolLM2-135M at ratio 0.5)",
+    )
+    p.add_argument(
+        "--select",
+        choices=["influence", "recoverable"],
+        default="influence",
+        help="with --ratio, which blocks go: the lowest Block Influence (default) or 'recoverable': "
+        "Block Influence times how badly the best kept block stands in for each (flexigpt only)",
+    )
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--num-samples", type=positive_int, default=32, help="calibration chunks")
     p.add_argument("--eval-chunks", type=positive_int, default=40, help="held-out chunks of --seq-len tokens")
@@ -112,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         eval_chunks=args.eval_chunks,
         gamma_init=args.gamma_init,
         local_fit=None if args.local_fit == "none" else args.local_fit,
+        bases=args.bases,
+        select=args.select,
         progress=not args.json,
     )
     summary["seconds"] = {"load_model": load_s, **summary["seconds"]}

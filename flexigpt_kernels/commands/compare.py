@@ -94,6 +94,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="flexigpt recipe: the replacement adapters' learning rate while healing (default: the recipe's)",
     )
     p.add_argument(
+        "--bases",
+        choices=["weights", "functional"],
+        default=None,
+        help="flexigpt recipe: each pruned block's base by the low-rank weight distance (weights) or by "
+        "how well the kept block's layer reproduces the pruned block's recorded output (functional; "
+        "scored on the fit's recorded sequences, no extra tokens; default: FlexiGPTRecipe's)",
+    )
+    p.add_argument(
+        "--select",
+        choices=["influence", "recoverable"],
+        default=None,
+        help="flexigpt recipe: prune the Block-Influence blocks every method uses (influence) or its own "
+        "choice of as many blocks, Block Influence discounted by the best stand-in's functional error "
+        "(recoverable; default: FlexiGPTRecipe's)",
+    )
+    p.add_argument(
         "--distill",
         choices=["kl", "hidden", "kl+hidden"],
         help="every method distills from the dense model: kl (its logits), hidden (every block's output "
@@ -152,6 +168,10 @@ def _recipe(args):
         recipe = dataclasses.replace(recipe, gamma_lr=args.gamma_lr)
     if args.adapter_lr is not None:
         recipe = dataclasses.replace(recipe, adapter_lr=args.adapter_lr)
+    if args.bases is not None:
+        recipe = dataclasses.replace(recipe, bases=args.bases)
+    if args.select is not None:
+        recipe = dataclasses.replace(recipe, select=args.select)
     if args.no_local_fit:
         recipe = dataclasses.replace(recipe, local_fit=None)
     return recipe

@@ -78,6 +78,14 @@ class BaseChoice:
     svd: str
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def argmin(cls, pruned: list[int], kept: list[int], distances: torch.Tensor, **rest) -> BaseChoice:
+        """base(i) = argmin over kept j of distances[i, j] (ties: the lower j), ties reported;
+        `rest`: the other fields."""
+        best = torch.sort(distances, dim=1, stable=True).indices[:, 0]
+        base_map = {i: kept[best[row].item()] for row, i in enumerate(pruned)}
+        return cls(pruned, kept, base_map, distances, ties=_ties(distances, pruned, kept, base_map), **rest)
+
     def distance(self, pruned_block: int, kept_block: int) -> float:
         """Combined distance D(pruned_block, kept_block)."""
         return float(self.distances[self.pruned.index(pruned_block), self.kept.index(kept_block)])
@@ -202,16 +210,12 @@ def choose_bases(
         bar.close()
 
     distances = _combine(per_matrix, norms, pruned, combine)
-    best = torch.sort(distances, dim=1, stable=True).indices[:, 0]
-    base_map = {i: kept[best[row].item()] for row, i in enumerate(pruned)}
-    return BaseChoice(
-        pruned=pruned,
-        kept=kept,
-        base_map=base_map,
-        distances=distances,
+    return BaseChoice.argmin(
+        pruned,
+        kept,
+        distances,
         per_matrix=per_matrix,
         norms=norms,
-        ties=_ties(distances, pruned, kept, base_map),
         rank=rank,
         combine=combine,
         svd=svd,

@@ -96,7 +96,7 @@ def lsq_gamma(
                     for sl in batches(xs.shape[0], batch_size):
                         x = xs[sl].to(dev, dt)
                         out = run_block(layer, records, b, x).float()
-                        n = captured[key].float()
+                        n = captured[key].float().reshape(out.shape)  # OPT's MLP runs on [batch * seq, hidden]
                         if key == "attn":
                             t = ts[sl].to(dev, torch.float32)
                         else:

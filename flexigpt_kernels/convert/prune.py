@@ -25,12 +25,20 @@ from .base_selection import COMBINE_MODES, choose_bases
 from .calibration import token_batches
 from .dense_records import record_dense_blocks
 from .families import family_of, num_layers
+from .functional_bases import DEFAULT_SCORE_SAMPLES, functional_bases
 from .importance import block_influence
 from .local_fit import DEFAULT_LOCAL_FIT, GAMMA_ONLY_LOCAL_FIT, LocalFit, fit_replacement_blocks
+from .recoverable import recoverable_blocks
 from .replacement import convert_blocks, drop_blocks, resolve_rank
 from .selection import num_blocks_to_prune, select_blocks
 
 METHODS = ("flexigpt", "drop")
+#: how prune() chooses each pruned block's base: by the low-rank weight distance
+#: (base_selection.py, the paper's) or by the recorded function (functional_bases.py)
+BASE_MODES = ("weights", "functional")
+#: which blocks prune() removes at a ratio: the lowest Block Influence (ShortGPT's, the paper's)
+#: or the lowest damage once replaced (recoverable.py)
+SELECT_MODES = ("influence", "recoverable")
 
 
 def stored_parameters(model: nn.Module) -> int:
@@ -96,6 +104,8 @@ def prune(
     seq_len: int | None = None,
     num_samples: int | None = None,
     combine: str = "sum",
+    bases: str = "weights",
+    select: str = "influence",
     scale: float = 1.0,
     gamma_init: float = DEFAULT_GAMMA_INIT,
     output_norm: bool = True,
@@ -116,6 +126,14 @@ def prune(
         own shape and means 256 / 32 for text sources.
     method: "flexigpt" (replacement blocks) or "drop" (ShortGPT: remove the blocks).
     combine: how per-matrix distances form the block distance (see choose_bases).
+    bases: "weights" (the low-rank weight distance, combined by `combine`; the paper's) or
+        "functional" (convert/functional_bases.py: the kept block whose own layer, run on the
+        pruned block's recorded dense input with lsq output-norm gammas, best reproduces its
+        output; scored on the first 4 recorded sequences, those of the local fit when there is
+        one, so it reads no extra tokens). "functional" needs calibration.
+    select: with `ratio`, which blocks go: "influence" (the lowest Block Influence) or
+        "recoverable" (flexigpt only: the lowest Block Influence times the functional error of
+        the best kept stand-in, convert/recoverable.py; 2 calibration sequences recorded).
     gamma_init, output_norm, scale, svd_init: the replacement block's knobs (docs/method.md 4).
     local_fit: "default" (the RECIPE preset's, flexigpt_kernels/presets.py: "gamma" when
         method="flexigpt" and calibration is given, else none), None/False (the paper's init;
@@ -146,6 +164,10 @@ def prune(
     seq_len, num_samples = positive_int("seq_len", seq_len), positive_int("num_samples", num_samples)
     batch_size = positive_int("batch_size", batch_size, allow_none=False)
     output_norm, svd_init = check_bool("output_norm", output_norm), check_bool("svd_init", svd_init)
+    if select not in SELECT_MODES:
+        raise ValueError(f"select: expected one of {SELECT_MODES}, got {select!r}")
+    if select == "recoverable" and method != "flexigpt":
+        raise ValueError("select='recoverable' applies to method='flexigpt' only (a dropped block has no stand-in)")
     if blocks is not None:
         select_blocks(torch.zeros(n_blocks), blocks=blocks)  # validates the indices
     elif calibration is not None:
@@ -154,6 +176,10 @@ def prune(
         resolve_rank(rank, model.config.get_text_config(decoder=True).hidden_size)  # validates the rank
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine: expected one of {COMBINE_MODES}, got {combine!r}")
+        if bases not in BASE_MODES:
+            raise ValueError(f"bases: expected one of {BASE_MODES}, got {bases!r}")
+        if bases == "functional" and calibration is None:
+            raise ValueError("bases='functional' needs calibration tokens (the dense blocks are recorded on them)")
     seconds: dict[str, float] = {}
     params_before = stored_parameters(model)
     # the unpruned model's config, JSON-clean (saved in flexigpt.json), taken before "drop" shrinks it
@@ -171,6 +197,10 @@ def prune(
         raise ValueError("calibration is required unless an explicit `blocks` list is given")
     if blocks is not None:
         pruned = select_blocks(torch.zeros(n_blocks) if scores is None else scores, blocks=list(blocks))
+    elif select == "recoverable":
+        t = time.perf_counter()
+        pruned = recoverable_blocks(model, tokens, scores, ratio=ratio, batch_size=batch_size, progress=progress).pruned
+        seconds["selection"] = time.perf_counter() - t
     else:
         pruned = select_blocks(scores, ratio=ratio)
     report = PruneReport(
@@ -187,28 +217,35 @@ def prune(
     else:
         hidden = model.config.get_text_config(decoder=True).hidden_size
         r = resolve_rank(rank, hidden)
-        choice = choose_bases(model, pruned, rank=r, combine=combine, progress=progress)
-        seconds["base_choice"] = sum(choice.seconds.values()) if choice.seconds else 0.0
         records = factors = factor_stats = None
-        if fit_opts is not None:  # record the dense blocks before conversion releases them
+        if fit_opts is not None or bases == "functional":  # record the dense blocks before conversion
             t = time.perf_counter()
-            fit_tokens = tokens if fit_opts.num_samples is None else tokens[: fit_opts.num_samples]
+            n_rec = DEFAULT_SCORE_SAMPLES if fit_opts is None else fit_opts.num_samples
             records = record_dense_blocks(
                 model,
-                fit_tokens,
+                tokens if n_rec is None else tokens[:n_rec],
                 pruned,
                 batch_size=batch_size,
-                dtype=fit_opts.record_dtype,
-                attn=fit_opts.gamma == "lsq",
-                covariances=fit_opts.adapter_init == "activation",
+                dtype=torch.float32 if fit_opts is None else fit_opts.record_dtype,
+                attn=bases == "functional" or fit_opts.gamma == "lsq",
+                covariances=fit_opts is not None and fit_opts.adapter_init == "activation",
                 progress=progress,
             )
-            if fit_opts.adapter_init == "activation":
-                factors, factor_stats = activation_aware_adapters(
-                    model, records, choice.base_map, rank=r, scale=scale, damping=fit_opts.damping
-                )
-                records.cov = {}
-            seconds["local_fit_record"] = time.perf_counter() - t
+            seconds["local_fit_record" if fit_opts is not None else "record"] = time.perf_counter() - t
+        if bases == "functional":
+            choice = functional_bases(model, records, batch_size=batch_size, progress=progress)
+        else:
+            choice = choose_bases(model, pruned, rank=r, combine=combine, progress=progress)
+        seconds["base_choice"] = sum(choice.seconds.values()) if choice.seconds else 0.0
+        if fit_opts is not None and fit_opts.adapter_init == "activation":
+            t = time.perf_counter()
+            factors, factor_stats = activation_aware_adapters(
+                model, records, choice.base_map, rank=r, scale=scale, damping=fit_opts.damping
+            )
+            records.cov = {}
+            seconds["local_fit_record"] += time.perf_counter() - t
+        if fit_opts is None:
+            records = None
         t = time.perf_counter()
         convert_blocks(
             model,
@@ -231,7 +268,7 @@ def prune(
         report.base_map = dict(choice.base_map)
         report.base_distance = {i: choice.distance(i, j) for i, j in choice.base_map.items()}
         report.ties = list(choice.ties)
-        report.rank, report.combine = r, combine
+        report.rank, report.combine = r, "functional" if bases == "functional" else combine
         report.adapter_params = _adapter_params(model)
     report.params_after = stored_parameters(model)
     report.seconds = seconds

@@ -243,8 +243,15 @@ def compare_recovery(
                 seq_len=seq_len,
                 calib_samples=calib_samples,
                 progress=progress,
+                ratio=ratio,
             )
         s = setups[method]
+        if s.pruned is not None and s.pruned != blocks:
+            log(f"{method}: its own blocks {s.pruned}")
+        if s.base_map is not None and s.base_map != prune_report.base_map:
+            log(f"{method}: bases {s.base_map}")
+        if s.prune_seconds:
+            log(f"{method}: prune phases " + ", ".join(f"{k} {v:.0f} s" for k, v in s.prune_seconds.items()))
         s.ppl_init = ppl(s.model)
         log(
             f"{method}: {s.options}; {s.params:,} trainable ({(s.params - target) / target:+.1%}); "
@@ -305,6 +312,15 @@ def compare_recovery(
         num_layers=n_layers,
         prune_seconds=prune_s,
         recipe=_recipe_dict(recipe),
+        **(
+            {
+                "recipe_base_map": {str(k): v for k, v in setups["flexigpt"].base_map.items()},
+                "recipe_pruned": setups["flexigpt"].pruned,
+                "recipe_prune_seconds": setups["flexigpt"].prune_seconds,
+            }
+            if "flexigpt" in setups and setups["flexigpt"].base_map is not None
+            else {}
+        ),
         distill=distill,
         skipped=skipped,
         torch_threads=torch.get_num_threads(),

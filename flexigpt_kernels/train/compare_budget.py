@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..convert.local_fit import LocalFit
-from ..convert.prune import prune, stored_parameters
+from ..convert.prune import BASE_MODES, SELECT_MODES, prune, stored_parameters
 from .lora import lora_parameter_count, merge_lora
 from .params import count_parameters, select_trainable
 
@@ -35,6 +35,11 @@ class FlexiGPTRecipe:
     gamma_lr: the output-norm gammas' learning rate while healing (None: the run's lr).
     adapter_lr: the replacement adapters' learning rate while healing (None: the run's lr);
         LoRA on the kept blocks always learns at the run's lr.
+    bases: how each pruned block's base is chosen (prune's `bases`): "weights" (the low-rank
+        weight distance) or "functional" (the recorded function, scored on the fit's records).
+    select: which blocks this recipe prunes at the comparison's ratio (prune's `select`):
+        "influence" (the Block-Influence blocks every method uses) or "recoverable" (its own
+        choice, the same count: Block Influence discounted by the best stand-in's functional error).
     """
 
     local_fit: LocalFit | None = field(default_factory=LocalFit)
@@ -42,8 +47,14 @@ class FlexiGPTRecipe:
     adapter_share: float = 0.5
     gamma_lr: float | None = None
     adapter_lr: float | None = None
+    bases: str = "weights"
+    select: str = "influence"
 
     def __post_init__(self):
+        if self.bases not in BASE_MODES:
+            raise ValueError(f"bases must be one of {BASE_MODES}, got {self.bases!r}")
+        if self.select not in SELECT_MODES:
+            raise ValueError(f"select must be one of {SELECT_MODES}, got {self.select!r}")
         if not 0.0 < self.adapter_share <= 1.0:
             raise ValueError(f"adapter_share must be in (0, 1], got {self.adapter_share}")
         if self.fit_samples < 2:
@@ -64,7 +75,9 @@ class FlexiGPTRecipe:
         lora = f" + LoRA rank {lora_rank} on kept blocks" if lora_rank else ""
         glr = f"; gamma lr {self.gamma_lr:g}" if self.gamma_lr is not None else ""
         alr = f"; adapter lr {self.adapter_lr:g}" if self.adapter_lr is not None else ""
-        return f"{fit}; adapters rank {adapter_rank}{lora}{glr}{alr}"
+        bases = "; functional bases" if self.bases == "functional" else ""
+        select = "; own blocks (recoverable)" if self.select == "recoverable" else ""
+        return f"{fit}; adapters rank {adapter_rank}{lora}{glr}{alr}{bases}{select}"
 
 
 def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:
@@ -102,6 +115,9 @@ class _Setup:
     gamma_lr: float | None = None
     adapter_lr: float | None = None
     positions: list[int] | None = None  # a dropped model's blocks' original indices (distill "hidden")
+    base_map: dict[int, int] | None = None  # a FlexiGPT model's bases (pruned block -> kept block)
+    pruned: list[int] | None = None  # the blocks it replaced or dropped, where a recipe chose its own
+    prune_seconds: dict[str, float] | None = None  # a recipe's prune() phases (PruneReport.seconds)
 
 
 def _recipe_setup(
@@ -117,9 +133,11 @@ def _recipe_setup(
     seq_len: int,
     calib_samples: int,
     progress: bool,
+    ratio: float | None = None,
 ) -> _Setup:
-    """The "flexigpt" method: prune the same blocks at the recipe's adapter rank with the
-    block-local fit, then size LoRA on the kept blocks so the total matches `target`."""
+    """The "flexigpt" method: prune the same blocks (or, with recipe.select="recoverable", its
+    own choice at `ratio`) at the recipe's adapter rank with the block-local fit, then size LoRA
+    on the kept blocks so the total matches `target`."""
     adapter_rank = max(1, round(paper_rank * recipe.adapter_share))
     fit = None if recipe.local_fit is None else dataclasses.replace(recipe.local_fit, num_samples=recipe.fit_samples)
     t = time.perf_counter()
@@ -127,11 +145,12 @@ def _recipe_setup(
         copy.deepcopy(model),
         train_texts,
         tokenizer=tokenizer,
-        blocks=blocks,
+        **({"ratio": ratio, "select": recipe.select} if recipe.select != "influence" else {"blocks": blocks}),
         rank=adapter_rank,
         seq_len=seq_len,
         num_samples=calib_samples,
         local_fit=fit,
+        bases=recipe.bases,
         progress=progress,
     )
     prep_s = time.perf_counter() - t
@@ -160,6 +179,9 @@ def _recipe_setup(
         stored=_merged_stored(flex, trainable, lora_rank),
         gamma_lr=recipe.gamma_lr,
         adapter_lr=recipe.adapter_lr,
+        base_map=dict(rep.base_map),
+        pruned=list(rep.pruned),
+        prune_seconds=dict(rep.seconds),
     )
 
 
@@ -182,6 +204,8 @@ def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
         adapter_share=recipe.adapter_share,
         gamma_lr=recipe.gamma_lr,
         **({"adapter_lr": recipe.adapter_lr} if recipe.adapter_lr is not None else {}),  # older sweeps resume
+        **({"bases": recipe.bases} if recipe.bases != "weights" else {}),
+        **({"select": recipe.select} if recipe.select != "influence" else {}),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 
 import pytest
 
@@ -71,6 +72,58 @@ def test_compare_recovery_on_a_tiny_model(tmp_path):
         assert [tuple(r) for r in csv.reader(f)][0] == COLUMNS
     md = md_path.read_text()
     assert "| flexigpt |" in md and "| shortgpt_lora |" in md and "Best per budget and method" in md
+
+
+def test_recipe_with_functional_bases_prunes_the_same_blocks_and_says_so():
+    """FlexiGPTRecipe(bases="functional") reaches prune(): the same blocks, bases chosen on the
+    fit's records (no extra tokens), the choice named in the options; the CLI flag builds it."""
+    import argparse
+
+    from flexigpt_kernels.commands import compare as compare_cmd
+    from flexigpt_kernels.train.compare_budget import _recipe_dict
+
+    recipe = FlexiGPTRecipe(local_fit=LocalFit(steps=1), fit_samples=2, bases="functional")
+    result = compare_recovery(
+        tokens=3 * 2 * 32,
+        lrs=(1e-2,),
+        methods=("flexigpt",),
+        recipe=recipe,
+        model=tiny_llama(vocab=257),
+        tokenizer=byte_tokenizer(),
+        **TINY,
+    )
+    (run,) = [r for r in result["rows"] if r["method"] == "flexigpt"]
+    assert run["options"].endswith("functional bases") and run["tokens"] == 3 * 2 * 32
+    assert result["meta"]["recipe"]["bases"] == "functional"
+    assert sorted(map(int, result["meta"]["recipe_base_map"])) == result["meta"]["pruned"]
+    assert result["meta"]["recipe_prune_seconds"]["base_choice"] > 0
+    own = compare_recovery(
+        tokens=3 * 2 * 32,
+        lrs=(1e-2,),
+        methods=("flexigpt", "shortgpt_lora"),
+        recipe=dataclasses.replace(recipe, select="recoverable"),
+        model=tiny_llama(vocab=257),
+        tokenizer=byte_tokenizer(),
+        **TINY,
+    )
+    meta = own["meta"]
+    assert len(meta["recipe_pruned"]) == len(meta["pruned"])  # its own blocks, as many
+    assert sorted(map(int, meta["recipe_base_map"])) == meta["recipe_pruned"]
+    by = {r["method"]: r for r in own["rows"]}
+    assert by["flexigpt"]["blocks"] == by["shortgpt_lora"]["blocks"] and by["flexigpt"]["options"].endswith(
+        "own blocks (recoverable)"
+    )
+    assert "bases" not in _recipe_dict(FlexiGPTRecipe())  # sweeps written before the option resume
+    assert "select" not in _recipe_dict(FlexiGPTRecipe())
+    with pytest.raises(ValueError, match="bases"):
+        FlexiGPTRecipe(bases="function")
+    with pytest.raises(ValueError, match="select"):
+        FlexiGPTRecipe(select="damage")
+    p = argparse.ArgumentParser()
+    compare_cmd.add_arguments(p)
+    assert compare_cmd._recipe(p.parse_args(["--bases", "functional"])).bases == "functional"
+    assert compare_cmd._recipe(p.parse_args(["--select", "recoverable"])).select == "recoverable"
+    assert compare_cmd._recipe(p.parse_args([])).bases == FlexiGPTRecipe().bases
 
 
 def test_compare_recovery_rejects_bad_settings():
@@ -202,8 +255,6 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         run_frontier((0.5,), **common, **{**kw, "seq_len": 16})
     # another recipe: refused unless asked; keep_baselines reuses the rows that do not depend on it
-    import dataclasses
-
     other = {**common, "recipe": dataclasses.replace(recipe, gamma_lr=0.1)}
     with pytest.raises(ValueError, match="keep_baselines"):
         run_frontier((0.5,), **other, **kw)

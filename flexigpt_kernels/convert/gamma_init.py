@@ -35,7 +35,7 @@ from .dense_records import (
 from .families import decoder_layers, family_of
 from .importance import first_tensor
 
-__all__ = ["lsq_gamma", "lsq_scale"]
+__all__ = ["fit_block_gammas", "lsq_gamma", "lsq_scale"]
 
 
 def lsq_scale(n: torch.Tensor, t: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
@@ -44,6 +44,68 @@ def lsq_scale(n: torch.Tensor, t: torch.Tensor, ridge: float = 0.0) -> torch.Ten
     n2 = n.reshape(-1, n.shape[-1]).double()
     t2 = t.reshape(-1, t.shape[-1]).double()
     return ((n2 * t2).sum(0) / (n2.pow(2).sum(0) + ridge * n2.shape[0]).clamp_min(1e-300)).float()
+
+
+@torch.no_grad()
+def fit_block_gammas(
+    layer: nn.Module,
+    family,
+    records: DenseRecords,
+    block: int,
+    *,
+    rows: slice | None = None,
+    ridge: float = 0.0,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """Set the attention and then the MLP output-norm gamma of one replacement block `layer`
+    (standing at position `block` of the recorded model) to their least-squares values (module
+    doc) on the recorded rows. Returns the mean and mean |.| of each new gamma and
+    "residual": sum ||block(x) - y||^2 over the rows with the fitted gammas (the MLP fit's
+    objective at its optimum: sum_c tt_c - 2 g_c nt_c + g_c^2 nn_c, from the same sums)."""
+    dt, dev = layer_dtype_device(layer)
+    g_attn, g_mlp = sublayer_output_norms(layer, family)
+    xs, ys, ts = records.inputs[block], records.outputs[block], records.attn[block]
+    if rows is not None:
+        xs, ys, ts = xs[rows], ys[rows], ts[rows]
+    captured = {}
+
+    def grab(key):
+        def hook(module, args, output):
+            captured[key] = first_tensor(output)
+
+        return hook
+
+    h_a = layer.get_submodule(contribution_name(family, "attn")).register_forward_hook(grab("attn"))
+    h_m = layer.get_submodule(contribution_name(family, "mlp")).register_forward_hook(grab("mlp"))
+    stats: dict[str, float] = {}
+    try:
+        for key, norm in (("attn", g_attn), ("mlp", g_mlp)):
+            norm.weight.fill_(1.0)  # the sub-layer now outputs its normalized output n
+            nn_ = torch.zeros(norm.hidden_size, dtype=torch.float64)
+            nt = torch.zeros_like(nn_)
+            tt = torch.zeros_like(nn_)
+            count = 0
+            for sl in batches(xs.shape[0], batch_size):
+                out = run_block(layer, records, block, xs[sl].to(dev, dt)).float()
+                n = captured[key].float().reshape(out.shape)  # OPT's MLP runs on [batch * seq, hidden]
+                if key == "attn":
+                    t = ts[sl].to(dev, torch.float32)
+                else:  # the MLP contribution that would make the block's output the dense one
+                    t = n + (ys[sl].to(dev, torch.float32) - out)
+                n2, t2 = n.reshape(-1, n.shape[-1]).double().cpu(), t.reshape(-1, t.shape[-1]).double().cpu()
+                nn_ += n2.pow(2).sum(0)
+                nt += (n2 * t2).sum(0)
+                tt += t2.pow(2).sum(0)
+                count += n2.shape[0]
+            g = nt / (nn_ + ridge * count).clamp_min(1e-300)
+            norm.weight.copy_(g.to(norm.weight.dtype))
+            stats[f"{key}_mean"] = g.mean().item()
+            stats[f"{key}_abs_mean"] = g.abs().mean().item()
+        stats["residual"] = (tt - 2 * g * nt + g.pow(2) * nn_).clamp_min(0).sum().item()
+    finally:
+        h_a.remove()
+        h_m.remove()
+    return stats
 
 
 @torch.no_grad()
@@ -59,7 +121,8 @@ def lsq_gamma(
     """Set the attention and MLP output-norm gammas of every recorded replacement block of the
     converted `model` to their per-channel least-squares values on `records` (rows: a slice of
     the recorded sequences, default all). Needs records.attn (record_dense_blocks(attn=True)).
-    Returns per block the mean and mean |.| of the new gammas."""
+    Returns per block what fit_block_gammas returns (the mean and mean |.| of the new gammas,
+    the residual)."""
     if not records.attn:
         raise ValueError("records hold no attention contributions: record_dense_blocks(..., attn=True)")
     family = family_of(model)
@@ -69,49 +132,9 @@ def lsq_gamma(
     model.eval()
     try:
         for b in records.blocks:
-            layer = layers[b]
-            if not hasattr(layer, "flexigpt_base"):
+            if not hasattr(layers[b], "flexigpt_base"):
                 raise ValueError(f"block {b} is not a replacement block")
-            dt, dev = layer_dtype_device(layer)
-            g_attn, g_mlp = sublayer_output_norms(layer, family)
-            xs, ys, ts = records.inputs[b], records.outputs[b], records.attn[b]
-            if rows is not None:
-                xs, ys, ts = xs[rows], ys[rows], ts[rows]
-            captured = {}
-
-            def grab(key):
-                def hook(module, args, output):
-                    captured[key] = first_tensor(output)  # noqa: B023
-
-                return hook
-
-            h_a = layer.get_submodule(contribution_name(family, "attn")).register_forward_hook(grab("attn"))
-            h_m = layer.get_submodule(contribution_name(family, "mlp")).register_forward_hook(grab("mlp"))
-            try:
-                for key, norm in (("attn", g_attn), ("mlp", g_mlp)):
-                    norm.weight.fill_(1.0)  # the sub-layer now outputs its normalized output n
-                    num = torch.zeros(norm.hidden_size, dtype=torch.float64)
-                    den = torch.zeros(norm.hidden_size, dtype=torch.float64)
-                    count = 0
-                    for sl in batches(xs.shape[0], batch_size):
-                        x = xs[sl].to(dev, dt)
-                        out = run_block(layer, records, b, x).float()
-                        n = captured[key].float().reshape(out.shape)  # OPT's MLP runs on [batch * seq, hidden]
-                        if key == "attn":
-                            t = ts[sl].to(dev, torch.float32)
-                        else:
-                            t = n + (ys[sl].to(dev, torch.float32) - out)
-                        n2, t2 = n.reshape(-1, n.shape[-1]).double().cpu(), t.reshape(-1, t.shape[-1]).double().cpu()
-                        num += (n2 * t2).sum(0)
-                        den += n2.pow(2).sum(0)
-                        count += n2.shape[0]
-                    g = num / (den + ridge * count).clamp_min(1e-300)
-                    norm.weight.copy_(g.to(norm.weight.dtype))
-                    stats.setdefault(b, {})[f"{key}_mean"] = g.mean().item()
-                    stats[b][f"{key}_abs_mean"] = g.abs().mean().item()
-            finally:
-                h_a.remove()
-                h_m.remove()
+            stats[b] = fit_block_gammas(layers[b], family, records, b, rows=rows, ridge=ridge, batch_size=batch_size)
     finally:
         model.train(was_training)
     return stats

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/lowrank_small_cpu.h"
 #include "native_routes.h"
 #include "python_fallback.h"
 #include "row_passes.h"
@@ -270,6 +271,9 @@ TORCH_LIBRARY(flexigpt, m) {
   m.def("_shared_lora_linear_fwd_py" FLEXIGPT_FWD_ARGS);
   m.def("_shared_lora_linear_bwd_py" FLEXIGPT_BWD_ARGS);
   m.def("_set_native_routes(bool cpu, str env) -> ()", &flexigpt::set_native_routes);
+  // the decode-size CPU kernels: whether this build on this CPU has them, and how often they ran
+  m.def("_small_rows_supported() -> bool", [] { return flexigpt::cpu::small_rows_supported(); });
+  m.def("_small_kernel_calls() -> int", [] { return flexigpt::cpu::small_kernel_calls(); });
 }
 
 TORCH_LIBRARY_IMPL(flexigpt, CPU, m) {

@@ -43,11 +43,10 @@ inline void expand_(const at::Tensor& y, const at::Tensor& s, const at::Tensor& 
   const int64_t m = y.size(0), n = y.size(1), r = b.size(1);
   const bool column_major = b.size(0) <= 1 || b.stride(0) == 1;
   if (!small_rows(y) || !small_rows(s) || !column_major || r < 1 || r > cpu::kSmallRank) {
+    at::Tensor out = y;  // a column slice: addmm writes through to its base
     if (accumulate) {
-      at::Tensor out = y;  // addmm_ on a column slice writes through to its base
       out.addmm_(s, b.t(), /*beta=*/1, /*alpha=*/alpha);
     } else {
-      at::Tensor out = y;
       at::addmm_out(out, out, s, b.t(), /*beta=*/0, /*alpha=*/alpha);  // beta = 0: y is not read
     }
     return;

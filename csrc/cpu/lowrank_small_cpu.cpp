@@ -5,6 +5,7 @@
 #include "lowrank_small_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FLEXIGPT_HAVE_AVX512_KERNELS 1
@@ -16,6 +17,12 @@
 
 namespace flexigpt {
 namespace cpu {
+
+namespace {
+std::atomic<int64_t> kernel_calls{0};
+}  // namespace
+
+int64_t small_kernel_calls() { return kernel_calls.load(std::memory_order_relaxed); }
 
 #if FLEXIGPT_HAVE_AVX512_KERNELS
 
@@ -161,6 +168,7 @@ bool small_rows_supported() {
 
 FLEXIGPT_AVX512 void shrink_small_f32(const float* x, int64_t ldx, int64_t m, const float* a, int64_t lda, int64_t k,
                                       float* s, int64_t lds, int64_t q_begin, int64_t q_end) {
+  kernel_calls.fetch_add(1, std::memory_order_relaxed);
   by_row_chunks(m, [&]<int MB>(int64_t row) {
     shrink_rows<MB>(x + row * ldx, ldx, a, lda, k, s + row * lds, lds, q_begin, q_end);
   });
@@ -169,6 +177,7 @@ FLEXIGPT_AVX512 void shrink_small_f32(const float* x, int64_t ldx, int64_t m, co
 FLEXIGPT_AVX512 void expand_small_f32(const float* s, int64_t lds, int64_t m, const float* bt, int64_t ldb, int64_t r,
                                       float alpha, bool accumulate, float* y, int64_t ldy, int64_t j_begin,
                                       int64_t j_end) {
+  kernel_calls.fetch_add(1, std::memory_order_relaxed);
   by_row_chunks(m, [&]<int MB>(int64_t row) {
     expand_rows<MB>(s + row * lds, lds, bt, ldb, r, alpha, accumulate, y + row * ldy, ldy, j_begin, j_end);
   });

@@ -32,6 +32,10 @@ constexpr int64_t kSmallRank = 256;  // the expand's r up to this (its scaled s 
 
 bool small_rows_supported();
 
+// How many times shrink_small_f32 / expand_small_f32 have run in this process (each call on each
+// thread's range counts once): the tests read it to check that a decode-size call took them.
+int64_t small_kernel_calls();
+
 void shrink_small_f32(const float* x, int64_t ldx, int64_t m, const float* a, int64_t lda, int64_t k, float* s,
                       int64_t lds, int64_t q_begin, int64_t q_end);
 

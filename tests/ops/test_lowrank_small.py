@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexigpt_kernels.ops import library
 from flexigpt_kernels.ops.epilogue import shared_lora_linear_epilogue
 from flexigpt_kernels.ops.stacked import add_stacked_delta_
 
@@ -97,3 +98,58 @@ def test_column_major_and_row_major_b_agree():
     by_aten = add_stacked_delta_(y.clone(), x, lora_as, lora_bs, [2.0, 2.0])
     by_kernel = add_stacked_delta_(y.clone(), x, lora_as, [column_major(b) for b in lora_bs], [2.0, 2.0])
     torch.testing.assert_close(by_kernel, by_aten, rtol=1e-5, atol=1e-5)
+
+
+def kernel_calls() -> int:
+    return torch.ops.flexigpt._small_kernel_calls()
+
+
+@pytest.mark.skipif(not library.NATIVE_CPU, reason="the C++ extension flexigpt_kernels._C is not built")
+@pytest.mark.parametrize(
+    "case,m,layout,dtype,taken",
+    [
+        ("decode rows, column-major B: one shrink and one expand per part", 8, "column_major", torch.float32, 4),
+        ("M = 1", 1, "column_major", torch.float32, 4),
+        ("M = 16, the limit", 16, "column_major", torch.float32, 4),
+        ("row-major B: the shrink only, ATen expands", 8, "row_major", torch.float32, 1),
+        ("M = 17: ATen", 17, "column_major", torch.float32, 0),
+        ("float64: ATen", 8, "column_major", torch.float64, 0),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_which_path_a_call_takes(case, m, layout, dtype, taken):
+    """The kernels run exactly where the header says (counted by the extension), so the parity
+    tests above check them and not only ATen; a CPU without AVX-512F takes ATen everywhere."""
+    lora_as, lora_bs = parts(576, [576, 192, 192], [36, 36, 36], 0, layout)
+    lora_as, lora_bs = [a.to(dtype) for a in lora_as], [b.to(dtype) for b in lora_bs]
+    if layout == "column_major":
+        lora_bs = [column_major(b) for b in lora_bs]
+    x, y = torch.randn(m, 576, dtype=dtype), torch.randn(m, 960, dtype=dtype)
+    want = delta_reference(y, x, lora_as, lora_bs, [1.0] * 3, None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one task per parallel region: one count per kernel call
+    try:
+        before = kernel_calls()
+        add_stacked_delta_(y, x, lora_as, lora_bs, [1.0] * 3)
+        counted = kernel_calls() - before
+    finally:
+        torch.set_num_threads(threads)
+    assert counted == (taken if torch.ops.flexigpt._small_rows_supported() else 0), case
+    assert_close(y, want, case)
+
+
+@pytest.mark.skipif(not library.NATIVE_CPU, reason="the C++ extension flexigpt_kernels._C is not built")
+def test_the_epilogue_takes_the_kernels_below_the_rank_limit_only():
+    x, y0 = torch.randn(4, 70), torch.randn(4, 40)
+    counts = []
+    for r in (36, 300):
+        (lora_a,), (lora_b,) = parts(70, [40], [r], r, "column_major")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            before = kernel_calls()
+            shared_lora_linear_epilogue(y0, x, lora_a, lora_b, 0.5)
+            counts.append(kernel_calls() - before)
+        finally:
+            torch.set_num_threads(threads)
+    assert counts == ([2, 1] if torch.ops.flexigpt._small_rows_supported() else [0, 0])

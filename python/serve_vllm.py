@@ -87,6 +87,21 @@ def prune_default(ratio: float, *, output_norm: bool = True, blocks=None):
     return model, tokenizer, report
 
 
+def write_dense_and_default(work: Path, ratio: float):
+    """Saves the embedded dense SmolLM2 to work/dense and the default FlexiGPT model pruned at
+    `ratio` to work/flexigpt; returns (prune report, tokenizer)."""
+    import flexigpt_kernels as fk
+    from flexigpt_kernels.assets import load_default_model
+
+    dense, tokenizer = load_default_model()
+    dense.save_pretrained(work / "dense")
+    tokenizer.save_pretrained(work / "dense")
+    del dense
+    model, _, report = prune_default(ratio)
+    fk.save_pretrained(model, work / "flexigpt", tokenizer)
+    return report, tokenizer
+
+
 def llm(path, dtype: str = "float32", **kw):
     from vllm import LLM
 
@@ -159,18 +174,11 @@ def bench(args) -> list[dict]:
     from vllm import SamplingParams
 
     import flexigpt_kernels as fk
-    from flexigpt_kernels.assets import load_default_model
     from flexigpt_kernels.integrations.vllm.model import held_weights
 
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model(held_weights)
     work = Path(tempfile.mkdtemp(prefix="serve_vllm_"))
-    dense, tokenizer = load_default_model()
-    dense.save_pretrained(work / "dense")
-    tokenizer.save_pretrained(work / "dense")
-    del dense
-    normed, _, report = prune_default(args.ratio)
-    fk.save_pretrained(normed, work / "flexigpt", tokenizer)
-    del normed
+    report, tokenizer = write_dense_and_default(work, args.ratio)
     plain, _, _ = prune_default(args.ratio, output_norm=False, blocks=report.pruned)  # the same blocks
     fk.save_pretrained(plain, work / "flexigpt_no_norm", tokenizer)
     fk.export_dense(work / "flexigpt_no_norm", work / "dense_export")

@@ -4,9 +4,10 @@
     python python/profile_vllm.py --batch 1 --out benchmarks/results
 
 Opens the dense SmolLM2 and the default FlexiGPT model (output norms, base_gemm=engine) in vLLM,
-times every decoder layer and linear layer in the engine process over the decode steps of
-interleaved greedy generations (flexigpt_kernels.integrations.vllm.profile), and prints, per
-layer, the median time per step in both models. What `serve_vllm.py --bench` cannot resolve on a
+times every decoder layer and its modules (attention, linears, norms, MLP) in the engine
+process over the decode steps of interleaved greedy generations
+(flexigpt_kernels.integrations.vllm.profile), and prints, per module, the median time per step
+in both models. What `serve_vllm.py --bench` cannot resolve on a
 noisy machine (a few percent of a step) shows here as the replacement blocks' excess over the
 same blocks of the dense model: their adapters, output norm and Python.
 """

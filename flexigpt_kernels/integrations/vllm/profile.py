@@ -1,11 +1,10 @@
-"""Wall-clock time of each decoder layer and linear layer inside a running vLLM engine.
+"""Wall-clock time of each decoder layer and its modules inside a running vLLM engine.
 
 An end-to-end throughput ratio on a small shared machine moves by several percent between runs;
 the time a replacement block adds over a plain block is a fraction of that. These timers run in
 the engine's own process (through ``LLM.apply_model``, which pickles these module-level functions
 by reference) and time every decoder layer and its modules two levels down (attention, its linear
-layers, norms, MLP) per forward call,
-so one run gives, per layer, the median over many decode steps of both models:
+layers, norms, MLP) per forward call, so one run gives, per module, the median over many decode steps of both models:
 
     engine.apply_model(install_timers)          # forward pre/post hooks on the layers
     engine.generate(...)                        # the workload
@@ -13,8 +12,8 @@ so one run gives, per layer, the median over many decode steps of both models:
     engine.apply_model(remove_timers)
 
 ``rows`` is the number of token rows of the call (a decode step at batch B has B rows), so the
-reader can keep the decode steps apart from the prefill. The hooks cost about a microsecond per
-call in both models alike.
+reader can keep the decode steps apart from the prefill. Both models carry the same hooks on
+the same modules, so their cost (not measured separately) is common to both columns.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ def _rows(args, kwargs) -> int:
 
 
 def install_timers(model: nn.Module) -> int:
-    """Hooks on every decoder and linear layer of `model`; returns how many modules are timed."""
+    """Hooks on every module _timed picks in `model`; returns how many modules are timed."""
     remove_timers(model)
     samples: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     handles = []

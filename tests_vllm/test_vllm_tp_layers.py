@@ -90,6 +90,13 @@ def _build_and_run(t: dict[str, torch.Tensor], kv_heads: int, base_gemm: str) ->
         x = t[x] if not linear.row_parallel else shard(t[x], 1, base.tp_rank, base.tp_size)
         out[f"{stack}/y"] = linear(x)[0].detach().clone()
         out[f"{stack}/reduce"] = torch.tensor(linear.reduce)
+    qkv = linears["qkv"]  # every part has its own bias: the stacked bias is their one buffer
+    stacked = qkv._stacked_bias()
+    out["qkv/stacked_bias"] = stacked.detach().clone()
+    out["qkv/stacked_bias_is_the_parts"] = torch.tensor(
+        all(a.bias.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr() for a in qkv.adapters.values())
+        and stacked.data_ptr() == qkv._stacked_bias().data_ptr()
+    )
     return out
 
 
@@ -139,6 +146,18 @@ def test_adapters_are_cut_like_the_spec(per_rank, kv_heads, base_gemm):
             torch.testing.assert_close(got[f"{p}/{p}.lora_a"], shard(t[f"{p}.lora_a"], 1, rank, WORLD), rtol=0, atol=0)
             for key in ("lora_b", "output_norm.weight"):
                 torch.testing.assert_close(got[f"{p}/{p}.{key}"], t[f"{p}.{key}"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kv_heads, base_gemm", CASES)
+def test_own_biases_are_one_stacked_buffer_read_without_a_copy(per_rank, kv_heads, base_gemm):
+    """Qwen2-style own q/k/v biases live in one [N] buffer: the call's stacked bias is that
+    buffer (no concatenation per call), and it holds each rank's loaded shards in order."""
+    t = full_tensors(kv_heads)
+    for rank, got in enumerate(per_rank):
+        got = got[(kv_heads, base_gemm)]
+        assert bool(got["qkv/stacked_bias_is_the_parts"])
+        want = torch.cat([shard(t[f"{p}.bias"], 0, rank, WORLD, replicas(p, kv_heads)) for p in ("q", "k", "v")])
+        torch.testing.assert_close(got["qkv/stacked_bias"], want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kv_heads, base_gemm", CASES)

@@ -29,8 +29,9 @@ the base's). One call per projection, like the stock block's one GEMM, in either
 The parts' A are held as row views of one [sum r_i, K] buffer (so the shrink reads them as one
 matrix, no copy per call), each B [n_i, r_i] column-major (the transposed view of a contiguous
 B_i^T [r_i, n_i]: at decode sizes the CPU expand kernel, csrc/cpu/lowrank_small_cpu.h, streams
-B^T's rows, each a contiguous run of output columns), biases and gamma as stored: the bytes
-held are the checkpoint's.
+B^T's rows, each a contiguous run of output columns), the parts' own biases, when every part
+has one (Qwen2's q, k, v), as slices of one [N] buffer (the stacked bias, no copy per call),
+gamma as stored: the bytes held are the checkpoint's.
 
 Tensor parallelism (tensor_parallel.py has the arithmetic): every rank holds a shard of every
 block, so a replacement's base shard is on its own rank. The checkpoint's full adapters are cut
@@ -99,13 +100,15 @@ class _Adapter(nn.Module):
     (the transposed view of a contiguous B^T [r, N], see the module doc) and an own bias [N]
     when the checkpoint has one."""
 
-    def __init__(self, lora_a: Tensor, out_features: int, spec: AdapterSpec):
+    def __init__(self, lora_a: Tensor, out_features: int, spec: AdapterSpec, bias: Tensor | None = None):
         super().__init__()
         kw = dict(dtype=lora_a.dtype, device=lora_a.device)
         self.scale = float(spec.scale)
         self.lora_a = nn.Parameter(lora_a, requires_grad=False)
         self.lora_b = nn.Parameter(torch.empty(spec.rank, out_features, **kw).t(), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if spec.own_bias else None
+        if spec.own_bias and bias is None:
+            bias = torch.empty(out_features, **kw)
+        self.bias = nn.Parameter(bias, requires_grad=False) if spec.own_bias else None
 
 
 class FlexiGPTSharedLinear(nn.Module):
@@ -149,10 +152,16 @@ class FlexiGPTSharedLinear(nn.Module):
         # every part's A is a row view of this one buffer (module doc); not a parameter itself
         self._lora_a = torch.empty(sum(p.rank for p in parts), self.in_features, **kw)
         views = self._lora_a.split([p.rank for p in parts])
-        self.adapters = nn.ModuleDict({p.name: _Adapter(a, size, p) for p, a, size in zip(parts, views, sizes)})
-        self._starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self._own_bias = [p.own_bias for p in parts]
         self._own = any(self._own_bias)
+        # when every part has its own bias (Qwen2's q, k, v), they too are views of one [N]
+        # buffer, which is then the stacked bias a call passes: no concatenation per call
+        self._bias = torch.empty(self.out_features, **kw) if self._own and all(self._own_bias) else None
+        bias_views = self._bias.split(sizes) if self._bias is not None else [None] * len(parts)
+        self.adapters = nn.ModuleDict(
+            {p.name: _Adapter(a, size, p, b) for p, a, size, b in zip(parts, views, sizes, bias_views)}
+        )
+        self._starts = [sum(sizes[:i]) for i in range(len(sizes))]
         # the op's per-part arguments, built once: the Parameter objects themselves (a load or a
         # move swaps their .data, never the objects), so a call does no module attribute lookups
         self._part_args = (
@@ -231,9 +240,14 @@ class FlexiGPTSharedLinear(nn.Module):
         return out
 
     def _stacked_bias(self) -> Tensor | None:
+        """The [N] bias of the stacked output: the base's when no part has its own, the own-bias
+        buffer when every part has one; only a mix (not a layout any supported family
+        produces) concatenates per call."""
+        if not self._own:
+            return getattr(self._base, "bias", None)
+        if self._bias is not None:
+            return self._bias
         biases = self._part_biases()
-        if all(b is None for b in biases):
-            return None
         return torch.cat(
             [
                 b if b is not None else self._lora_a.new_zeros(a.lora_b.shape[0])

@@ -207,8 +207,11 @@ def _pick(device_type: str, dtype: torch.dtype, requested: str) -> str:
     for name in routes:
         info = REGISTRY[name]
         takes_device = device_type in info.devices or "*" in info.devices
-        if takes_device and dtype in info.dtypes and info.built():
-            return name
+        if takes_device and dtype in info.dtypes:
+            if info.built():
+                return name
+            if name == requested:  # asked for by name and it would take the call: not a fallback case
+                return _refuse(name, device_type, dtype)
     return _refuse(routes[0], device_type, dtype)
 
 

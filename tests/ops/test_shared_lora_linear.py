@@ -3,6 +3,8 @@ gradient, on odd shapes, fp32 and fp16 (the interpreter), bf16 on a GPU."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -174,6 +176,25 @@ def test_backend_selection(monkeypatch):
     with use_backend("reference"):
         monkeypatch.setenv("FLEXIGPT_BACKEND", "triton")
         assert backends.resolve(cpu, torch.float32) == "reference"
+
+
+def test_explicit_cpp_without_the_extension_is_an_error_not_the_reference(monkeypatch):
+    """The cpp route's reference covers only the dtypes cpp does not take (fp16, fp64); an
+    explicit cpp request for fp32 with no extension built says so instead of running slower."""
+    unbuilt = dataclasses.replace(backends.REGISTRY["cpp"], built=lambda: False)
+    monkeypatch.setitem(backends.REGISTRY, "cpp", unbuilt)
+    monkeypatch.setenv("FLEXIGPT_BACKEND", "auto")
+    backends._resolved.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        with use_backend("cpp"):
+            with pytest.raises(RuntimeError, match="flexigpt_kernels._C is not built"):
+                backends.resolve(cpu, torch.float32)
+            assert backends.resolve(cpu, torch.float16) == "reference"  # not a cpp dtype: the route's fallback
+        assert backends.resolve(cpu, torch.float32) == "reference"  # auto falls back quietly
+    finally:
+        monkeypatch.undo()
+        backends._resolved.cache_clear()
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

@@ -101,7 +101,7 @@ if [[ $DEVICE == cuda ]] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.c
 fi
 
 step build "$T_BUILD" "${BUILD[@]}"
-"$PY" -c 'from flexigpt_kernels.ops import cpp_backend as c; print("CUDA decode extension:", c._C_cuda is not None)' \
+"$PY" -c 'from flexigpt_kernels.ops import library; print("CUDA decode extension:", library.NATIVE_CUDA)' \
     | tee -a "$OUT/environment.txt"
 step parity_kernels "$T_PARITY" "$PY" "${PYTEST[@]}" $(junit parity_kernels) \
     tests/ops/test_shared_lora_linear.py tests/ops/test_cpp_backend.py

@@ -219,6 +219,7 @@ def test_gpu_suite_runs_in_cpu_smoke_mode(tmp_path):
     for csv_name in ("kernels", "stacked", "model", "decode_graph"):
         assert list(tmp_path.glob(f"{csv_name}_*.csv")), csv_name
     assert "no CUDA graph capture on the CPU" in (tmp_path / "decode_graph.log").read_text()
+    assert "CUDA decode extension: False" in (tmp_path / "environment.txt").read_text()
     assert list(tmp_path.glob("*.png"))
     for group in ("parity_kernels", "parity_fp32"):  # -m gpu selects the GPU tests
         assert "tests collected" in (tmp_path / f"{group}.log").read_text()

@@ -168,8 +168,8 @@ class LocalFit:
 #: paper's init (drop: 155.9). The closed forms alone do not carry over: closed-form gamma
 #: 149.8, activation-aware adapters + closed-form gamma 156.5. It is the initialisation of the
 #: measured recovery recipe (train.compare.FlexiGPTRecipe, benchmarks/results/recovery_cpu.md);
-#: prune()'s own default stays local_fit=None (the paper's init) and the CLI's "gamma", the
-#: cheap choice for a model that is not healed.
+#: prune()'s own default is local_fit="default", the RECIPE preset's choice ("gamma" given calibration, the cheap
+#: one for a model that is not healed; presets.py), which the CLI shares.
 DEFAULT_LOCAL_FIT = LocalFit()
 #: The cheap preset ("gamma"): the paper's SVD adapters, gamma set per channel by least squares
 #: on a few recorded calibration sequences, no gradient steps. Its gamma shrinks toward zero

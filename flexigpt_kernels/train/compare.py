@@ -244,6 +244,7 @@ def compare_recovery(
                 calib_samples=calib_samples,
                 progress=progress,
                 ratio=ratio,
+                paper=paper,
             )
         s = setups[method]
         if s.pruned is not None and s.pruned != blocks:

@@ -15,6 +15,7 @@ import torch
 
 from ..convert.local_fit import LocalFit
 from ..convert.prune import BASE_MODES, SELECT_MODES, prune, stored_parameters
+from ..nn import SharedLoRALinear
 from .lora import lora_parameter_count, merge_lora
 from .params import count_parameters, select_trainable
 
@@ -100,6 +101,34 @@ def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, ma
     return rank, n
 
 
+def recipe_adapter_rank(
+    nominal: int, per_rank: int, fixed: int, lora_for, target: int, tolerance: float, *, spread: int = 3
+) -> int:
+    """The replacement adapters' rank for a recipe: `nominal` (the paper's rank x adapter_share)
+    when its total lies within `tolerance` of `target`, else the rank within `spread` of it whose
+    total is closest (ties: the one nearer `nominal`, then the smaller). Total(a) = a * per_rank + fixed (the
+    adapters and gammas at rank a) + lora_for(rest) (the parameters of the LoRA rank on the kept
+    blocks closest to the rest of the budget). One LoRA rank on many kept blocks can be a coarser
+    step than 5% of a small budget (ratio 0.2 on SmolLM2: 24 kept blocks, 244,224 parameters per
+    rank against a budget of 2.2M); moving the adapter rank by one or two closes it."""
+
+    def total(a: int) -> int:
+        adapters = a * per_rank + fixed
+        rest = target - adapters
+        return adapters + (lora_for(rest) if rest > 0 else 0)
+
+    if abs(total(nominal) - target) <= tolerance * target:
+        return nominal
+    candidates = range(max(1, nominal - spread), nominal + spread + 1)
+    return min(candidates, key=lambda a: (abs(total(a) - target), abs(a - nominal), a))
+
+
+def adapter_parameters_per_rank(model: torch.nn.Module) -> int:
+    """Parameters one unit of rank adds to `model`'s replacement adapters: sum of (in + out)
+    over its SharedLoRALinear modules."""
+    return sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, SharedLoRALinear))
+
+
 @dataclass
 class _Setup:
     model: torch.nn.Module
@@ -134,11 +163,24 @@ def _recipe_setup(
     calib_samples: int,
     progress: bool,
     ratio: float | None = None,
+    paper=None,
 ) -> _Setup:
     """The "flexigpt" method: prune the same blocks (or, with recipe.select="recoverable", its
     own choice at `ratio`) at the recipe's adapter rank with the block-local fit, then size LoRA
-    on the kept blocks so the total matches `target`."""
+    on the kept blocks so the total matches `target`. `paper` (the paper's model on the same
+    blocks, whose adapters and gammas are `target`) lets the adapter rank move off the share's
+    where LoRA's rank steps are too coarse to land within `tolerance` (recipe_adapter_rank)."""
     adapter_rank = max(1, round(paper_rank * recipe.adapter_share))
+    if paper is not None and recipe.select == "influence" and recipe.adapter_share < 1.0:
+        per_rank = adapter_parameters_per_rank(paper)
+        adapter_rank = recipe_adapter_rank(
+            adapter_rank,
+            per_rank,
+            target - paper_rank * per_rank,
+            lambda rest: matching_lora_rank(paper, rest, tolerance=float("inf"))[1],
+            target,
+            tolerance,
+        )
     fit = None if recipe.local_fit is None else dataclasses.replace(recipe.local_fit, num_samples=recipe.fit_samples)
     t = time.perf_counter()
     flex, rep = prune(

@@ -12,6 +12,7 @@ import pytest
 
 from flexigpt_kernels.convert.local_fit import LocalFit
 from flexigpt_kernels.train.compare import COLUMNS, FlexiGPTRecipe, compare_recovery, write_results
+from flexigpt_kernels.train.compare_budget import recipe_adapter_rank
 
 from .helpers import byte_tokenizer, tiny_llama
 
@@ -124,6 +125,26 @@ def test_recipe_with_functional_bases_prunes_the_same_blocks_and_says_so():
     assert compare_cmd._recipe(p.parse_args(["--bases", "functional"])).bases == "functional"
     assert compare_cmd._recipe(p.parse_args(["--select", "recoverable"])).select == "recoverable"
     assert compare_cmd._recipe(p.parse_args([])).bases == FlexiGPTRecipe().bases
+
+
+def _closest_multiple(step):
+    return lambda rest: min((rest // step) * step, (rest // step + 1) * step, key=lambda n: (abs(n - rest), n))
+
+
+def test_recipe_adapter_rank_moves_off_the_share_only_when_lora_steps_miss_the_budget():
+    """SmolLM2 at ratio 0.2: 6 replaced blocks (61,056 adapter parameters per rank, 6,912
+    gammas), 24 kept blocks (244,224 LoRA parameters per rank), budget 2,204,928 (rank 36).
+    Share 0.5 gives rank 18: LoRA rank 4 or 5 lands 5.5% off either way, so the rank moves by
+    two, where a LoRA rank fills the budget exactly (16 + LoRA 5 and 20 + LoRA 4 tie: the smaller)."""
+    per_rank, fixed, target = 61_056, 6_912, 2_204_928
+    lora = _closest_multiple(244_224)
+    assert 18 * per_rank + fixed + lora(target - 18 * per_rank - fixed) == 2_082_816  # the failed sweep's count
+    assert recipe_adapter_rank(18, per_rank, fixed, lora, target, 0.05) == 16
+    # within tolerance at the share's rank: kept (the published sweeps at 0.3-0.5 stay as they were)
+    assert recipe_adapter_rank(18, per_rank, fixed, _closest_multiple(1_000), target, 0.05) == 18
+    # the budget taken by the adapters alone: no LoRA, the rank closest to it
+    assert recipe_adapter_rank(40, per_rank, fixed, lora, target, 0.01) == 37
+    assert recipe_adapter_rank(1, per_rank, fixed, lora, target, 0.0) >= 1
 
 
 def test_compare_recovery_rejects_bad_settings():

@@ -153,6 +153,7 @@ CASES = [
     ("compare --name a/b", ["--name", "without a folder"]),
     ("compare --seed 1,1", ["--seed", "repeated"]),
     ("compare --bases function", ["--bases", "invalid choice"]),
+    ("compare --rank-allocation spectrum --no-local-fit", ["--rank-allocation", "--no-local-fit"]),
     ("compare --out-dir {d}/a_file", ["--out-dir", "is a file"]),
     # bench
     ("bench", ["required"]),

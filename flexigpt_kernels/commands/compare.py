@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from ..cli import UsageError
 from ._common import (
     fraction,
     fraction_or_one,
@@ -110,6 +111,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(recoverable; default: FlexiGPTRecipe's)",
     )
     p.add_argument(
+        "--rank-allocation",
+        choices=["uniform", "spectrum"],
+        default=None,
+        help="flexigpt recipe: the replacement adapters' rank on every linear of a block (uniform) or the "
+        "same parameters per block spread over its linears by their activation-weighted residual "
+        "spectra (spectrum; default: FlexiGPTRecipe's)",
+    )
+    p.add_argument(
         "--distill",
         choices=["kl", "hidden", "kl+hidden"],
         help="every method distills from the dense model: kl (its logits), hidden (every block's output "
@@ -172,6 +181,12 @@ def _recipe(args):
         recipe = dataclasses.replace(recipe, bases=args.bases)
     if args.select is not None:
         recipe = dataclasses.replace(recipe, select=args.select)
+    if args.rank_allocation is not None:
+        if args.no_local_fit:
+            raise UsageError("--rank-allocation reads the block-local fit's activation spectra: drop --no-local-fit")
+        recipe = dataclasses.replace(
+            recipe, local_fit=dataclasses.replace(recipe.local_fit, rank_allocation=args.rank_allocation)
+        )
     if args.no_local_fit:
         recipe = dataclasses.replace(recipe, local_fit=None)
     return recipe

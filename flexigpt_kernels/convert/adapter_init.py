@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..nn import SharedLoRALinear
 from .dense_records import DenseRecords
 from .families import decoder_layers, family_of
+from .rank_allocation import RANK_ALLOCATIONS, allocate_ranks
 
 __all__ = ["activation_aware_adapters", "apply_adapters"]
 
@@ -30,6 +31,7 @@ def activation_aware_adapters(
     rank: int,
     scale: float = 1.0,
     damping: float = 1e-2,
+    allocation: str = "uniform",
 ) -> tuple[dict[int, dict[str, tuple[Tensor, Tensor]]], dict[int, dict[str, dict[str, float]]]]:
     """Adapters minimising the activation-weighted error, computed on the DENSE model (before
     conversion: it needs each pruned block's own weights). Returns (factors, stats):
@@ -38,7 +40,10 @@ def activation_aware_adapters(
     ||(W_i - W_j - scale B A) L||^2 / ||(W_i - W_j) L||^2 of the plain SVD init and of this one.
 
     damping: added to the covariance's diagonal, relative to its mean diagonal (keeps L^-1 tame
-    for directions the calibration tokens never excite)."""
+    for directions the calibration tokens never excite). allocation: "uniform" (rank r on every
+    linear, capped at min(in, out)) or "spectrum" (the same parameters per block, spread over its
+    linears by their weighted residual spectra: convert/rank_allocation.py); stats[i][linear]
+    also holds the rank given."""
     if not records.cov:
         raise ValueError("records hold no covariances: record_dense_blocks(..., covariances=True)")
     family = family_of(model)
@@ -46,9 +51,12 @@ def activation_aware_adapters(
     factors: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
     stats: dict[int, dict[str, dict[str, float]]] = {}
     tokens = records.tokens
+    if allocation not in RANK_ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {RANK_ALLOCATIONS}, got {allocation!r}")
     for i, j in sorted(base_map.items()):
         factors[i], stats[i] = {}, {}
         chol_cache: dict[int, Tensor] = {}
+        svds, diffs, chols = {}, {}, {}
         for name in family.linears:
             wi = layers[i].get_submodule(name).weight
             wj = layers[j].get_submodule(name).weight
@@ -60,24 +68,36 @@ def activation_aware_adapters(
                 cm = c / tokens
                 cm = cm + damping * cm.diagonal().mean() * torch.eye(cm.shape[0], dtype=cm.dtype)
                 chol_cache[key] = torch.linalg.cholesky(cm)
-            L = chol_cache[key]
-            d = (wi.double() - wj.double()).cpu()
-            r = min(rank, d.shape[0], d.shape[1])
-            z = d @ L
-            u, s, vh = torch.linalg.svd(z, full_matrices=False)
+            chols[name] = chol_cache[key]
+            diffs[name] = (wi.double() - wj.double()).cpu()
+            svds[name] = torch.linalg.svd(diffs[name] @ chols[name], full_matrices=False)
+        caps = {name: min(rank, *diffs[name].shape) for name in family.linears}
+        if allocation == "spectrum":
+            widths = {name: sum(diffs[name].shape) for name in family.linears}
+            ranks = allocate_ranks(
+                {name: svds[name][1] for name in family.linears},
+                widths,
+                sum(caps[name] * widths[name] for name in family.linears),
+            )
+        else:
+            ranks = caps
+        for name in family.linears:
+            dtype = layers[i].get_submodule(name).weight.dtype
+            L, d, r = chols[name], diffs[name], ranks[name]
+            u, s, vh = svds[name]
             a = torch.linalg.solve_triangular(L, vh[:r], upper=False, left=False)  # Vh_r L^-1: rows of A
             root = (s[:r] / abs(scale)).sqrt()
             sign = 1.0 if scale > 0 else -1.0
             b_mat = sign * u[:, :r] * root
             a_mat = root[:, None] * a
-            factors[i][name] = (a_mat.to(wi.dtype), b_mat.to(wi.dtype))
+            factors[i][name] = (a_mat.to(dtype), b_mat.to(dtype))
             # diagnostics: weighted error of the plain SVD init vs this one
-            total = z.pow(2).sum().item()
+            total = s.pow(2).sum().item()
             e_act = s[r:].pow(2).sum().item() / max(total, 1e-300)
             u2, s2, vh2 = torch.linalg.svd(d, full_matrices=False)
             m_svd = (u2[:, :r] * s2[:r]) @ vh2[:r]
             e_svd = ((d - m_svd) @ L).pow(2).sum().item() / max(total, 1e-300)
-            stats[i][name] = {"svd": e_svd, "activation": e_act}
+            stats[i][name] = {"svd": e_svd, "activation": e_act, "rank": r}
     return factors, stats
 
 

@@ -62,6 +62,7 @@ from .dense_records import (
 )
 from .families import decoder_layers
 from .gamma_init import lsq_gamma
+from .rank_allocation import RANK_ALLOCATIONS
 from .replacement import replacement_blocks
 
 # the recording and the closed-form adapters live in their own modules; their names stay
@@ -113,6 +114,9 @@ class LocalFit:
 
     adapter_init: "svd" (the paper's: plain SVD of W_i - W_j) or "activation" (weighted by the
         recorded input covariance; closed form, needs covariances).
+    rank_allocation: "uniform" (prune's rank on every linear) or "spectrum" (with
+        adapter_init="activation": the same parameters per block, each linear's rank set by how
+        much of its weighted residual a rank removes per parameter; convert/rank_allocation.py).
     gamma: "lsq" (closed-form per-channel least squares, before the gradient fit) or None
         (keep gamma_init).
     steps: gradient steps per block (0: closed forms only); batch_size: recorded sequences per
@@ -127,6 +131,7 @@ class LocalFit:
     """
 
     adapter_init: str = "activation"
+    rank_allocation: str = "uniform"
     gamma: str | None = "lsq"
     steps: int = 40
     batch_size: int = 2
@@ -146,6 +151,12 @@ class LocalFit:
     def __post_init__(self):
         if self.adapter_init not in ("svd", "activation"):
             raise ValueError(f"adapter_init must be 'svd' or 'activation', got {self.adapter_init!r}")
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise ValueError(f"rank_allocation must be one of {RANK_ALLOCATIONS}, got {self.rank_allocation!r}")
+        if self.rank_allocation != "uniform" and self.adapter_init != "activation":
+            raise ValueError(
+                "rank_allocation='spectrum' needs adapter_init='activation' (it reads the weighted spectra)"
+            )
         if self.gamma not in (None, "lsq"):
             raise ValueError(f"gamma must be 'lsq' or None, got {self.gamma!r}")
         if self.trainable not in FIT_TRAINABLE:
@@ -158,6 +169,8 @@ class LocalFit:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["record_dtype"] = str(self.record_dtype).replace("torch.", "")
+        if self.rank_allocation == "uniform":
+            del d["rank_allocation"]  # as written before the option existed (older sweeps resume)
         return d
 
 

@@ -240,7 +240,13 @@ def prune(
         if fit_opts is not None and fit_opts.adapter_init == "activation":
             t = time.perf_counter()
             factors, factor_stats = activation_aware_adapters(
-                model, records, choice.base_map, rank=r, scale=scale, damping=fit_opts.damping
+                model,
+                records,
+                choice.base_map,
+                rank=r,
+                scale=scale,
+                damping=fit_opts.damping,
+                allocation=fit_opts.rank_allocation,
             )
             records.cov = {}
             seconds["local_fit_record"] += time.perf_counter() - t
@@ -251,6 +257,7 @@ def prune(
             model,
             choice.base_map,
             rank=r,
+            ranks=_factor_ranks(factors),
             scale=scale,
             output_norm=output_norm,
             gamma_init=gamma_init,
@@ -288,6 +295,11 @@ def prune(
         "base_model_config": base_model_config,
     }
     return model, report
+
+
+def _factor_ranks(factors) -> dict[int, dict[str, int]] | None:
+    """{block: {linear: rank}} of activation_aware_adapters' factors (None: no factors)."""
+    return None if factors is None else {i: {n: a.shape[0] for n, (a, _) in f.items()} for i, f in factors.items()}
 
 
 def _local_fit_options(local_fit):

@@ -15,6 +15,8 @@ never holds more than one extra matrix (plus its SVD) beyond the model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -64,6 +66,7 @@ def make_replacement_block(
     family: Family,
     *,
     rank: int,
+    ranks: Mapping[str, int] | None = None,
     scale: float = 1.0,
     output_norm: bool = True,
     gamma_init: float = DEFAULT_GAMMA_INIT,
@@ -72,7 +75,8 @@ def make_replacement_block(
 ) -> nn.Module:
     """Convert `block` in place into a replacement block sharing `base_block`'s linears.
 
-    rank is capped per matrix at min(in, out). With svd_init=False the adapter starts as an
+    rank is capped per matrix at min(in, out); ranks: {linear name: rank} for linears that
+    take another (LocalFit.rank_allocation="spectrum"). With svd_init=False the adapter starts as an
     exact no-op correction (B = 0): the block computes with the base weights alone.
     """
     for name in family.linears:
@@ -80,7 +84,7 @@ def make_replacement_block(
         base = base_block.get_submodule(name)
         if isinstance(base, SharedLoRALinear):
             raise ValueError(f"base block's {name} is itself a shared layer; choose a block that owns its weights")
-        r = min(rank, base.in_features, base.out_features)
+        r = min(rank, base.in_features, base.out_features) if ranks is None or name not in ranks else ranks[name]
         fused_norm = None
         if output_norm and name in (family.attn_out, family.mlp_out):
             own_norm_name = family.attn_out_norm if name == family.attn_out else family.mlp_out_norm
@@ -107,14 +111,17 @@ def replacement_blocks(model: nn.Module) -> dict[int, nn.Module]:
     return {i: b for i, b in enumerate(decoder_layers(model)) if hasattr(b, "flexigpt_base")}
 
 
-def convert_blocks(model: nn.Module, base_map: dict[int, int], **kwargs) -> None:
-    """Replace every block i in base_map by a replacement block sharing block base_map[i]."""
+def convert_blocks(
+    model: nn.Module, base_map: dict[int, int], *, ranks: Mapping[int, Mapping[str, int]] | None = None, **kwargs
+) -> None:
+    """Replace every block i in base_map by a replacement block sharing block base_map[i]
+    (kwargs: make_replacement_block's; ranks[i]: block i's per-linear ranks, when not uniform)."""
     family = family_of(model)
     layers = decoder_layers(model)
     for i, j in sorted(base_map.items()):
         if i in base_map.values():
             raise ValueError(f"block {i} is pruned but also serves as a base")
-        block = make_replacement_block(layers[i], layers[j], family, **kwargs)
+        block = make_replacement_block(layers[i], layers[j], family, ranks=(ranks or {}).get(i), **kwargs)
         block.flexigpt_base = j  # marks the block as a replacement (see replacement_blocks)
 
 

@@ -78,7 +78,8 @@ class FlexiGPTRecipe:
         alr = f"; adapter lr {self.adapter_lr:g}" if self.adapter_lr is not None else ""
         bases = "; functional bases" if self.bases == "functional" else ""
         select = "; own blocks (recoverable)" if self.select == "recoverable" else ""
-        return f"{fit}; adapters rank {adapter_rank}{lora}{glr}{alr}{bases}{select}"
+        spread = "; ranks spread by spectrum" if lf is not None and lf.rank_allocation == "spectrum" else ""
+        return f"{fit}; adapters rank {adapter_rank}{spread}{lora}{glr}{alr}{bases}{select}"
 
 
 def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:

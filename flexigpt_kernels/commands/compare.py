@@ -182,7 +182,7 @@ def _recipe(args):
     if args.select is not None:
         recipe = dataclasses.replace(recipe, select=args.select)
     if args.rank_allocation is not None:
-        if args.no_local_fit:
+        if args.no_local_fit and args.rank_allocation != "uniform":
             raise UsageError("--rank-allocation reads the block-local fit's activation spectra: drop --no-local-fit")
         recipe = dataclasses.replace(
             recipe, local_fit=dataclasses.replace(recipe.local_fit, rank_allocation=args.rank_allocation)

@@ -22,6 +22,21 @@ from .rank_allocation import RANK_ALLOCATIONS, allocate_ranks
 __all__ = ["activation_aware_adapters", "apply_adapters"]
 
 
+def _residual(layers, records: DenseRecords, i: int, j: int, name: str, damping: float, chol_cache: dict):
+    """(D, L): block i's weight minus block j's for linear `name` (float64, CPU), and the
+    Cholesky factor of block i's damped input covariance for it (cached by covariance)."""
+    if isinstance(layers[i].get_submodule(name), SharedLoRALinear):
+        raise ValueError(f"block {i} is already converted: compute the adapters on the dense model")
+    c = records.cov[i][name]
+    if id(c) not in chol_cache:
+        cm = c / records.tokens
+        cm = cm + damping * cm.diagonal().mean() * torch.eye(cm.shape[0], dtype=cm.dtype)
+        chol_cache[id(c)] = torch.linalg.cholesky(cm)
+    wi = layers[i].get_submodule(name).weight
+    wj = layers[j].get_submodule(name).weight
+    return (wi.double() - wj.double()).cpu(), chol_cache[id(c)]
+
+
 @torch.no_grad()
 def activation_aware_adapters(
     model: nn.Module,
@@ -50,46 +65,30 @@ def activation_aware_adapters(
     layers = decoder_layers(model)
     factors: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
     stats: dict[int, dict[str, dict[str, float]]] = {}
-    tokens = records.tokens
     if allocation not in RANK_ALLOCATIONS:
         raise ValueError(f"allocation must be one of {RANK_ALLOCATIONS}, got {allocation!r}")
     for i, j in sorted(base_map.items()):
         factors[i], stats[i] = {}, {}
         chol_cache: dict[int, Tensor] = {}
-        svds, diffs, chols = {}, {}, {}
+        shapes = {name: tuple(layers[i].get_submodule(name).weight.shape) for name in family.linears}
+        ranks = {name: min(rank, *shapes[name]) for name in family.linears}
+        if allocation == "spectrum":  # a first pass for the singular values only (one matrix at a time)
+            spectra = {}
+            for name in family.linears:
+                d, L = _residual(layers, records, i, j, name, damping, chol_cache)
+                spectra[name] = torch.linalg.svdvals(d @ L)
+            widths = {name: sum(shapes[name]) for name in family.linears}
+            ranks = allocate_ranks(spectra, widths, sum(ranks[name] * widths[name] for name in family.linears))
         for name in family.linears:
-            wi = layers[i].get_submodule(name).weight
-            wj = layers[j].get_submodule(name).weight
-            if isinstance(layers[i].get_submodule(name), SharedLoRALinear):
-                raise ValueError(f"block {i} is already converted: compute the adapters on the dense model")
-            c = records.cov[i][name]
-            key = id(c)
-            if key not in chol_cache:
-                cm = c / tokens
-                cm = cm + damping * cm.diagonal().mean() * torch.eye(cm.shape[0], dtype=cm.dtype)
-                chol_cache[key] = torch.linalg.cholesky(cm)
-            chols[name] = chol_cache[key]
-            diffs[name] = (wi.double() - wj.double()).cpu()
-            svds[name] = torch.linalg.svd(diffs[name] @ chols[name], full_matrices=False)
-        caps = {name: min(rank, *diffs[name].shape) for name in family.linears}
-        if allocation == "spectrum":
-            widths = {name: sum(diffs[name].shape) for name in family.linears}
-            ranks = allocate_ranks(
-                {name: svds[name][1] for name in family.linears},
-                widths,
-                sum(caps[name] * widths[name] for name in family.linears),
-            )
-        else:
-            ranks = caps
-        for name in family.linears:
-            dtype = layers[i].get_submodule(name).weight.dtype
-            L, d, r = chols[name], diffs[name], ranks[name]
-            u, s, vh = svds[name]
+            d, L = _residual(layers, records, i, j, name, damping, chol_cache)
+            r = ranks[name]
+            u, s, vh = torch.linalg.svd(d @ L, full_matrices=False)
             a = torch.linalg.solve_triangular(L, vh[:r], upper=False, left=False)  # Vh_r L^-1: rows of A
             root = (s[:r] / abs(scale)).sqrt()
             sign = 1.0 if scale > 0 else -1.0
             b_mat = sign * u[:, :r] * root
             a_mat = root[:, None] * a
+            dtype = layers[i].get_submodule(name).weight.dtype
             factors[i][name] = (a_mat.to(dtype), b_mat.to(dtype))
             # diagnostics: weighted error of the plain SVD init vs this one
             total = s.pow(2).sum().item()

@@ -60,6 +60,22 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def _check_ranks(base_block: nn.Module, family: Family, ranks: Mapping[str, int] | None) -> None:
+    """Per-linear ranks name linears of the family and lie in [1, min(in, out)] (checked before
+    any linear is converted)."""
+    unknown = sorted(set(ranks or {}) - set(family.linears))
+    if unknown:
+        raise ValueError(f"ranks: {unknown} are not linears of this family ({list(family.linears)})")
+    for name, r in (ranks or {}).items():
+        base = base_block.get_submodule(name)
+        cap = min(base.in_features, base.out_features)
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= cap:
+            raise ValueError(
+                f"ranks[{name!r}] = {r!r}: expected an int in [1, {cap}] "
+                f"(min(in, out) of {base.out_features} x {base.in_features})"
+            )
+
+
 def make_replacement_block(
     block: nn.Module,
     base_block: nn.Module,
@@ -75,10 +91,11 @@ def make_replacement_block(
 ) -> nn.Module:
     """Convert `block` in place into a replacement block sharing `base_block`'s linears.
 
-    rank is capped per matrix at min(in, out); ranks: {linear name: rank} for linears that
-    take another (LocalFit.rank_allocation="spectrum"). With svd_init=False the adapter starts as an
+    rank is capped per matrix at min(in, out); ranks: {linear name: rank in [1, min(in, out)]}
+    for linears that take another (LocalFit.rank_allocation="spectrum"). With svd_init=False the adapter starts as an
     exact no-op correction (B = 0): the block computes with the base weights alone.
     """
+    _check_ranks(base_block, family, ranks)
     for name in family.linears:
         target = block.get_submodule(name)
         base = base_block.get_submodule(name)
@@ -118,6 +135,11 @@ def convert_blocks(
     (kwargs: make_replacement_block's; ranks[i]: block i's per-linear ranks, when not uniform)."""
     family = family_of(model)
     layers = decoder_layers(model)
+    stray = sorted(set(ranks or {}) - set(base_map))
+    if stray:
+        raise ValueError(f"ranks: blocks {stray} are not in base_map {sorted(base_map)}")
+    for i, block_ranks in (ranks or {}).items():  # every block's ranks before any block changes
+        _check_ranks(layers[base_map[i]], family, block_ranks)
     for i, j in sorted(base_map.items()):
         if i in base_map.values():
             raise ValueError(f"block {i} is pruned but also serves as a base")

@@ -248,7 +248,10 @@ def render_model_card(
         ]
     if record.get("base_map"):
         rows.append(("base map (replacement block -> the block whose weights it shares)", _fmt_map(record["base_map"])))
-    if record.get("rank"):
+    ranks = sorted({int(spec["rank"]) for spec in (record.get("shared") or {}).values()})
+    if len(ranks) > 1:  # LocalFit(rank_allocation="spectrum"): each linear its own rank
+        rows.append(("adapter rank", f"{ranks[0]}-{ranks[-1]}, per linear"))
+    elif record.get("rank"):
         rows.append(("adapter rank", str(record["rank"])))
     if method in ("flexigpt", "extend"):
         rows.append(("output norms", f"{bool(record.get('output_norm'))} (eps {record.get('norm_eps')})"))

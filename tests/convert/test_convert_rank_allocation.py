@@ -14,6 +14,7 @@ from flexigpt_kernels.convert.families import decoder_layers, family_of
 from flexigpt_kernels.convert.local_fit import LocalFit
 from flexigpt_kernels.convert.prune import prune
 from flexigpt_kernels.convert.rank_allocation import allocate_ranks
+from flexigpt_kernels.convert.replacement import convert_blocks
 from flexigpt_kernels.io import from_pretrained, save_pretrained
 from flexigpt_kernels.nn import SharedLoRALinear
 
@@ -53,9 +54,9 @@ def test_steep_spectrum_gives_ranks_to_flat_one_and_budget_is_spent():
     assert ranks == {"steep": 1, "flat": 3}  # the steep one's 2nd rank is worth less than flat's 3rd
     ranks = allocate_ranks(spectra, widths, 4 * 3 + 4 * 5)
     assert ranks == {"steep": 4, "flat": 4}  # capped by the spectra's length, all spent
-    # a unit too wide for what is left goes to a narrower linear instead
-    ranks = allocate_ranks({"a": torch.ones(4), "b": torch.full((4,), 0.5)}, {"a": 5, "b": 2}, 5 + 2 + 3)
-    assert ranks == {"a": 1, "b": 2}
+    # the wide linear's next rank is worth more but no longer fits: the narrow one's still does
+    spectra = {"a": torch.tensor([1.0, 1.0, 0.01, 0.01]), "b": torch.tensor([1.0, 0.1, 0.1, 0.1])}
+    assert allocate_ranks(spectra, {"a": 5, "b": 2}, 10) == {"a": 1, "b": 2}
 
 
 def test_allocation_errors_name_the_problem():
@@ -117,7 +118,28 @@ def test_prune_with_spectrum_ranks_saves_and_loads(tmp_path):
     narrowest = min(m.in_features + m.out_features for m in model.modules() if isinstance(m, SharedLoRALinear))
     assert n_adapters(uniform) - narrowest < n_adapters(model) <= n_adapters(uniform)
     save_pretrained(model, tmp_path / "ckpt")
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert f"| adapter rank | {min(ranks.values())}-{max(ranks.values())}, per linear |" in card
     loaded = from_pretrained(tmp_path / "ckpt")
     assert {n: m.rank for n, m in loaded.named_modules() if isinstance(m, SharedLoRALinear)} == ranks
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens[:2]).logits, model(tokens[:2]).logits)
+
+
+def test_convert_blocks_checks_ranks_before_touching_the_model():
+    model = tiny_model("llama", layers=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [
+        ({1: {"mlp.up_proj": 0}}, r"ranks\['mlp.up_proj'\] = 0: expected an int in \[1, 64\]"),
+        ({1: {"self_attn.k_proj": 33}}, r"expected an int in \[1, 32\]"),
+        ({1: {"mlp.fc9": 2}}, "not linears of this family"),
+        ({3: {"mlp.up_proj": 2}}, r"blocks \[3\] are not in base_map"),
+        ({1: {"mlp.up_proj": 2}, 2: {"mlp.down_proj": 99}}, "down_proj"),  # the second block's fault
+    ]
+    for ranks, message in bad:
+        with pytest.raises(ValueError, match=message):
+            convert_blocks(model, {1: 0, 2: 0}, rank=4, ranks=ranks)
+        assert not any(isinstance(m, SharedLoRALinear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    convert_blocks(model, {1: 0, 2: 0}, rank=4, ranks={2: {"self_attn.k_proj": 32}})
+    assert decoder_layers(model)[2].self_attn.k_proj.rank == 32 and decoder_layers(model)[2].mlp.up_proj.rank == 4

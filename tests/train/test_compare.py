@@ -125,6 +125,11 @@ def test_recipe_with_functional_bases_prunes_the_same_blocks_and_says_so():
     assert compare_cmd._recipe(p.parse_args(["--bases", "functional"])).bases == "functional"
     assert compare_cmd._recipe(p.parse_args(["--select", "recoverable"])).select == "recoverable"
     assert compare_cmd._recipe(p.parse_args([])).bases == FlexiGPTRecipe().bases
+    spread = compare_cmd._recipe(p.parse_args(["--rank-allocation", "spectrum"]))
+    assert spread.local_fit.rank_allocation == "spectrum" and "ranks spread by spectrum" in spread.describe(9, 27)
+    assert _recipe_dict(spread)["local_fit"]["rank_allocation"] == "spectrum"
+    assert "rank_allocation" not in _recipe_dict(FlexiGPTRecipe())["local_fit"]  # older sweeps resume
+    assert compare_cmd._recipe(p.parse_args(["--rank-allocation", "uniform", "--no-local-fit"])).local_fit is None
 
 
 def _closest_multiple(step):

@@ -95,6 +95,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="flexigpt recipe: the replacement adapters' learning rate while healing (default: the recipe's)",
     )
     p.add_argument(
+        "--train-norms",
+        action="store_true",
+        help="flexigpt recipe: heal also trains the replacement blocks' own RMSNorm weights (counted in the budget)",
+    )
+    p.add_argument(
         "--bases",
         choices=["weights", "functional"],
         default=None,
@@ -177,6 +182,8 @@ def _recipe(args):
         recipe = dataclasses.replace(recipe, gamma_lr=args.gamma_lr)
     if args.adapter_lr is not None:
         recipe = dataclasses.replace(recipe, adapter_lr=args.adapter_lr)
+    if args.train_norms:
+        recipe = dataclasses.replace(recipe, train_norms=True)
     if args.bases is not None:
         recipe = dataclasses.replace(recipe, bases=args.bases)
     if args.select is not None:

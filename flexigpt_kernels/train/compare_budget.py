@@ -41,6 +41,9 @@ class FlexiGPTRecipe:
     select: which blocks this recipe prunes at the comparison's ratio (prune's `select`):
         "influence" (the Block-Influence blocks every method uses) or "recoverable" (its own
         choice, the same count: Block Influence discounted by the best stand-in's functional error).
+    train_norms: heal also trains each replacement block's own RMSNorm weights (trainable set
+        "replacement_blocks" instead of "adapters": a per-channel scale of what the shared linears
+        read, 2 x hidden parameters per block); they count toward the budget.
     """
 
     local_fit: LocalFit | None = field(default_factory=LocalFit)
@@ -50,6 +53,7 @@ class FlexiGPTRecipe:
     adapter_lr: float | None = None
     bases: str = "weights"
     select: str = "influence"
+    train_norms: bool = False
 
     def __post_init__(self):
         if self.bases not in BASE_MODES:
@@ -79,7 +83,13 @@ class FlexiGPTRecipe:
         bases = "; functional bases" if self.bases == "functional" else ""
         select = "; own blocks (recoverable)" if self.select == "recoverable" else ""
         spread = "; ranks spread by spectrum" if lf is not None and lf.rank_allocation == "spectrum" else ""
-        return f"{fit}; adapters rank {adapter_rank}{spread}{lora}{glr}{alr}{bases}{select}"
+        norms = "; own norms trained" if self.train_norms else ""
+        return f"{fit}; adapters rank {adapter_rank}{spread}{norms}{lora}{glr}{alr}{bases}{select}"
+
+    @property
+    def replacement_set(self) -> str:
+        """The trainable set of the replacement blocks (train/params.py)."""
+        return "replacement_blocks" if self.train_norms else "adapters"
 
 
 def matching_lora_rank(model, target_params: int, *, tolerance: float = 0.05, max_rank: int = 4096) -> tuple[int, int]:
@@ -174,10 +184,13 @@ def _recipe_setup(
     adapter_rank = max(1, round(paper_rank * recipe.adapter_share))
     if paper is not None and recipe.select == "influence" and recipe.adapter_share < 1.0:
         per_rank = adapter_parameters_per_rank(paper)
+        fixed = target - paper_rank * per_rank  # the gammas and own biases
+        if recipe.train_norms:  # and the replacement blocks' own norms
+            fixed += count_parameters(select_trainable(copy.deepcopy(paper), "replacement_blocks")) - target
         adapter_rank = recipe_adapter_rank(
             adapter_rank,
             per_rank,
-            target - paper_rank * per_rank,
+            fixed,
             lambda rest: matching_lora_rank(paper, rest, tolerance=float("inf"))[1],
             target,
             tolerance,
@@ -197,7 +210,8 @@ def _recipe_setup(
         progress=progress,
     )
     prep_s = time.perf_counter() - t
-    adapters = count_parameters(select_trainable(copy.deepcopy(flex), "adapters"))
+    own = recipe.replacement_set
+    adapters = count_parameters(select_trainable(copy.deepcopy(flex), own))
     lora_rank, lora_n = None, 0
     if recipe.adapter_share < 1.0 and target - adapters > 0:
         lora_rank, lora_n = matching_lora_rank(flex, target - adapters, tolerance=float("inf"))
@@ -208,7 +222,7 @@ def _recipe_setup(
             f"(adapters rank {adapter_rank} {adapters:,} + LoRA {lora_n:,}) are not within "
             f"{tolerance:.0%} of the budget {target:,}"
         )
-    trainable = ("adapters", "lora_kept") if lora_rank else "adapters"
+    trainable = (own, "lora_kept") if lora_rank else own
     fit_tokens = int((rep.local_fit or {}).get("fit_tokens", 0))
     return _Setup(
         flex,
@@ -249,6 +263,7 @@ def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
         **({"adapter_lr": recipe.adapter_lr} if recipe.adapter_lr is not None else {}),  # older sweeps resume
         **({"bases": recipe.bases} if recipe.bases != "weights" else {}),
         **({"select": recipe.select} if recipe.select != "influence" else {}),
+        **({"train_norms": True} if recipe.train_norms else {}),
     )
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import backends, epilogue_aten, library
 from .reference import ForwardResult
-from .shared_lora_linear import _no_autocast
+from .shared_lora_linear import _no_autocast, autocast_dtype, cast_floating
 from .stacked_validation import check_epilogue_args
 
 _CPU_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
@@ -195,8 +195,17 @@ def shared_lora_linear_epilogue(
     Shapes: y0 [..., N] (the base product x @ W.T, from any GEMM), x [..., K] (same leading
     dims), lora_a [r, K], lora_b [N, r], bias / norm_weight [N], residual [..., N]; every
     tensor shares y0's dtype and device. Returns [..., N] in y0's dtype. Differentiable in
-    every tensor argument (y0's gradient is the pre-norm gradient dy).
+    every tensor argument (y0's gradient is the pre-norm gradient dy). Under torch.autocast
+    every floating tensor is first cast to the autocast dtype.
     """
+    if torch._C._is_any_autocast_enabled() and (dt := autocast_dtype(y0)) is not None:
+        with torch.autocast(y0.device.type, enabled=False):
+            y0, x, lora_a, lora_b, bias, norm_weight, residual = cast_floating(
+                dt, y0, x, lora_a, lora_b, bias, norm_weight, residual
+            )
+            return shared_lora_linear_epilogue(
+                y0, x, lora_a, lora_b, scale, bias, norm_weight=norm_weight, eps=eps, residual=residual
+            )
     try:
         n = y0.shape[-1]
         y2d = y0 if y0.dim() == 2 else y0.reshape(-1, n)

@@ -194,6 +194,21 @@ _below_autograd = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
 
 
+def autocast_dtype(x) -> Optional[torch.dtype]:
+    """The dtype an enclosing torch.autocast asks of x's device; None when it is off there. The
+    public ops (this one, the stacked and the epilogue forms) cast every floating tensor to it
+    once, then run with autocast off."""
+    if isinstance(x, Tensor) and x.device.type in _AUTOCAST_DEVICES:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def cast_floating(dtype: torch.dtype, *tensors):
+    """Each floating tensor of `tensors` in `dtype` (others, and None, as given); a list."""
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype else t for t in tensors]
+
+
 def shared_lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -214,29 +229,15 @@ def shared_lora_linear(
     computed only when it requires grad (a shared weight's gradient sums over its uses).
     Under torch.autocast, every floating tensor is first cast to the autocast dtype.
     """
-    if (
-        _any_autocast()
-        and isinstance(x, Tensor)
-        and x.device.type in _AUTOCAST_DEVICES
-        and torch.is_autocast_enabled(x.device.type)
-    ):
-        device_type = x.device.type
-        dt = torch.get_autocast_dtype(device_type)
-
-        def cast(t):
-            return t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dt else t
-
-        with torch.autocast(device_type, enabled=False):
+    dt = autocast_dtype(x) if _any_autocast() else None  # the check first: no call on the hot path
+    if dt is not None:
+        with torch.autocast(x.device.type, enabled=False):
             return _call(
-                cast(x),
-                cast(weight),
-                cast(lora_a),
-                cast(lora_b),
+                *cast_floating(dt, x, weight, lora_a, lora_b),
                 scale,
-                cast(bias),
-                cast(norm_weight),
+                *cast_floating(dt, bias, norm_weight),
                 eps,
-                cast(residual),
+                *cast_floating(dt, residual),
             )
     return _call(x, weight, lora_a, lora_b, scale, bias, norm_weight, eps, residual)
 

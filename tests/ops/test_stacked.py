@@ -247,3 +247,30 @@ def test_stacked_delta_rejects_bad_arguments(changes, error, match):
     ops = _bad(**changes)
     with pytest.raises(error, match=match):
         add_stacked_delta_(torch.zeros(2, 7), ops["x"], ops["lora_as"], ops["lora_bs"], ops["scales"], ops["bias"])
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_autocast_casts_every_operand_to_its_dtype(backend, grad):
+    """Under torch.autocast(bf16) with fp32 operands the stacked op runs in bf16 (every floating
+    tensor cast once) and matches the reference on the bf16-cast operands; fp32 leaves get fp32
+    gradients. Without the cast the fp32 operands would run in fp32 (autocast is off inside)."""
+    ops = operands((3,), 70, (90, 17), (4, 1), torch.float32)
+    with use_backend(backend), torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = shared_lora_linear_stacked(
+            ops["x"], ops["weight"], ops["lora_as"], ops["lora_bs"], ops["scales"], ops["bias"]
+        )
+    assert out.dtype == torch.bfloat16
+
+    def bf16(t):
+        return t.detach().to(torch.bfloat16).double()
+
+    cast = {k: [bf16(t) for t in v] if k in ("lora_as", "lora_bs") else v for k, v in ops.items()}
+    cast.update(x=bf16(ops["x"]), weight=bf16(ops["weight"]), bias=bf16(ops["bias"]))
+    expected = shared_lora_linear_stacked_reference(
+        cast["x"], cast["weight"], cast["lora_as"], cast["lora_bs"], cast["scales"], cast["bias"]
+    )
+    assert_close_scaled(out, expected, TOL[torch.bfloat16], "autocast output")
+    if grad:
+        out.float().sum().backward()
+        assert all(a.grad is not None and a.grad.dtype == torch.float32 for a in ops["lora_as"])

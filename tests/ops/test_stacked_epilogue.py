@@ -11,7 +11,7 @@ import torch
 from flexigpt_kernels import shared_lora_linear, shared_lora_linear_epilogue, use_backend
 from flexigpt_kernels.ops.reference import shared_lora_linear_epilogue_reference
 
-from .helpers import assert_close_scaled, make_operands
+from .helpers import TOL, assert_close_scaled, make_operands
 from .test_stacked import assert_compiled_fullgraph_matches, assert_output_and_grads
 
 SHAPES = [((1,), 100, 120, 1), ((3,), 70, 90, 5), ((2, 3), 33, 47, 16)]
@@ -130,3 +130,37 @@ def test_bad_arguments_raise_clear_errors(changes, error, match):
             eps=args["eps"],
             residual=args["residual"],
         )
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_autocast_casts_every_operand_to_its_dtype(grad):
+    """Under torch.autocast(bf16) with fp32 operands the epilogue op runs in bf16 (y0 included)
+    and matches the reference on the bf16-cast operands; fp32 leaves get fp32 gradients."""
+    ops = operands((3,), 70, 90, 5, torch.float32, True, True, True)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = shared_lora_linear_epilogue(
+            ops["y0"],
+            ops["x"],
+            ops["lora_a"],
+            ops["lora_b"],
+            0.7,
+            ops["bias"],
+            norm_weight=ops["norm_weight"],
+            residual=ops["residual"],
+        )
+    assert out.dtype == torch.bfloat16
+    cast = {k: v.detach().to(torch.bfloat16).double() for k, v in ops.items()}
+    expected = shared_lora_linear_epilogue_reference(
+        cast["y0"],
+        cast["x"],
+        cast["lora_a"],
+        cast["lora_b"],
+        0.7,
+        cast["bias"],
+        norm_weight=cast["norm_weight"],
+        residual=cast["residual"],
+    )
+    assert_close_scaled(out, expected, TOL[torch.bfloat16], "autocast output")
+    if grad:
+        out.float().sum().backward()
+        assert ops["lora_a"].grad is not None and ops["lora_a"].grad.dtype == torch.float32

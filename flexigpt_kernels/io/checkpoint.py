@@ -102,6 +102,11 @@ def serving_architecture(hf_architecture: str) -> str:
     return SERVING_PREFIX + hf_architecture
 
 
+#: The Hugging Face families whose FlexiGPT checkpoints the vLLM plugin serves natively
+#: (integrations/vllm registers one model class per name; the model card says which).
+VLLM_FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
 def _write_custom_model(directory: Path, model: nn.Module, shared: dict, output_norms: dict) -> None:
     """config.json of a model with replacement blocks: its own model_type, the serving
     architecture name, the rebuild spec, auto_map and the custom code (io/remote_code)."""

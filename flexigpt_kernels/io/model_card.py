@@ -281,7 +281,7 @@ def write_model_card(directory: Path, record: dict[str, Any], model, *, name: st
     is `record`; the load lines call the checkpoint `name`. Returns the card's path."""
     from .. import __version__
     from ..convert.prune import stored_parameters
-    from ..integrations.vllm import SUPPORTED_ARCHITECTURES
+    from .checkpoint import VLLM_FAMILIES, serving_architecture
 
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
@@ -294,7 +294,7 @@ def write_model_card(directory: Path, record: dict[str, Any], model, *, name: st
         name=name,
         stored_parameters=stored_parameters(model),
         custom_code="auto_map" in config,
-        vllm=arch in SUPPORTED_ARCHITECTURES,
+        vllm=arch in {serving_architecture(hf) for hf in VLLM_FAMILIES},
         version=__version__,
     )
     path = directory / CARD_NAME

@@ -1,15 +1,19 @@
 """The engine-side layer timers of python/profile_vllm.py (integrations/vllm/profile.py) on a
 small stand-in model with vLLM's layout: model.layers.N.{self_attn.qkv_proj, mlp.act_fn, ...}.
-They need no vLLM: plain forward hooks on the modules."""
+They need no vLLM: plain forward hooks on the modules. The timers read a fake clock that only
+the stand-in modules advance, so the assertions hold on a loaded machine too."""
 
 from __future__ import annotations
 
-import time
+import types
 
 import torch
 from torch import nn
 
+from flexigpt_kernels.integrations.vllm import profile
 from flexigpt_kernels.integrations.vllm.profile import install_timers, read_timers, remove_timers
+
+CLOCK = {"ns": 0}
 
 
 class Slow(nn.Module):
@@ -18,7 +22,7 @@ class Slow(nn.Module):
         self.seconds = seconds
 
     def forward(self, x=None, hidden_states=None):
-        time.sleep(self.seconds)
+        CLOCK["ns"] += int(self.seconds * 1e9) + 1  # every call takes a little, this one `seconds` more
         return x if hidden_states is None else hidden_states
 
 
@@ -47,7 +51,8 @@ class Model(nn.Module):
         return hidden
 
 
-def test_timers_time_each_layer_and_its_modules_by_token_rows():
+def test_timers_time_each_layer_and_its_modules_by_token_rows(monkeypatch):
+    monkeypatch.setattr(profile, "time", types.SimpleNamespace(perf_counter_ns=lambda: CLOCK["ns"]))
     model = Model()
     timed = install_timers(model)
     assert timed == 10  # 2 x (the layer, self_attn, self_attn.qkv_proj, mlp, mlp.act_fn): no _base
@@ -57,7 +62,7 @@ def test_timers_time_each_layer_and_its_modules_by_token_rows():
     assert "model.layers.1.self_attn.qkv_proj._base" not in samples
     slow, fast = samples["model.layers.1.self_attn.qkv_proj"], samples["model.layers.0.self_attn.qkv_proj"]
     assert sorted(slow) == [3, 8] and len(slow[8]) == 2 and len(slow[3]) == 1  # keyword hidden_states counted
-    assert min(slow[8]) >= 3e6 > max(fast[8])  # ns: the sleeping one, told apart
+    assert min(slow[8]) >= 3e6 > max(fast[8])  # ns: the slow one, told apart
     assert min(samples["model.layers.1"][8]) >= min(slow[8])  # the layer includes its modules
     remove_timers(model)
     model(torch.arange(8), torch.zeros(8, 4))

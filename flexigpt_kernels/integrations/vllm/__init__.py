@@ -19,15 +19,14 @@ This module imports nothing from vLLM at import time; the model classes are regi
 
 from __future__ import annotations
 
-from ...io.checkpoint import serving_architecture
+from ...io.checkpoint import VLLM_FAMILIES, serving_architecture
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "cpu_threads_binding", "register", "register_configs"]
 
 # Hugging Face class name -> our vLLM class (module:attribute), one per supported family.
 _MODEL_MODULE = "flexigpt_kernels.integrations.vllm.model"
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    serving_architecture(hf): f"{_MODEL_MODULE}:{serving_architecture(hf)}"
-    for hf in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    serving_architecture(hf): f"{_MODEL_MODULE}:{serving_architecture(hf)}" for hf in VLLM_FAMILIES
 }
 
 

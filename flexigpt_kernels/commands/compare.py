@@ -100,6 +100,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="flexigpt recipe: heal also trains the replacement blocks' own RMSNorm weights (counted in the budget)",
     )
     p.add_argument(
+        "--share-lora",
+        action="store_true",
+        help="flexigpt recipe: the replacement blocks compute with their base as the kept block's LoRA "
+        "changes it (no extra parameter; the saved adapters do not grow by the LoRA rank)",
+    )
+    p.add_argument(
         "--bases",
         choices=["weights", "functional"],
         default=None,
@@ -184,6 +190,8 @@ def _recipe(args):
         recipe = dataclasses.replace(recipe, adapter_lr=args.adapter_lr)
     if args.train_norms:
         recipe = dataclasses.replace(recipe, train_norms=True)
+    if args.share_lora:
+        recipe = dataclasses.replace(recipe, share_lora=True)
     if args.bases is not None:
         recipe = dataclasses.replace(recipe, bases=args.bases)
     if args.select is not None:

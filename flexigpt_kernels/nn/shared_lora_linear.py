@@ -34,7 +34,13 @@ class SharedLoRALinear(nn.Module):
     weight and bias - the same tensors every user of the base sees; adapters, own bias and
     gamma train. Pass train_base=True to let gradients reach the shared weight (they sum over
     every layer that uses it).
+
+    While healing with LoRA on the base's own block, :meth:`follow_base_lora` makes this layer
+    compute with the base as that LoRA changes it, W_base + s_l B_l A_l (train.lora.share_kept_lora).
     """
+
+    #: the LoRA of the base's own block this layer follows (None: the base weight alone)
+    _base_lora: SharedLoRALinear | None = None
 
     def __init__(
         self,
@@ -81,13 +87,35 @@ class SharedLoRALinear(nn.Module):
         """The shared weight [out, in]: the base's own tensor."""
         return self._base.weight
 
+    def follow_base_lora(self, lora: SharedLoRALinear | None) -> None:
+        """Compute with W_base + s_l B_l A_l, where `lora` (s_l, A_l [r_l, in], B_l [out, r_l])
+        is the LoRA on the base linear itself, as one adapter of rank r + r_l:
+        A' = [A; A_l], B' = [B, (s_l / s) B_l]. `lora` stays another module's (a reference,
+        not a submodule); its gradient sums over this layer and the base's own. None: stop."""
+        if lora is not None:
+            if lora.base is not self._base:
+                raise ValueError("follow_base_lora: `lora` must be a LoRA on this layer's own base linear")
+            if self.scale == 0:
+                raise ValueError("follow_base_lora: this layer's scale is 0")
+        object.__setattr__(self, "_base_lora", lora)
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """(A, B) this layer computes with: its own, joined by the followed base LoRA's."""
+        lora = self._base_lora
+        if lora is None:
+            return self.lora_a, self.lora_b
+        a = torch.cat([self.lora_a, lora.lora_a.to(self.lora_a.dtype)])
+        b = torch.cat([self.lora_b, (lora.scale / self.scale) * lora.lora_b.to(self.lora_b.dtype)], dim=1)
+        return a, b
+
     def effective_bias(self) -> Tensor | None:
         return self.bias if self.bias is not None else self._base.bias
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
         """W_base + scale * B @ A, in fp32: the dense weight this layer computes with."""
-        return self.weight.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
+        a, b = self._factors()
+        return self.weight.float() + self.scale * (b.float() @ a.float())
 
     @classmethod
     @torch.no_grad()
@@ -137,6 +165,8 @@ class SharedLoRALinear(nn.Module):
         norm = self.output_norm
         bias = self.bias if self.bias is not None else self._base.bias
         weight, lora_a, lora_b = self._base.weight, self.lora_a, self.lora_b
+        if self._base_lora is not None:
+            lora_a, lora_b = self._factors()
         if weight.dtype != dt or lora_a.dtype != dt or lora_b.dtype != dt:
             weight, lora_a, lora_b = weight.to(dt), lora_a.to(dt), lora_b.to(dt)
         if bias is not None and bias.dtype != dt:

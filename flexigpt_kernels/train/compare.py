@@ -356,6 +356,7 @@ def compare_recovery(
             lora_rank=s.lora_rank,
             gamma_lr=s.gamma_lr,
             adapter_lr=s.adapter_lr,
+            lora_shared=s.lora_shared,
             teacher=model if distill else None,
             distill=tuple(distill.split("+")) if distill else None,
             distill_positions=s.positions if distill and "hidden" in distill else None,

@@ -16,7 +16,7 @@ import torch
 from ..convert.local_fit import LocalFit
 from ..convert.prune import BASE_MODES, SELECT_MODES, prune, stored_parameters
 from ..nn import SharedLoRALinear
-from .lora import lora_parameter_count, merge_lora
+from .lora import lora_parameter_count, merge_lora, share_kept_lora
 from .params import count_parameters, select_trainable
 
 METHODS = ("flexigpt", "flexigpt_paper", "shortgpt_lora", "shortgpt_lora_eqmem")
@@ -44,6 +44,9 @@ class FlexiGPTRecipe:
     train_norms: heal also trains each replacement block's own RMSNorm weights (trainable set
         "replacement_blocks" instead of "adapters": a per-channel scale of what the shared linears
         read, 2 x hidden parameters per block); they count toward the budget.
+    share_lora: the replacement blocks compute with their base as the kept block's LoRA changes
+        it (heal lora_shared; train.lora.share_kept_lora): no extra parameter, the LoRA trains on
+        every block sharing the weight, and the saved model's adapters do not grow by its rank.
     """
 
     local_fit: LocalFit | None = field(default_factory=LocalFit)
@@ -54,6 +57,7 @@ class FlexiGPTRecipe:
     bases: str = "weights"
     select: str = "influence"
     train_norms: bool = False
+    share_lora: bool = False
 
     def __post_init__(self):
         if self.bases not in BASE_MODES:
@@ -84,7 +88,8 @@ class FlexiGPTRecipe:
         select = "; own blocks (recoverable)" if self.select == "recoverable" else ""
         spread = "; ranks spread by spectrum" if lf is not None and lf.rank_allocation == "spectrum" else ""
         norms = "; own norms trained" if self.train_norms else ""
-        return f"{fit}; adapters rank {adapter_rank}{spread}{norms}{lora}{glr}{alr}{bases}{select}"
+        shared = " (shared with the replacement blocks)" if self.share_lora and lora_rank else ""
+        return f"{fit}; adapters rank {adapter_rank}{spread}{norms}{lora}{shared}{glr}{alr}{bases}{select}"
 
     @property
     def replacement_set(self) -> str:
@@ -158,6 +163,7 @@ class _Setup:
     base_map: dict[int, int] | None = None  # a FlexiGPT model's bases (pruned block -> kept block)
     pruned: list[int] | None = None  # the blocks it replaced or dropped, where a recipe chose its own
     prune_seconds: dict[str, float] | None = None  # a recipe's prune() phases (PruneReport.seconds)
+    lora_shared: bool = False  # heal's lora_shared (FlexiGPTRecipe.share_lora)
 
 
 def _recipe_setup(
@@ -233,23 +239,27 @@ def _recipe_setup(
         prep_s=prep_s,
         params=total,
         blocks=len(blocks),
-        stored=_merged_stored(flex, trainable, lora_rank),
+        stored=_merged_stored(flex, trainable, lora_rank, shared=recipe.share_lora),
         gamma_lr=recipe.gamma_lr,
         adapter_lr=recipe.adapter_lr,
         base_map=dict(rep.base_map),
         pruned=list(rep.pruned),
         prune_seconds=dict(rep.seconds),
+        lora_shared=bool(recipe.share_lora and lora_rank),
     )
 
 
-def _merged_stored(model, trainable, lora_rank) -> int:
+def _merged_stored(model, trainable, lora_rank, *, shared: bool = False) -> int:
     """Stored parameters of `model` once healed and saved: LoRA on the kept blocks merged into
     their weights, where a replacement block shares such a weight its adapter grows by the LoRA
-    rank to stay exact (train.merge_lora). The values do not matter, only the shapes."""
+    rank to stay exact (train.merge_lora), unless it followed that LoRA while healing (`shared`).
+    The values do not matter, only the shapes."""
     if not lora_rank:
         return stored_parameters(model)
     m = copy.deepcopy(model)
     select_trainable(m, trainable, lora_rank=lora_rank)
+    if shared:
+        share_kept_lora(m)
     merge_lora(m)
     return stored_parameters(m)
 
@@ -264,6 +274,7 @@ def _recipe_dict(recipe: FlexiGPTRecipe) -> dict:
         **({"bases": recipe.bases} if recipe.bases != "weights" else {}),
         **({"select": recipe.select} if recipe.select != "influence" else {}),
         **({"train_norms": True} if recipe.train_norms else {}),
+        **({"share_lora": True} if recipe.share_lora else {}),
     )
 
 

@@ -41,6 +41,7 @@ from .heal_report import (
     lm_loss,
 )
 from .heal_state import _check_checkpointing, _restore, _state
+from .lora import share_kept_lora
 from .params import count_parameters, select_trainable, with_adapter_lr
 from .runtime import make_runtime
 from .schedule import WarmupCosine, warmup_steps
@@ -75,6 +76,7 @@ def heal(
     trainable=RECIPE.trainable,
     lora_rank: int | None = RECIPE.lora_rank,
     lora_alpha: float | None = None,
+    lora_shared: bool = False,
     eval_data=None,
     eval_every: int | None = None,
     eval_chunks: int = 40,
@@ -112,6 +114,9 @@ def heal(
             the RECIPE preset's ("adapters", "lora_kept") with lora_rank 8 (presets.py); the
             paper's set is ``**presets.PAPER.heal_kwargs()`` (trainable="adapters"). A dropped
             model (no replacement blocks) takes trainable="lora_kept".
+        lora_shared: with "lora_kept", every replacement linear also computes with its base
+            as the kept block's LoRA changes it (train.lora.share_kept_lora): the LoRA trains on
+            every block that shares the weight, and merging it grows no adapter.
         eval_data: held-out source; perplexity over `eval_chunks` chunks of seq_len tokens at
             step 0, every `eval_every` steps, and at the end.
         checkpoint_dir / checkpoint_every: save every N steps and at the end; resume=True
@@ -157,6 +162,8 @@ def heal(
 
     _seed_everything(seed)
     named = select_trainable(model, trainable, lora_rank=lora_rank, lora_alpha=lora_alpha)
+    if lora_shared and not share_kept_lora(model):
+        raise ValueError("lora_shared: no replacement linear shares a base that has LoRA (use trainable 'lora_kept')")
     names = [n for n, _ in named]
     wrapped = runtime.prepare_model(model)  # FSDP2 replaces the parameters: look them up again
     if wrapped is not model or runtime.is_fsdp2:

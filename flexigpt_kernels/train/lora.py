@@ -18,7 +18,7 @@ from torch import nn
 from ..convert.families import decoder_layers, family_of
 from ..nn import SharedLoRALinear
 
-__all__ = ["LoRALinear", "add_lora", "merge_lora", "lora_parameter_count"]
+__all__ = ["LoRALinear", "add_lora", "merge_lora", "lora_parameter_count", "share_kept_lora"]
 
 
 class LoRALinear(nn.Module):
@@ -107,6 +107,23 @@ def lora_parameter_count(
     return total
 
 
+def share_kept_lora(model: nn.Module) -> int:
+    """Make every replacement linear whose base is wrapped by a LoRALinear follow that LoRA
+    (SharedLoRALinear.follow_base_lora): it then computes with its base as the LoRA changes it,
+    W_base + s_l B_l A_l, as the base's own block does, and the LoRA's gradient sums over the
+    base's block and every block sharing it. No parameter is added; merging is then exact
+    without growing the replacement adapters (merge_lora). Returns the number of linears that
+    follow a LoRA."""
+    loras = {id(m.base): m.lora for m in model.modules() if isinstance(m, LoRALinear)}
+    owned = {id(lora) for lora in loras.values()}
+    linked = 0
+    for m in model.modules():
+        if isinstance(m, SharedLoRALinear) and id(m) not in owned and id(m.base) in loras:
+            m.follow_base_lora(loras[id(m.base)])
+            linked += 1
+    return linked
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module, *, compensate_shared: bool = True) -> int:
     """Fold every LoRALinear's delta D = s B A into its base weight and put the plain nn.Linear
@@ -117,7 +134,8 @@ def merge_lora(model: nn.Module, *, compensate_shared: bool = True) -> int:
     those layers compute, W -> W + D; with compensate_shared=True each of them absorbs -D into
     its own adapter, exactly and still low-rank: B' = [B_i, -(s / s_i) B], A' = [A_i; A], rank
     r_i + r (when that exceeds min(in, out), the exact difference at full rank). With
-    compensate_shared=False such a merge is refused (ValueError)."""
+    compensate_shared=False such a merge is refused (ValueError). A layer that follows the LoRA
+    (share_kept_lora) already computes with W + D: it just stops following, its adapter as is."""
     sharers: dict[int, list[SharedLoRALinear]] = {}
     for m in model.modules():
         if isinstance(m, SharedLoRALinear) and not _owned_by_lora(model, m):
@@ -126,7 +144,12 @@ def merge_lora(model: nn.Module, *, compensate_shared: bool = True) -> int:
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoRALinear):
             continue
-        users = sharers.get(id(module.base), [])
+        users = []
+        for user in sharers.get(id(module.base), []):
+            if user._base_lora is module.lora:
+                user.follow_base_lora(None)  # W + D is what it computed with
+            else:
+                users.append(user)
         if users and not compensate_shared:
             raise ValueError(
                 f"{name}: its base linear is shared by a replacement block; merging LoRA "

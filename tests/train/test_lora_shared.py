@@ -1,0 +1,118 @@
+"""LoRA on a kept block shared with the replacement blocks that reuse its weights
+(train.lora.share_kept_lora, heal lora_shared, FlexiGPTRecipe.share_lora): each replacement
+linear computes with W_base + s_l B_l A_l, the LoRA's gradient sums over every user, and merging
+folds it in without growing any replacement adapter."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flexigpt_kernels.commands import compare as compare_cmd
+from flexigpt_kernels.convert.replacement import replacement_blocks
+from flexigpt_kernels.nn import SharedLoRALinear
+from flexigpt_kernels.train import LoRALinear, add_lora, heal, merge_lora
+from flexigpt_kernels.train.compare import FlexiGPTRecipe, compare_recovery
+from flexigpt_kernels.train.compare_budget import _recipe_dict
+from flexigpt_kernels.train.lora import share_kept_lora
+
+from .helpers import SEQ, byte_tokenizer, tiny_llama, tiny_pruned, token_data
+from .test_compare import TINY
+
+KW = dict(seq_len=SEQ, batch_size=4, progress=False)
+
+
+def _replacement_linears(model):
+    return [m for b in replacement_blocks(model).values() for m in b.modules() if isinstance(m, SharedLoRALinear)]
+
+
+def _with_random_lora(rank=3):
+    model = tiny_pruned()
+    add_lora(model, rank)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora.lora_b.copy_(torch.randn(m.lora.lora_b.shape, generator=g) * 0.05)
+    return model
+
+
+def test_a_following_linear_computes_with_the_base_as_its_lora_changes_it():
+    model = _with_random_lora()
+    users = _replacement_linears(model)
+    assert share_kept_lora(model) == len(users) == 2 * 7  # every replacement linear's base has LoRA
+    loras = {id(m.base): m.lora for m in model.modules() if isinstance(m, LoRALinear)}
+    user = next(u for u in users if u.output_norm is None)
+    lora = loras[id(user.base)]
+    x = torch.randn(5, user.in_features, requires_grad=True)
+    want = F.linear(x, user.weight + lora.scale * lora.lora_b @ lora.lora_a, user.effective_bias())
+    want = want + user.scale * (x @ user.lora_a.t()) @ user.lora_b.t()
+    torch.testing.assert_close(user(x), want, rtol=1e-5, atol=1e-5)
+    user(x).square().sum().backward()  # the kept block's LoRA learns from this block too
+    assert lora.lora_b.grad is not None and lora.lora_b.grad.abs().sum() > 0
+    user.follow_base_lora(None)
+    torch.testing.assert_close(
+        user(x), F.linear(x, user.weight, user.effective_bias()) + user.scale * (x @ user.lora_a.t()) @ user.lora_b.t()
+    )
+    with pytest.raises(ValueError, match="own base linear"):
+        user.follow_base_lora(next(lo for lo in loras.values() if lo.base is not user.base))
+
+
+def test_merging_a_followed_lora_is_exact_and_grows_no_adapter():
+    model = _with_random_lora()
+    share_kept_lora(model)
+    ids = token_data(2)
+    before = model(input_ids=ids).logits
+    ranks = [m.rank for m in _replacement_linears(model)]
+    grown = copy.deepcopy(model)
+    for m in _replacement_linears(grown):
+        m.follow_base_lora(None)
+    assert merge_lora(model) == 2 * 7
+    assert [m.rank for m in _replacement_linears(model)] == ranks  # no adapter grew
+    assert all(m._base_lora is None for m in _replacement_linears(model))
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+    merge_lora(grown)  # not following: each replacement adapter absorbs -D, rank 4 + 3
+    assert all(m.rank > 4 for m in _replacement_linears(grown))
+
+
+def test_heal_with_lora_shared_trains_through_every_user_and_merges_exactly():
+    model = tiny_pruned()
+    heal(
+        model,
+        token_data(32),
+        steps=3,
+        lr=1e-2,
+        trainable=("adapters", "lora_kept"),
+        lora_rank=3,
+        lora_shared=True,
+        **KW,
+    )
+    users = _replacement_linears(model)
+    assert all(u._base_lora is not None for u in users)
+    ids = token_data(2)
+    trained = model(input_ids=ids).logits
+    merge_lora(model)
+    assert all(u.rank == 4 for u in users)
+    torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="lora_shared"):
+        heal(tiny_pruned(), token_data(8), steps=1, trainable="adapters", lora_rank=None, lora_shared=True, **KW)
+
+
+def test_recipe_share_lora_stores_less_at_the_same_trainable_parameters():
+    common = dict(tokens=4 * 2 * 32, lrs=(1e-2,), methods=("flexigpt",), tokenizer=byte_tokenizer(), **TINY)
+    rows = {}
+    for share in (False, True):
+        recipe = FlexiGPTRecipe(local_fit=None, adapter_share=0.5, share_lora=share)
+        result = compare_recovery(recipe=recipe, model=tiny_llama(vocab=257), **common)
+        (rows[share],) = [r for r in result["rows"] if r["method"] == "flexigpt"]
+    assert rows[True]["trainable_params"] == rows[False]["trainable_params"]
+    assert rows[True]["stored_params"] < rows[False]["stored_params"]
+    assert "shared with the replacement blocks" in rows[True]["options"]
+    p = argparse.ArgumentParser()
+    compare_cmd.add_arguments(p)
+    assert compare_cmd._recipe(p.parse_args(["--share-lora"])).share_lora is True
+    assert "share_lora" not in _recipe_dict(FlexiGPTRecipe())  # older sweeps resume

@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-norms",
         action="store_true",
-        help="flexigpt recipe: heal also trains the replacement blocks' own RMSNorm weights (counted in the budget)",
+        help="flexigpt recipe: heal also trains the replacement blocks' own norm weights (counted in the budget)",
     )
     p.add_argument(
         "--share-lora",

@@ -15,6 +15,7 @@ import torch
 
 from ..convert.local_fit import LocalFit
 from ..convert.prune import BASE_MODES, SELECT_MODES, prune, stored_parameters
+from ..convert.replacement import replacement_blocks
 from ..nn import SharedLoRALinear
 from .lora import lora_parameter_count, merge_lora, share_kept_lora
 from .params import count_parameters, select_trainable
@@ -41,9 +42,9 @@ class FlexiGPTRecipe:
     select: which blocks this recipe prunes at the comparison's ratio (prune's `select`):
         "influence" (the Block-Influence blocks every method uses) or "recoverable" (its own
         choice, the same count: Block Influence discounted by the best stand-in's functional error).
-    train_norms: heal also trains each replacement block's own RMSNorm weights (trainable set
-        "replacement_blocks" instead of "adapters": a per-channel scale of what the shared linears
-        read, 2 x hidden parameters per block); they count toward the budget.
+    train_norms: heal also trains each replacement block's own norm weights (trainable set
+        "replacement_blocks" instead of "adapters": on Llama, a per-channel scale of what the
+        shared linears read, 2 x hidden parameters per block); they count toward the budget.
     share_lora: the replacement blocks compute with their base as the kept block's LoRA changes
         it (heal lora_shared; train.lora.share_kept_lora): no extra parameter, the LoRA trains on
         every block sharing the weight, and the saved model's adapters do not grow by its rank.
@@ -191,8 +192,8 @@ def _recipe_setup(
     if paper is not None and recipe.select == "influence" and recipe.adapter_share < 1.0:
         per_rank = adapter_parameters_per_rank(paper)
         fixed = target - paper_rank * per_rank  # the gammas and own biases
-        if recipe.train_norms:  # and the replacement blocks' own norms
-            fixed += count_parameters(select_trainable(copy.deepcopy(paper), "replacement_blocks")) - target
+        if recipe.train_norms:  # and the replacement blocks' own norms (their other parameters: the target)
+            fixed += count_parameters(p for b in replacement_blocks(paper).values() for p in b.parameters()) - target
         adapter_rank = recipe_adapter_rank(
             adapter_rank,
             per_rank,
@@ -225,7 +226,7 @@ def _recipe_setup(
     if abs(total - target) > tolerance * target:
         raise ValueError(
             f"recipe adapter_share={recipe.adapter_share}: {total:,} trainable parameters "
-            f"(adapters rank {adapter_rank} {adapters:,} + LoRA {lora_n:,}) are not within "
+            f"(replacement blocks' {own}, adapter rank {adapter_rank}: {adapters:,} + LoRA {lora_n:,}) are not within "
             f"{tolerance:.0%} of the budget {target:,}"
         )
     trainable = (own, "lora_kept") if lora_rank else own

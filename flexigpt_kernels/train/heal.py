@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..convert.replacement import replacement_blocks
 from ..presets import RECIPE
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .data import TrainBlocks, load_blocks
@@ -42,7 +43,7 @@ from .heal_report import (
 )
 from .heal_state import _check_checkpointing, _restore, _state
 from .lora import share_kept_lora
-from .params import count_parameters, select_trainable, with_adapter_lr
+from .params import count_parameters, normalize_trainable, select_trainable, with_adapter_lr
 from .runtime import make_runtime
 from .schedule import WarmupCosine, warmup_steps
 from .sharded_state import save_shards
@@ -161,9 +162,14 @@ def heal(
     total_steps = _positive("steps", steps) if steps is not None else max(1, math.ceil(tokens / tokens_per_step))
 
     _seed_everything(seed)
+    if lora_shared:  # checked before select_trainable changes the model
+        if callable(trainable) or "lora_kept" not in normalize_trainable(trainable):
+            raise ValueError(f"lora_shared needs LoRA on the kept blocks: trainable {trainable!r} has no 'lora_kept'")
+        if not replacement_blocks(model):
+            raise ValueError("lora_shared: the model has no replacement blocks to share the kept blocks' LoRA with")
     named = select_trainable(model, trainable, lora_rank=lora_rank, lora_alpha=lora_alpha)
-    if lora_shared and not share_kept_lora(model):
-        raise ValueError("lora_shared: no replacement linear shares a base that has LoRA (use trainable 'lora_kept')")
+    if lora_shared:
+        share_kept_lora(model)
     names = [n for n, _ in named]
     wrapped = runtime.prepare_model(model)  # FSDP2 replaces the parameters: look them up again
     if wrapped is not model or runtime.is_fsdp2:
@@ -206,6 +212,7 @@ def heal(
         "trainable": names,
         "shuffle": shuffle,
         "seed": seed,
+        "lora_shared": bool(lora_shared),
     }
     report = HealReport(
         steps=total_steps,

@@ -65,8 +65,9 @@ def _check_saved_shapes(path, saved: dict, params: dict) -> None:
 def _restore(path, runtime, unwrapped, optimizer, scheduler, report: HealReport, settings: dict) -> int:
     state, rng = load_checkpoint(path, runtime.rank)
     saved = state["settings"]
-    for key in ("total_steps", "global_batch", "seq_len", "data", "trainable", "shuffle", "seed"):
-        if saved.get(key) != settings[key]:
+    defaults = {"lora_shared": False}  # checkpoints written before the setting existed
+    for key in ("total_steps", "global_batch", "seq_len", "data", "trainable", "shuffle", "seed", "lora_shared"):
+        if saved.get(key, defaults.get(key)) != settings[key]:
             raise ValueError(
                 f"resume: the checkpoint {path} was made with {key}={saved.get(key)!r}, this run "
                 f"has {settings[key]!r}; resume with the same settings and data"

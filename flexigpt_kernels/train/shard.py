@@ -162,7 +162,13 @@ def _held_bytes(params: list[nn.Parameter]) -> int:
 def load_into_unsharded(sharded: nn.Module, fresh: nn.Module) -> nn.Module:
     """Copy a sharded model's tensors into `fresh`, an unwrapped model of the same structure
     (the same source model with the same trainable set applied), and return it (collective).
-    Use it to merge LoRA and save after FSDP2 training: the wrapped model's tensors are DTensors."""
+    Use it to merge LoRA and save after FSDP2 training: the wrapped model's tensors are DTensors.
+    Replacement linears that follow their base's LoRA in `sharded` (heal lora_shared) follow it in
+    `fresh` too, so that merging stays exact."""
+    from .lora import share_kept_lora
+
+    if any(getattr(m, "_base_lora", None) is not None for m in sharded.modules()):
+        share_kept_lora(fresh)
     missing, unexpected = fresh.load_state_dict(full_state_dict(sharded), strict=False)
     tied = {n for n, p in fresh.named_parameters(remove_duplicate=False)} - {n for n, _ in fresh.named_parameters()}
     if unexpected or set(missing) - tied:

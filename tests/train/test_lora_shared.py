@@ -31,8 +31,12 @@ def _replacement_linears(model):
 
 
 def _with_random_lora(rank=3):
+    """LoRA of scale 7/3 on the kept blocks, replacement scales -0.5: the ratio s_l / s of the
+    followed factors is neither 1 nor positive, so a wrong or missing ratio shows."""
     model = tiny_pruned()
-    add_lora(model, rank)
+    add_lora(model, rank, alpha=7.0)
+    for m in _replacement_linears(model):
+        m.scale = -0.5
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for m in model.modules():
@@ -98,8 +102,22 @@ def test_heal_with_lora_shared_trains_through_every_user_and_merges_exactly():
     merge_lora(model)
     assert all(u.rank == 4 for u in users)
     torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
+    untouched = tiny_pruned()
+    with pytest.raises(ValueError, match="lora_shared needs LoRA"):
+        heal(untouched, token_data(8), steps=1, trainable="adapters", lora_rank=None, lora_shared=True, **KW)
+    dropped = tiny_pruned("drop")
+    with pytest.raises(ValueError, match="no replacement blocks"):
+        heal(dropped, token_data(8), steps=1, trainable="lora_kept", lora_rank=2, lora_shared=True, **KW)
+    assert not any(isinstance(m, LoRALinear) for m in (*untouched.modules(), *dropped.modules()))  # refused first
+
+
+def test_resume_refuses_a_checkpoint_healed_with_the_other_lora_sharing(tmp_path):
+    kw = dict(steps=2, lr=1e-2, trainable=("adapters", "lora_kept"), lora_rank=2, checkpoint_dir=tmp_path, **KW)
+    heal(tiny_pruned(), token_data(16), lora_shared=True, **kw)
     with pytest.raises(ValueError, match="lora_shared"):
-        heal(tiny_pruned(), token_data(8), steps=1, trainable="adapters", lora_rank=None, lora_shared=True, **KW)
+        heal(tiny_pruned(), token_data(16), resume=True, **kw)
+    rep = heal(tiny_pruned(), token_data(16), resume=True, lora_shared=True, **kw)
+    assert rep.resumed_from == 2
 
 
 def test_recipe_share_lora_stores_less_at_the_same_trainable_parameters():

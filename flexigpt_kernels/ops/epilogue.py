@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import backends, epilogue_aten, library
 from .reference import ForwardResult
-from .shared_lora_linear import _no_autocast, autocast_dtype, cast_floating
+from .shared_lora_linear import _any_autocast, _no_autocast, autocast_dtype, cast_floating
 from .stacked_validation import check_epilogue_args
 
 _CPU_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
@@ -198,7 +198,7 @@ def shared_lora_linear_epilogue(
     every tensor argument (y0's gradient is the pre-norm gradient dy). Under torch.autocast
     every floating tensor is first cast to the autocast dtype.
     """
-    if torch._C._is_any_autocast_enabled() and (dt := autocast_dtype(y0)) is not None:
+    if _any_autocast() and (dt := autocast_dtype(y0)) is not None:
         with torch.autocast(y0.device.type, enabled=False):
             y0, x, lora_a, lora_b, bias, norm_weight, residual = cast_floating(
                 dt, y0, x, lora_a, lora_b, bias, norm_weight, residual

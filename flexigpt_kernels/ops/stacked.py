@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import backends, library, stacked_aten
-from .shared_lora_linear import _no_autocast, autocast_dtype, cast_floating
+from .shared_lora_linear import _any_autocast, _no_autocast, autocast_dtype, cast_floating
 from .stacked_validation import check_stacked_args
 
 _CPU_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
@@ -162,7 +162,6 @@ _FWD = library.op("shared_lora_linear_stacked_fwd")
 _any_requires_grad = torch._C._any_requires_grad
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
-_any_autocast = torch._C._is_any_autocast_enabled
 
 
 def shared_lora_linear_stacked(
@@ -185,12 +184,13 @@ def shared_lora_linear_stacked(
     stacked_validation.py with the caller's shapes. Under torch.autocast every floating tensor
     is first cast to the autocast dtype.
     """
-    if _any_autocast() and (dt := autocast_dtype(x)) is not None and isinstance(lora_as, (list, tuple)):
+    if _any_autocast() and (dt := autocast_dtype(x)) is not None:
         with torch.autocast(x.device.type, enabled=False):
+            if not (isinstance(lora_as, (list, tuple)) and isinstance(lora_bs, (list, tuple))):
+                check_stacked_args(x, weight, lora_as, lora_bs, scales, bias)  # the TypeError
             x, weight, bias = cast_floating(dt, x, weight, bias)
-            if isinstance(lora_bs, (list, tuple)):
-                lora_bs = cast_floating(dt, *lora_bs)
-            return shared_lora_linear_stacked(x, weight, cast_floating(dt, *lora_as), lora_bs, scales, bias)
+            lora_as, lora_bs = cast_floating(dt, *lora_as), cast_floating(dt, *lora_bs)
+            return shared_lora_linear_stacked(x, weight, lora_as, lora_bs, scales, bias)
     if not (
         isinstance(lora_as, (list, tuple))
         and isinstance(lora_bs, (list, tuple))

@@ -82,6 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lora-alpha", type=positive_float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument(
+        "--share-lora",
+        action="store_true",
+        help="the replacement blocks compute with their base as the kept block's LoRA changes it "
+        "(needs lora_kept): the LoRA learns from every block that uses the weights, and the merged "
+        "model stores no extra adapter for it",
+    )
+    p.add_argument(
         "--teacher",
         type=nonempty,
         help="dense teacher for distillation: a model folder, or 'default' (embedded SmolLM2)",
@@ -136,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--resume: needs --checkpoint-dir (where the checkpoints to resume from are)")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise UsageError("--checkpoint-every: needs --checkpoint-dir")
+    if args.share_lora and "lora_kept" not in args.trainable:
+        raise UsageError(f"--share-lora: needs lora_kept in --trainable (got {','.join(args.trainable)})")
     with user_input("DIR"):
         locate_model(args.model)
     if args.teacher:
@@ -169,6 +178,11 @@ def run(args: argparse.Namespace) -> int:
             teacher = load_model(args.teacher, tokenizer=False).model
     model, tokenizer = loaded.model, loaded.tokenizer
     trainable = tuple(args.trainable)
+    if args.share_lora:
+        from ..convert.replacement import replacement_blocks
+
+        if not replacement_blocks(model):
+            raise UsageError(f"--share-lora: {args.model} has no replacement blocks to share LoRA with")
     report = heal(
         model,
         data,
@@ -190,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         trainable=_trainable_arg(trainable),
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
+        lora_shared=args.share_lora,
         eval_data=eval_data,
         eval_every=args.eval_every,
         eval_chunks=args.eval_chunks,

@@ -219,7 +219,7 @@ def heal(
         tokens_seen=0,
         tokens_per_step=tokens_per_step,
         trainable_params=count_parameters(params),
-        trainable=_trainable_label(trainable),
+        trainable=_trainable_label(trainable) + (" (LoRA shared with the replacement blocks)" if lora_shared else ""),
         lr=lr,
         world_size=world,
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 
 import pytest
 import torch
@@ -134,3 +135,39 @@ def test_recipe_share_lora_stores_less_at_the_same_trainable_parameters():
     compare_cmd.add_arguments(p)
     assert compare_cmd._recipe(p.parse_args(["--share-lora"])).share_lora is True
     assert "share_lora" not in _recipe_dict(FlexiGPTRecipe())  # older sweeps resume
+
+
+def test_heal_cli_share_lora_saves_a_model_without_grown_adapters(tmp_path, capsys):
+    from flexigpt_kernels.cli import main
+    from flexigpt_kernels.io import from_pretrained, save_pretrained
+
+    train = tmp_path / "train.txt"
+    train.write_text("the cat sat on the mat and the dog sat on the log\n" * 40)
+    src = tmp_path / "pruned"
+    save_pretrained(tiny_pruned(vocab=257), src, byte_tokenizer())
+    common = ["heal", str(src), "--data", str(train), "--steps", "2", "--lr", "1e-2", "--seq-len", "32"]
+    common += ["--batch-size", "2", "--lora-rank", "3", "--json"]
+    assert main([*common, "--out", str(tmp_path / "shared"), "--share-lora"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["trainable"] == "adapters+lora_kept (LoRA shared with the replacement blocks)"
+    assert main([*common, "--out", str(tmp_path / "own")]) == 0
+    capsys.readouterr()
+    before, shared, own = (from_pretrained(tmp_path / d) for d in ("pruned", "shared", "own"))
+    assert {m.rank for m in _replacement_linears(shared)} == {4}  # the kept blocks' LoRA is in their weights
+    assert {m.rank for m in _replacement_linears(own)} == {4 + 3}  # without: each replacement absorbs -D
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731 - the shared base weights once
+    assert n(shared) == n(before) < n(own)
+    kept = [k for k, p in before.state_dict().items() if k.endswith("proj.weight")]
+    assert any(not torch.equal(before.state_dict()[k], shared.state_dict()[k]) for k in kept)
+
+    assert main([*common, "--out", str(tmp_path / "a"), "--share-lora", "--trainable", "adapters"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--share-lora: needs lora_kept" in err
+    dropped = tmp_path / "dropped"
+    save_pretrained(tiny_pruned("drop", vocab=257), dropped, byte_tokenizer())
+    argv = [*common, "--out", str(tmp_path / "b"), "--share-lora", "--trainable", "lora_kept"]
+    argv[1] = str(dropped)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no replacement blocks" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

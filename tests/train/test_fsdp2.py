@@ -104,7 +104,8 @@ def test_fsdp2_needs_an_initialised_process_group():
         heal(tiny_pruned(), token_data(8), fsdp=True, **{**KWARGS, "eval_data": None})
 
 
-def test_heal_cli_with_fsdp_under_torchrun_saves_what_one_process_saves(tmp_path):
+@pytest.mark.parametrize("share_lora", [False, True], ids=["own_lora", "shared_lora"])
+def test_heal_cli_with_fsdp_under_torchrun_saves_what_one_process_saves(tmp_path, share_lora):
     from flexigpt_kernels.cli import main
 
     from .helpers import byte_tokenizer
@@ -128,6 +129,8 @@ def test_heal_cli_with_fsdp_under_torchrun_saves_what_one_process_saves(tmp_path
         "2",
         "--json",
     ]  # default trainable set: adapters + LoRA on kept blocks (merged)
+    if share_lora:  # the replacement linears follow the kept blocks' LoRA: the gather keeps the links
+        common.append("--share-lora")
     torchrun("-m", "flexigpt_kernels.cli", *common, "--batch-size", "1", "--out", str(tmp_path / "sharded"), "--fsdp")
     assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "single")]) == 0
     sharded, single = (load_file(tmp_path / d / "model.safetensors") for d in ("sharded", "single"))

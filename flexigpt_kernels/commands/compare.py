@@ -101,9 +101,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--share-lora",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="flexigpt recipe: the replacement blocks compute with their base as the kept block's LoRA "
-        "changes it (no extra parameter; the saved adapters do not grow by the LoRA rank)",
+        "changes it (no extra parameter; the saved adapters do not grow by the LoRA rank); the default, "
+        "--no-share-lora gives each replacement its own merged copy (the sweeps before 2026-12-03)",
     )
     p.add_argument(
         "--bases",
@@ -190,8 +192,8 @@ def _recipe(args):
         recipe = dataclasses.replace(recipe, adapter_lr=args.adapter_lr)
     if args.train_norms:
         recipe = dataclasses.replace(recipe, train_norms=True)
-    if args.share_lora:
-        recipe = dataclasses.replace(recipe, share_lora=True)
+    if args.share_lora is not None:
+        recipe = dataclasses.replace(recipe, share_lora=args.share_lora)
     if args.bases is not None:
         recipe = dataclasses.replace(recipe, bases=args.bases)
     if args.select is not None:

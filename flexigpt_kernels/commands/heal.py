@@ -83,10 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=positive_float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument(
         "--share-lora",
-        action="store_true",
-        help="the replacement blocks compute with their base as the kept block's LoRA changes it "
-        "(needs lora_kept): the LoRA learns from every block that uses the weights, and the merged "
-        "model stores no extra adapter for it",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the replacement blocks compute with their base as the kept block's LoRA changes it: the "
+        "LoRA learns from every block that uses the weights, and the merged model stores no extra "
+        "adapter for it (default: shared wherever --trainable has lora_kept and the model has "
+        "replacement blocks; --share-lora requires both)",
     )
     p.add_argument(
         "--teacher",
@@ -134,6 +136,7 @@ def _distributed_launch() -> bool:
 def run(args: argparse.Namespace) -> int:
     from ..io import load_model, resolve_data
     from ..io.load import locate_model
+    from ..presets import RECIPE
     from ..train import heal, merge_lora, select_trainable
     from ..train.shard import load_into_unsharded
 
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--resume: needs --checkpoint-dir (where the checkpoints to resume from are)")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise UsageError("--checkpoint-every: needs --checkpoint-dir")
-    if args.share_lora and "lora_kept" not in args.trainable:
+    if args.share_lora is True and "lora_kept" not in args.trainable:
         raise UsageError(f"--share-lora: needs lora_kept in --trainable (got {','.join(args.trainable)})")
     with user_input("DIR"):
         locate_model(args.model)
@@ -178,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             teacher = load_model(args.teacher, tokenizer=False).model
     model, tokenizer = loaded.model, loaded.tokenizer
     trainable = tuple(args.trainable)
-    if args.share_lora:
+    if args.share_lora is True:
         from ..convert.replacement import replacement_blocks
 
         if not replacement_blocks(model):
@@ -204,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         trainable=_trainable_arg(trainable),
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
-        lora_shared=args.share_lora,
+        lora_shared=RECIPE.lora_shared if args.share_lora is None else args.share_lora,
         eval_data=eval_data,
         eval_every=args.eval_every,
         eval_chunks=args.eval_chunks,
@@ -278,7 +281,8 @@ def _init_process_group() -> None:
 def format_report(report, out=None) -> str:
     lines = [
         f"healed {report.steps} steps, {report.tokens_seen:,} tokens, {report.trainable_params:,} trainable "
-        f"parameters ({report.trainable}), {report.seconds:.1f} s ({report.tokens_per_second:.0f} tokens/s)"
+        f"parameters ({report.trainable}{', LoRA shared with the replacement blocks' if report.lora_shared else ''}), "
+        f"{report.seconds:.1f} s ({report.tokens_per_second:.0f} tokens/s)"
     ]
     if report.losses:
         lines.append(f"loss {report.losses[0]:.4f} -> {report.losses[-1]:.4f}")

@@ -43,6 +43,7 @@ _HEALING_KEYS = (
     "steps",
     "tokens_seen",
     "trainable",
+    "lora_shared",
     "trainable_params",
     "lr",
     "seconds",
@@ -159,9 +160,12 @@ def _healing_lines(runs: list[dict[str, Any]]) -> list[str]:
     for n, run in enumerate(runs, 1):
         loss = f"{_num(run['first_loss'], '.4f')} -> {_num(run['last_loss'], '.4f')}" if "first_loss" in run else "-"
         ppl = ", ".join(f"step {s}: {_num(p, '.2f')}" for s, p in run.get("eval_perplexities") or []) or "-"
+        trainable = str(run.get("trainable", "-")) + (
+            " (LoRA shared with the replacement blocks)" if run.get("lora_shared") else ""
+        )
         lines.append(
             f"| {n} | {run.get('data', '-')} | {run.get('teacher') or '-'} | {run.get('steps', '-')} | "
-            f"{run.get('tokens_seen', 0):,} | {run.get('trainable', '-')} | {run.get('trainable_params', 0):,} | "
+            f"{run.get('tokens_seen', 0):,} | {trainable} | {run.get('trainable_params', 0):,} | "
             f"{run.get('lr', '-')} | {loss} | {ppl} |"
         )
     return lines + [""]

@@ -51,6 +51,21 @@ from .sharded_state import save_shards
 __all__ = ["HealReport", "heal", "lm_loss"]
 
 
+def _resolve_lora_shared(lora_shared, model: nn.Module, trainable) -> bool:
+    """heal()'s lora_shared as a bool: "auto" shares where it can, True where it must."""
+    if lora_shared not in (True, False, "auto"):
+        raise ValueError(f"lora_shared must be True, False or 'auto', got {lora_shared!r}")
+    has_lora = not callable(trainable) and "lora_kept" in normalize_trainable(trainable)
+    if lora_shared == "auto":
+        return has_lora and bool(replacement_blocks(model))
+    if lora_shared:
+        if not has_lora:
+            raise ValueError(f"lora_shared needs LoRA on the kept blocks: trainable {trainable!r} has no 'lora_kept'")
+        if not replacement_blocks(model):
+            raise ValueError("lora_shared: the model has no replacement blocks to share the kept blocks' LoRA with")
+    return lora_shared
+
+
 def heal(
     model: nn.Module,
     data,
@@ -77,7 +92,7 @@ def heal(
     trainable=RECIPE.trainable,
     lora_rank: int | None = RECIPE.lora_rank,
     lora_alpha: float | None = None,
-    lora_shared: bool = False,
+    lora_shared: bool | str = RECIPE.lora_shared,
     eval_data=None,
     eval_every: int | None = None,
     eval_chunks: int = 40,
@@ -117,7 +132,9 @@ def heal(
             model (no replacement blocks) takes trainable="lora_kept".
         lora_shared: with "lora_kept", every replacement linear also computes with its base
             as the kept block's LoRA changes it (train.lora.share_kept_lora): the LoRA trains on
-            every block that shares the weight, and merging it grows no adapter.
+            every block that shares the weight, and merging it grows no adapter. "auto" (the
+            RECIPE preset's default) shares where `trainable` names "lora_kept" and the model has
+            replacement blocks; True requires both (ValueError otherwise); False never shares.
         eval_data: held-out source; perplexity over `eval_chunks` chunks of seq_len tokens at
             step 0, every `eval_every` steps, and at the end.
         checkpoint_dir / checkpoint_every: save every N steps and at the end; resume=True
@@ -162,11 +179,7 @@ def heal(
     total_steps = _positive("steps", steps) if steps is not None else max(1, math.ceil(tokens / tokens_per_step))
 
     _seed_everything(seed)
-    if lora_shared:  # checked before select_trainable changes the model
-        if callable(trainable) or "lora_kept" not in normalize_trainable(trainable):
-            raise ValueError(f"lora_shared needs LoRA on the kept blocks: trainable {trainable!r} has no 'lora_kept'")
-        if not replacement_blocks(model):
-            raise ValueError("lora_shared: the model has no replacement blocks to share the kept blocks' LoRA with")
+    lora_shared = _resolve_lora_shared(lora_shared, model, trainable)  # before select_trainable changes the model
     named = select_trainable(model, trainable, lora_rank=lora_rank, lora_alpha=lora_alpha)
     if lora_shared:
         share_kept_lora(model)
@@ -219,9 +232,10 @@ def heal(
         tokens_seen=0,
         tokens_per_step=tokens_per_step,
         trainable_params=count_parameters(params),
-        trainable=_trainable_label(trainable) + (" (LoRA shared with the replacement blocks)" if lora_shared else ""),
+        trainable=_trainable_label(trainable),
         lr=lr,
         world_size=world,
+        lora_shared=lora_shared,
     )
     report.loss_terms = {k: [] for k in (["lm", *weights] if weights else [])}
 

@@ -32,6 +32,7 @@ class HealReport:
     trainable: str
     lr: float
     world_size: int
+    lora_shared: bool = False  # the replacement blocks computed with the kept blocks' LoRA (heal lora_shared)
     losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)

@@ -234,9 +234,11 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     flex, same, eq = (at[(0.5, m, 0)] for m in ("flexigpt", "shortgpt_lora", "shortgpt_lora_eqmem"))
     assert flex["blocks"] == same["blocks"] == 2 and eq["blocks"] == 1
     assert same["stored_params"] < flex["stored_params"] <= eq["stored_params"] < dense["stored_params"]
-    # FlexiGPT's storage is that of the saved model: LoRA merged, the shared bases' deltas absorbed
+    # FlexiGPT's storage is that of the saved model: LoRA merged; the replacements followed it
+    # (the recipe's default shared LoRA), so no adapter grew
     from flexigpt_kernels.convert.prune import prune, stored_parameters
     from flexigpt_kernels.train import merge_lora, select_trainable
+    from flexigpt_kernels.train.lora import share_kept_lora
 
     lora_rank = int(flex["options"].split("LoRA rank ")[1].split()[0])
     merged, _ = prune(
@@ -249,8 +251,11 @@ def test_frontier_sweep_writes_rows_plot_and_resumes(tmp_path):
     )
     plain = stored_parameters(merged)
     select_trainable(merged, ("adapters", "lora_kept"), lora_rank=lora_rank)
+    unshared = copy.deepcopy(merged)
+    share_kept_lora(merged)
     merge_lora(merged)
-    assert flex["stored_params"] == stored_parameters(merged) > plain
+    merge_lora(unshared)
+    assert flex["stored_params"] == stored_parameters(merged) == plain < stored_parameters(unshared)
     assert eq["trainable_params"] == pytest.approx(result["meta"]["ratios"]["0.5"]["budget_params"], rel=0.3)
     assert at[(0.5, "drop", None)]["ppl_after"] == same["ppl_init"] and at[(0.5, "drop", None)]["tokens"] == 0
     # 0.25 prunes one block: no ShortGPT model stores as much as FlexiGPT there

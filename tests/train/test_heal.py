@@ -88,7 +88,8 @@ def test_hybrid_merge_folds_lora_into_shared_bases_and_compensates_replacements(
 
     model = tiny_pruned()
     ids = token_data(2)
-    heal(model, token_data(32), steps=3, lr=1e-2, trainable=("adapters", "lora_kept"), lora_rank=rank, **KW)
+    kw = dict(trainable=("adapters", "lora_kept"), lora_rank=rank, lora_shared=False)  # each replacement compensates
+    heal(model, token_data(32), steps=3, lr=1e-2, **kw, **KW)
     trained = model(input_ids=ids).logits
     shared = [m for m in model.modules() if isinstance(m, SharedLoRALinear) and m.rank == 4]
     lora_rank = {id(m.base): m.lora.rank for m in model.modules() if isinstance(m, LoRALinear)}

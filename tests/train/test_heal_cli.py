@@ -68,11 +68,12 @@ def test_heal_cli_trains_and_saves(tmp_path, files, capsys, method, trainable):
         n for (n, p), (_, q) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(p, q)
     ]
     assert changed
-    if trainable is None:  # the default hybrid: LoRA merged into the kept blocks, replacements compensated
+    if trainable is None:  # the default hybrid: LoRA merged into the kept blocks, shared by the replacements
         assert summary["lora_layers_merged"] == 14
+        assert summary["lora_shared"] is True
         assert any(n.endswith("proj.weight") for n in changed)
         ranks = {m.rank for m in after.modules() if isinstance(m, SharedLoRALinear)}
-        assert ranks == {4 + 8}  # each base linear had rank-8 LoRA: absorbed as 8 more adapter rank
+        assert ranks == {4}  # they computed with the LoRA-changed base: no adapter grows at the merge
     elif method == "flexigpt":
         assert all(n.endswith(("lora_a", "lora_b", "output_norm.weight")) for n in changed)
         assert sum(isinstance(m, SharedLoRALinear) for m in after.modules()) == 14

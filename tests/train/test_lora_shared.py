@@ -116,9 +116,11 @@ def test_resume_refuses_a_checkpoint_healed_with_the_other_lora_sharing(tmp_path
     kw = dict(steps=2, lr=1e-2, trainable=("adapters", "lora_kept"), lora_rank=2, checkpoint_dir=tmp_path, **KW)
     heal(tiny_pruned(), token_data(16), lora_shared=True, **kw)
     with pytest.raises(ValueError, match="lora_shared"):
-        heal(tiny_pruned(), token_data(16), resume=True, **kw)
-    rep = heal(tiny_pruned(), token_data(16), resume=True, lora_shared=True, **kw)
-    assert rep.resumed_from == 2
+        heal(tiny_pruned(), token_data(16), resume=True, lora_shared=False, **kw)
+    rep = heal(tiny_pruned(), token_data(16), resume=True, **kw)  # the default ("auto") shares here
+    assert rep.resumed_from == 2 and rep.lora_shared is True
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        heal(tiny_pruned(), token_data(16), lora_shared="yes", **kw)
 
 
 def test_recipe_share_lora_stores_less_at_the_same_trainable_parameters():
@@ -134,10 +136,12 @@ def test_recipe_share_lora_stores_less_at_the_same_trainable_parameters():
     p = argparse.ArgumentParser()
     compare_cmd.add_arguments(p)
     assert compare_cmd._recipe(p.parse_args(["--share-lora"])).share_lora is True
-    assert "share_lora" not in _recipe_dict(FlexiGPTRecipe())  # older sweeps resume
+    assert compare_cmd._recipe(p.parse_args(["--no-share-lora"])).share_lora is False
+    assert FlexiGPTRecipe().share_lora is True  # the default since it measured level at less storage
+    assert "share_lora" not in _recipe_dict(FlexiGPTRecipe(share_lora=False))  # unshared sweeps resume
 
 
-def test_heal_cli_share_lora_saves_a_model_without_grown_adapters(tmp_path, capsys):
+def test_heal_cli_shares_lora_by_default_and_saves_no_grown_adapters(tmp_path, capsys):
     from flexigpt_kernels.cli import main
     from flexigpt_kernels.io import from_pretrained, save_pretrained
 
@@ -147,11 +151,13 @@ def test_heal_cli_share_lora_saves_a_model_without_grown_adapters(tmp_path, caps
     save_pretrained(tiny_pruned(vocab=257), src, byte_tokenizer())
     common = ["heal", str(src), "--data", str(train), "--steps", "2", "--lr", "1e-2", "--seq-len", "32"]
     common += ["--batch-size", "2", "--lora-rank", "3", "--json"]
-    assert main([*common, "--out", str(tmp_path / "shared"), "--share-lora"]) == 0
+    assert main([*common, "--out", str(tmp_path / "shared")]) == 0  # the default: shared where it can be
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["trainable"] == "adapters+lora_kept (LoRA shared with the replacement blocks)"
-    assert main([*common, "--out", str(tmp_path / "own")]) == 0
-    capsys.readouterr()
+    assert report["trainable"] == "adapters+lora_kept" and report["lora_shared"] is True
+    assert main([*common, "--out", str(tmp_path / "own"), "--no-share-lora"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lora_shared"] is False
+    assert "(LoRA shared with the replacement blocks)" in (tmp_path / "shared" / "README.md").read_text()
+    assert "LoRA shared" not in (tmp_path / "own" / "README.md").read_text()
     before, shared, own = (from_pretrained(tmp_path / d) for d in ("pruned", "shared", "own"))
     assert {m.rank for m in _replacement_linears(shared)} == {4}  # the kept blocks' LoRA is in their weights
     assert {m.rank for m in _replacement_linears(own)} == {4 + 3}  # without: each replacement absorbs -D

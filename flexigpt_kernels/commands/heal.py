@@ -146,8 +146,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--resume: needs --checkpoint-dir (where the checkpoints to resume from are)")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise UsageError("--checkpoint-every: needs --checkpoint-dir")
-    if args.share_lora is True and "lora_kept" not in args.trainable:
-        raise UsageError(f"--share-lora: needs lora_kept in --trainable (got {','.join(args.trainable)})")
     with user_input("DIR"):
         locate_model(args.model)
     if args.teacher:
@@ -181,11 +179,11 @@ def run(args: argparse.Namespace) -> int:
             teacher = load_model(args.teacher, tokenizer=False).model
     model, tokenizer = loaded.model, loaded.tokenizer
     trainable = tuple(args.trainable)
-    if args.share_lora is True:
-        from ..convert.replacement import replacement_blocks
+    if args.share_lora:  # what heal() would refuse, named by the flag, before anything trains
+        from ..train.heal import resolve_lora_shared
 
-        if not replacement_blocks(model):
-            raise UsageError(f"--share-lora: {args.model} has no replacement blocks to share LoRA with")
+        with user_input("--share-lora"):
+            resolve_lora_shared(True, model, _trainable_arg(trainable))
     report = heal(
         model,
         data,

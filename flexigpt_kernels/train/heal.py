@@ -51,8 +51,9 @@ from .sharded_state import save_shards
 __all__ = ["HealReport", "heal", "lm_loss"]
 
 
-def _resolve_lora_shared(lora_shared, model: nn.Module, trainable) -> bool:
-    """heal()'s lora_shared as a bool: "auto" shares where it can, True where it must."""
+def resolve_lora_shared(lora_shared, model: nn.Module, trainable) -> bool:
+    """heal()'s lora_shared as a bool: "auto" shares where it can, True where it must (ValueError
+    when `trainable` has no "lora_kept" or `model` no replacement blocks)."""
     if lora_shared not in (True, False, "auto"):
         raise ValueError(f"lora_shared must be True, False or 'auto', got {lora_shared!r}")
     has_lora = not callable(trainable) and "lora_kept" in normalize_trainable(trainable)
@@ -179,7 +180,7 @@ def heal(
     total_steps = _positive("steps", steps) if steps is not None else max(1, math.ceil(tokens / tokens_per_step))
 
     _seed_everything(seed)
-    lora_shared = _resolve_lora_shared(lora_shared, model, trainable)  # before select_trainable changes the model
+    lora_shared = resolve_lora_shared(lora_shared, model, trainable)  # before select_trainable changes the model
     named = select_trainable(model, trainable, lora_rank=lora_rank, lora_alpha=lora_alpha)
     if lora_shared:
         share_kept_lora(model)

@@ -168,12 +168,12 @@ def test_heal_cli_shares_lora_by_default_and_saves_no_grown_adapters(tmp_path, c
 
     assert main([*common, "--out", str(tmp_path / "a"), "--share-lora", "--trainable", "adapters"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--share-lora: needs lora_kept" in err
+    assert len(err.splitlines()) == 1 and "--share-lora:" in err and "has no 'lora_kept'" in err
     dropped = tmp_path / "dropped"
     save_pretrained(tiny_pruned("drop", vocab=257), dropped, byte_tokenizer())
     argv = [*common, "--out", str(tmp_path / "b"), "--share-lora", "--trainable", "lora_kept"]
     argv[1] = str(dropped)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no replacement blocks" in err
+    assert len(err.splitlines()) == 1 and "--share-lora: the model has no replacement blocks" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
